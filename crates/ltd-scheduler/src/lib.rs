@@ -1,0 +1,1 @@
+//! ltd-scheduler
