@@ -54,8 +54,11 @@ pub fn attention(
     let compute = if upcast { DType::F32 } else { q.dtype() };
     let score_bytes = b * h * lq * lk * compute.size_in_bytes();
     let chunked = opts.implementation == AttentionImpl::Auto && score_bytes > opts.max_score_bytes;
+    // Matrix products need each operand's batch dimensions laid out regularly; heads split
+    // from `[B, L, H·D]` are not, so copy them once here rather than per chunk.
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
     if !chunked {
-        return attention_scores_then_values(q, &k.t()?, v, bias, scale, compute);
+        return attention_scores_then_values(q, &k.t()?, &v, bias, scale, compute);
     }
     let rows_per_chunk = (opts.max_score_bytes / (b * h * lk * compute.size_in_bytes())).max(1);
     let k_t = k.t()?.contiguous()?;
@@ -74,7 +77,7 @@ pub fn attention(
         outs.push(attention_scores_then_values(
             &q_chunk,
             &k_t,
-            v,
+            &v,
             bias_chunk.as_ref(),
             scale,
             compute,
@@ -93,14 +96,15 @@ fn attention_scores_then_values(
     compute: DType,
 ) -> Result<Tensor> {
     let out_dtype = v.dtype();
-    let q = q.to_dtype(compute)?.contiguous()?;
+    // Scaling the queries costs Lq·D multiplications instead of Lq·Lk for the scores.
+    let q = (q.to_dtype(compute)? * scale)?.contiguous()?;
     let k_t = k_t.to_dtype(compute)?;
-    let mut scores = (q.matmul(&k_t)? * scale)?;
+    let mut scores = q.matmul(&k_t)?;
     if let Some(bias) = bias {
         scores = scores.broadcast_add(&bias.to_dtype(compute)?)?;
     }
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    probs.to_dtype(out_dtype)?.matmul(&v.contiguous()?)
+    let probs = softmax_last_dim(&scores)?;
+    probs.to_dtype(out_dtype)?.matmul(v)
 }
 
 /// An additive causal mask `[Lq, Lk]`: 0 on and below the diagonal, −∞ above it.
@@ -123,9 +127,14 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     x.transpose(1, 2)?.reshape((b, l, h * d))
 }
 
-/// Softmax over the last dimension (candle's fused kernel).
+/// Softmax over the last dimension: candle's fused kernel, or ordinary differentiable tensor
+/// ops when `x` is part of an autograd graph (the fused kernel records no backward pass).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::softmax_last_dim(x)
+    if x.track_op() {
+        candle_nn::ops::softmax(x, candle_core::D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(x)
+    }
 }
 
 #[cfg(test)]

@@ -1,14 +1,19 @@
 //! Shared foundations of ltd's model crates: errors, config reading, memory-mapped
-//! safetensors loading with completeness reports, device/dtype selection, and the neural
-//! network layers the text encoders, the U-Net and the VAE have in common.
+//! safetensors loading with completeness reports, device/dtype selection, randomness, and the
+//! neural-network layers the text encoders, the U-Net and the VAE have in common.
 
+pub mod attention;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod layers;
+pub mod rng;
+pub mod runtime;
 pub mod weights;
 
 pub use config::{load_config, read_json, OneOrMany};
 pub use device::{default_dtype, parse_dtype, DeviceChoice};
 pub use error::{ConfigError, Error, Result};
+pub use rng::{NoiseSource, PhiloxRng, TorchRng};
+pub use runtime::RuntimeOptions;
 pub use weights::{load_checked, record_shapes, LoadReport, SafetensorsFiles};
-pub mod attention;

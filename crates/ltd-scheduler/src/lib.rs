@@ -1,1 +1,378 @@
-//! ltd-scheduler
+//! Diffusion samplers at diffusers 0.42.1 parity, as plain numeric code over candle tensors.
+//!
+//! A model ships a `scheduler_config.json` whose `_class_name` names a diffusers scheduler;
+//! [`load_scheduler`] builds that one. A user may instead pick a sampler by name
+//! ([`SamplerKind`], e.g. `dpm++2m-karras`); [`build_scheduler`] then builds it from the same
+//! config the way diffusers' `from_config` swaps classes: the new class reads only the fields
+//! it knows, with its own defaults for those the file did not have.
+//!
+//! Every sampler implements [`Scheduler`], and the denoising loop is the same for all of them,
+//! including the ones that evaluate the model more than once per step (Heun, PNDM's Runge-Kutta
+//! warm-up), whose [`Scheduler::timesteps`] simply repeat entries:
+//!
+//! ```text
+//! scheduler.set_timesteps(n)?;
+//! let mut x = noise * scheduler.init_noise_sigma();
+//! for &t in scheduler.timesteps().to_vec().iter() {
+//!     let x_in = scheduler.scale_model_input(&x, t)?;
+//!     let e = model(&x_in, t)?;
+//!     x = scheduler.step(&e, t, &x, rng)?;
+//! }
+//! ```
+//!
+//! Stochastic samplers draw their noise from the caller's [`NoiseSource`] exactly when and with
+//! the shape diffusers calls `randn_tensor`, so a torch-compatible source reproduces diffusers'
+//! seeds. Samplers compute in float32 (as diffusers' upcasting samplers do) and return the
+//! sample's dtype. The training side lives in [`NoiseSchedule`].
+
+mod config;
+mod ddim;
+mod ddpm;
+mod dpm_multistep;
+mod dpm_singlestep;
+mod euler;
+mod euler_ancestral;
+mod heun;
+mod lcm;
+mod lms;
+mod noise_schedule;
+mod ops;
+mod pndm;
+mod prediction;
+mod schedule;
+mod threshold;
+mod unipc;
+
+use std::path::Path;
+use std::str::FromStr;
+
+use candle_core::Tensor;
+pub use ltd_nn::NoiseSource;
+use ltd_nn::{ConfigError, Error, Result};
+
+pub use config::{
+    BetaSchedule, DdpmVarianceType, DpmAlgorithm, DpmSolverType, FinalSigmasType,
+    InterpolationType, PredictionType, SchedulerClass, SchedulerConfig, TimestepSpacing,
+    TimestepType, UniPcSolverType,
+};
+pub use ddim::DDIMScheduler;
+pub use ddpm::DDPMScheduler;
+pub use dpm_multistep::DPMSolverMultistepScheduler;
+pub use dpm_singlestep::DPMSolverSinglestepScheduler;
+pub use euler::EulerDiscreteScheduler;
+pub use euler_ancestral::EulerAncestralDiscreteScheduler;
+pub use heun::HeunDiscreteScheduler;
+pub use lcm::LCMScheduler;
+pub use lms::LMSDiscreteScheduler;
+pub use noise_schedule::NoiseSchedule;
+pub use pndm::PNDMScheduler;
+pub use schedule::BetaConfig;
+pub use threshold::{clip_sample, dynamic_threshold, quantile_linear, SampleClamp};
+pub use unipc::UniPCMultistepScheduler;
+
+/// A sampler: turns model outputs into the next sample along a fixed timestep schedule.
+///
+/// Timesteps are `f64` because some samplers feed the model fractional timesteps (Euler with
+/// `linspace` spacing or Karras sigmas); they hold exactly the values of diffusers'
+/// `scheduler.timesteps` (float32 or integer), so they can be compared for equality.
+pub trait Scheduler: Send {
+    /// The diffusers class this sampler reproduces (`"EulerDiscreteScheduler"`).
+    fn class_name(&self) -> &'static str;
+
+    /// Prepares the schedule for `num_inference_steps` steps and resets all per-run state;
+    /// 0 steps, or more than the sampler can take, is an error.
+    fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()>;
+
+    /// One entry per model evaluation, as diffusers' `scheduler.timesteps` (Heun and PNDM's
+    /// Runge-Kutta warm-up repeat entries).
+    fn timesteps(&self) -> &[f64];
+
+    /// The standard deviation of the initial noise: latents start as `noise * init_noise_sigma`.
+    fn init_noise_sigma(&self) -> f64;
+
+    /// The model input for `sample` at `timestep` (k-diffusion samplers divide by √(σ²+1)).
+    fn scale_model_input(&self, sample: &Tensor, timestep: f64) -> Result<Tensor>;
+
+    /// One step: the sample for the next timestep, given the model output at `timestep` for
+    /// `sample` (the sample as given to this call, not the scaled model input). Draws noise
+    /// from `noise` exactly where diffusers calls `randn_tensor` (same shape, same order).
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor>;
+
+    /// Noises a clean sample to `timestep` for image-to-image, as diffusers' `add_noise` for
+    /// this scheduler (same batch timestep for every element).
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor>;
+
+    /// diffusers' `scheduler.order`: model evaluations per step (2 for Heun, else 1); an
+    /// image-to-image run skipping `k` steps starts at timestep index `k * order()`.
+    fn order(&self) -> usize;
+
+    /// Starts the next run at timestep index `begin_index` (image-to-image), as diffusers'
+    /// `set_begin_index`; a no-op for the classes that do not have it (DDPM, DDIM, PNDM), which
+    /// look their position up from the timestep value anyway.
+    fn set_begin_index(&mut self, begin_index: usize);
+
+    /// What the model predicts.
+    fn prediction_type(&self) -> PredictionType;
+
+    /// The clean sample x₀ implied by `model_output` at `timestep` for `sample` (same
+    /// conventions as [`Scheduler::step`]), without any clipping or thresholding.
+    fn pred_original_sample(
+        &self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+    ) -> Result<Tensor>;
+
+    /// The inverse of [`Scheduler::pred_original_sample`]: the model output implying
+    /// `pred_original` (used to apply thresholding or guidance on x₀ uniformly).
+    fn model_output_from_pred_original(
+        &self,
+        pred_original: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+    ) -> Result<Tensor>;
+
+    /// Whether the diffusers class supports `thresholding` in its own `step` (then the config
+    /// decides and the pipeline should not threshold again).
+    fn supports_thresholding(&self) -> bool;
+
+    /// The k-diffusion sigmas of the current schedule (one more than the steps), for the
+    /// samplers that keep one; `None` for the ᾱ-indexed ones (DDPM, DDIM, PNDM, LCM).
+    fn sigmas(&self) -> Option<&[f32]>;
+}
+
+/// Sampling options that are call arguments in diffusers rather than config fields.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplerOptions {
+    /// DDIM's η (0 = deterministic DDIM, 1 = DDPM-like); ignored by the other samplers, as
+    /// diffusers' pipelines only pass it to schedulers whose `step` takes it.
+    pub eta: f64,
+}
+
+impl Default for SamplerOptions {
+    fn default() -> Self {
+        Self { eta: 0.0 }
+    }
+}
+
+/// Samplers by their command-line names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SamplerKind {
+    /// `ddpm`: DDPMScheduler.
+    Ddpm,
+    /// `ddim`: DDIMScheduler.
+    Ddim,
+    /// `pndm`: PNDMScheduler (PLMS, with Runge-Kutta warm-up unless `skip_prk_steps`).
+    Pndm,
+    /// `euler`: EulerDiscreteScheduler.
+    Euler,
+    /// `euler-a`: EulerAncestralDiscreteScheduler.
+    EulerAncestral,
+    /// `heun`: HeunDiscreteScheduler.
+    Heun,
+    /// `lms`: LMSDiscreteScheduler.
+    Lms,
+    /// `dpm++2m`: DPMSolverMultistepScheduler, dpmsolver++, order 2, no Karras sigmas.
+    DpmPp2m,
+    /// `dpm++2m-karras`: as `dpm++2m` with Karras sigmas.
+    DpmPp2mKarras,
+    /// `dpm++2m-sde`: DPMSolverMultistepScheduler, sde-dpmsolver++, order 2, no Karras sigmas.
+    DpmPp2mSde,
+    /// `dpm++2s`: DPMSolverSinglestepScheduler, dpmsolver++, order 2, no Karras sigmas.
+    DpmPp2s,
+    /// `unipc`: UniPCMultistepScheduler.
+    UniPc,
+    /// `lcm`: LCMScheduler.
+    Lcm,
+}
+
+impl SamplerKind {
+    /// Every sampler, in the order `--help` lists them.
+    pub const ALL: &'static [SamplerKind] = &[
+        Self::Ddpm,
+        Self::Ddim,
+        Self::Pndm,
+        Self::Euler,
+        Self::EulerAncestral,
+        Self::Heun,
+        Self::Lms,
+        Self::DpmPp2m,
+        Self::DpmPp2mKarras,
+        Self::DpmPp2mSde,
+        Self::DpmPp2s,
+        Self::UniPc,
+        Self::Lcm,
+    ];
+
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ddpm => "ddpm",
+            Self::Ddim => "ddim",
+            Self::Pndm => "pndm",
+            Self::Euler => "euler",
+            Self::EulerAncestral => "euler-a",
+            Self::Heun => "heun",
+            Self::Lms => "lms",
+            Self::DpmPp2m => "dpm++2m",
+            Self::DpmPp2mKarras => "dpm++2m-karras",
+            Self::DpmPp2mSde => "dpm++2m-sde",
+            Self::DpmPp2s => "dpm++2s",
+            Self::UniPc => "unipc",
+            Self::Lcm => "lcm",
+        }
+    }
+
+    /// All command-line names, for `--help` and error messages.
+    pub fn names() -> Vec<&'static str> {
+        Self::ALL.iter().map(|k| k.name()).collect()
+    }
+
+    /// The diffusers class this sampler is.
+    pub fn scheduler_class(self) -> SchedulerClass {
+        match self {
+            Self::Ddpm => SchedulerClass::Ddpm,
+            Self::Ddim => SchedulerClass::Ddim,
+            Self::Pndm => SchedulerClass::Pndm,
+            Self::Euler => SchedulerClass::EulerDiscrete,
+            Self::EulerAncestral => SchedulerClass::EulerAncestralDiscrete,
+            Self::Heun => SchedulerClass::HeunDiscrete,
+            Self::Lms => SchedulerClass::LmsDiscrete,
+            Self::DpmPp2m | Self::DpmPp2mKarras | Self::DpmPp2mSde => {
+                SchedulerClass::DpmSolverMultistep
+            }
+            Self::DpmPp2s => SchedulerClass::DpmSolverSinglestep,
+            Self::UniPc => SchedulerClass::UniPcMultistep,
+            Self::Lcm => SchedulerClass::Lcm,
+        }
+    }
+
+    /// The config overrides the name implies (the `from_config(..., **kwargs)` diffusers' docs
+    /// use for "DPM++ 2M Karras" and friends); the rest of the config is kept.
+    pub fn apply_overrides(self, cfg: &mut SchedulerConfig) {
+        let dpm = |cfg: &mut SchedulerConfig, algorithm: DpmAlgorithm, karras: bool| {
+            cfg.algorithm_type = Some(algorithm.as_str().to_owned());
+            cfg.solver_order = Some(2);
+            cfg.use_karras_sigmas = Some(karras);
+        };
+        match self {
+            Self::DpmPp2m | Self::DpmPp2s => dpm(cfg, DpmAlgorithm::DpmSolverPlusPlus, false),
+            Self::DpmPp2mKarras => dpm(cfg, DpmAlgorithm::DpmSolverPlusPlus, true),
+            Self::DpmPp2mSde => dpm(cfg, DpmAlgorithm::SdeDpmSolverPlusPlus, false),
+            _ => {}
+        }
+    }
+}
+
+impl std::fmt::Display for SamplerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An unknown sampler name; the message lists the known ones.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown sampler {name:?} (known samplers: {})", SamplerKind::names().join(", "))]
+pub struct UnknownSampler {
+    /// The name that was given.
+    pub name: String,
+}
+
+impl FromStr for SamplerKind {
+    type Err = UnknownSampler;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| UnknownSampler { name: s.to_owned() })
+    }
+}
+
+/// Builds the sampler a model ships: the class its `scheduler_config.json` names.
+pub fn load_scheduler(path: &Path) -> Result<Box<dyn Scheduler>> {
+    let cfg = SchedulerConfig::load(path)?;
+    build(&cfg, None, &SamplerOptions::default()).map_err(|e| with_path(e, path))
+}
+
+/// Builds sampler `kind` from a (possibly other class's) config, as diffusers' `from_config`.
+pub fn build_scheduler(kind: SamplerKind, cfg: &SchedulerConfig) -> Result<Box<dyn Scheduler>> {
+    build(cfg, Some(kind), &SamplerOptions::default())
+}
+
+/// The general builder: `kind` overrides the config's `_class_name` (a swap, with the kind's
+/// config overrides); `None` builds the class the config names.
+pub fn build(
+    cfg: &SchedulerConfig,
+    kind: Option<SamplerKind>,
+    options: &SamplerOptions,
+) -> Result<Box<dyn Scheduler>> {
+    let mut cfg = cfg.clone();
+    let class = match kind {
+        Some(kind) => {
+            kind.apply_overrides(&mut cfg);
+            kind.scheduler_class()
+        }
+        None => cfg.scheduler_class()?,
+    };
+    build_class(class, &cfg, options).map_err(Error::InvalidConfig)
+}
+
+fn build_class(
+    class: SchedulerClass,
+    cfg: &SchedulerConfig,
+    options: &SamplerOptions,
+) -> std::result::Result<Box<dyn Scheduler>, ConfigError> {
+    Ok(match class {
+        SchedulerClass::Ddpm => Box::new(DDPMScheduler::from_config(cfg)?),
+        SchedulerClass::Ddim => Box::new(DDIMScheduler::from_config(cfg, options.eta)?),
+        SchedulerClass::Pndm => Box::new(PNDMScheduler::from_config(cfg)?),
+        SchedulerClass::EulerDiscrete => Box::new(EulerDiscreteScheduler::from_config(cfg)?),
+        SchedulerClass::EulerAncestralDiscrete => {
+            Box::new(EulerAncestralDiscreteScheduler::from_config(cfg)?)
+        }
+        SchedulerClass::HeunDiscrete => Box::new(HeunDiscreteScheduler::from_config(cfg)?),
+        SchedulerClass::LmsDiscrete => Box::new(LMSDiscreteScheduler::from_config(cfg)?),
+        SchedulerClass::DpmSolverMultistep => {
+            Box::new(DPMSolverMultistepScheduler::from_config(cfg)?)
+        }
+        SchedulerClass::DpmSolverSinglestep => {
+            Box::new(DPMSolverSinglestepScheduler::from_config(cfg)?)
+        }
+        SchedulerClass::UniPcMultistep => Box::new(UniPCMultistepScheduler::from_config(cfg)?),
+        SchedulerClass::Lcm => Box::new(LCMScheduler::from_config(cfg)?),
+    })
+}
+
+/// Attaches the config file to a validation error.
+fn with_path(err: Error, path: &Path) -> Error {
+    match err {
+        Error::InvalidConfig(source) => Error::Config { path: path.to_path_buf(), source },
+        other => other,
+    }
+}
+
+/// The error for a zero or too-large step count.
+pub(crate) fn check_steps(num_inference_steps: usize, max: usize) -> Result<()> {
+    if num_inference_steps == 0 {
+        return Err(Error::msg("num_inference_steps must be at least 1"));
+    }
+    if num_inference_steps > max {
+        return Err(Error::msg(format!(
+            "num_inference_steps {num_inference_steps} is more than this scheduler can take ({max})"
+        )));
+    }
+    Ok(())
+}
+
+/// The error for `step` before `set_timesteps`.
+pub(crate) fn not_ready(class: &str) -> Error {
+    Error::msg(format!("{class}: call set_timesteps before step"))
+}

@@ -1,0 +1,142 @@
+//! Small CPU helpers for the fused kernels: float element access for f32/f16/bf16 and a
+//! parallel loop over independent rows.
+
+use candle_core::{bail, CpuStorage, Layout, Result, WithDType};
+use half::{bf16, f16};
+
+/// A float element the fused kernels read and write, computing in f32.
+pub(crate) trait Elem: WithDType {
+    fn to_f32(self) -> f32;
+    fn from_f32(v: f32) -> Self;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+impl Elem for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+
+impl Elem for bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+/// The contiguous data of a tensor argument.
+pub(crate) fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
+        None => bail!("fused kernel: input has to be contiguous"),
+    }
+}
+
+/// A per-channel parameter (`[C]`, any float dtype) as f32.
+pub(crate) fn params_f32(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
+    Ok(match s {
+        CpuStorage::F32(_) => contiguous::<f32>(s, l)?.to_vec(),
+        CpuStorage::F16(_) => contiguous::<f16>(s, l)?.iter().map(|v| v.to_f32()).collect(),
+        CpuStorage::BF16(_) => contiguous::<bf16>(s, l)?.iter().map(|v| v.to_f32()).collect(),
+        _ => bail!("fused kernel: parameters must be f32, f16 or bf16"),
+    })
+}
+
+/// Threads worth using for `work` element operations (small jobs stay on one thread: spawning
+/// costs more than it saves).
+fn threads_for(work: usize) -> usize {
+    const MIN_WORK_PER_THREAD: usize = 1 << 16;
+    let available = std::thread::available_parallelism().map_or(1, |n| n.get());
+    available.min(work / MIN_WORK_PER_THREAD).max(1)
+}
+
+/// Runs `f(row_index, src_row, dst_row)` for every row of `row_len` elements, in parallel.
+pub(crate) fn for_each_row<S: Sync, D: Send>(
+    src: &[S],
+    dst: &mut [D],
+    row_len: usize,
+    f: impl Fn(usize, &[S], &mut [D]) + Sync,
+) {
+    let rows = if row_len == 0 { 0 } else { src.len() / row_len };
+    let threads = threads_for(src.len()).min(rows.max(1));
+    if threads <= 1 {
+        for (i, (s, d)) in src.chunks(row_len).zip(dst.chunks_mut(row_len)).enumerate() {
+            f(i, s, d);
+        }
+        return;
+    }
+    let rows_per_thread = rows.div_ceil(threads);
+    let chunk = rows_per_thread * row_len;
+    std::thread::scope(|scope| {
+        for (t, (s, d)) in src.chunks(chunk).zip(dst.chunks_mut(chunk)).enumerate() {
+            let f = &f;
+            scope.spawn(move || {
+                for (i, (s, d)) in s.chunks(row_len).zip(d.chunks_mut(row_len)).enumerate() {
+                    f(t * rows_per_thread + i, s, d);
+                }
+            });
+        }
+    });
+}
+
+/// The statistics of a row for normalising it: a centred value is `(x − pivot) − delta`.
+///
+/// Sums run over `x − pivot` (the row's first element), which is exact for nearby values and
+/// small, so short f32 runs (vectorisable) lose nothing even when |mean| ≫ std; the runs are
+/// accumulated in f64.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RowStats {
+    pub pivot: f32,
+    pub delta: f32,
+    /// Biased variance, as torch's norms use.
+    pub var: f32,
+}
+
+impl RowStats {
+    #[inline(always)]
+    pub fn centred(&self, v: f32) -> f32 {
+        (v - self.pivot) - self.delta
+    }
+}
+
+/// [`RowStats`] of a row, over two passes.
+#[inline]
+pub(crate) fn row_stats<T: Elem>(row: &[T]) -> RowStats {
+    let n = row.len().max(1) as f64;
+    let pivot = row.first().map_or(0.0, |v| v.to_f32());
+    let mut sum = 0f64;
+    for chunk in row.chunks(64) {
+        sum += chunk.iter().map(|v| v.to_f32() - pivot).sum::<f32>() as f64;
+    }
+    let delta = (sum / n) as f32;
+    let mut sq = 0f64;
+    for chunk in row.chunks(64) {
+        sq += chunk
+            .iter()
+            .map(|v| {
+                let d = (v.to_f32() - pivot) - delta;
+                d * d
+            })
+            .sum::<f32>() as f64;
+    }
+    RowStats { pivot, delta, var: (sq / n) as f32 }
+}

@@ -1,0 +1,127 @@
+//! Timestep embeddings: the sinusoidal projection of DDPM (Ho et al. 2020, after the
+//! Transformer's positional encoding) and the two-layer MLP diffusers calls `TimestepEmbedding`.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::activation::Activation;
+use super::linear::Linear;
+
+/// diffusers' `get_timestep_embedding`: for `t: [N]` (fractional values allowed), returns
+/// `[N, dim]` = `[sin(t·f), cos(t·f)]` (or `[cos, sin]` with `flip_sin_to_cos`), with
+/// frequencies `f_i = exp(−ln(10000)·i / (dim/2 − freq_shift))`, zero-padded to an odd `dim`.
+///
+/// Computed in f32 in the same order of operations as diffusers, since at `t ≈ 1000` one ulp
+/// of a frequency shows in the sine.
+pub fn timestep_embedding(
+    t: &Tensor,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+) -> Result<Tensor> {
+    let half = dim / 2;
+    let ln_max_period = -(10000f64.ln()) as f32;
+    let denom = (half as f64 - freq_shift) as f32;
+    let freqs: Vec<f32> = (0..half).map(|i| ((ln_max_period * i as f32) / denom).exp()).collect();
+    let ts = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = Vec::with_capacity(ts.len() * dim);
+    for &t in &ts {
+        let args = freqs.iter().map(|f| t * f);
+        let (sin, cos): (Vec<f32>, Vec<f32>) = args.map(|a| (a.sin(), a.cos())).unzip();
+        let (first, second) = if flip_sin_to_cos { (cos, sin) } else { (sin, cos) };
+        out.extend(first);
+        out.extend(second);
+        if dim % 2 == 1 {
+            out.push(0.0);
+        }
+    }
+    Tensor::from_vec(out, (ts.len(), dim), t.device())
+}
+
+/// diffusers' `Timesteps`: the parameter-free sinusoidal projection.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Timesteps {
+    /// Width of the embedding.
+    pub num_channels: usize,
+    /// `[cos, sin]` instead of `[sin, cos]`.
+    pub flip_sin_to_cos: bool,
+    /// `downscale_freq_shift` (the config's `freq_shift`).
+    pub freq_shift: f64,
+}
+
+impl Timesteps {
+    /// Embeds `t: [N]` as `[N, num_channels]` f32.
+    pub fn forward(&self, t: &Tensor) -> Result<Tensor> {
+        timestep_embedding(t, self.num_channels, self.flip_sin_to_cos, self.freq_shift)
+    }
+}
+
+/// diffusers' `TimestepEmbedding`: `linear_2(act(linear_1(x + cond_proj(c))))`, optionally
+/// followed by `post_act`.
+#[derive(Debug, Clone)]
+pub struct TimestepEmbedding {
+    linear_1: Linear,
+    linear_2: Linear,
+    cond_proj: Option<Linear>,
+    act: Activation,
+    post_act: Option<Activation>,
+}
+
+impl TimestepEmbedding {
+    /// `in_channels → time_embed_dim → time_embed_dim`, with a bias-free `cond_proj` from
+    /// `cond_proj_dim` when given (LCM's guidance embedding).
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        time_embed_dim: usize,
+        act: Activation,
+        post_act: Option<Activation>,
+        cond_proj_dim: Option<usize>,
+    ) -> Result<Self> {
+        let linear_1 = Linear::new(vb.pp("linear_1"), in_channels, time_embed_dim, true)?;
+        let linear_2 = Linear::new(vb.pp("linear_2"), time_embed_dim, time_embed_dim, true)?;
+        let cond_proj = match cond_proj_dim {
+            Some(d) => Some(Linear::new(vb.pp("cond_proj"), d, in_channels, false)?),
+            None => None,
+        };
+        Ok(Self { linear_1, linear_2, cond_proj, act, post_act })
+    }
+
+    /// Embeds `x: [N, in_channels]`, adding `cond_proj(condition)` first when both exist.
+    pub fn forward(&self, x: &Tensor, condition: Option<&Tensor>) -> Result<Tensor> {
+        let x = match (&self.cond_proj, condition) {
+            (Some(proj), Some(c)) => (x + proj.forward(&c.to_dtype(x.dtype())?)?)?,
+            _ => x.clone(),
+        };
+        let x = self.act.forward(&self.linear_1.forward(&x)?)?;
+        let x = self.linear_2.forward(&x)?;
+        match self.post_act {
+            Some(act) => act.forward(&x),
+            None => Ok(x),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn matches_diffusers_get_timestep_embedding() {
+        // diffusers.models.embeddings.get_timestep_embedding(torch.tensor([0., 1.5, 999.]), 7,
+        // flip_sin_to_cos=True, downscale_freq_shift=1)
+        let t = Tensor::new(&[0f32, 1.5, 999.0], &Device::Cpu).unwrap();
+        let e = timestep_embedding(&t, 7, true, 1.0).unwrap().to_vec2::<f32>().unwrap();
+        let expected = [
+            [1.0f32, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0],
+            [0.070737198, 0.999887526, 1.0, 0.997494996, 0.0149994371, 1.49999978e-4, 0.0],
+            [0.999649823, -0.844469786, 0.995014131, -0.0264607519, -0.535603166, 0.0997339115, 0.0],
+        ];
+        for (row, exp) in e.iter().zip(expected) {
+            for (a, b) in row.iter().zip(exp) {
+                assert!((a - b).abs() < 2e-6, "{e:?}");
+            }
+        }
+    }
+}
