@@ -2,22 +2,32 @@
 //! U-Net's self- and cross-attention, the VAE's mid-block attention).
 //!
 //! The naive form materialises `B·H·Lq·Lk` scores; at 512×512 in SD 1.5 that is 4096×4096
-//! per head, 8 heads, batch 2: 1 GiB in f32 for one layer. The chunked path splits the
-//! queries so that no more than [`AttentionOptions::max_score_bytes`] of scores exist at a
-//! time. Softmax rows are independent, so chunking changes no result.
+//! per head, 8 heads, batch 2: 1 GiB in f32 for one layer. Two bounded forms exist:
+//!
+//! - on x86-64 CPUs with AVX2/FMA, a fused streaming-softmax kernel (FlashAttention's
+//!   algorithm, see `flash_cpu.rs`) that never holds more than a few cache-sized blocks of
+//!   scores per thread and is also by far the fastest;
+//! - elsewhere (other CPUs, GPUs without the `flash-attn` feature, autograd), the chunked path
+//!   splits the queries so that no more than [`AttentionOptions::max_score_bytes`] of scores
+//!   exist at a time. Softmax rows are independent, so chunking changes no result.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+use crate::flash_cpu;
 
 /// How attention is computed. A runtime option, not part of any model config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AttentionImpl {
-    /// Chunked when the scores would exceed the budget, naive otherwise.
+    /// The fused CPU kernel where it applies (x86-64 with AVX2/FMA, no bias, no autograd);
+    /// otherwise chunked when the scores would exceed the budget, naive below it.
     #[default]
     Auto,
     /// Always materialise the full score matrix.
     Naive,
     /// FlashAttention on CUDA (needs the `flash-attn` feature); f16/bf16 only.
     Flash,
+    /// The query-chunked path (never the fused CPU kernel), chunked when over the budget.
+    Chunked,
 }
 
 /// Options for [`attention`].
@@ -51,9 +61,17 @@ pub fn attention(
 ) -> Result<Tensor> {
     let (b, h, lq, _) = q.dims4()?;
     let lk = k.dim(2)?;
+    match opts.implementation {
+        AttentionImpl::Flash => return flash_cuda(q, k, v, bias, scale),
+        AttentionImpl::Auto if bias.is_none() && fused_cpu_applies(q, k, v) => {
+            return fused_cpu(q, k, v, scale);
+        }
+        _ => {}
+    }
     let compute = if upcast { DType::F32 } else { q.dtype() };
     let score_bytes = b * h * lq * lk * compute.size_in_bytes();
-    let chunked = opts.implementation == AttentionImpl::Auto && score_bytes > opts.max_score_bytes;
+    let chunked = matches!(opts.implementation, AttentionImpl::Auto | AttentionImpl::Chunked)
+        && score_bytes > opts.max_score_bytes;
     // Matrix products need each operand's batch dimensions laid out regularly; heads split
     // from `[B, L, H·D]` are not, so copy them once here rather than per chunk.
     let (k, v) = (k.contiguous()?, v.contiguous()?);
@@ -85,6 +103,92 @@ pub fn attention(
         start += len;
     }
     Tensor::cat(&outs, 2)
+}
+
+/// Whether the fused CPU kernel can run: CPU tensors, a supporting CPU, no autograd graph (the
+/// kernel records no backward pass).
+fn fused_cpu_applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    q.device().is_cpu()
+        && !(q.track_op() || k.track_op() || v.track_op())
+        && q.dtype().is_float()
+        && flash_cpu::available()
+}
+
+/// The fused streaming kernel; computes in f32 whatever the input dtype (so always "upcast").
+fn fused_cpu(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let out_dtype = v.dtype();
+    let f32c = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+    let out = f32c(q)?.apply_op3_no_bwd(&f32c(k)?, &f32c(v)?, &FusedCpuAttention { scale })?;
+    out.to_dtype(out_dtype)
+}
+
+struct FusedCpuAttention {
+    scale: f64,
+}
+
+impl CustomOp3 for FusedCpuAttention {
+    fn name(&self) -> &'static str {
+        "ltd-fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+        sv: &CpuStorage,
+        lv: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn data<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+            match (s, l.contiguous_offsets()) {
+                (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+                _ => candle_core::bail!("fused attention: expected contiguous f32 inputs"),
+            }
+        }
+        let (b, h, n_q, d) = lq.shape().dims4()?;
+        let (n_k, dv) = (lk.shape().dims4()?.2, lv.shape().dims4()?.3);
+        let dims = flash_cpu::Dims { bh: b * h, lq: n_q, lk: n_k, d, dv };
+        let out = flash_cpu::attention(
+            data(sq, lq)?,
+            data(sk, lk)?,
+            data(sv, lv)?,
+            dims,
+            self.scale as f32,
+        )
+        .ok_or_else(|| candle_core::Error::Msg("fused attention: CPU lacks AVX2/FMA".into()))?;
+        Ok((CpuStorage::F32(out), Shape::from((b, h, n_q, dv))))
+    }
+}
+
+/// FlashAttention-2 on CUDA through candle-flash-attn (f16/bf16, no bias).
+#[cfg(feature = "flash-attn")]
+fn flash_cuda(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    if bias.is_some() || !q.device().is_cuda() || !matches!(q.dtype(), DType::F16 | DType::BF16) {
+        candle_core::bail!(
+            "AttentionImpl::Flash needs CUDA tensors in f16 or bf16 and no attention bias \
+             (got {:?} {:?}, bias: {})",
+            q.device().location(),
+            q.dtype(),
+            bias.is_some()
+        )
+    }
+    // candle-flash-attn takes [B, L, H, D].
+    let t = |x: &Tensor| x.transpose(1, 2)?.contiguous();
+    candle_flash_attn::flash_attn(&t(q)?, &t(k)?, &t(v)?, scale as f32, false)?.transpose(1, 2)
+}
+
+#[cfg(not(feature = "flash-attn"))]
+fn flash_cuda(_: &Tensor, _: &Tensor, _: &Tensor, _: Option<&Tensor>, _: f64) -> Result<Tensor> {
+    candle_core::bail!(
+        "AttentionImpl::Flash needs a build with the `flash-attn` feature (CUDA FlashAttention)"
+    )
 }
 
 fn attention_scores_then_values(

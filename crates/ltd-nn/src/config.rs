@@ -23,7 +23,7 @@ pub fn parse_json<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T> {
     serde_path_to_error::deserialize(de).map_err(|e| {
         let field = e.path().to_string();
         let inner = e.into_inner();
-        let message = if field == "." || field.is_empty() {
+        let message = if matches!(field.as_str(), "." | "?" | "") {
             inner.to_string()
         } else {
             format!("field `{field}`: {inner}")

@@ -6,9 +6,11 @@ pub mod attention;
 pub mod config;
 pub mod device;
 pub mod error;
+mod flash_cpu;
 pub mod layers;
 pub mod rng;
 pub mod runtime;
+mod simd;
 pub mod weights;
 
 pub use config::{load_config, read_json, OneOrMany};

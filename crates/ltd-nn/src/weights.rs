@@ -248,38 +248,57 @@ impl LoadReport {
 }
 
 impl fmt::Display for LoadReport {
+    /// One line: the counts, then up to three examples of each problem.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const SHOW: usize = 12;
+        const SHOW: usize = 3;
+        write!(f, "{}: ", self.source)?;
+        let mut parts = Vec::new();
+        let more =
+            |n: usize| if n > SHOW { format!(" and {} more", n - SHOW) } else { String::new() };
+        if !self.missing.is_empty() {
+            let list: Vec<String> =
+                self.missing.iter().take(SHOW).map(|(n, s)| format!("{n} {s:?}")).collect();
+            parts.push(format!(
+                "{} missing tensor(s): {}{}",
+                self.missing.len(),
+                list.join(", "),
+                more(self.missing.len())
+            ));
+        }
+        if !self.mismatched.is_empty() {
+            let list: Vec<String> = self
+                .mismatched
+                .iter()
+                .take(SHOW)
+                .map(|m| format!("{} expected {:?}, file has {:?}", m.name, m.expected, m.found))
+                .collect();
+            parts.push(format!(
+                "{} mis-shaped tensor(s): {}{}",
+                self.mismatched.len(),
+                list.join(", "),
+                more(self.mismatched.len())
+            ));
+        }
+        if !self.unreadable.is_empty() {
+            let list: Vec<String> =
+                self.unreadable.iter().take(SHOW).map(|(n, why)| format!("{n}: {why}")).collect();
+            parts.push(format!(
+                "{} unreadable tensor(s): {}{}",
+                self.unreadable.len(),
+                list.join(", "),
+                more(self.unreadable.len())
+            ));
+        }
+        if parts.is_empty() {
+            parts.push("complete".to_string());
+        }
         write!(
             f,
-            "{}: {} missing, {} mis-shaped, {} unreadable tensor(s) ({} requested, {} unused)",
-            self.source,
-            self.missing.len(),
-            self.mismatched.len(),
-            self.unreadable.len(),
+            "{} ({} requested, {} unused)",
+            parts.join("; "),
             self.requested.len(),
             self.unused.len()
-        )?;
-        for (name, shape) in self.missing.iter().take(SHOW) {
-            write!(f, "\n  missing    {name} {shape:?}")?;
-        }
-        if self.missing.len() > SHOW {
-            write!(f, "\n  … and {} more missing", self.missing.len() - SHOW)?;
-        }
-        for m in self.mismatched.iter().take(SHOW) {
-            write!(
-                f,
-                "\n  mis-shaped {} expected {:?}, file has {:?}",
-                m.name, m.expected, m.found
-            )?;
-        }
-        if self.mismatched.len() > SHOW {
-            write!(f, "\n  … and {} more mis-shaped", self.mismatched.len() - SHOW)?;
-        }
-        for (name, why) in self.unreadable.iter().take(SHOW) {
-            write!(f, "\n  unreadable {name}: {why}")?;
-        }
-        Ok(())
+        )
     }
 }
 
@@ -427,32 +446,54 @@ pub fn record_shapes<M>(
 
 /// Finds the weight files of a diffusers/transformers component folder: a single
 /// `{stem}[.{variant}].safetensors`, or the shards listed in its `.safetensors.index.json`.
-/// A folder holding only pickle checkpoints is refused with an explanation.
+/// A component without the requested variant falls back to its default weights (with a
+/// warning), as diffusers does for mixed repositories. A folder holding only pickle checkpoints
+/// is refused with an explanation.
 pub fn component_weights(
     dir: &Path,
     stems: &[&str],
     variant: Option<&str>,
 ) -> Result<Vec<PathBuf>> {
-    let suffix = variant.map(|v| format!(".{v}")).unwrap_or_default();
-    for stem in stems {
-        let single = dir.join(format!("{stem}{suffix}.safetensors"));
-        if single.is_file() {
-            return Ok(vec![single]);
-        }
-        let index = dir.join(format!("{stem}{suffix}.safetensors.index.json"));
-        if index.is_file() {
-            return shards_from_index(&index);
-        }
-    }
-    for stem in stems {
-        for ext in PICKLE_EXTENSIONS {
-            let pickle = dir.join(format!("{stem}{suffix}.{ext}"));
-            if pickle.is_file() {
-                return Err(Error::Pickle { path: pickle });
+    let mut suffixes: Vec<String> = variant.map(|v| format!(".{v}")).into_iter().collect();
+    suffixes.push(String::new());
+    for suffix in &suffixes {
+        for stem in stems {
+            let found = if dir.join(format!("{stem}{suffix}.safetensors")).is_file() {
+                Some(vec![dir.join(format!("{stem}{suffix}.safetensors"))])
+            } else {
+                let index = dir.join(format!("{stem}{suffix}.safetensors.index.json"));
+                if index.is_file() {
+                    Some(shards_from_index(&index)?)
+                } else {
+                    None
+                }
+            };
+            if let Some(files) = found {
+                if suffix.is_empty() && variant.is_some() {
+                    tracing::warn!(
+                        folder = %dir.display(),
+                        "no `{}` variant; loading the default weights",
+                        variant.unwrap_or_default()
+                    );
+                }
+                return Ok(files);
             }
         }
     }
-    let wanted: Vec<String> = stems.iter().map(|s| format!("{s}{suffix}.safetensors")).collect();
+    for suffix in &suffixes {
+        for stem in stems {
+            for ext in PICKLE_EXTENSIONS {
+                let pickle = dir.join(format!("{stem}{suffix}.{ext}"));
+                if pickle.is_file() {
+                    return Err(Error::Pickle { path: pickle });
+                }
+            }
+        }
+    }
+    let wanted: Vec<String> = suffixes
+        .iter()
+        .flat_map(|suffix| stems.iter().map(move |s| format!("{s}{suffix}.safetensors")))
+        .collect();
     Err(Error::msg(format!(
         "{}: no weights found (looked for {})",
         dir.display(),

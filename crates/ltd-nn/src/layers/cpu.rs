@@ -69,29 +69,32 @@ fn threads_for(work: usize) -> usize {
     available.min(work / MIN_WORK_PER_THREAD).max(1)
 }
 
-/// Runs `f(row_index, src_row, dst_row)` for every row of `row_len` elements, in parallel.
+/// Runs `f(row_index, src_row, dst_row)` for every row (`src_len` elements in, `dst_len` out),
+/// in parallel.
 pub(crate) fn for_each_row<S: Sync, D: Send>(
     src: &[S],
     dst: &mut [D],
-    row_len: usize,
+    (src_len, dst_len): (usize, usize),
     f: impl Fn(usize, &[S], &mut [D]) + Sync,
 ) {
-    let rows = if row_len == 0 { 0 } else { src.len() / row_len };
+    let rows = if src_len == 0 { 0 } else { src.len() / src_len };
     let threads = threads_for(src.len()).min(rows.max(1));
-    if threads <= 1 {
-        for (i, (s, d)) in src.chunks(row_len).zip(dst.chunks_mut(row_len)).enumerate() {
+    if threads <= 1 || dst_len == 0 {
+        for (i, (s, d)) in
+            src.chunks(src_len.max(1)).zip(dst.chunks_mut(dst_len.max(1))).enumerate()
+        {
             f(i, s, d);
         }
         return;
     }
-    let rows_per_thread = rows.div_ceil(threads);
-    let chunk = rows_per_thread * row_len;
+    let per_thread = rows.div_ceil(threads);
     std::thread::scope(|scope| {
-        for (t, (s, d)) in src.chunks(chunk).zip(dst.chunks_mut(chunk)).enumerate() {
+        let chunks = src.chunks(per_thread * src_len).zip(dst.chunks_mut(per_thread * dst_len));
+        for (t, (s, d)) in chunks.enumerate() {
             let f = &f;
             scope.spawn(move || {
-                for (i, (s, d)) in s.chunks(row_len).zip(d.chunks_mut(row_len)).enumerate() {
-                    f(t * rows_per_thread + i, s, d);
+                for (i, (s, d)) in s.chunks(src_len).zip(d.chunks_mut(dst_len)).enumerate() {
+                    f(t * per_thread + i, s, d);
                 }
             });
         }

@@ -4,6 +4,13 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+/// Half-precision inputs on the CPU are multiplied in f32 and rounded once, after the bias, as
+/// PyTorch's CPU kernels do (candle would round the product, then round again after adding the
+/// bias; its CPU convolution has no bf16 kernel at all).
+fn widen_on_cpu(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F16 | DType::BF16)
+}
+
 fn torch_default_init(fan_in: usize) -> Init {
     let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
     Init::Uniform { lo: -bound, up: bound }
@@ -38,22 +45,30 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // One 2-D product over all leading dimensions: a single large GEMM is faster than a
-        // batch of small ones, and the transposed weight is read in place.
-        let dims = x.dims();
-        let in_dim = dims.last().copied().unwrap_or(0);
-        let rows = x.elem_count() / in_dim.max(1);
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        let mut out_dims = dims.to_vec();
-        if let Some(last) = out_dims.last_mut() {
-            *last = self.weight.dim(0)?;
-        }
-        y.reshape(out_dims)
+        rows_times_weight(x, &self.weight, self.bias.as_ref())
     }
+}
+
+/// `x·Wᵀ + b` over the last dimension for `W: [out, in]`, as one 2-D product over all leading
+/// dimensions (a single large GEMM is faster than a batch of small ones; the transposed weight
+/// is read in place).
+fn rows_times_weight(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims();
+    let (out_dim, in_dim) = weight.dims2()?;
+    let rows = x.elem_count() / in_dim.max(1);
+    let dtype = x.dtype();
+    let widen = widen_on_cpu(x);
+    let cast = |t: &Tensor| if widen { t.to_dtype(DType::F32) } else { Ok(t.clone()) };
+    let y = cast(&x.reshape((rows, in_dim))?)?.matmul(&cast(weight)?.t()?)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(&cast(b)?)?,
+        None => y,
+    };
+    let mut out_dims = dims.to_vec();
+    if let Some(last) = out_dims.last_mut() {
+        *last = out_dim;
+    }
+    y.reshape(out_dims)?.to_dtype(dtype)
 }
 
 /// A square-kernel 2-D convolution with bias, `[B, C_in, H, W] → [B, C_out, H', W']`.
@@ -86,29 +101,144 @@ impl Conv2d {
     /// weights used as a linear layer, which spares the transposes around it.
     pub fn forward_channels_last(&self, x: &Tensor) -> Result<Tensor> {
         let (out_c, in_c) = (self.weight.dim(0)?, self.weight.dim(1)?);
-        let dims = x.dims();
-        let rows = x.elem_count() / in_c.max(1);
-        let w = self.weight.reshape((out_c, in_c))?;
-        let y = x.reshape((rows, in_c))?.matmul(&w.t()?)?.broadcast_add(&self.bias)?;
-        let mut out_dims = dims.to_vec();
-        if let Some(last) = out_dims.last_mut() {
-            *last = out_c;
-        }
-        y.reshape(out_dims)
+        rows_times_weight(x, &self.weight.reshape((out_c, in_c))?, Some(&self.bias))
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = if x.dtype() == DType::BF16 && x.device().is_cpu() {
-            // candle's CPU convolution has no bf16 kernel: widen, convolve, narrow.
-            let w = self.weight.to_dtype(DType::F32)?;
-            let y = x.to_dtype(DType::F32)?.conv2d(&w, self.padding, self.stride, 1, 1)?;
-            y.to_dtype(DType::BF16)?
-        } else {
-            x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
-        };
         let c = self.bias.dim(0)?;
-        y.broadcast_add(&self.bias.reshape((1, c, 1, 1))?)
+        let dtype = x.dtype();
+        let cpu = x.device().is_cpu();
+        let (x, w, b) = if widen_on_cpu(x) {
+            let f = |t: &Tensor| t.to_dtype(DType::F32);
+            (f(x)?, f(&self.weight)?, f(&self.bias)?)
+        } else {
+            (x.clone(), self.weight.clone(), self.bias.clone())
+        };
+        let y = if cpu && self.stride == 1 {
+            conv_stride1_cpu(&x, &w, self.padding)?
+        } else {
+            x.conv2d(&w, self.padding, self.stride, 1, 1)?
+        };
+        y.broadcast_add(&b.reshape((1, c, 1, 1))?)?.to_dtype(dtype)
+    }
+}
+
+/// Bytes of unfolded input (`im2col`) a stride-1 CPU convolution holds at once: bands of output
+/// rows small enough to stay cache-friendly and below the allocator's mmap threshold (so the
+/// buffers are reused instead of page-faulted in anew), large enough for efficient products.
+const MAX_UNFOLD_BYTES: usize = 16 << 20;
+
+/// A stride-1 convolution on the CPU as one matrix product per image and band of rows.
+///
+/// With the input zero-padded and each channel's rows laid end to end, shifting by
+/// `ky·W' + kx` (W' the padded width) is a contiguous slice, so the unfolded input is `k²`
+/// memcpy-like slices per channel (`[Cin·k², rows·W']`, rows in the weight's own
+/// `(ci, ky, kx)` order) and the product with the weight viewed as `[Cout, Cin·k²]` gives the
+/// output with `k − 1` extra columns per row, which are cropped. candle's CPU convolution
+/// gathers its unfolded tiles element by element, which costs as much as the product itself
+/// at SD sizes. Built from ordinary tensor ops, so it is differentiable.
+fn conv_stride1_cpu(x: &Tensor, w: &Tensor, pad: usize) -> Result<Tensor> {
+    let (b, cin, h, width) = x.dims4()?;
+    let (cout, cin_w, k, k2) = w.dims4()?;
+    if cin_w != cin || k != k2 || h + 2 * pad < k || width + 2 * pad < k {
+        // Let candle report the mismatch.
+        return x.conv2d(w, pad, 1, 1, 1);
+    }
+    if k == 1 && pad == 0 {
+        let y = w.reshape((cout, cin))?.broadcast_left(b)?.matmul(&x.reshape((
+            b,
+            cin,
+            h * width,
+        ))?)?;
+        return y.reshape((b, cout, h, width));
+    }
+    let wp = width + 2 * pad;
+    let (hout, wout) = (h + 2 * pad + 1 - k, wp + 1 - k);
+    // One extra zero row at the bottom keeps the last shifted slice in bounds.
+    let xp = x.pad_with_zeros(3, pad, pad)?.pad_with_zeros(2, pad, pad + 1)?;
+    let flat = xp.reshape((b, cin, (h + 2 * pad + 1) * wp))?;
+    let weight = w.reshape((cout, cin * k * k))?;
+    let row_bytes = cin * k * k * wp * x.dtype().size_in_bytes();
+    let band = (MAX_UNFOLD_BYTES / row_bytes.max(1)).clamp(1, hout);
+    let mut images = Vec::with_capacity(b);
+    for i in 0..b {
+        let image = flat.get(i)?;
+        let mut bands = Vec::with_capacity(hout.div_ceil(band));
+        let mut y0 = 0;
+        while y0 < hout {
+            let rows = band.min(hout - y0);
+            let shifts = (0..k * k)
+                .map(|s| image.narrow(1, (y0 + s / k) * wp + s % k, rows * wp))
+                .collect::<Result<Vec<_>>>()?;
+            let cols = Tensor::stack(&shifts, 1)?.reshape((cin * k * k, rows * wp))?;
+            bands.push(weight.matmul(&cols)?.reshape((cout, rows, wp))?.narrow(2, 0, wout)?);
+            y0 += rows;
+        }
+        images.push(Tensor::cat(&bands, 1)?);
+    }
+    Tensor::stack(&images, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut s = seed;
+        let data: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+            })
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().abs().unwrap();
+        d.flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn unfolded_convolution_equals_candles() {
+        for &(b, cin, cout, h, w, k, pad) in &[
+            (2, 3, 5, 7, 6, 3, 1),
+            (1, 4, 2, 5, 9, 1, 0),
+            (2, 2, 3, 6, 4, 3, 0),
+            (1, 3, 4, 4, 5, 5, 2),
+        ] {
+            let x = rand(&[b, cin, h, w], 1);
+            let wt = rand(&[cout, cin, k, k], 2);
+            let expected = x.conv2d(&wt, pad, 1, 1, 1).unwrap();
+            let ours = conv_stride1_cpu(&x, &wt, pad).unwrap();
+            assert_eq!(ours.dims(), expected.dims());
+            assert!(max_diff(&ours, &expected) < 1e-5, "{:?}", (b, cin, cout, h, w, k, pad));
+        }
+    }
+
+    #[test]
+    fn bands_and_gradients() {
+        // Tall enough input to be split into several bands of rows.
+        let rows = MAX_UNFOLD_BYTES / (2 * 9 * 18 * 4) * 2 + 37;
+        let x = rand(&[1, 2, rows, 16], 3);
+        let wt = rand(&[3, 2, 3, 3], 4);
+        let ours = conv_stride1_cpu(&x, &wt, 1).unwrap();
+        assert!(max_diff(&ours, &x.conv2d(&wt, 1, 1, 1, 1).unwrap()) < 1e-5);
+
+        let x = Var::from_tensor(&rand(&[1, 2, 5, 4], 5)).unwrap();
+        let wt = Var::from_tensor(&rand(&[3, 2, 3, 3], 6)).unwrap();
+        let target = rand(&[1, 3, 5, 4], 7);
+        let loss = |y: Tensor| (y - &target).unwrap().sqr().unwrap().sum_all().unwrap();
+        let ours = loss(conv_stride1_cpu(x.as_tensor(), wt.as_tensor(), 1).unwrap());
+        let theirs = loss(x.as_tensor().conv2d(wt.as_tensor(), 1, 1, 1, 1).unwrap());
+        let (g1, g2) = (ours.backward().unwrap(), theirs.backward().unwrap());
+        for v in [&x, &wt] {
+            let d = max_diff(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+            assert!(d < 1e-4, "gradient differs by {d}");
+        }
     }
 }

@@ -30,7 +30,11 @@ pub struct UNetMidBlock2D {
 
 impl UNetMidBlock2D {
     /// Fetches `resnets.{i}` and `attentions.{i}`.
-    pub fn new(vb: VarBuilder, cfg: &UNetMidBlock2DConfig, opts: &AttentionOptions) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        cfg: &UNetMidBlock2DConfig,
+        opts: &AttentionOptions,
+    ) -> Result<Self> {
         let r = &cfg.resnet;
         let resnets = (0..=cfg.num_layers)
             .map(|i| ResnetBlock2D::new(vb.pp("resnets").pp(i), r))

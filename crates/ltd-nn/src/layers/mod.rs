@@ -22,4 +22,6 @@ pub use mid_block::{UNetMidBlock2D, UNetMidBlock2DConfig};
 pub use norm::{GroupNorm, LayerNorm};
 pub use resnet::{ResnetBlock2D, ResnetBlock2DConfig, TimeEmbeddingNorm};
 pub use sampling::{Downsample2D, Upsample2D};
-pub use transformer::{BasicTransformerBlock, FeedForward, Transformer2DConfig, Transformer2DModel};
+pub use transformer::{
+    BasicTransformerBlock, FeedForward, Transformer2DConfig, Transformer2DModel,
+};

@@ -118,7 +118,7 @@ impl GroupNormOp {
         let per_group = channels / self.groups;
         let row_len = per_group * spatial;
         let mut out = vec![T::zero(); x.len()];
-        for_each_row(x, &mut out, row_len, |row, src, dst| {
+        for_each_row(x, &mut out, (row_len, row_len), |row, src, dst| {
             let stats = row_stats(src);
             let rstd = 1.0 / (stats.var + self.eps).sqrt();
             let first_channel = (row % self.groups) * per_group;
@@ -220,7 +220,7 @@ impl LayerNormOp {
             candle_core::bail!("layer norm over {dim} features got input {shape:?}")
         }
         let mut out = vec![T::zero(); x.len()];
-        for_each_row(x, &mut out, dim, |_, src, dst| {
+        for_each_row(x, &mut out, (dim, dim), |_, src, dst| {
             let stats = row_stats(src);
             let rstd = 1.0 / (stats.var + self.eps).sqrt();
             for ((o, v), (w, b)) in dst.iter_mut().zip(src).zip(w.iter().zip(b)) {

@@ -16,8 +16,16 @@ pub struct Downsample2D {
 impl Downsample2D {
     /// With `padding == 0` (the VAE encoder's `downsample_padding`), the input is first padded
     /// by one row and column at the bottom and right, as diffusers does.
-    pub fn new(vb: VarBuilder, channels: usize, out_channels: usize, padding: usize) -> Result<Self> {
-        Ok(Self { conv: Conv2d::new(vb.pp("conv"), channels, out_channels, 3, padding, 2)?, padding })
+    pub fn new(
+        vb: VarBuilder,
+        channels: usize,
+        out_channels: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        Ok(Self {
+            conv: Conv2d::new(vb.pp("conv"), channels, out_channels, 3, padding, 2)?,
+            padding,
+        })
     }
 }
 

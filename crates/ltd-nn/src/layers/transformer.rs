@@ -5,6 +5,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use super::activation::geglu;
 use super::cross_attention::{Attention, AttentionConfig};
 use super::linear::{Conv2d, Linear};
 use super::norm::{GroupNorm, LayerNorm};
@@ -33,10 +34,7 @@ impl FeedForward {
 
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(x)?;
-        let last = h.rank() - 1;
-        let (value, gate) = (h.narrow(last, 0, self.inner)?, h.narrow(last, self.inner, self.inner)?);
-        self.out.forward(&(value * gate.gelu_erf()?)?)
+        self.out.forward(&geglu(&self.proj.forward(x)?, self.inner)?)
     }
 }
 

@@ -1,0 +1,129 @@
+//! End-to-end parity with diffusers through the binary, as a user runs it: every case of
+//! `tests/fixtures/golden/e2e/cases.json` becomes an `ltd-gen` command line, and each PNG it
+//! writes must match the PNG diffusers wrote at ≥ 50 dB PSNR (two correct float32
+//! implementations land far above that — identical bytes here, or ~80 dB — while a prompt
+//! differing by one period can still score 42 dB).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn read_png(path: &Path) -> (usize, usize, Vec<u8>) {
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    ));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let (w, h) = (info.width as usize, info.height as usize);
+    let rgb = match info.color_type {
+        png::ColorType::Rgb => buf[..w * h * 3].to_vec(),
+        png::ColorType::Rgba => {
+            buf[..w * h * 4].chunks(4).flat_map(|p| [p[0], p[1], p[2]]).collect()
+        }
+        other => panic!("{}: unexpected colour type {other:?}", path.display()),
+    };
+    (w, h, rgb)
+}
+
+fn psnr(a: &[u8], b: &[u8]) -> f64 {
+    let mse =
+        a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum::<f64>() / a.len() as f64;
+    if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (255.0f64.powi(2) / mse).log10()
+    }
+}
+
+/// The command line a user would type for a case.
+fn command_line(case: &Value, out: &Path) -> Vec<String> {
+    let mut args: Vec<String> = vec![case["prompt"].as_str().unwrap().into()];
+    let mut push = |flag: &str, v: String| {
+        args.push(flag.into());
+        args.push(v);
+    };
+    push(
+        "--model",
+        fixtures().join("pipelines").join(case["pipeline"].as_str().unwrap()).display().to_string(),
+    );
+    push("--seed", case["seed"].to_string());
+    push("--steps", case["steps"].to_string());
+    push("--guidance", case["guidance"].to_string());
+    if case["guidance_rescale"].as_f64().unwrap() > 0.0 {
+        push("--guidance-rescale", case["guidance_rescale"].to_string());
+    }
+    if let Some(n) = case["negative"].as_str() {
+        push("--negative", n.into());
+    }
+    if let Some(s) = case["scheduler"].as_str() {
+        push("--scheduler", s.into());
+    }
+    if let Some(t) = case["dynamic_threshold"].as_object() {
+        push("--dynamic-threshold", format!("{},{}", t["ratio"], t["max"]));
+    }
+    for (key, flag) in
+        [("width", "--width"), ("height", "--height"), ("num_images", "--num-images")]
+    {
+        if let Some(v) = case[key].as_u64() {
+            push(flag, v.to_string());
+        }
+    }
+    if let Some(img) = case["init_image"].as_str() {
+        push("--init-image", fixtures().join("golden/e2e").join(img).display().to_string());
+        push("--strength", case["strength"].to_string());
+    }
+    push("--output", out.display().to_string());
+    args.push("--quiet".into());
+    args
+}
+
+#[test]
+fn ltd_gen_matches_diffusers_pngs() {
+    let cases: Vec<Value> = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("golden/e2e/cases.json")).unwrap(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut failures = Vec::new();
+    let mut worst = f64::INFINITY;
+    for case in &cases {
+        let name = case["name"].as_str().unwrap();
+        let out = dir.path().join(format!("{name}.png"));
+        let args = command_line(case, &out);
+        let run = Command::new(env!("CARGO_BIN_EXE_ltd-gen")).args(&args).output().unwrap();
+        if !run.status.success() {
+            failures.push(format!(
+                "{name}: ltd-gen {args:?} failed: {}",
+                String::from_utf8_lossy(&run.stderr)
+            ));
+            continue;
+        }
+        let images = case["images"].as_array().unwrap();
+        let ours: Vec<PathBuf> = if images.len() == 1 {
+            vec![out.clone()]
+        } else {
+            (1..=images.len()).map(|i| dir.path().join(format!("{name}-{i}.png"))).collect()
+        };
+        for (want, got) in images.iter().zip(&ours) {
+            let (w1, h1, a) = read_png(&fixtures().join("golden/e2e").join(want.as_str().unwrap()));
+            let (w2, h2, b) = read_png(got);
+            if (w1, h1) != (w2, h2) {
+                failures.push(format!("{name}: size {w2}x{h2}, diffusers {w1}x{h1}"));
+                continue;
+            }
+            let db = psnr(&a, &b);
+            worst = worst.min(db);
+            if db < 50.0 {
+                failures.push(format!("{name}: {} at {db:.1} dB", got.display()));
+            }
+        }
+    }
+    eprintln!("worst PSNR over {} cases: {worst:.1} dB", cases.len());
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -1,0 +1,140 @@
+//! AVX2/FMA building blocks for the fused CPU kernels (x86-64; other targets use the
+//! ordinary tensor-op paths).
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// Whether this CPU has AVX2 and FMA (checked once per call site, cheaply cached by std).
+pub(crate) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `exp(x)` for 8 lanes (Cephes' `expf`: range reduction by ln 2 in two parts, a degree-5
+/// polynomial, scaling by 2ⁿ through the exponent bits; within 2 ulp). Inputs below −87.3
+/// give ≈1.2·10⁻³⁸ instead of subnormals (which are slow, and negligible next to the row sum's
+/// term of 1); `−∞` gives that too.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) fn exp256(x: __m256) -> __m256 {
+    let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3)), _mm256_set1_ps(88.3));
+    let fx = _mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), _mm256_set1_ps(0.5));
+    let fx = _mm256_floor_ps(fx);
+    let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
+    let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), x);
+    let mut y = _mm256_set1_ps(1.987_569_1e-4);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.398_199_9e-3));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.333_452e-3));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.166_579_6e-2));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(0.166_666_65));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(0.5));
+    let x2 = _mm256_mul_ps(x, x);
+    y = _mm256_fmadd_ps(y, x2, _mm256_add_ps(x, _mm256_set1_ps(1.0)));
+    let n = _mm256_cvttps_epi32(fx);
+    let pow2n =
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
+    _mm256_mul_ps(y, pow2n)
+}
+
+/// The exact GELU `x·Φ(x) = x/2·(1 + erf(x/√2))` for 8 lanes, with erf from Abramowitz &
+/// Stegun 7.1.26 (absolute error ≤ 1.5·10⁻⁷) — the formula PyTorch's vectorised CPU `erf` uses.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) fn gelu_erf256(g: __m256) -> __m256 {
+    let x = _mm256_mul_ps(g, _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
+    let sign = _mm256_and_ps(x, _mm256_set1_ps(-0.0));
+    let ax = _mm256_andnot_ps(_mm256_set1_ps(-0.0), x);
+    let one = _mm256_set1_ps(1.0);
+    let t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.327_591_1), ax, one));
+    let mut r = _mm256_set1_ps(1.061_405_4);
+    r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(-1.453_152));
+    r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(1.421_413_7));
+    r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(-0.284_496_72));
+    r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(0.254_829_6));
+    r = _mm256_mul_ps(r, t);
+    let e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(x, x)));
+    let erf_abs = _mm256_fnmadd_ps(r, e, one);
+    let erf = _mm256_or_ps(erf_abs, sign);
+    _mm256_mul_ps(_mm256_mul_ps(g, _mm256_set1_ps(0.5)), _mm256_add_ps(one, erf))
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp256_is_accurate() {
+        if !available() {
+            return;
+        }
+        let xs: Vec<f32> = (-8700..=8800).map(|i| i as f32 * 0.01).collect();
+        for c in xs.chunks_exact(8) {
+            let mut out = [0f32; 8];
+            // SAFETY: AVX2/FMA checked above.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), exp256(_mm256_loadu_ps(c.as_ptr()))) };
+            for (x, y) in c.iter().zip(out) {
+                let e = (*x as f64).exp();
+                assert!(((y as f64 - e) / e).abs() < 3e-7, "exp({x}) = {y}, expected {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn gelu_erf256_matches_libm_erf() {
+        if !available() {
+            return;
+        }
+        let xs: Vec<f32> = (-1200..=1200).map(|i| i as f32 * 0.01).collect();
+        for c in xs.chunks_exact(8) {
+            let mut out = [0f32; 8];
+            // SAFETY: AVX2/FMA checked above.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), gelu_erf256(_mm256_loadu_ps(c.as_ptr()))) };
+            for (x, y) in c.iter().zip(out) {
+                let x64 = *x as f64;
+                let e = 0.5 * x64 * (1.0 + erf64(x64 / std::f64::consts::SQRT_2));
+                assert!(
+                    (y as f64 - e).abs() < 2e-6 * (1.0 + x64.abs()),
+                    "gelu({x}) = {y}, expected {e}"
+                );
+            }
+        }
+    }
+
+    /// erf in double precision (W. J. Cody's rational approximations via the complementary
+    /// function would be overkill here: a series/continued fraction suffices for a test).
+    fn erf64(x: f64) -> f64 {
+        if x.abs() < 3.0 {
+            // Maclaurin series, converges quickly for |x| < 3 in double precision.
+            let mut sum = x;
+            let mut term = x;
+            let mut n = 0.0;
+            loop {
+                n += 1.0;
+                term *= -x * x / n;
+                let add = term / (2.0 * n + 1.0);
+                sum += add;
+                if add.abs() < 1e-17 {
+                    break;
+                }
+            }
+            sum * 2.0 / std::f64::consts::PI.sqrt()
+        } else {
+            // erfc by continued fraction (Lentz), accurate for |x| ≥ 3.
+            let ax = x.abs();
+            let mut f = ax;
+            for k in (1..60).rev() {
+                f = ax + (k as f64 / 2.0) / f;
+            }
+            let erfc = (-ax * ax).exp() / (f * std::f64::consts::PI.sqrt());
+            (1.0 - erfc).copysign(x)
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! `model_index.json`: which pipeline a folder holds and which components it is made of.
+//!
+//! The pipeline class decides the generation procedure; every component is then built from its
+//! own folder and config. Nothing here knows about model versions.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::error::{PipelineError, Result};
+
+/// The generation procedures ltd implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PipelineKind {
+    /// `StableDiffusionPipeline` (SD 1.x, 2.x): one CLIP text encoder.
+    StableDiffusion,
+    /// `StableDiffusionXLPipeline`: two CLIP text encoders, pooled embeddings, time ids.
+    StableDiffusionXl,
+}
+
+impl PipelineKind {
+    /// The pipeline classes we accept for each kind (text-to-image and image-to-image
+    /// checkpoints share weights and layout).
+    fn from_class(class: &str) -> Option<Self> {
+        Some(match class {
+            "StableDiffusionPipeline" | "StableDiffusionImg2ImgPipeline" => Self::StableDiffusion,
+            "StableDiffusionXLPipeline" | "StableDiffusionXLImg2ImgPipeline" => {
+                Self::StableDiffusionXl
+            }
+            _ => return None,
+        })
+    }
+
+    /// The components this kind needs, with what each must be.
+    fn required(self) -> &'static [(&'static str, ComponentKind)] {
+        use ComponentKind::*;
+        match self {
+            Self::StableDiffusion => &[
+                ("scheduler", Scheduler),
+                ("text_encoder", TextEncoder),
+                ("tokenizer", ClipTokenizer),
+                ("unet", Unet),
+                ("vae", Vae),
+            ],
+            Self::StableDiffusionXl => &[
+                ("scheduler", Scheduler),
+                ("text_encoder", TextEncoder),
+                ("text_encoder_2", TextEncoder),
+                ("tokenizer", ClipTokenizer),
+                ("tokenizer_2", ClipTokenizer),
+                ("unet", Unet),
+                ("vae", Vae),
+            ],
+        }
+    }
+}
+
+/// What a component folder holds, as far as loading goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ComponentKind {
+    /// `scheduler_config.json`.
+    Scheduler,
+    /// A CLIP BPE tokenizer folder.
+    ClipTokenizer,
+    /// A CLIP text encoder (with or without projection).
+    TextEncoder,
+    /// `UNet2DConditionModel`.
+    Unet,
+    /// `AutoencoderKL`.
+    Vae,
+}
+
+impl ComponentKind {
+    fn accepts(self, library: &str, class: &str) -> bool {
+        match self {
+            Self::Scheduler => library == "diffusers" && class.ends_with("Scheduler"),
+            Self::ClipTokenizer => matches!(class, "CLIPTokenizer" | "CLIPTokenizerFast"),
+            Self::TextEncoder => {
+                matches!(class, "CLIPTextModel" | "CLIPTextModelWithProjection")
+            }
+            Self::Unet => class == "UNet2DConditionModel",
+            Self::Vae => class == "AutoencoderKL",
+        }
+    }
+}
+
+/// A parsed `model_index.json`.
+#[derive(Debug, Clone)]
+pub struct ModelIndex {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// `_class_name`.
+    pub class_name: String,
+    /// The procedure that class stands for.
+    pub kind: PipelineKind,
+    /// Component name → (library, class); `None` for components set to `[null, null]`.
+    pub components: BTreeMap<String, Option<(String, String)>>,
+    /// SDXL: an absent negative prompt means zero embeddings (diffusers' default: true).
+    pub force_zeros_for_empty_prompt: bool,
+}
+
+impl ModelIndex {
+    /// Reads and checks `model_index.json`; errors name the file and the field.
+    pub fn read(path: &Path) -> Result<Self> {
+        let value: Value = ltd_nn::read_json(path)?;
+        Self::from_value(&value, path)
+    }
+
+    fn from_value(value: &Value, path: &Path) -> Result<Self> {
+        let bad = |field: &str, message: String| PipelineError::ModelIndex {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            message,
+        };
+        let obj = value.as_object().ok_or_else(|| bad(".", "expected a JSON object".into()))?;
+        let class_name = obj
+            .get("_class_name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("_class_name", "missing or not a string".into()))?
+            .to_string();
+        let kind = PipelineKind::from_class(&class_name).ok_or_else(|| {
+            bad(
+                "_class_name",
+                format!(
+                    "unsupported pipeline class {class_name:?}: ltd runs StableDiffusionPipeline \
+                     and StableDiffusionXLPipeline checkpoints (and their Img2Img variants)"
+                ),
+            )
+        })?;
+        let mut components = BTreeMap::new();
+        for (name, v) in obj {
+            if name.starts_with('_') {
+                continue;
+            }
+            let Some(pair) = v.as_array() else { continue };
+            let entry = match pair.as_slice() {
+                [Value::String(lib), Value::String(class)] => Some((lib.clone(), class.clone())),
+                [Value::Null, Value::Null] => None,
+                _ => {
+                    return Err(bad(name, format!("expected [library, class], found {v}")));
+                }
+            };
+            components.insert(name.clone(), entry);
+        }
+        for (name, want) in kind.required() {
+            match components.get(*name) {
+                Some(Some((lib, class))) if want.accepts(lib, class) => {}
+                Some(Some((lib, class))) => {
+                    return Err(bad(name, format!("unsupported component [{lib:?}, {class:?}]")));
+                }
+                _ => {
+                    return Err(bad(
+                        name,
+                        format!("{class_name} needs a `{name}` component, and this model has none"),
+                    ))
+                }
+            }
+        }
+        let force_zeros_for_empty_prompt =
+            obj.get("force_zeros_for_empty_prompt").and_then(Value::as_bool).unwrap_or(true);
+        Ok(Self {
+            path: path.to_path_buf(),
+            class_name,
+            kind,
+            components,
+            force_zeros_for_empty_prompt,
+        })
+    }
+
+    /// The components the pipeline loads, with what they are (in a stable order).
+    pub fn loadable_components(&self) -> Vec<(&'static str, ComponentKind)> {
+        self.kind.required().to_vec()
+    }
+
+    /// The folder the index sits in.
+    pub fn root(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<ModelIndex> {
+        ModelIndex::from_value(
+            &serde_json::from_str(json).unwrap(),
+            Path::new("m/model_index.json"),
+        )
+    }
+
+    const SD: &str = r#"{"_class_name": "StableDiffusionPipeline", "safety_checker": [null, null],
+        "feature_extractor": ["transformers", "CLIPImageProcessor"],
+        "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "requires_safety_checker": false}"#;
+
+    #[test]
+    fn reads_a_stable_diffusion_index() {
+        let idx = parse(SD).unwrap();
+        assert_eq!(idx.kind, PipelineKind::StableDiffusion);
+        assert_eq!(idx.components["safety_checker"], None);
+        assert_eq!(idx.loadable_components().len(), 5);
+    }
+
+    #[test]
+    fn rejects_what_it_cannot_run() {
+        let err = parse(&SD.replace("StableDiffusionPipeline", "KandinskyPipeline")).unwrap_err();
+        assert!(err.to_string().contains("m/model_index.json: field `_class_name`: unsupported pipeline class \"KandinskyPipeline\""), "{err}");
+        let err = parse(&SD.replace("\"unet\": [\"diffusers\", \"UNet2DConditionModel\"],", ""))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("field `unet`") && err.to_string().contains("needs a `unet`"),
+            "{err}"
+        );
+        let err = parse(&SD.replace("AutoencoderKL", "AutoencoderTiny")).unwrap_err();
+        assert!(err.to_string().contains("unsupported component"), "{err}");
+        let err = parse(r#"["x"]"#).unwrap_err();
+        assert!(err.to_string().contains("expected a JSON object"), "{err}");
+    }
+}

@@ -1,0 +1,241 @@
+//! A loaded pipeline: the components of a model folder, ready to generate many times.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use ltd_nn::RuntimeOptions;
+use ltd_scheduler::{SamplerKind, SchedulerConfig};
+use ltd_unet::UNet2DConditionModel;
+use ltd_vae::AutoencoderKL;
+
+use crate::error::{PipelineError, Result};
+use crate::model_index::{ModelIndex, PipelineKind};
+use crate::source::ModelSource;
+use crate::text::TextEncoders;
+
+/// How to load a pipeline.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Where the models run.
+    pub device: Device,
+    /// The compute dtype of the text encoders and the U-Net (the VAE runs in f32 when its
+    /// config says `force_upcast` and this is f16, as in diffusers).
+    pub dtype: DType,
+    /// Weights variant (`fp16` reads `*.fp16.safetensors` where a component has them).
+    pub variant: Option<String>,
+    /// Attention implementation and memory budget.
+    pub runtime: RuntimeOptions,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { device: Device::Cpu, dtype: DType::F32, variant: None, runtime: Default::default() }
+    }
+}
+
+/// A text-to-image pipeline: Stable Diffusion 1.x/2.x or XL, as its `model_index.json` says.
+pub struct Pipeline {
+    pub(crate) name: String,
+    pub(crate) root: PathBuf,
+    pub(crate) index: ModelIndex,
+    pub(crate) text: TextEncoders,
+    pub(crate) unet: UNet2DConditionModel,
+    pub(crate) vae: AutoencoderKL,
+    pub(crate) scheduler_config: SchedulerConfig,
+    pub(crate) default_sampler: Option<SamplerKind>,
+    pub(crate) device: Device,
+    pub(crate) dtype: DType,
+}
+
+impl Pipeline {
+    /// Loads every component of the model at `source` (fetching hub files first).
+    pub fn load(source: &ModelSource, options: &LoadOptions) -> Result<Self> {
+        let root = source.resolve(options.variant.as_deref())?;
+        let mut pipe = Self::load_folder(&root, options)?;
+        pipe.name = source.to_string();
+        Ok(pipe)
+    }
+
+    /// Loads a local diffusers folder.
+    pub fn load_folder(root: &Path, options: &LoadOptions) -> Result<Self> {
+        let index_path = root.join("model_index.json");
+        if !index_path.is_file() {
+            return Err(PipelineError::msg(format!(
+                "{}: not a diffusers model folder (no model_index.json)",
+                root.display()
+            )));
+        }
+        let index = ModelIndex::read(&index_path)?;
+        let variant = options.variant.as_deref();
+        let (device, dtype, runtime) = (&options.device, options.dtype, &options.runtime);
+        let _span = tracing::info_span!("load", model = %root.display()).entered();
+
+        let mut scheduler_config =
+            SchedulerConfig::load(&root.join("scheduler/scheduler_config.json"))?;
+        if index.kind == PipelineKind::StableDiffusion {
+            legacy_scheduler_fixes(&mut scheduler_config);
+        }
+        // Fails early, naming the file, when the shipped scheduler is not one we have.
+        ltd_scheduler::build(&scheduler_config, None, &Default::default()).map_err(
+            |e| match e {
+                ltd_nn::Error::InvalidConfig(source) => ltd_nn::Error::Config {
+                    path: root.join("scheduler/scheduler_config.json"),
+                    source,
+                },
+                other => other,
+            },
+        )?;
+        let default_sampler = default_sampler(&scheduler_config);
+
+        let text = TextEncoders::load(
+            root,
+            index.kind,
+            index.force_zeros_for_empty_prompt,
+            variant,
+            dtype,
+            device,
+            runtime,
+        )?;
+        let unet = UNet2DConditionModel::load(&root.join("unet"), variant, dtype, device, runtime)?;
+        let vae_cfg = AutoencoderKL::load_config(&root.join("vae"))?;
+        let vae = AutoencoderKL::load(
+            &root.join("vae"),
+            variant,
+            vae_cfg.compute_dtype(dtype),
+            device,
+            runtime,
+        )?;
+        check_compatible(root, &index, &text, &unet, &vae)?;
+        Ok(Self {
+            name: root.display().to_string(),
+            root: root.to_path_buf(),
+            index,
+            text,
+            unet,
+            vae,
+            scheduler_config,
+            default_sampler,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// Sets the name recorded in the images' parameters (the folder or hub id by default).
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        let name = name.into();
+        if !name.is_empty() {
+            self.name = name;
+        }
+        self
+    }
+
+    /// The model's name as recorded in the images' parameters.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The model folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// SD 1.x/2.x or XL.
+    pub fn kind(&self) -> PipelineKind {
+        self.index.kind
+    }
+
+    /// The VAE's scale factor (image pixels per latent pixel).
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.config().scale_factor()
+    }
+
+    /// The default image size (U-Net sample size × VAE scale factor), width × height.
+    pub fn default_size(&self) -> (usize, usize) {
+        let f = self.vae_scale_factor();
+        let (h, w) = self.unet.config().sample_size.unwrap_or((64, 64));
+        (w * f, h * f)
+    }
+
+    /// The sampler the model ships, by CLI name (when it is one of ours).
+    pub fn default_sampler(&self) -> Option<SamplerKind> {
+        self.default_sampler
+    }
+
+    /// The compute device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+}
+
+/// What `StableDiffusionPipeline.__init__` rewrites in outdated scheduler configs.
+fn legacy_scheduler_fixes(cfg: &mut SchedulerConfig) {
+    if cfg.steps_offset.is_some_and(|o| o != 1) {
+        tracing::warn!("scheduler config has steps_offset != 1; using 1, as diffusers does");
+        cfg.steps_offset = Some(1);
+    }
+    if cfg.clip_sample == Some(true) {
+        tracing::warn!("scheduler config sets clip_sample; disabling it, as diffusers does");
+        cfg.clip_sample = Some(false);
+    }
+}
+
+/// The CLI name of the sampler a config describes, where one matches it exactly.
+fn default_sampler(cfg: &SchedulerConfig) -> Option<SamplerKind> {
+    let class = cfg.scheduler_class().ok()?;
+    let karras = cfg.use_karras_sigmas.unwrap_or(false);
+    let algorithm = cfg.algorithm_type.as_deref().unwrap_or("dpmsolver++");
+    SamplerKind::ALL.iter().copied().find(|k| {
+        k.scheduler_class() == class
+            && match k {
+                SamplerKind::DpmPp2mKarras => karras && algorithm == "dpmsolver++",
+                SamplerKind::DpmPp2m => !karras && algorithm == "dpmsolver++",
+                SamplerKind::DpmPp2mSde => algorithm == "sde-dpmsolver++",
+                _ => true,
+            }
+    })
+}
+
+/// Cross-component checks diffusers would only trip over mid-generation.
+fn check_compatible(
+    root: &Path,
+    index: &ModelIndex,
+    text: &TextEncoders,
+    unet: &UNet2DConditionModel,
+    vae: &AutoencoderKL,
+) -> Result<()> {
+    let u = unet.config();
+    let latent = vae.config().latent_channels;
+    if u.in_channels != latent {
+        return Err(PipelineError::msg(format!(
+            "{}: the U-Net takes {} input channels but the VAE makes {latent}-channel latents \
+             (inpainting models, with 9 input channels, are not supported by this pipeline)",
+            root.join("unet/config.json").display(),
+            u.in_channels
+        )));
+    }
+    if index.kind == PipelineKind::StableDiffusionXl {
+        let Some(add) = &u.addition_embedding else {
+            return Err(PipelineError::msg(format!(
+                "{}: an SDXL pipeline needs addition_embed_type \"text_time\"",
+                root.join("unet/config.json").display()
+            )));
+        };
+        let pooled = text.pooled_dim().unwrap_or(0);
+        let expected = 6 * add.time_proj.num_channels + pooled;
+        if add.input_dim != expected {
+            return Err(PipelineError::msg(format!(
+                "{}: projection_class_embeddings_input_dim is {} but 6 time ids × \
+                 addition_time_embed_dim {} + text_encoder_2 projection_dim {pooled} = {expected}",
+                root.join("unet/config.json").display(),
+                add.input_dim,
+                add.time_proj.num_channels
+            )));
+        }
+    }
+    Ok(())
+}

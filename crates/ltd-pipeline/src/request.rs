@@ -1,0 +1,319 @@
+//! What a user asks for, checked before any model runs.
+//!
+//! Field names match the CLI's flags, so a [`PipelineError::InvalidRequest`] names the flag.
+
+use crate::error::{PipelineError, Result};
+use crate::image::RgbImage;
+
+/// How prompts longer than the tokenizer's window (77 tokens) are handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LongPrompt {
+    /// Cut at the window, as diffusers does, with a warning quoting what was dropped.
+    #[default]
+    Truncate,
+    /// Encode 75-token chunks and concatenate their embeddings, as AUTOMATIC1111 does.
+    Chunk,
+}
+
+/// Which random generator draws the noise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RngKind {
+    /// PyTorch's CPU generator (`torch.Generator("cpu")`): same image as diffusers on any
+    /// device.
+    #[default]
+    Cpu,
+    /// PyTorch's CUDA generator (Philox), as AUTOMATIC1111's "NV" setting.
+    Cuda,
+}
+
+/// Imagen dynamic thresholding of the predicted clean latents.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DynamicThreshold {
+    /// The quantile of |x0| used as the threshold (diffusers' `dynamic_thresholding_ratio`).
+    pub ratio: f64,
+    /// The largest threshold (diffusers' `sample_max_value`).
+    pub max: f64,
+}
+
+impl Default for DynamicThreshold {
+    /// diffusers' defaults (0.995, 1.0), which for SD latents amount to clipping at ±1.
+    fn default() -> Self {
+        Self { ratio: 0.995, max: 1.0 }
+    }
+}
+
+/// The latent-aware guidance limiter ("mimic" guidance): the clean latents predicted at the
+/// requested guidance are rescaled, per sample and channel, to the spread they have at a lower
+/// `mimic` guidance, which keeps what high guidance adds without over-saturating.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MimicGuidance {
+    /// The guidance whose per-channel spread is the target.
+    pub mimic: f64,
+    /// The quantile of |x0 − mean| that measures spread.
+    pub percentile: f64,
+}
+
+impl Default for MimicGuidance {
+    fn default() -> Self {
+        Self { mimic: 7.0, percentile: 0.995 }
+    }
+}
+
+/// Image-to-image input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InitImage {
+    /// The picture to start from.
+    pub image: RgbImage,
+    /// How much of the schedule to run: 0 keeps the picture, 1 ignores it.
+    pub strength: f64,
+}
+
+/// A generation request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    /// One or more prompts; each gives `num_images` images.
+    pub prompts: Vec<String>,
+    /// The negative prompt, shared by all prompts. `None` and `Some("")` differ for SDXL
+    /// models with `force_zeros_for_empty_prompt`, as in diffusers.
+    pub negative: Option<String>,
+    /// Denoising steps.
+    pub steps: usize,
+    /// Classifier-free guidance scale; ≤ 1 skips the unconditional pass.
+    pub guidance: f64,
+    /// Guidance rescale φ (Lin et al. 2023, §3.4), 0 to disable.
+    pub guidance_rescale: f64,
+    /// Imagen dynamic thresholding.
+    pub dynamic_threshold: Option<DynamicThreshold>,
+    /// The latent-aware guidance limiter.
+    pub mimic_guidance: Option<MimicGuidance>,
+    /// Sampler by CLI name (`euler-a`, `dpm++2m`, …); `None` for the model's own.
+    pub scheduler: Option<String>,
+    /// DDIM's η (only DDIM reads it).
+    pub eta: f64,
+    /// Image width in pixels; `None` for the model's default.
+    pub width: Option<usize>,
+    /// Image height in pixels; `None` for the model's default.
+    pub height: Option<usize>,
+    /// Images per prompt.
+    pub num_images: usize,
+    /// The seed of the one generator that draws all noise.
+    pub seed: u64,
+    /// The random generator.
+    pub rng: RngKind,
+    /// Skip this many final CLIP layers (1 = penultimate).
+    pub clip_skip: Option<usize>,
+    /// Long-prompt handling.
+    pub long_prompt: LongPrompt,
+    /// Image-to-image input.
+    pub init_image: Option<InitImage>,
+    /// Decode (and encode) the VAE in tiles, for large images in bounded memory.
+    pub vae_tiling: bool,
+}
+
+impl Default for GenerateRequest {
+    fn default() -> Self {
+        Self {
+            prompts: vec![String::new()],
+            negative: None,
+            steps: 30,
+            guidance: 7.5,
+            guidance_rescale: 0.0,
+            dynamic_threshold: None,
+            mimic_guidance: None,
+            scheduler: None,
+            eta: 0.0,
+            width: None,
+            height: None,
+            num_images: 1,
+            seed: 0,
+            rng: RngKind::Cpu,
+            clip_skip: None,
+            long_prompt: LongPrompt::Truncate,
+            init_image: None,
+            vae_tiling: false,
+        }
+    }
+}
+
+fn finite_at_least(field: &'static str, v: f64, min: f64) -> Result<()> {
+    if !v.is_finite() {
+        return Err(PipelineError::invalid(field, format!("must be a finite number, got {v}")));
+    }
+    if v < min {
+        return Err(PipelineError::invalid(field, format!("must be at least {min}, got {v}")));
+    }
+    Ok(())
+}
+
+impl GenerateRequest {
+    /// Checks everything that does not depend on the model.
+    pub fn validate(&self) -> Result<()> {
+        if self.prompts.is_empty() {
+            return Err(PipelineError::invalid("prompt", "give at least one prompt"));
+        }
+        if self.steps == 0 {
+            return Err(PipelineError::invalid("steps", "must be at least 1"));
+        }
+        if self.steps > 10_000 {
+            return Err(PipelineError::invalid(
+                "steps",
+                format!("{} is too many (at most 10000)", self.steps),
+            ));
+        }
+        finite_at_least("guidance", self.guidance, 0.0)?;
+        if !(0.0..=1.0).contains(&self.guidance_rescale) || self.guidance_rescale.is_nan() {
+            return Err(PipelineError::invalid(
+                "guidance-rescale",
+                format!("must be in [0, 1], got {}", self.guidance_rescale),
+            ));
+        }
+        if let Some(t) = &self.dynamic_threshold {
+            if !(t.ratio > 0.0 && t.ratio <= 1.0) {
+                return Err(PipelineError::invalid(
+                    "dynamic-threshold",
+                    format!("the ratio must be in (0, 1], got {}", t.ratio),
+                ));
+            }
+            finite_at_least("dynamic-threshold", t.max, 1.0)?;
+        }
+        if let Some(m) = &self.mimic_guidance {
+            finite_at_least("mimic-guidance", m.mimic, 1.0)?;
+            if !(m.percentile > 0.0 && m.percentile <= 1.0) {
+                return Err(PipelineError::invalid(
+                    "mimic-guidance",
+                    format!("the percentile must be in (0, 1], got {}", m.percentile),
+                ));
+            }
+        }
+        finite_at_least("eta", self.eta, 0.0)?;
+        for (field, v) in [("width", self.width), ("height", self.height)] {
+            if v == Some(0) {
+                return Err(PipelineError::invalid(field, "must be positive"));
+            }
+        }
+        if self.num_images == 0 {
+            return Err(PipelineError::invalid("num-images", "must be at least 1"));
+        }
+        if self.clip_skip == Some(0) {
+            return Err(PipelineError::invalid(
+                "clip-skip",
+                "must be at least 1 (1 = penultimate layer)",
+            ));
+        }
+        if let Some(init) = &self.init_image {
+            let s = init.strength;
+            if !(0.0..=1.0).contains(&s) || s.is_nan() {
+                return Err(PipelineError::invalid(
+                    "strength",
+                    format!("must be in [0, 1], got {s}"),
+                ));
+            }
+            // diffusers: int(steps * strength) steps are run; none is an error there too.
+            if (self.steps as f64 * s).floor() < 1.0 {
+                return Err(PipelineError::invalid(
+                    "strength",
+                    format!(
+                        "{s} of {} steps leaves no denoising step (need steps × strength ≥ 1)",
+                        self.steps
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The image size, from the request or the model's default, checked against the VAE's
+    /// scale factor.
+    pub fn size(&self, default: (usize, usize), scale_factor: usize) -> Result<(usize, usize)> {
+        let (dw, dh) = match &self.init_image {
+            Some(init) => (init.image.width, init.image.height),
+            None => default,
+        };
+        let (w, h) = (self.width.unwrap_or(dw), self.height.unwrap_or(dh));
+        for (field, v) in [("width", w), ("height", h)] {
+            if v % scale_factor != 0 {
+                return Err(PipelineError::invalid(
+                    field,
+                    format!("{v} is not a multiple of the model's VAE scale factor {scale_factor}"),
+                ));
+            }
+        }
+        if let Some(init) = &self.init_image {
+            if (init.image.width, init.image.height) != (w, h) {
+                return Err(PipelineError::invalid(
+                    "init-image",
+                    format!(
+                        "the image is {}x{} but the requested size is {w}x{h}; resize it or drop \
+                         --width/--height",
+                        init.image.width, init.image.height
+                    ),
+                ));
+            }
+        }
+        Ok((w, h))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(req: GenerateRequest, expect: &str) {
+        let got = req.validate().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(got.contains(expect), "expected {expect:?}, got {got:?}");
+    }
+
+    #[test]
+    fn rejects_bad_parameters_naming_the_flag() {
+        let ok = GenerateRequest::default();
+        ok.validate().unwrap();
+        check(GenerateRequest { steps: 0, ..ok.clone() }, "--steps: must be at least 1");
+        check(
+            GenerateRequest { guidance: f64::NAN, ..ok.clone() },
+            "--guidance: must be a finite number",
+        );
+        check(GenerateRequest { guidance: -1.0, ..ok.clone() }, "--guidance: must be at least 0");
+        check(GenerateRequest { guidance_rescale: 1.5, ..ok.clone() }, "--guidance-rescale");
+        check(GenerateRequest { num_images: 0, ..ok.clone() }, "--num-images");
+        check(GenerateRequest { clip_skip: Some(0), ..ok.clone() }, "--clip-skip");
+        let img = RgbImage::new(8, 8, vec![0; 192]).unwrap();
+        let init = |strength| Some(InitImage { image: img.clone(), strength });
+        check(
+            GenerateRequest { init_image: init(1.5), ..ok.clone() },
+            "--strength: must be in [0, 1]",
+        );
+        check(GenerateRequest { init_image: init(-0.1), ..ok.clone() }, "--strength");
+        check(GenerateRequest { init_image: init(0.01), ..ok.clone() }, "leaves no denoising step");
+        check(
+            GenerateRequest {
+                dynamic_threshold: Some(DynamicThreshold { ratio: 0.9, max: 0.5 }),
+                ..ok
+            },
+            "--dynamic-threshold",
+        );
+    }
+
+    #[test]
+    fn sizes_default_from_the_model_and_respect_the_scale_factor() {
+        let req = GenerateRequest::default();
+        assert_eq!(req.size((512, 512), 8).unwrap(), (512, 512));
+        let req = GenerateRequest { width: Some(500), ..Default::default() };
+        assert!(req
+            .size((512, 512), 8)
+            .unwrap_err()
+            .to_string()
+            .contains("--width: 500 is not a multiple"));
+        let img = RgbImage::new(16, 8, vec![0; 16 * 8 * 3]).unwrap();
+        let req = GenerateRequest {
+            init_image: Some(InitImage { image: img, strength: 0.5 }),
+            ..Default::default()
+        };
+        assert_eq!(req.size((64, 64), 8).unwrap(), (16, 8));
+        let req = GenerateRequest { height: Some(16), ..req };
+        assert!(req
+            .size((64, 64), 8)
+            .unwrap_err()
+            .to_string()
+            .contains("--init-image: the image is 16x8"));
+    }
+}

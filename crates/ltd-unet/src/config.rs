@@ -1,0 +1,864 @@
+//! `unet/config.json`: the serde mirror of diffusers' `UNet2DConditionModel` arguments
+//! ([`UNet2DConditionModelConfig`], same names and defaults) and the validated architecture it
+//! describes ([`UNetConfig`]), with every per-block value resolved.
+//!
+//! diffusers' historical misnomer is resolved here and only here: in `UNet2DConditionModel`
+//! configs `attention_head_dim` is the **number of heads** per block (SD 1.x: 8 heads of 40,
+//! 80, 160 channels), unless `num_attention_heads` is given; each head's width is the block's
+//! channels divided by its heads.
+
+use ltd_nn::layers::{
+    Activation, ResnetBlock2DConfig, TimeEmbeddingNorm, Timesteps, Transformer2DConfig,
+    UNetMidBlock2DConfig,
+};
+use ltd_nn::{ConfigError, OneOrMany};
+use serde::{Deserialize, Deserializer};
+
+fn default_4() -> usize {
+    4
+}
+fn default_true() -> bool {
+    true
+}
+fn default_down_blocks() -> Vec<String> {
+    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+        .map(String::from)
+        .to_vec()
+}
+fn default_mid_block() -> Option<String> {
+    Some("UNetMidBlock2DCrossAttn".into())
+}
+fn default_up_blocks() -> Vec<String> {
+    ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+        .map(String::from)
+        .to_vec()
+}
+fn default_false_one() -> OneOrMany<bool> {
+    OneOrMany::One(false)
+}
+fn default_block_out_channels() -> Vec<usize> {
+    vec![320, 640, 1280, 1280]
+}
+fn default_layers_per_block() -> OneOrMany<usize> {
+    OneOrMany::One(2)
+}
+fn default_1() -> usize {
+    1
+}
+fn default_1f() -> f64 {
+    1.0
+}
+fn default_silu() -> String {
+    "silu".into()
+}
+fn default_groups() -> Option<usize> {
+    Some(32)
+}
+fn default_norm_eps() -> f64 {
+    1e-5
+}
+fn default_cross_attention_dim() -> OneOrMany<usize> {
+    OneOrMany::One(1280)
+}
+fn default_transformer_layers() -> TransformerLayersPerBlock {
+    TransformerLayersPerBlock::One(1)
+}
+fn default_attention_head_dim() -> OneOrMany<usize> {
+    OneOrMany::One(8)
+}
+fn default_time_scale_shift() -> String {
+    "default".into()
+}
+fn default_positional() -> String {
+    "positional".into()
+}
+fn default_3() -> usize {
+    3
+}
+fn default_attention_type() -> String {
+    "default".into()
+}
+fn default_64() -> usize {
+    64
+}
+
+/// A boolean that may be `null` in a config; diffusers treats `None` as false.
+fn bool_or_null<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
+}
+
+/// `transformer_layers_per_block`: one depth for every block, one per block, or one per block
+/// and ResNet layer (asymmetric U-Nets, with `reverse_transformer_layers_per_block`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum TransformerLayersPerBlock {
+    /// The same depth everywhere.
+    One(usize),
+    /// Per block, each a depth or a list of depths per layer.
+    PerBlock(Vec<OneOrMany<usize>>),
+}
+
+/// The raw `config.json` of a `UNet2DConditionModel`, field for field (unknown fields ignored).
+#[allow(missing_docs)]
+#[derive(Debug, Clone, Deserialize)]
+pub struct UNet2DConditionModelConfig {
+    #[serde(default)]
+    pub sample_size: Option<OneOrMany<usize>>,
+    #[serde(default = "default_4")]
+    pub in_channels: usize,
+    #[serde(default = "default_4")]
+    pub out_channels: usize,
+    #[serde(default, deserialize_with = "bool_or_null")]
+    pub center_input_sample: bool,
+    #[serde(default = "default_true", deserialize_with = "bool_or_null")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default)]
+    pub freq_shift: f64,
+    #[serde(default = "default_down_blocks")]
+    pub down_block_types: Vec<String>,
+    #[serde(default = "default_mid_block")]
+    pub mid_block_type: Option<String>,
+    #[serde(default = "default_up_blocks")]
+    pub up_block_types: Vec<String>,
+    #[serde(default = "default_false_one")]
+    pub only_cross_attention: OneOrMany<bool>,
+    #[serde(default = "default_block_out_channels")]
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "default_layers_per_block")]
+    pub layers_per_block: OneOrMany<usize>,
+    #[serde(default = "default_1")]
+    pub downsample_padding: usize,
+    #[serde(default = "default_1f")]
+    pub mid_block_scale_factor: f64,
+    #[serde(default)]
+    pub dropout: f64,
+    #[serde(default = "default_silu")]
+    pub act_fn: String,
+    #[serde(default = "default_groups")]
+    pub norm_num_groups: Option<usize>,
+    #[serde(default = "default_norm_eps")]
+    pub norm_eps: f64,
+    #[serde(default = "default_cross_attention_dim")]
+    pub cross_attention_dim: OneOrMany<usize>,
+    #[serde(default = "default_transformer_layers")]
+    pub transformer_layers_per_block: TransformerLayersPerBlock,
+    #[serde(default)]
+    pub reverse_transformer_layers_per_block: Option<Vec<Vec<usize>>>,
+    #[serde(default)]
+    pub encoder_hid_dim: Option<usize>,
+    #[serde(default)]
+    pub encoder_hid_dim_type: Option<String>,
+    #[serde(default = "default_attention_head_dim")]
+    pub attention_head_dim: OneOrMany<usize>,
+    #[serde(default)]
+    pub num_attention_heads: Option<OneOrMany<usize>>,
+    #[serde(default, deserialize_with = "bool_or_null")]
+    pub dual_cross_attention: bool,
+    #[serde(default, deserialize_with = "bool_or_null")]
+    pub use_linear_projection: bool,
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    #[serde(default)]
+    pub num_class_embeds: Option<usize>,
+    #[serde(default, deserialize_with = "bool_or_null")]
+    pub upcast_attention: bool,
+    #[serde(default = "default_time_scale_shift")]
+    pub resnet_time_scale_shift: String,
+    #[serde(default, deserialize_with = "bool_or_null")]
+    pub resnet_skip_time_act: bool,
+    #[serde(default = "default_1f")]
+    pub resnet_out_scale_factor: f64,
+    #[serde(default = "default_positional")]
+    pub time_embedding_type: String,
+    #[serde(default)]
+    pub time_embedding_dim: Option<usize>,
+    #[serde(default)]
+    pub time_embedding_act_fn: Option<String>,
+    #[serde(default)]
+    pub timestep_post_act: Option<String>,
+    #[serde(default)]
+    pub time_cond_proj_dim: Option<usize>,
+    #[serde(default = "default_3")]
+    pub conv_in_kernel: usize,
+    #[serde(default = "default_3")]
+    pub conv_out_kernel: usize,
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
+    #[serde(default = "default_attention_type")]
+    pub attention_type: String,
+    #[serde(default, deserialize_with = "bool_or_null")]
+    pub class_embeddings_concat: bool,
+    #[serde(default)]
+    pub mid_block_only_cross_attention: Option<bool>,
+    #[serde(default)]
+    pub cross_attention_norm: Option<String>,
+    #[serde(default = "default_64")]
+    pub addition_embed_type_num_heads: usize,
+}
+
+impl Default for UNet2DConditionModelConfig {
+    /// diffusers' defaults (the SD 1.x architecture).
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("every field has a default")
+    }
+}
+
+/// How class labels are embedded and added to the time embedding (`class_embed_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClassEmbedding {
+    /// `class_embedding` is an `nn.Embedding(num_class_embeds, time_embed_dim)` over integer labels
+    /// (`class_embed_type: null` with `num_class_embeds`).
+    Embedding {
+        /// Number of classes.
+        num_classes: usize,
+    },
+    /// Labels are timesteps: sinusoidal projection, then a `TimestepEmbedding` (`"timestep"`).
+    Timestep,
+    /// Labels are already time-embedding vectors (`"identity"`).
+    Identity,
+    /// Labels are vectors put through a `TimestepEmbedding` (`"projection"`).
+    Projection {
+        /// `projection_class_embeddings_input_dim`.
+        input_dim: usize,
+    },
+    /// Labels are vectors put through one linear layer (`"simple_projection"`).
+    SimpleProjection {
+        /// `projection_class_embeddings_input_dim`.
+        input_dim: usize,
+    },
+}
+
+/// SDXL's added conditioning (`addition_embed_type: "text_time"`): the pooled text embedding
+/// concatenated with the sinusoidal embeddings of the six size/crop numbers, through
+/// `add_embedding` (a `TimestepEmbedding`), added to the time embedding.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TextTimeEmbedding {
+    /// `add_time_proj`: `addition_time_embed_dim` channels per number.
+    pub time_proj: Timesteps,
+    /// Input width of `add_embedding` (`projection_class_embeddings_input_dim`).
+    pub input_dim: usize,
+}
+
+/// A down block: ResNet blocks, each followed by a transformer in `CrossAttnDownBlock2D`,
+/// then an optional stride-2 convolution.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DownBlockConfig {
+    /// The diffusers class name (`CrossAttnDownBlock2D` or `DownBlock2D`).
+    pub kind: &'static str,
+    /// `resnets.{j}`.
+    pub resnets: Vec<ResnetBlock2DConfig>,
+    /// `attentions.{j}`, one per ResNet block (empty for `DownBlock2D`).
+    pub attentions: Vec<Transformer2DConfig>,
+    /// `downsamplers.0`: (channels, padding), absent in the last block.
+    pub downsample: Option<(usize, usize)>,
+}
+
+/// An up block: ResNet blocks over the features concatenated with the skip connections, each
+/// followed by a transformer in `CrossAttnUpBlock2D`, then an optional ×2 upsampling.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpBlockConfig {
+    /// The diffusers class name (`CrossAttnUpBlock2D` or `UpBlock2D`).
+    pub kind: &'static str,
+    /// `resnets.{j}`; each consumes one skip connection.
+    pub resnets: Vec<ResnetBlock2DConfig>,
+    /// `attentions.{j}`, one per ResNet block (empty for `UpBlock2D`).
+    pub attentions: Vec<Transformer2DConfig>,
+    /// `upsamplers.0` over this many channels, absent in the last block.
+    pub upsample: Option<usize>,
+}
+
+/// The middle block.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MidBlockConfig {
+    /// `UNetMidBlock2DCrossAttn`: ResNet, (transformer, ResNet)×1.
+    CrossAttn {
+        /// `resnets.0`, `resnets.1`.
+        resnets: Vec<ResnetBlock2DConfig>,
+        /// `attentions.0`.
+        attentions: Vec<Transformer2DConfig>,
+    },
+    /// `UNetMidBlock2D` as the U-Net builds it: a single ResNet block.
+    Plain(UNetMidBlock2DConfig),
+}
+
+/// A validated `UNet2DConditionModel` architecture, every per-block value resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UNetConfig {
+    /// Default latent size `(height, width)`, from `sample_size`.
+    pub sample_size: Option<(usize, usize)>,
+    /// Channels of the input latents (4; 9 for inpainting models: latents, mask, masked image).
+    pub in_channels: usize,
+    /// Channels of the output.
+    pub out_channels: usize,
+    /// The input is mapped `x ↦ 2x − 1` first.
+    pub center_input_sample: bool,
+    /// `block_out_channels`.
+    pub block_out_channels: Vec<usize>,
+    /// Kernel of `conv_in`.
+    pub conv_in_kernel: usize,
+    /// Kernel of `conv_out`.
+    pub conv_out_kernel: usize,
+    /// Groups of every group norm.
+    pub norm_num_groups: usize,
+    /// Epsilon of the ResNet and output norms.
+    pub norm_eps: f64,
+    /// The ResNet and time-embedding activation (`act_fn`).
+    pub act_fn: Activation,
+    /// The sinusoidal timestep projection (`time_proj`).
+    pub time_proj: Timesteps,
+    /// Width of the time embedding (`time_embedding_dim` or 4 × the first block's channels).
+    pub time_embed_dim: usize,
+    /// LCM's guidance-embedding width (`time_cond_proj_dim`).
+    pub time_cond_proj_dim: Option<usize>,
+    /// Activation after `time_embedding.linear_2` (`timestep_post_act`).
+    pub timestep_post_act: Option<Activation>,
+    /// Activation applied once to the summed embeddings (`time_embedding_act_fn`).
+    pub time_embedding_act_fn: Option<Activation>,
+    /// How class labels are embedded, if at all.
+    pub class_embedding: Option<ClassEmbedding>,
+    /// Class embeddings are concatenated to (not added to) the time embedding.
+    pub class_embeddings_concat: bool,
+    /// SDXL's added conditioning.
+    pub addition_embedding: Option<TextTimeEmbedding>,
+    /// Width of the encoder hidden states each block attends to (`cross_attention_dim`).
+    pub cross_attention_dim: Vec<usize>,
+    /// `down_blocks.{i}`.
+    pub down_blocks: Vec<DownBlockConfig>,
+    /// `mid_block`, absent with `mid_block_type: null`.
+    pub mid_block: Option<MidBlockConfig>,
+    /// `up_blocks.{i}`.
+    pub up_blocks: Vec<UpBlockConfig>,
+    /// `dropout`. Dropout is not applied (inference); kept so training code can see it.
+    pub dropout: f64,
+}
+
+impl UNetConfig {
+    /// Width of the text encoder states (the first block's `cross_attention_dim`).
+    pub fn encoder_hidden_dim(&self) -> usize {
+        self.cross_attention_dim[0]
+    }
+
+    /// SDXL's `addition_time_embed_dim`, when the model has added conditioning.
+    pub fn addition_time_embed_dim(&self) -> Option<usize> {
+        self.addition_embedding.map(|a| a.time_proj.num_channels)
+    }
+
+    /// Width of the pooled text embedding SDXL's added conditioning expects
+    /// (`projection_class_embeddings_input_dim − 6·addition_time_embed_dim`).
+    pub fn pooled_text_embed_dim(&self) -> Option<usize> {
+        self.addition_embedding.map(|a| a.input_dim.saturating_sub(6 * a.time_proj.num_channels))
+    }
+
+    /// Total downsampling factor of the down blocks (`2^(number of downsamplers)`).
+    pub fn downsampling_factor(&self) -> usize {
+        1 << self.down_blocks.iter().filter(|b| b.downsample.is_some()).count()
+    }
+}
+
+/// A list value checked to have one entry per block.
+fn per_block<T: Clone + std::fmt::Debug>(
+    v: &OneOrMany<T>,
+    n: usize,
+    field: &str,
+) -> Result<Vec<T>, ConfigError> {
+    v.per_block(n, field)
+}
+
+fn activation(v: &Option<String>, field: &str) -> Result<Option<Activation>, ConfigError> {
+    v.as_deref().map(|s| Activation::parse(s, field)).transpose()
+}
+
+/// diffusers strips a leading `UNetRes` from block type names.
+fn block_type(name: &str) -> &str {
+    name.strip_prefix("UNetRes").unwrap_or(name)
+}
+
+impl TryFrom<UNet2DConditionModelConfig> for UNetConfig {
+    type Error = ConfigError;
+
+    fn try_from(raw: UNet2DConditionModelConfig) -> Result<Self, ConfigError> {
+        let n = raw.down_block_types.len();
+        if n == 0 {
+            return Err(ConfigError::new("down_block_types", "is empty"));
+        }
+        if raw.up_block_types.len() != n {
+            return Err(ConfigError::new(
+                "up_block_types",
+                format!(
+                    "has {} entries but down_block_types has {n}: {:?}",
+                    raw.up_block_types.len(),
+                    raw.up_block_types
+                ),
+            ));
+        }
+        if raw.block_out_channels.len() != n {
+            return Err(ConfigError::new(
+                "block_out_channels",
+                format!(
+                    "has {} entries ({:?}) but down_block_types has {n}",
+                    raw.block_out_channels.len(),
+                    raw.block_out_channels
+                ),
+            ));
+        }
+        if let Some(&c) = raw.block_out_channels.iter().find(|&&c| c == 0) {
+            return Err(ConfigError::unsupported("block_out_channels", c));
+        }
+        unsupported_features(&raw)?;
+        for (field, k) in
+            [("conv_in_kernel", raw.conv_in_kernel), ("conv_out_kernel", raw.conv_out_kernel)]
+        {
+            if k % 2 == 0 {
+                return Err(ConfigError::new(field, format!("unsupported even kernel size {k}")));
+            }
+        }
+
+        let groups = raw.norm_num_groups.ok_or_else(|| {
+            ConfigError::new("norm_num_groups", "null (no output norm) is not supported")
+        })?;
+        let act_fn = Activation::parse(&raw.act_fn, "act_fn")?;
+        let time_norm =
+            TimeEmbeddingNorm::parse(&raw.resnet_time_scale_shift, "resnet_time_scale_shift")?;
+        let channels = &raw.block_out_channels;
+
+        // Time embedding.
+        let time_embed_dim = raw.time_embedding_dim.unwrap_or(4 * channels[0]);
+        let time_proj = Timesteps {
+            num_channels: channels[0],
+            flip_sin_to_cos: raw.flip_sin_to_cos,
+            freq_shift: raw.freq_shift,
+        };
+        let class_embedding = class_embedding(&raw)?;
+        let blocks_temb =
+            if raw.class_embeddings_concat { 2 * time_embed_dim } else { time_embed_dim };
+        let addition_embedding = addition_embedding(&raw)?;
+
+        // Per-block values. The historical misnomer: `attention_head_dim` counts heads.
+        let heads = match &raw.num_attention_heads {
+            Some(h) => per_block(h, n, "num_attention_heads")?,
+            None => per_block(&raw.attention_head_dim, n, "attention_head_dim")?,
+        };
+        let heads_field = if raw.num_attention_heads.is_some() {
+            "num_attention_heads"
+        } else {
+            "attention_head_dim"
+        };
+        let cross = per_block(&raw.cross_attention_dim, n, "cross_attention_dim")?;
+        let layers = per_block(&raw.layers_per_block, n, "layers_per_block")?;
+        let only_cross = per_block(&raw.only_cross_attention, n, "only_cross_attention")?;
+        let (down_depths, up_depths, mid_depth) = transformer_depths(&raw, &layers)?;
+
+        let resnet = |cin: usize, cout: usize| ResnetBlock2DConfig {
+            in_channels: cin,
+            out_channels: cout,
+            temb_channels: Some(blocks_temb),
+            groups,
+            groups_out: groups,
+            eps: raw.norm_eps,
+            act: act_fn,
+            time_embedding_norm: time_norm,
+            output_scale_factor: 1.0,
+        };
+        let transformer =
+            |i: usize, cout: usize, h: usize, depth: usize, cross_dim: usize, oca: bool| {
+                if h == 0 || cout / h == 0 {
+                    return Err(ConfigError::new(
+                        format!("{heads_field}[{i}]"),
+                        format!("{h} heads do not fit {cout} channels"),
+                    ));
+                }
+                Ok(Transformer2DConfig {
+                    in_channels: cout,
+                    heads: h,
+                    head_dim: cout / h,
+                    depth,
+                    cross_attention_dim: cross_dim,
+                    norm_num_groups: groups,
+                    use_linear_projection: raw.use_linear_projection,
+                    only_cross_attention: oca,
+                    upcast_attention: raw.upcast_attention,
+                })
+            };
+
+        let mut down_blocks = Vec::with_capacity(n);
+        for (i, ty) in raw.down_block_types.iter().enumerate() {
+            let field = format!("down_block_types[{i}]");
+            let (kind, cross_attn) = match block_type(ty) {
+                "CrossAttnDownBlock2D" => ("CrossAttnDownBlock2D", true),
+                "DownBlock2D" => ("DownBlock2D", false),
+                _ => return Err(ConfigError::unsupported(field, ty)),
+            };
+            let cin = if i == 0 { channels[0] } else { channels[i - 1] };
+            let cout = channels[i];
+            let resnets: Vec<_> =
+                (0..layers[i]).map(|j| resnet(if j == 0 { cin } else { cout }, cout)).collect();
+            let attentions = if cross_attn {
+                (0..layers[i])
+                    .map(|j| {
+                        transformer(i, cout, heads[i], down_depths[i][j], cross[i], only_cross[i])
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+            } else {
+                Vec::new()
+            };
+            let downsample = (i + 1 < n).then_some((cout, raw.downsample_padding));
+            down_blocks.push(DownBlockConfig { kind, resnets, attentions, downsample });
+        }
+
+        let last = channels[n - 1];
+        let mid_resnet = ResnetBlock2DConfig {
+            output_scale_factor: raw.mid_block_scale_factor,
+            ..resnet(last, last)
+        };
+        let mid_block = match raw.mid_block_type.as_deref() {
+            None => None,
+            Some("UNetMidBlock2DCrossAttn") => Some(MidBlockConfig::CrossAttn {
+                resnets: vec![mid_resnet; 2],
+                // diffusers does not pass `only_cross_attention` to this block.
+                attentions: vec![transformer(
+                    n - 1,
+                    last,
+                    heads[n - 1],
+                    mid_depth,
+                    cross[n - 1],
+                    false,
+                )?],
+            }),
+            Some("UNetMidBlock2D") => Some(MidBlockConfig::Plain(UNetMidBlock2DConfig {
+                resnet: mid_resnet,
+                num_layers: 0,
+                attention_head_dim: None,
+            })),
+            Some(other) => return Err(ConfigError::unsupported("mid_block_type", other)),
+        };
+
+        let rev = |v: &[usize]| v.iter().rev().copied().collect::<Vec<_>>();
+        let (rev_channels, rev_heads, rev_layers, rev_cross) =
+            (rev(channels), rev(&heads), rev(&layers), rev(&cross));
+        let rev_only_cross: Vec<bool> = only_cross.iter().rev().copied().collect();
+        let mut up_blocks = Vec::with_capacity(n);
+        let mut prev_out = rev_channels[0];
+        for (i, ty) in raw.up_block_types.iter().enumerate() {
+            let field = format!("up_block_types[{i}]");
+            let (kind, cross_attn) = match block_type(ty) {
+                "CrossAttnUpBlock2D" => ("CrossAttnUpBlock2D", true),
+                "UpBlock2D" => ("UpBlock2D", false),
+                _ => return Err(ConfigError::unsupported(field, ty)),
+            };
+            let cout = rev_channels[i];
+            let cin = rev_channels[(i + 1).min(n - 1)];
+            let num_layers = rev_layers[i] + 1;
+            let resnets: Vec<_> = (0..num_layers)
+                .map(|j| {
+                    let skip = if j == num_layers - 1 { cin } else { cout };
+                    let res_in = if j == 0 { prev_out } else { cout };
+                    resnet(res_in + skip, cout)
+                })
+                .collect();
+            let attentions = if cross_attn {
+                (0..num_layers)
+                    .map(|j| {
+                        let depth = up_depths[i].get(j).copied().ok_or_else(|| {
+                            ConfigError::new(
+                                format!("reverse_transformer_layers_per_block[{i}]"),
+                                format!(
+                                    "has {} entries but the block has {num_layers} layers",
+                                    up_depths[i].len()
+                                ),
+                            )
+                        })?;
+                        // diffusers indexes heads reversed here; `rev_heads[i]` is that value.
+                        transformer(
+                            n - 1 - i,
+                            cout,
+                            rev_heads[i],
+                            depth,
+                            rev_cross[i],
+                            rev_only_cross[i],
+                        )
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+            } else {
+                Vec::new()
+            };
+            let upsample = (i + 1 < n).then_some(cout);
+            up_blocks.push(UpBlockConfig { kind, resnets, attentions, upsample });
+            prev_out = cout;
+        }
+
+        let sample_size = match &raw.sample_size {
+            None => None,
+            Some(OneOrMany::One(s)) => Some((*s, *s)),
+            Some(OneOrMany::Many(v)) if v.len() == 2 => Some((v[0], v[1])),
+            Some(OneOrMany::Many(v)) => {
+                return Err(ConfigError::new(
+                    "sample_size",
+                    format!("expected 1 or 2 values, got {v:?}"),
+                ))
+            }
+        };
+
+        Ok(Self {
+            sample_size,
+            in_channels: raw.in_channels,
+            out_channels: raw.out_channels,
+            center_input_sample: raw.center_input_sample,
+            block_out_channels: channels.clone(),
+            conv_in_kernel: raw.conv_in_kernel,
+            conv_out_kernel: raw.conv_out_kernel,
+            norm_num_groups: groups,
+            norm_eps: raw.norm_eps,
+            act_fn,
+            time_proj,
+            time_embed_dim,
+            time_cond_proj_dim: raw.time_cond_proj_dim,
+            timestep_post_act: activation(&raw.timestep_post_act, "timestep_post_act")?,
+            time_embedding_act_fn: activation(&raw.time_embedding_act_fn, "time_embedding_act_fn")?,
+            class_embedding,
+            class_embeddings_concat: raw.class_embeddings_concat,
+            addition_embedding,
+            cross_attention_dim: cross,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            dropout: raw.dropout,
+        })
+    }
+}
+
+/// Rejects the fields whose non-default values select architectures we do not implement.
+fn unsupported_features(raw: &UNet2DConditionModelConfig) -> Result<(), ConfigError> {
+    if raw.time_embedding_type != "positional" {
+        return Err(ConfigError::unsupported("time_embedding_type", &raw.time_embedding_type));
+    }
+    if let Some(t) = &raw.encoder_hid_dim_type {
+        return Err(ConfigError::unsupported("encoder_hid_dim_type", t));
+    }
+    if let Some(d) = raw.encoder_hid_dim {
+        return Err(ConfigError::unsupported("encoder_hid_dim", d));
+    }
+    if raw.attention_type != "default" {
+        return Err(ConfigError::unsupported("attention_type", &raw.attention_type));
+    }
+    if raw.dual_cross_attention {
+        return Err(ConfigError::unsupported("dual_cross_attention", true));
+    }
+    Ok(())
+}
+
+fn class_embedding(
+    raw: &UNet2DConditionModelConfig,
+) -> Result<Option<ClassEmbedding>, ConfigError> {
+    let input_dim = || {
+        raw.projection_class_embeddings_input_dim.ok_or_else(|| {
+            ConfigError::new(
+                "projection_class_embeddings_input_dim",
+                format!(
+                    "is required by class_embed_type {:?}",
+                    raw.class_embed_type.as_deref().unwrap_or_default()
+                ),
+            )
+        })
+    };
+    Ok(match (raw.class_embed_type.as_deref(), raw.num_class_embeds) {
+        (None, None) => None,
+        (None, Some(num_classes)) => Some(ClassEmbedding::Embedding { num_classes }),
+        (Some("timestep"), _) => Some(ClassEmbedding::Timestep),
+        (Some("identity"), _) => Some(ClassEmbedding::Identity),
+        (Some("projection"), _) => Some(ClassEmbedding::Projection { input_dim: input_dim()? }),
+        (Some("simple_projection"), _) => {
+            Some(ClassEmbedding::SimpleProjection { input_dim: input_dim()? })
+        }
+        (Some(other), _) => return Err(ConfigError::unsupported("class_embed_type", other)),
+    })
+}
+
+fn addition_embedding(
+    raw: &UNet2DConditionModelConfig,
+) -> Result<Option<TextTimeEmbedding>, ConfigError> {
+    match raw.addition_embed_type.as_deref() {
+        None => Ok(None),
+        Some("text_time") => {
+            let need = |field: &str, v: Option<usize>| {
+                v.ok_or_else(|| {
+                    ConfigError::new(field, "is required by addition_embed_type \"text_time\"")
+                })
+            };
+            let dim = need("addition_time_embed_dim", raw.addition_time_embed_dim)?;
+            let input_dim = need(
+                "projection_class_embeddings_input_dim",
+                raw.projection_class_embeddings_input_dim,
+            )?;
+            Ok(Some(TextTimeEmbedding {
+                time_proj: Timesteps {
+                    num_channels: dim,
+                    flip_sin_to_cos: raw.flip_sin_to_cos,
+                    freq_shift: raw.freq_shift,
+                },
+                input_dim,
+            }))
+        }
+        Some(other) => Err(ConfigError::unsupported("addition_embed_type", other)),
+    }
+}
+
+/// Transformer depths: per down block and layer, per up block and layer, and of the mid block.
+type Depths = (Vec<Vec<usize>>, Vec<Vec<usize>>, usize);
+
+fn transformer_depths(
+    raw: &UNet2DConditionModelConfig,
+    layers: &[usize],
+) -> Result<Depths, ConfigError> {
+    let n = layers.len();
+    let field = "transformer_layers_per_block";
+    let per_block: Vec<OneOrMany<usize>> = match &raw.transformer_layers_per_block {
+        TransformerLayersPerBlock::One(d) => vec![OneOrMany::One(*d); n],
+        TransformerLayersPerBlock::PerBlock(v) if v.len() == n => v.clone(),
+        TransformerLayersPerBlock::PerBlock(v) => {
+            return Err(ConfigError::new(
+                field,
+                format!("has {} entries but the model has {n} blocks", v.len()),
+            ))
+        }
+    };
+    let nested = per_block.iter().any(|d| matches!(d, OneOrMany::Many(_)));
+    let down = per_block
+        .iter()
+        .zip(layers)
+        .enumerate()
+        .map(|(i, (d, &l))| d.per_block(l, &format!("{field}[{i}]")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mid = match &per_block[n - 1] {
+        OneOrMany::One(d) => *d,
+        OneOrMany::Many(v) => v.first().copied().unwrap_or(1),
+    };
+    let up = match &raw.reverse_transformer_layers_per_block {
+        Some(rev) if rev.len() == n => rev.clone(),
+        Some(rev) => {
+            return Err(ConfigError::new(
+                "reverse_transformer_layers_per_block",
+                format!("has {} entries but the model has {n} blocks", rev.len()),
+            ))
+        }
+        None if nested => {
+            return Err(ConfigError::new(
+                field,
+                "per-layer lists need reverse_transformer_layers_per_block (as in diffusers)",
+            ))
+        }
+        None => per_block
+            .iter()
+            .rev()
+            .zip(layers.iter().rev())
+            .map(|(d, &l)| match d {
+                OneOrMany::One(d) => vec![*d; l + 1],
+                OneOrMany::Many(v) => v.clone(),
+            })
+            .collect(),
+    };
+    Ok((down, up, mid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<UNetConfig, ConfigError> {
+        let raw: UNet2DConditionModelConfig = serde_json::from_str(json).unwrap();
+        UNetConfig::try_from(raw)
+    }
+
+    #[test]
+    fn defaults_are_sd1_and_heads_come_from_attention_head_dim() {
+        let cfg = parse("{}").unwrap();
+        assert_eq!(cfg.block_out_channels, [320, 640, 1280, 1280]);
+        let t = &cfg.down_blocks[0].attentions[0];
+        assert_eq!((t.heads, t.head_dim), (8, 40), "attention_head_dim counts heads");
+        let t = &cfg.up_blocks[3].attentions[2];
+        assert_eq!((t.in_channels, t.heads, t.head_dim), (320, 8, 40));
+        assert_eq!(cfg.up_blocks[3].resnets[0].in_channels, 640 + 320);
+        assert_eq!(cfg.up_blocks[3].resnets[2].in_channels, 320 + 320);
+        assert_eq!(cfg.time_embed_dim, 1280);
+        assert_eq!(cfg.downsampling_factor(), 8);
+        let with_heads = parse(r#"{"num_attention_heads": [5, 10, 20, 20]}"#).unwrap();
+        let t = &with_heads.up_blocks[1].attentions[0];
+        assert_eq!((t.heads, t.head_dim), (20, 64), "up blocks take reversed head counts");
+    }
+
+    #[test]
+    fn unsupported_values_name_field_and_value() {
+        for (json, expected) in [
+            (
+                r#"{"down_block_types": ["CrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]}"#,
+                r#"field `down_block_types[1]`: unsupported value "SimpleCrossAttnDownBlock2D""#,
+            ),
+            (
+                r#"{"up_block_types": ["UpBlock2D", "AttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}"#,
+                r#"field `up_block_types[1]`: unsupported value "AttnUpBlock2D""#,
+            ),
+            (
+                r#"{"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}"#,
+                r#"field `mid_block_type`: unsupported value "UNetMidBlock2DSimpleCrossAttn""#,
+            ),
+            (
+                r#"{"resnet_time_scale_shift": "spatial"}"#,
+                r#"field `resnet_time_scale_shift`: unsupported value "spatial""#,
+            ),
+            (
+                r#"{"addition_embed_type": "image"}"#,
+                r#"field `addition_embed_type`: unsupported value "image""#,
+            ),
+            (
+                r#"{"class_embed_type": "learned"}"#,
+                r#"field `class_embed_type`: unsupported value "learned""#,
+            ),
+            (
+                r#"{"time_embedding_type": "fourier"}"#,
+                r#"field `time_embedding_type`: unsupported value "fourier""#,
+            ),
+            (r#"{"act_fn": "tanh"}"#, r#"field `act_fn`: unsupported value "tanh""#),
+            (
+                r#"{"encoder_hid_dim_type": "text_proj", "encoder_hid_dim": 8}"#,
+                r#"field `encoder_hid_dim_type`: unsupported value "text_proj""#,
+            ),
+            (
+                r#"{"attention_type": "gated"}"#,
+                r#"field `attention_type`: unsupported value "gated""#,
+            ),
+            (
+                r#"{"dual_cross_attention": true}"#,
+                r#"field `dual_cross_attention`: unsupported value true"#,
+            ),
+            (
+                r#"{"attention_head_dim": [8, 8]}"#,
+                r#"field `attention_head_dim`: has 2 entries ([8, 8]) but the model has 4 blocks"#,
+            ),
+            (
+                r#"{"addition_embed_type": "text_time", "addition_time_embed_dim": 256}"#,
+                r#"field `projection_class_embeddings_input_dim`: is required by addition_embed_type "text_time""#,
+            ),
+            (
+                r#"{"transformer_layers_per_block": [[1, 1], [1, 1], [1, 1], [1, 1]]}"#,
+                "field `transformer_layers_per_block`: per-layer lists need reverse_transformer_layers_per_block (as in diffusers)",
+            ),
+            (r#"{"conv_in_kernel": 4}"#, "field `conv_in_kernel`: unsupported even kernel size 4"),
+        ] {
+            assert_eq!(parse(json).unwrap_err().to_string(), expected, "{json}");
+        }
+    }
+
+    #[test]
+    fn null_booleans_are_false_and_block_names_may_carry_unetres() {
+        let cfg = parse(
+            r#"{"upcast_attention": null, "use_linear_projection": null,
+                "down_block_types": ["UNetResCrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]}"#,
+        )
+        .unwrap();
+        assert!(!cfg.down_blocks[0].attentions[0].upcast_attention);
+        assert_eq!(cfg.down_blocks[0].kind, "CrossAttnDownBlock2D");
+    }
+}
