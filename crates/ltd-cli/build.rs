@@ -6,13 +6,13 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-fn files(dir: &Path, root: &Path, out: &mut Vec<PathBuf>) {
+fn files(dir: &Path, out: &mut Vec<PathBuf>) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     let mut entries: Vec<_> = entries.filter_map(|e| e.ok()).map(|e| e.path()).collect();
     entries.sort();
     for p in entries {
         if p.is_dir() {
-            files(&p, root, out);
+            files(&p, out);
         } else if p.file_name().is_some_and(|n| !n.to_string_lossy().starts_with('.')) {
             out.push(p);
         }
@@ -30,7 +30,7 @@ fn main() {
     if let Some(name) = name.as_deref().filter(|n| !n.is_empty()) {
         let root = models.join(name);
         println!("cargo:rerun-if-changed={}", root.display());
-        files(&root, &root, &mut list);
+        files(&root, &mut list);
         for f in &list {
             println!("cargo:rerun-if-changed={}", f.display());
         }

@@ -95,24 +95,27 @@ fn encode_png(image: &RgbImage, parameters: &str, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Reads the `parameters` text of a PNG written by ltd-gen (or A1111).
-pub fn read_parameters(path: &Path) -> Result<Option<String>> {
-    let decoder = png::Decoder::new(std::io::BufReader::new(File::open(path)?));
-    let reader = decoder.read_info()?;
-    let info = reader.info();
-    let text = info
-        .uncompressed_latin1_text
-        .iter()
-        .find(|t| t.keyword == "parameters")
-        .map(|t| t.text.clone());
-    let itext =
-        info.utf8_text.iter().find(|t| t.keyword == "parameters").and_then(|t| t.get_text().ok());
-    Ok(text.or(itext))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reads the `parameters` text of a PNG written by ltd-gen (or A1111).
+    fn read_parameters(path: &Path) -> Result<Option<String>> {
+        let decoder = png::Decoder::new(std::io::BufReader::new(File::open(path)?));
+        let reader = decoder.read_info()?;
+        let info = reader.info();
+        let text = info
+            .uncompressed_latin1_text
+            .iter()
+            .find(|t| t.keyword == "parameters")
+            .map(|t| t.text.clone());
+        let itext = info
+            .utf8_text
+            .iter()
+            .find(|t| t.keyword == "parameters")
+            .and_then(|t| t.get_text().ok());
+        Ok(text.or(itext))
+    }
 
     #[test]
     fn numbers_batches() {

@@ -139,7 +139,7 @@ impl Hub {
 
     fn fetch(&self, variant: Option<&str>) -> Result<PathBuf> {
         if self.offline {
-            return self.from_cache(variant);
+            return self.cached_snapshot(variant);
         }
         let api = self.api()?;
         let repo = api.repo(self.repo.clone());
@@ -163,7 +163,7 @@ impl Hub {
         Ok(root)
     }
 
-    fn from_cache(&self, variant: Option<&str>) -> Result<PathBuf> {
+    fn cached_snapshot(&self, variant: Option<&str>) -> Result<PathBuf> {
         let not_cached = |file: &str| {
             PipelineError::msg(format!(
                 "{}: `{file}` is not in the hub cache ({}) and HF_HUB_OFFLINE is set; run once \
