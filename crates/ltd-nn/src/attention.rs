@@ -49,7 +49,8 @@ impl Default for AttentionOptions {
 /// `v: [B, H, Lk, Dv]`, `bias` broadcastable to `[B, H, Lq, Lk]`.
 ///
 /// With `upcast`, scores and softmax are computed in f32 whatever the input dtype (diffusers'
-/// `upcast_attention` / `upcast_softmax`); the result has the dtype of `v`.
+/// `upcast_attention` / `upcast_softmax`); the fused CPU kernel always does. The result has the
+/// dtype of `v`.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -274,6 +275,30 @@ mod tests {
         assert_eq!(a.dims(), [2, 3, 37, 5]);
         let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-6, "max |naive − chunked| = {diff}");
+    }
+
+    #[test]
+    fn fused_equals_naive_for_split_heads_and_half_precision() {
+        // Heads split from [B, L, H·D] (non-contiguous), as the models pass them.
+        let x = rand(&[2, 300, 3 * 16], 7);
+        let c = rand(&[2, 11, 3 * 16], 8);
+        let (q, k) = (split_heads(&x, 3).unwrap(), split_heads(&c, 3).unwrap());
+        let v = split_heads(&rand(&[2, 11, 3 * 16], 9), 3).unwrap();
+        let naive = AttentionOptions { implementation: AttentionImpl::Naive, ..Default::default() };
+        let auto = AttentionOptions::default();
+        for (q, k, v) in [(&q, &q, &q), (&q, &k, &v)] {
+            let a = attention(q, k, v, None, 0.25, false, &naive).unwrap();
+            let b = attention(q, k, v, None, 0.25, false, &auto).unwrap();
+            let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>();
+            assert!(diff.unwrap() < 1e-6);
+        }
+        let half = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
+        let a = attention(&q, &k, &v, None, 0.25, true, &naive).unwrap();
+        let b = attention(&half(&q), &half(&k), &half(&v), None, 0.25, false, &auto).unwrap();
+        assert_eq!(b.dtype(), DType::F16);
+        let diff = (a - b.to_dtype(DType::F32).unwrap()).unwrap().abs().unwrap();
+        // f16 inputs and output (|values| < 0.5): a few ulp of f16.
+        assert!(diff.max_all().unwrap().to_scalar::<f32>().unwrap() < 2e-3);
     }
 
     #[test]

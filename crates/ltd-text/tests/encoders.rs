@@ -331,7 +331,7 @@ fn encoder_errors_name_file_and_field() {
     assert!(
         err.contains("model.safetensors")
             && err.contains("missing")
-            && err.contains("encoder.layers.5.mlp.fc1.weight"),
+            && err.contains("16 missing tensor(s): encoder.layers.5.self_attn.q_proj.weight"),
         "{err}"
     );
 

@@ -4,7 +4,8 @@
 //! ```text
 //! cargo run --release -p ltd-unet --example unet_forward -- \
 //!     [--config configs/stable-diffusion-v1-5/unet/config.json] [--batch 2] [--latent 64] \
-//!     [--tokens 77] [--steps 1] [--attention auto|chunked|naive] [--max-score-mib 256] [--dtype f32]
+//!     [--tokens 77] [--steps 1] [--attention auto|chunked|naive] [--max-score-mib 256] \
+//!     [--dtype f32]
 //! ```
 //!
 //! The weights are plain tensors (not a `VarMap`), so the inference kernels run. Peak memory is

@@ -84,7 +84,7 @@ fn check(dtype: DType, tol: impl Fn(&str) -> (f32, f32)) {
         .iter()
         .filter(|(case, (m, r))| {
             let (max_tol, rms_tol) = tol(case.split('/').next().unwrap_or_default());
-            !(*m <= max_tol && *r <= rms_tol)
+            m.is_nan() || r.is_nan() || *m > max_tol || *r > rms_tol
         })
         .collect();
     assert!(bad.is_empty(), "{dtype:?}: above tolerance: {bad:?}");
@@ -98,8 +98,8 @@ fn unet_matches_diffusers_f32() {
 // Half precision against the float32 goldens: the bounds are what half precision allows. The SD
 // 1.x fixture, whose cross-attention weights the fixture generator scaled ×4, amplifies rounding
 // most: there diffusers itself, run in f16 / bf16 on the same inputs, is off by up to
-// 2.8e-2 / 2.0e-1 (rms 4.3e-3 / 2.4e-2); we measured up to 4.7e-2 / 2.6e-1 (rms 6.0e-3 /
-// 3.7e-2). On the other fixtures we measured ≤ 3.5e-3 / 2.7e-2 (rms ≤ 7.1e-4 / 5.9e-3).
+// 2.8e-2 / 2.0e-1 (rms 4.3e-3 / 2.4e-2); we measured up to 4.5e-2 / 1.0e-1 (rms 5.3e-3 /
+// 2.2e-2). On the other fixtures we measured ≤ 5.0e-3 / 2.5e-2 (rms ≤ 7.6e-4 / 5.3e-3).
 
 #[test]
 fn unet_matches_diffusers_f16() {
@@ -108,5 +108,5 @@ fn unet_matches_diffusers_f16() {
 
 #[test]
 fn unet_matches_diffusers_bf16() {
-    check(DType::BF16, |model| if model == "sd1" { (4e-1, 6e-2) } else { (5e-2, 1.2e-2) });
+    check(DType::BF16, |model| if model == "sd1" { (2.5e-1, 4e-2) } else { (5e-2, 1.2e-2) });
 }

@@ -64,7 +64,11 @@ fn main() -> Result<()> {
         };
         weights.insert(name, t);
     }
-    let vae = AutoencoderKL::new(VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu), &cfg, &opts)?;
+    let vae = AutoencoderKL::new(
+        VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
+        &cfg,
+        &opts,
+    )?;
     let f = cfg.scale_factor();
     let z = Tensor::randn(0f32, 1.0, (1, cfg.latent_channels, size / f, size / f), &Device::Cpu)?;
     let before = status_kib("VmRSS:");

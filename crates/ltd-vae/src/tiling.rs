@@ -13,8 +13,9 @@ use crate::config::VaeConfig;
 /// `tile_overlap_factor`).
 ///
 /// As in diffusers, the output is exactly `scale_factor` times the input only when the tile
-/// stride maps onto the kept part of a tile (`⌊latent·(1 − overlap)⌋·f = sample − ⌊sample·overlap⌋`),
-/// e.g. for tile sizes that are multiples of 4 with the default overlap of a quarter.
+/// stride maps onto the kept part of a tile
+/// (`⌊latent·(1 − overlap)⌋·f = sample − ⌊sample·overlap⌋`), e.g. for tile sizes that are
+/// multiples of 4 with the default overlap of a quarter.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TilingOptions {
     /// Tile size in image pixels (encoding input, decoding output).

@@ -79,7 +79,7 @@ fn check(dtype: DType, tolerance: f32) {
     for (what, err) in &results {
         eprintln!("{dtype:?} {what}: max abs error {err:.3e}");
     }
-    let bad: Vec<_> = results.iter().filter(|(_, e)| !(*e <= tolerance)).collect();
+    let bad: Vec<_> = results.iter().filter(|(_, e)| e.is_nan() || *e > tolerance).collect();
     assert!(bad.is_empty(), "{dtype:?}: above {tolerance}: {bad:?}");
 }
 
@@ -90,11 +90,11 @@ fn vae_matches_diffusers_f32() {
 
 // Half precision against the float32 goldens (decoded images reach |x| ≈ 3.6). For scale,
 // diffusers itself in f16 / bf16 is off by 9.0e-3 / 8.7e-2 on the SD 1.x decode and by
-// 9.9e-3 / 1.7e-1 on the tiled decode; we measured at most 1.8e-2 (f16) and 1.2e-1 (bf16).
+// 9.9e-3 / 1.7e-1 on the tiled decode; we measured at most 8.2e-3 (f16) and 8.1e-2 (bf16).
 
 #[test]
 fn vae_matches_diffusers_f16() {
-    check(DType::F16, 2.5e-2);
+    check(DType::F16, 1.5e-2);
 }
 
 #[test]

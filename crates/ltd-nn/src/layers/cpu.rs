@@ -77,7 +77,7 @@ pub(crate) fn for_each_row<S: Sync, D: Send>(
     (src_len, dst_len): (usize, usize),
     f: impl Fn(usize, &[S], &mut [D]) + Sync,
 ) {
-    let rows = if src_len == 0 { 0 } else { src.len() / src_len };
+    let rows = src.len().checked_div(src_len).unwrap_or(0);
     let threads = threads_for(src.len()).min(rows.max(1));
     if threads <= 1 || dst_len == 0 {
         for (i, (s, d)) in

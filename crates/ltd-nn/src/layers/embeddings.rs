@@ -114,7 +114,7 @@ mod tests {
         let t = Tensor::new(&[0f32, 1.5, 999.0], &Device::Cpu).unwrap();
         let e = timestep_embedding(&t, 7, true, 1.0).unwrap().to_vec2::<f32>().unwrap();
         let expected = [
-            [1.0f32, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0],
+            [1.0f64, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0],
             [0.070737198, 0.999887526, 1.0, 0.997494996, 0.0149994371, 1.49999978e-4, 0.0],
             [
                 0.999649823,
@@ -128,7 +128,7 @@ mod tests {
         ];
         for (row, exp) in e.iter().zip(expected) {
             for (a, b) in row.iter().zip(exp) {
-                assert!((a - b).abs() < 2e-6, "{e:?}");
+                assert!((*a as f64 - b).abs() < 2e-6, "{e:?}");
             }
         }
     }
