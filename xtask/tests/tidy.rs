@@ -158,7 +158,11 @@ fn fixture_sections_exist() {
     for line in gen.lines().filter(|l| l.starts_with("SECTIONS") || l.starts_with("OPTIONAL")) {
         for name in line.split('"').skip(1).step_by(2) {
             let path = root().join("tests/fixtures/gen").join(format!("{name}.py"));
-            assert!(path.is_file(), "generate.py lists section {name} but {} is missing", rel(&path));
+            assert!(
+                path.is_file(),
+                "generate.py lists section {name} but {} is missing",
+                rel(&path)
+            );
         }
     }
 }

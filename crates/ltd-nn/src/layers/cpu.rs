@@ -1,7 +1,9 @@
 //! Small CPU helpers for the fused kernels: float element access for f32/f16/bf16 and a
 //! parallel loop over independent rows.
 
-use candle_core::{bail, CpuStorage, Layout, Result, WithDType};
+use candle_core::{
+    bail, CpuStorage, DType, Layout, Result, Storage, StorageRef, Tensor, WithDType,
+};
 use half::{bf16, f16};
 
 /// A float element the fused kernels read and write, computing in f32.
@@ -48,6 +50,35 @@ pub(crate) fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Res
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
         None => bail!("fused kernel: input has to be contiguous"),
+    }
+}
+
+/// Whether `t` is a contiguous-or-not f32 CPU tensor outside any autograd graph: what the
+/// inference kernels that read tensors directly accept.
+pub(crate) fn plain_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op()
+}
+
+/// A read view of a CPU tensor's data (the tensor's storage stays locked for reading while it
+/// lives).
+pub(crate) struct Data<'a> {
+    storage: StorageRef<'a>,
+    layout: &'a Layout,
+}
+
+impl<'a> Data<'a> {
+    /// Views `t`.
+    pub fn new(t: &'a Tensor) -> Self {
+        let (storage, layout) = t.storage_and_layout();
+        Self { storage, layout }
+    }
+
+    /// The elements, if the tensor is a contiguous f32 CPU tensor.
+    pub fn f32(&self) -> Result<&[f32]> {
+        match &*self.storage {
+            Storage::Cpu(s) => contiguous::<f32>(s, self.layout),
+            _ => bail!("fused kernel: expected a CPU tensor"),
+        }
     }
 }
 

@@ -4,6 +4,9 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+use super::conv_cpu::{self, ConvShape, Epilogue};
+use super::cpu;
+
 /// Half-precision inputs on the CPU are multiplied in f32 and rounded once, after the bias, as
 /// PyTorch's CPU kernels do (candle would round the product, then round again after adding the
 /// bias; its CPU convolution has no bf16 kernel at all).
@@ -105,8 +108,93 @@ impl Conv2d {
     }
 }
 
+impl Conv2d {
+    /// `(conv(x) + channel_add + residual) / scale`, the way ResNet blocks use their
+    /// convolutions: `channel_add: [B, C_out]` (a projected time embedding) is added to every
+    /// pixel of its image and channel, `residual` has the output's shape. On the CPU in f32
+    /// without autograd the extra terms are added while the output is written, sparing a pass
+    /// (and an allocation) over the whole feature map for each.
+    pub fn forward_fused(
+        &self,
+        x: &Tensor,
+        channel_add: Option<&Tensor>,
+        residual: Option<&Tensor>,
+        scale: f64,
+    ) -> Result<Tensor> {
+        let extras_plain = channel_add.is_none_or(cpu::plain_f32)
+            && residual.is_none_or(|r| cpu::plain_f32(r) && r.is_contiguous());
+        if x.dtype() == DType::F32 && extras_plain {
+            if let Some(y) = self.forward_cpu(x, channel_add, residual, scale)? {
+                return Ok(y);
+            }
+        }
+        let mut y = self.forward(x)?;
+        if let Some(t) = channel_add {
+            y = y.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
+        }
+        if let Some(r) = residual {
+            y = (r + y)?;
+        }
+        if scale == 1.0 {
+            Ok(y)
+        } else {
+            y / scale
+        }
+    }
+
+    /// The direct CPU kernel (see `conv_cpu.rs`), when it applies: a stride-1 convolution of
+    /// CPU tensors outside any autograd graph. Half-precision inputs are computed in f32 and
+    /// rounded once, as PyTorch's CPU kernels do.
+    fn forward_cpu(
+        &self,
+        x: &Tensor,
+        channel_add: Option<&Tensor>,
+        residual: Option<&Tensor>,
+        scale: f64,
+    ) -> Result<Option<Tensor>> {
+        let tracked = x.track_op() || self.weight.track_op() || self.bias.track_op();
+        if !x.device().is_cpu() || self.stride != 1 || tracked || !x.dtype().is_float() {
+            return Ok(None);
+        }
+        let (batch, cin, h, w) = x.dims4()?;
+        let (cout, cin_w, k, k2) = self.weight.dims4()?;
+        let shape = ConvShape { batch, cin, h, w, cout, k, pad: self.padding };
+        if cin_w != cin || k != k2 || !shape.valid() {
+            return Ok(None);
+        }
+        let (hout, wout) = shape.out_hw();
+        if let Some(t) = channel_add {
+            if t.dims() != [batch, cout] {
+                candle_core::bail!("conv: channel term {:?}, expected [{batch}, {cout}]", t.dims())
+            }
+        }
+        if let Some(r) = residual {
+            if r.dims() != [batch, cout, hout, wout] {
+                candle_core::bail!("conv: residual {:?} does not match the output", r.dims())
+            }
+        }
+        let dtype = x.dtype();
+        let f32c = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+        let (x32, w32, b32) = (f32c(x)?, f32c(&self.weight)?, f32c(&self.bias)?);
+        let (xd, wd, bd) = (cpu::Data::new(&x32), cpu::Data::new(&w32), cpu::Data::new(&b32));
+        let (cd, rd) = (channel_add.map(cpu::Data::new), residual.map(cpu::Data::new));
+        let epi = Epilogue {
+            bias: bd.f32()?,
+            channel_add: cd.as_ref().map(|d| d.f32()).transpose()?,
+            residual: rd.as_ref().map(|d| d.f32()).transpose()?,
+            scale: scale as f32,
+        };
+        let out = conv_cpu::conv2d(xd.f32()?, wd.f32()?, shape, epi);
+        let y = Tensor::from_vec(out, (batch, cout, hout, wout), x.device())?;
+        Ok(Some(y.to_dtype(dtype)?))
+    }
+}
+
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.forward_cpu(x, None, None, 1.0)? {
+            return Ok(y);
+        }
         let c = self.bias.dim(0)?;
         let dtype = x.dtype();
         let cpu = x.device().is_cpu();

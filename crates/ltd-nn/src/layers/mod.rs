@@ -4,6 +4,7 @@
 //! `forward`.
 
 pub mod activation;
+mod conv_cpu;
 mod cpu;
 pub mod cross_attention;
 pub mod embeddings;

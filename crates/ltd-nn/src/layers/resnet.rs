@@ -102,23 +102,22 @@ impl ResnetBlock2D {
     /// `x: [B, C_in, H, W]`, `temb: [B, temb_channels]` (ignored by blocks without a time
     /// projection).
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm_act(&self.norm1, x)?)?;
+        let h = self.norm_act(&self.norm1, x)?;
         let t = match (&self.time_emb_proj, temb) {
-            (Some(proj), Some(temb)) => {
-                let t = proj.forward(&self.cfg.act.forward(temb)?)?;
-                Some(t.unsqueeze(2)?.unsqueeze(3)?)
-            }
+            (Some(proj), Some(temb)) => Some(proj.forward(&self.cfg.act.forward(temb)?)?),
             _ => None,
         };
         let h = match (self.cfg.time_embedding_norm, t) {
-            (TimeEmbeddingNorm::Default, Some(t)) => {
-                self.norm_act(&self.norm2, &h.broadcast_add(&t)?)?
+            // The time embedding rides along with conv1's bias.
+            (TimeEmbeddingNorm::Default, t) => {
+                let h = self.conv1.forward_fused(&h, t.as_ref(), None, 1.0)?;
+                self.norm_act(&self.norm2, &h)?
             }
-            (TimeEmbeddingNorm::Default, None) => self.norm_act(&self.norm2, &h)?,
             (TimeEmbeddingNorm::ScaleShift, Some(t)) => {
                 let c = self.cfg.out_channels;
+                let t = t.unsqueeze(2)?.unsqueeze(3)?;
                 let (scale, shift) = (t.narrow(1, 0, c)?, t.narrow(1, c, c)?);
-                let h = self.norm2.forward(&h)?;
+                let h = self.norm2.forward(&self.conv1.forward(&h)?)?;
                 let h = h.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?;
                 self.cfg.act.forward(&h)?
             }
@@ -126,16 +125,11 @@ impl ResnetBlock2D {
                 candle_core::bail!("a scale_shift ResNet block needs a time embedding")
             }
         };
-        let h = self.conv2.forward(&h)?;
-        let x = match &self.conv_shortcut {
+        let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),
         };
-        let out = (x + h)?;
-        if self.cfg.output_scale_factor == 1.0 {
-            Ok(out)
-        } else {
-            out / self.cfg.output_scale_factor
-        }
+        // `(shortcut + conv2(h)) / output_scale_factor`, added while conv2 writes its output.
+        self.conv2.forward_fused(&h, None, Some(&shortcut), self.cfg.output_scale_factor)
     }
 }

@@ -1,0 +1,242 @@
+//! Stride-1 2-D convolution on the CPU without an unfolded (`im2col`) copy of the input.
+//!
+//! With the input zero-padded and each channel's rows laid end to end (`W'` = padded width),
+//! the input seen from kernel tap `(ky, kx)` is the same buffer shifted by `ky·W' + kx`: a plain
+//! strided matrix `[C_in, rows·W']`. The convolution is then a sum of `k²` matrix products,
+//! `out += W[:, :, ky, kx] · shift(x)`, accumulated in place by the `gemm` crate (which packs
+//! its operands into cache-sized blocks itself), and each output row carries `k − 1` extra
+//! columns that are dropped when the bias is added. An unfolded copy would be `k²` times the
+//! input, written to and read back from main memory; here everything a product touches is a
+//! band of rows that stays in cache.
+//!
+//! Work is split into units of (image, band of output rows, block of output channels), taken
+//! from a shared counter by a few threads, so a thread slowed down by other processes does not
+//! hold the others up.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Bytes of one band's working set (padded input rows and output rows) that a unit aims for:
+/// small enough to stay in the L2/L3 caches while its `k²` products run over it.
+const BAND_BYTES: usize = 2 << 20;
+/// Smallest band width in matrix columns (`rows · W'`): narrower products waste the
+/// micro-kernel's tiles and repeat the packing of the weights too often.
+const MIN_BAND_COLUMNS: usize = 512;
+/// Smallest block of output channels a unit computes.
+const MIN_CHANNEL_BLOCK: usize = 64;
+
+/// Shape of a convolution: `x: [batch, cin, h, w]`, `weight: [cout, cin, k, k]`, padding `pad`
+/// on all four sides, stride 1.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConvShape {
+    pub batch: usize,
+    pub cin: usize,
+    pub h: usize,
+    pub w: usize,
+    pub cout: usize,
+    pub k: usize,
+    pub pad: usize,
+}
+
+impl ConvShape {
+    /// Output height and width.
+    pub fn out_hw(&self) -> (usize, usize) {
+        (self.h + 2 * self.pad + 1 - self.k, self.w + 2 * self.pad + 1 - self.k)
+    }
+
+    /// Whether the shape is one this kernel computes (the kernel fits in the padded input).
+    pub fn valid(&self) -> bool {
+        self.k > 0 && self.h + 2 * self.pad >= self.k && self.w + 2 * self.pad >= self.k
+    }
+}
+
+/// What is added to the products before they are stored: the bias per output channel, and
+/// optionally a per-image, per-channel term (a time embedding) and a residual of the output's
+/// shape; the sum is then divided by `scale`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Epilogue<'a> {
+    pub bias: &'a [f32],
+    /// `[batch, cout]`.
+    pub channel_add: Option<&'a [f32]>,
+    /// `[batch, cout, hout, wout]`.
+    pub residual: Option<&'a [f32]>,
+    pub scale: f32,
+}
+
+/// The output pointer shared by the worker threads.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every unit writes a disjoint set of output elements (its image, rows and channels),
+// and the buffer outlives the scoped threads.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// `conv(x, weight) + epilogue` for contiguous f32 `x` and `weight`; returns
+/// `[batch, cout, hout, wout]`.
+pub(crate) fn conv2d(x: &[f32], weight: &[f32], s: ConvShape, epi: Epilogue<'_>) -> Vec<f32> {
+    let (hout, wout) = s.out_hw();
+    let wp = s.w + 2 * s.pad;
+    let kk = s.k * s.k;
+    debug_assert_eq!(x.len(), s.batch * s.cin * s.h * s.w);
+    debug_assert_eq!(weight.len(), s.cout * s.cin * kk);
+    let mut out = vec![0f32; s.batch * s.cout * hout * wout];
+    if out.is_empty() {
+        return out;
+    }
+
+    // Band height: the working set of a band is its padded input rows (all input channels)
+    // and its output rows (all output channels).
+    let row_bytes = (s.cin + s.cout) * wp * 4;
+    let rows = (BAND_BYTES / row_bytes.max(1)).max(MIN_BAND_COLUMNS.div_ceil(wp)).clamp(1, hout);
+    let bands = hout.div_ceil(rows);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Split the output channels only when images × bands leave threads idle.
+    let per_image = (2 * threads).div_ceil(s.batch * bands);
+    let blocks = per_image.min(s.cout / MIN_CHANNEL_BLOCK).max(1);
+    let block = s.cout.div_ceil(blocks);
+    let blocks = s.cout.div_ceil(block);
+    let units = s.batch * bands * blocks;
+
+    // The weights regrouped per tap, `[k², cin, cout]`: each product's operand is then a
+    // row-major matrix, which the matrix kernel packs with plain copies instead of gathering
+    // every k²-th element.
+    let mut taps = vec![0f32; weight.len()];
+    for (co, filters) in weight.chunks_exact(s.cin * kk).enumerate() {
+        for (ci, filter) in filters.chunks_exact(kk).enumerate() {
+            for (tap, &v) in filter.iter().enumerate() {
+                taps[(tap * s.cin + ci) * s.cout + co] = v;
+            }
+        }
+    }
+    let taps = &taps;
+
+    let next = AtomicUsize::new(0);
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    let work = || {
+        // Rebinding moves the whole `Send` wrapper into the closure; without it the closure
+        // would capture only its raw-pointer field, which is not `Send`.
+        #[allow(clippy::redundant_locals)]
+        let out_ptr = out_ptr;
+        // Padded input rows of one band: `k` extra rows, plus one so that the extra columns of
+        // the last row read zeros rather than past the buffer.
+        let extra = if s.k > 1 { s.k } else { 0 };
+        let plane = (rows + extra) * wp;
+        let mut input = vec![0f32; s.cin * plane];
+        let mut acc = vec![0f32; block * rows * wp];
+        loop {
+            let unit = next.fetch_add(1, Ordering::Relaxed);
+            if unit >= units {
+                break;
+            }
+            let (image, rest) = (unit / (bands * blocks), unit % (bands * blocks));
+            let (band, blk) = (rest / blocks, rest % blocks);
+            let y0 = band * rows;
+            let nrows = rows.min(hout - y0);
+            let co0 = blk * block;
+            let nco = block.min(s.cout - co0);
+            let x_img = &x[image * s.cin * s.h * s.w..(image + 1) * s.cin * s.h * s.w];
+            fill_band(&mut input, x_img, s, y0, nrows + extra, plane);
+            let n = nrows * wp;
+            for tap in 0..kk {
+                let (ky, kx) = (tap / s.k, tap % s.k);
+                // SAFETY: lhs is `taps[tap][ci][co0 + i]` for i < nco, ci < cin; rhs reads
+                // `input[ci·plane + ky·wp + kx + j]` for j < nrows·wp, at most
+                // `(cin−1)·plane + (k−1)·wp + k−1 + nrows·wp − 1 < cin·plane` since
+                // `plane ≥ (nrows + k)·wp`; dst is `acc[i·n + j]`, within `block·rows·wp`.
+                unsafe {
+                    gemm::gemm(
+                        nco,
+                        n,
+                        s.cin,
+                        acc.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        tap > 0,
+                        taps.as_ptr().add(tap * s.cin * s.cout + co0),
+                        s.cout as isize,
+                        1,
+                        input.as_ptr().add(ky * wp + kx),
+                        1,
+                        plane as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+            for i in 0..nco {
+                let co = co0 + i;
+                let (bias, temb) = (epi.bias[co], epi.channel_add.map(|t| t[image * s.cout + co]));
+                let base = ((image * s.cout + co) * hout + y0) * wout;
+                for r in 0..nrows {
+                    let src = &acc[i * n + r * wp..i * n + r * wp + wout];
+                    let off = base + r * wout;
+                    // SAFETY: (image, co, y0 + r) is written by this unit only, and
+                    // `off + wout ≤ out.len()`.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(off), wout) };
+                    let residual = epi.residual.map(|res| &res[off..off + wout]);
+                    store_row(dst, src, bias, temb, residual, epi.scale);
+                }
+            }
+        }
+    };
+    let threads = threads.min(units);
+    if threads <= 1 {
+        work();
+    } else {
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(work);
+            }
+        });
+    }
+    out
+}
+
+/// Copies the padded input rows `y0 − pad ..` (`count` rows, zeros outside the image) of every
+/// channel into `band` (`plane` elements per channel, `W'` per row).
+fn fill_band(band: &mut [f32], x: &[f32], s: ConvShape, y0: usize, count: usize, plane: usize) {
+    let wp = s.w + 2 * s.pad;
+    for ci in 0..s.cin {
+        let chan = &x[ci * s.h * s.w..(ci + 1) * s.h * s.w];
+        let dst = &mut band[ci * plane..(ci + 1) * plane];
+        for r in 0..count {
+            let row = &mut dst[r * wp..(r + 1) * wp];
+            // Padded row y0 + r is image row y0 + r − pad.
+            match (y0 + r).checked_sub(s.pad).filter(|&y| y < s.h) {
+                Some(y) => {
+                    row[..s.pad].fill(0.0);
+                    row[s.pad..s.pad + s.w].copy_from_slice(&chan[y * s.w..(y + 1) * s.w]);
+                    row[s.pad + s.w..].fill(0.0);
+                }
+                None => row.fill(0.0),
+            }
+        }
+        dst[count * wp..].fill(0.0);
+    }
+}
+
+/// Writes one output row: `(residual + ((acc + bias) + temb)) / scale`, in diffusers' order of
+/// operations, with the terms that are absent left out.
+#[inline]
+fn store_row(
+    dst: &mut [f32],
+    acc: &[f32],
+    bias: f32,
+    temb: Option<f32>,
+    residual: Option<&[f32]>,
+    scale: f32,
+) {
+    match temb {
+        Some(t) => dst.iter_mut().zip(acc).for_each(|(o, &a)| *o = (a + bias) + t),
+        None => dst.iter_mut().zip(acc).for_each(|(o, &a)| *o = a + bias),
+    }
+    if let Some(res) = residual {
+        dst.iter_mut().zip(res).for_each(|(o, &r)| *o += r);
+    }
+    if scale != 1.0 {
+        dst.iter_mut().for_each(|o| *o /= scale);
+    }
+}

@@ -1,0 +1,288 @@
+//! AdamW with a state that can be saved and restored, gradient clipping by global norm, the
+//! learning-rate schedule and an exponential moving average of the weights.
+//!
+//! candle-nn's `AdamW` keeps its moments private, so a checkpoint could not hold them and a
+//! resumed run would restart the moments from zero. This one does the same arithmetic as
+//! `torch.optim.AdamW` (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", 2019):
+//!
+//! | here | torch / paper |
+//! |------|---------------|
+//! | `m`, `v` | `exp_avg`, `exp_avg_sq` (first and second moments) |
+//! | `t` | `step` (1-based) |
+//! | `bc1`, `bc2` | `1 − β₁ᵗ`, `1 − β₂ᵗ` (bias corrections) |
+//!
+//! 1. `θ ← θ · (1 − lr·λ)` (decoupled weight decay)
+//! 2. `m ← β₁·m + (1 − β₁)·g`, `v ← β₂·v + (1 − β₂)·g²`
+//! 3. `θ ← θ − (lr / bc1) · m / (√v / √bc2 + ε)`
+
+use std::collections::HashMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+
+/// AdamW's hyper-parameters (torch's defaults except the weight decay, which follows
+/// diffusers' training scripts).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    /// β₁.
+    pub beta1: f64,
+    /// β₂.
+    pub beta2: f64,
+    /// ε.
+    pub eps: f64,
+    /// λ, the decoupled weight decay.
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 }
+    }
+}
+
+/// AdamW over named variables.
+#[derive(Debug)]
+pub struct AdamW {
+    names: Vec<String>,
+    vars: Vec<Var>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    t: usize,
+    cfg: AdamWConfig,
+}
+
+impl AdamW {
+    /// An optimiser for `vars` (sorted by name, so the state layout is stable), moments zero.
+    pub fn new(mut vars: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut m = Vec::with_capacity(vars.len());
+        for (_, var) in &vars {
+            m.push(var.as_tensor().zeros_like()?);
+        }
+        let v = m.clone();
+        let (names, vars) = vars.into_iter().unzip();
+        Ok(Self { names, vars, m, v, t: 0, cfg })
+    }
+
+    /// The number of steps taken.
+    pub fn steps_taken(&self) -> usize {
+        self.t
+    }
+
+    /// The variables, by name.
+    pub fn vars(&self) -> impl Iterator<Item = (&str, &Var)> {
+        self.names.iter().map(String::as_str).zip(&self.vars)
+    }
+
+    /// One update with learning rate `lr`; every gradient is first multiplied by `grad_scale`
+    /// (the clipping factor). Variables without a gradient are left alone, as in torch.
+    pub fn step(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+        self.t += 1;
+        let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
+        let bc1 = 1.0 - beta1.powi(self.t as i32);
+        let bc2_sqrt = (1.0 - beta2.powi(self.t as i32)).sqrt();
+        for i in 0..self.vars.len() {
+            let var = &self.vars[i];
+            let Some(g) = grads.get(var.as_tensor()) else { continue };
+            // Gradients carry the step's graph: detach, or the moments would keep every
+            // step's activations alive.
+            let g = g.detach();
+            let g = if grad_scale == 1.0 { g } else { (g * grad_scale)? };
+            let theta = (var.as_tensor() * (1.0 - lr * weight_decay))?;
+            let m = ((&self.m[i] * beta1)? + (&g * (1.0 - beta1))?)?;
+            let v = ((&self.v[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+            let denom = ((v.sqrt()? / bc2_sqrt)? + eps)?;
+            let theta = (theta - ((&m / &denom)? * (lr / bc1))?)?;
+            var.set(&theta.detach())?;
+            self.m[i] = m.detach();
+            self.v[i] = v.detach();
+        }
+        Ok(())
+    }
+
+    /// The moments as named tensors (`exp_avg.NAME`, `exp_avg_sq.NAME`) for a checkpoint.
+    pub fn state_tensors(&self) -> HashMap<String, Tensor> {
+        let mut out = HashMap::new();
+        for (i, name) in self.names.iter().enumerate() {
+            out.insert(format!("exp_avg.{name}"), self.m[i].clone());
+            out.insert(format!("exp_avg_sq.{name}"), self.v[i].clone());
+        }
+        out
+    }
+
+    /// Restores the moments saved by [`Self::state_tensors`] and the step count.
+    pub fn load_state(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+        steps_taken: usize,
+    ) -> Result<()> {
+        for (i, name) in self.names.iter().enumerate() {
+            for (prefix, slot) in [("exp_avg", &mut self.m[i]), ("exp_avg_sq", &mut self.v[i])] {
+                let key = format!("{prefix}.{name}");
+                let t = tensors
+                    .get(&key)
+                    .ok_or_else(|| TrainError::msg(format!("optimiser state lacks `{key}`")))?;
+                if t.dims() != slot.dims() {
+                    return Err(TrainError::msg(format!(
+                        "optimiser state `{key}` has shape {:?}, the model {:?}",
+                        t.dims(),
+                        slot.dims()
+                    )));
+                }
+                *slot = t.to_dtype(slot.dtype())?.to_device(slot.device())?;
+            }
+        }
+        self.t = steps_taken;
+        Ok(())
+    }
+}
+
+/// The global L2 norm of the gradients of `vars` and the factor torch's
+/// `clip_grad_norm_(max_norm)` multiplies them by: `min(1, max_norm / (norm + 1e-6))`.
+pub fn clip_factor<'a>(
+    grads: &GradStore,
+    vars: impl Iterator<Item = &'a Var>,
+    max_norm: f64,
+) -> Result<(f64, f64)> {
+    let mut sum = 0f64;
+    for var in vars {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            sum += g.detach().to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+    }
+    let norm = sum.sqrt();
+    let factor = if max_norm > 0.0 { (max_norm / (norm + 1e-6)).min(1.0) } else { 1.0 };
+    Ok((norm, factor))
+}
+
+/// The learning-rate schedule after warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    /// Constant after warm-up.
+    #[default]
+    Constant,
+    /// Half a cosine from the peak to zero at the last step (diffusers' `cosine`).
+    Cosine,
+}
+
+impl std::str::FromStr for LrSchedule {
+    type Err = TrainError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "constant" => Ok(Self::Constant),
+            "cosine" => Ok(Self::Cosine),
+            _ => Err(TrainError::option(
+                "lr-schedule",
+                format!("`{s}`: expected constant or cosine"),
+            )),
+        }
+    }
+}
+
+/// The learning rate of 0-based step `step` of `total`: linear warm-up over `warmup` steps
+/// (reaching `peak` at step `warmup − 1`, so that no step is wasted at zero), then `schedule`.
+pub fn learning_rate(
+    peak: f64,
+    step: usize,
+    warmup: usize,
+    total: usize,
+    schedule: LrSchedule,
+) -> f64 {
+    if step < warmup {
+        return peak * (step + 1) as f64 / warmup as f64;
+    }
+    match schedule {
+        LrSchedule::Constant => peak,
+        LrSchedule::Cosine => {
+            let span = total.saturating_sub(warmup).max(1) as f64;
+            let progress = ((step - warmup) as f64 / span).min(1.0);
+            peak * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+        }
+    }
+}
+
+/// An exponential moving average of weights, with diffusers' `EMAModel` decay warm-up:
+/// after `k` updates the decay is `min(max_decay, (1 + k) / (10 + k))`.
+#[derive(Debug)]
+pub struct Ema {
+    names: Vec<String>,
+    shadow: Vec<Tensor>,
+    max_decay: f64,
+    updates: usize,
+}
+
+impl Ema {
+    /// An average starting at the current values of `vars`.
+    pub fn new<'a>(vars: impl Iterator<Item = (&'a str, &'a Var)>, max_decay: f64) -> Result<Self> {
+        let mut names = Vec::new();
+        let mut shadow = Vec::new();
+        for (name, var) in vars {
+            names.push(name.to_string());
+            shadow.push(var.as_tensor().copy()?);
+        }
+        Ok(Self { names, shadow, max_decay, updates: 0 })
+    }
+
+    /// The decay the next update will use.
+    fn decay(&self) -> f64 {
+        // diffusers: step = optimization_step - 1 (update_after_step 0); decay 0 at step 0.
+        let k = self.updates as f64;
+        if self.updates == 0 {
+            0.0
+        } else {
+            ((1.0 + k) / (10.0 + k)).min(self.max_decay)
+        }
+    }
+
+    /// Moves the average towards `vars` (in the order given at construction).
+    pub fn update<'a>(&mut self, vars: impl Iterator<Item = &'a Var>) -> Result<()> {
+        let one_minus = 1.0 - self.decay();
+        for (s, var) in self.shadow.iter_mut().zip(vars) {
+            // s ← s − (1 − decay)·(s − θ), as diffusers' EMAModel.step.
+            *s = (&*s - ((&*s - var.as_tensor())? * one_minus)?)?.detach();
+        }
+        self.updates += 1;
+        Ok(())
+    }
+
+    /// Number of updates so far.
+    pub fn updates(&self) -> usize {
+        self.updates
+    }
+
+    /// The averaged weights by name.
+    pub fn tensors(&self) -> HashMap<String, Tensor> {
+        self.names.iter().cloned().zip(self.shadow.iter().cloned()).collect()
+    }
+
+    /// Restores averaged weights saved by [`Self::tensors`].
+    pub fn load(&mut self, tensors: &HashMap<String, Tensor>, updates: usize) -> Result<()> {
+        for (name, s) in self.names.iter().zip(self.shadow.iter_mut()) {
+            let t = tensors
+                .get(name)
+                .ok_or_else(|| TrainError::msg(format!("EMA state lacks `{name}`")))?;
+            *s = t.to_dtype(s.dtype())?.to_device(s.device())?;
+        }
+        self.updates = updates;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_decays() {
+        let lr = |s| learning_rate(1.0, s, 4, 12, LrSchedule::Cosine);
+        assert_eq!([lr(0), lr(1), lr(3)], [0.25, 0.5, 1.0]);
+        assert!((lr(8) - 0.5).abs() < 1e-12);
+        assert!(lr(12).abs() < 1e-12);
+        assert_eq!(learning_rate(2.0, 100, 0, 10, LrSchedule::Constant), 2.0);
+    }
+}

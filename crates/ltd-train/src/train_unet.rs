@@ -1,0 +1,504 @@
+//! Training a text-conditioned `UNet2DConditionModel` on latents of a frozen VAE (Rombach et
+//! al. 2022; diffusers' `train_text_to_image.py`), with the CLIP text encoder either frozen
+//! (loaded from a folder) or trained from scratch together with the U-Net.
+//!
+//! Per step, for a batch of cached posteriors and captions:
+//!
+//! 1. `x₀ = scaling_factor · (μ + σ·ε_z)` (see [`crate::latents`]);
+//! 2. `t ~ U{0, …, T−1}`, `ε ~ N(0, I)`, `xₜ = √ᾱₜ x₀ + √(1−ᾱₜ) ε`;
+//! 3. each caption replaced by the empty one with probability `caption_dropout` (so the model
+//!    also learns the unconditional prediction classifier-free guidance needs);
+//! 4. `loss = mean_b w_b · mean(‖unet(xₜ, t, text(c)) − target‖²)`, the target `ε` or
+//!    `v = √ᾱₜ ε − √(1−ᾱₜ) x₀` as the scheduler config's `prediction_type` says, and `w_b = 1`
+//!    or, with min-SNR-γ (Hang et al. 2023), `min(SNR, γ) / SNR` (ε) or `min(SNR, γ) / (SNR + 1)`
+//!    (v);
+//! 5. AdamW step, then the EMA of the trained weights.
+//!
+//! The output is a complete `StableDiffusionPipeline` folder; with EMA its weights are the
+//! averaged ones.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use ltd_nn::{NoiseSource, RuntimeOptions};
+use ltd_scheduler::{NoiseSchedule, PredictionType, SchedulerConfig};
+use ltd_text::{ids_tensor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, ClipTextParams, Encoded};
+use ltd_unet::{UNet2DConditionModel, UNet2DConditionModelConfig, UNetConditioning, UNetConfig};
+use ltd_vae::AutoencoderKL;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::common::{batch_indices, generator, optimize, OptimOptions, RunDir, SavedState};
+use crate::data::ImageFolder;
+use crate::error::{Result, TrainError};
+use crate::export::{
+    copy_files, model_index, write_clip_text_model, write_diffusers_model, write_json,
+};
+use crate::images::{grid, save, to_images};
+use crate::init::{init_varmap, load_vars, named_vars, var_tensors};
+use crate::latents::LatentCache;
+use crate::optim::{AdamW, Ema};
+use crate::preview::{generate, PreviewModels, PreviewSettings};
+use crate::progress::{Event, Sink};
+use crate::rng::derive_seed;
+use crate::RunControl;
+
+/// Captions shown in the previews.
+const PREVIEW_PROMPTS: usize = 8;
+
+/// Options of `train-unet`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct UnetTrainOptions {
+    /// Optimisation.
+    #[serde(flatten)]
+    pub optim: OptimOptions,
+    /// Side of the training images (default: the VAE's `sample_size`).
+    pub resolution: Option<usize>,
+    /// Probability of training on the empty caption (for classifier-free guidance).
+    pub caption_dropout: f64,
+    /// `epsilon` or `v_prediction`, overriding the scheduler config (which is exported with it).
+    pub prediction_type: Option<String>,
+    /// min-SNR-γ loss weighting (γ = 5 in the paper); `None`: unweighted.
+    pub snr_gamma: Option<f64>,
+    /// Maximum decay of the EMA of the weights; `None`: no EMA.
+    pub ema_decay: Option<f64>,
+    /// Mirror training images left–right at random (leave off when captions name sides).
+    pub random_flip: bool,
+    /// Save the trained text encoder in float16 (halves its size; the token embedding
+    /// dominates it).
+    pub text_encoder_fp16: bool,
+    /// Save the U-Net in float16.
+    pub unet_fp16: bool,
+    /// Denoising steps of the preview images written with each checkpoint (0: none).
+    pub preview_steps: usize,
+}
+
+impl Default for UnetTrainOptions {
+    fn default() -> Self {
+        Self {
+            optim: OptimOptions { learning_rate: 1e-4, ..OptimOptions::default() },
+            resolution: None,
+            caption_dropout: 0.1,
+            prediction_type: None,
+            snr_gamma: None,
+            ema_decay: Some(0.999),
+            random_flip: false,
+            text_encoder_fp16: false,
+            unet_fp16: false,
+            preview_steps: 20,
+        }
+    }
+}
+
+/// Where the text encoder comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TextEncoderSource {
+    /// A trained `CLIPTextModel` folder, kept frozen.
+    Frozen(PathBuf),
+    /// A transformers `CLIPTextConfig` (JSON), trained from scratch with the U-Net.
+    Scratch(Value),
+}
+
+/// A `train-unet` run.
+pub struct UnetTrainer<'a> {
+    /// The dataset folder.
+    pub data: &'a Path,
+    /// The frozen VAE's folder (diffusers layout).
+    pub vae: &'a Path,
+    /// The U-Net config (JSON) to train from scratch.
+    pub unet_config: &'a Value,
+    /// The text encoder.
+    pub text_encoder: TextEncoderSource,
+    /// The tokenizer folder (copied into the pipeline).
+    pub tokenizer: &'a Path,
+    /// The scheduler config (JSON) the pipeline ships; its betas define the noise schedule.
+    pub scheduler_config: &'a Value,
+    /// The output folder.
+    pub out: &'a Path,
+    /// The options (ignored on resume in favour of the checkpoint's).
+    pub options: UnetTrainOptions,
+    /// The device.
+    pub device: Device,
+}
+
+/// What a `train-unet` run produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnetOutcome {
+    /// Steps done.
+    pub steps_done: usize,
+    /// Whether the run stopped before its last step (nothing was exported then).
+    pub stopped: bool,
+    /// Mean loss of the last 50 steps.
+    pub final_loss: Option<f32>,
+}
+
+/// What a checkpoint records besides the common state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct UnetSaved {
+    #[serde(flatten)]
+    options: UnetTrainOptions,
+    unet_config: Value,
+    text_encoder: TextEncoderSource,
+    scheduler_config: Value,
+    vae: PathBuf,
+    tokenizer: PathBuf,
+}
+
+fn parse_unet_config(raw: &Value) -> Result<UNetConfig> {
+    let parsed: UNet2DConditionModelConfig = serde_json::from_value(raw.clone())
+        .map_err(|e| TrainError::msg(format!("U-Net config: {e}")))?;
+    UNetConfig::try_from(parsed).map_err(|e| TrainError::Model(e.into()))
+}
+
+fn parse_clip_config(raw: &Value) -> Result<ClipTextParams> {
+    let parsed: CLIPTextConfig = serde_json::from_value(raw.clone())
+        .map_err(|e| TrainError::msg(format!("text encoder config: {e}")))?;
+    ClipTextParams::try_from(parsed).map_err(|e| TrainError::Model(e.into()))
+}
+
+/// The scheduler config with the requested prediction type written into it.
+fn scheduler_with(raw: &Value, prediction: Option<&str>) -> Result<(Value, SchedulerConfig)> {
+    let mut v = raw.clone();
+    if let (Some(p), Value::Object(m)) = (prediction, &mut v) {
+        PredictionType::parse("prediction_type", p)
+            .map_err(|e| TrainError::option("prediction-type", e.message))?;
+        m.insert("prediction_type".into(), json!(p));
+    }
+    let cfg = SchedulerConfig::from_json_str(&v.to_string(), Path::new("scheduler_config.json"))?;
+    cfg.scheduler_class().map_err(|e| TrainError::Model(e.into()))?;
+    Ok((v, cfg))
+}
+
+/// Names of variables under `prefix.`, with the prefix removed.
+fn strip(tensors: HashMap<String, Tensor>, prefix: &str) -> HashMap<String, Tensor> {
+    let p = format!("{prefix}.");
+    tensors
+        .into_iter()
+        .filter_map(|(k, v)| k.strip_prefix(&p).map(|s| (s.to_string(), v)))
+        .collect()
+}
+
+impl UnetTrainer<'_> {
+    /// Trains, checkpointing and reporting through `sink`; writes the pipeline at the end.
+    pub fn run(&self, control: &RunControl, sink: Sink) -> Result<UnetOutcome> {
+        let run = RunDir::new(self.out);
+        let peek = run.checkpoints.latest::<SavedState<UnetSaved>>()?;
+        let saved = match (&peek, control.resume) {
+            (Some(ck), true) => ck.state.options.clone(),
+            _ => UnetSaved {
+                options: self.options.clone(),
+                unet_config: self.unet_config.clone(),
+                text_encoder: self.text_encoder.clone(),
+                scheduler_config: self.scheduler_config.clone(),
+                vae: self.vae.to_path_buf(),
+                tokenizer: self.tokenizer.to_path_buf(),
+            },
+        };
+        let o = &saved.options;
+        o.optim.check()?;
+        if !(0.0..1.0).contains(&o.caption_dropout) {
+            return Err(TrainError::option("caption-dropout", "must be in [0, 1)"));
+        }
+        let dev = &self.device;
+        let rt = RuntimeOptions::default();
+        let (scheduler_json, scheduler_cfg) =
+            scheduler_with(&saved.scheduler_config, o.prediction_type.as_deref())?;
+        let schedule =
+            NoiseSchedule::from_config(&scheduler_cfg).map_err(|e| TrainError::Model(e.into()))?;
+        let unet_cfg = parse_unet_config(&saved.unet_config)?;
+
+        sink(Event::Phase(format!("loading the VAE from {}", saved.vae.display())));
+        let vae = AutoencoderKL::load(&saved.vae, None, DType::F32, dev, &rt)?;
+        let res = o.resolution.unwrap_or(vae.config().sample_size);
+        let fs = vae.config().scale_factor();
+        if res % fs != 0 {
+            return Err(TrainError::option(
+                "resolution",
+                format!("{res} is not a multiple of the VAE's scale factor {fs}"),
+            ));
+        }
+        if unet_cfg.in_channels != vae.config().latent_channels {
+            return Err(TrainError::msg(format!(
+                "the U-Net takes {} channels but the VAE's latents have {}",
+                unet_cfg.in_channels,
+                vae.config().latent_channels
+            )));
+        }
+        sink(Event::Phase(format!("reading {} at {res}x{res}", self.data.display())));
+        let data = ImageFolder::open(self.data, res)?;
+        let resume = run.start::<UnetSaved>("unet", control, data.len(), sink)?;
+        sink(Event::Phase(format!("caching the latents of {} images", data.len())));
+        let cache = LatentCache::build(&vae, &data, o.random_flip, dev)?;
+
+        let tokenizer = CLIPTokenizer::from_folder(&saved.tokenizer)?;
+        let encoded: Vec<Encoded> = data
+            .examples()
+            .iter()
+            .map(|e| tokenizer.encode(&e.text))
+            .collect::<ltd_nn::Result<_>>()?;
+        let empty = tokenizer.encode("")?;
+
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
+        let unet = UNet2DConditionModel::new(vb.pp("unet"), &unet_cfg, &rt)?;
+        let (text_encoder, text_config) = match &saved.text_encoder {
+            TextEncoderSource::Frozen(dir) => {
+                (CLIPTextModel::from_folder(dir, None, DType::F32, dev, &rt)?, None)
+            }
+            TextEncoderSource::Scratch(cfg) => (
+                CLIPTextModel::new(vb.pp("text_encoder"), &parse_clip_config(cfg)?, &rt)?,
+                Some(cfg.clone()),
+            ),
+        };
+        init_varmap(&varmap, derive_seed(o.optim.seed, 2))?;
+        let vars = named_vars(&varmap)?;
+        let mut opt = AdamW::new(vars.clone(), o.optim.adam)?;
+        let mut ema = match o.ema_decay {
+            Some(d) => Some(Ema::new(vars.iter().map(|(n, v)| (n.as_str(), v)), d)?),
+            None => None,
+        };
+        let (mut start, mut saved_rng) = (0, None);
+        if let Some(ck) = &resume {
+            load_vars(&vars, &ck.tensors("model", dev)?)?;
+            opt.load_state(&ck.tensors("optimizer", dev)?, ck.state.step)?;
+            if let Some(e) = &mut ema {
+                e.load(&ck.tensors("ema", dev)?, ck.state.ema_updates)?;
+            }
+            start = ck.state.step;
+            saved_rng = Some(ck.state.rng.clone());
+        }
+        let mut rng = generator(o.optim.seed, saved_rng.as_ref())?;
+        let mut history = run.history(resume.as_ref().map(|c| c.state.step))?;
+        let train: Vec<usize> = (0..data.len()).collect();
+        let preview_ids = preview_prompts(&data, &encoded, dev)?;
+        let uncond_ids = ids_tensor(std::slice::from_ref(&empty), dev)?;
+        let latent_dims = cache.latent_dims();
+        let t_max = schedule.num_train_timesteps();
+        let total = o.optim.steps;
+        sink(Event::Started { total, done: start });
+
+        for step in start..total {
+            let idx = batch_indices(&train, o.optim.batch_size, step, o.optim.seed);
+            let b = idx.len();
+            // Draw order (fixed, so a resumed run draws the same): flips, posterior noise,
+            // diffusion noise, timesteps, caption dropout.
+            let flips: Vec<bool> =
+                (0..b).map(|_| o.random_flip && rng.uniform_f64() < 0.5).collect();
+            let mut shape = vec![b];
+            shape.extend_from_slice(&latent_dims);
+            let z_noise = rng.randn(&shape, DType::F32, dev)?;
+            let x0 = vae.config().scale_latents(&cache.sample(&idx, &flips, &z_noise)?)?;
+            let noise = rng.randn(&shape, DType::F32, dev)?;
+            let ts: Vec<usize> =
+                rng.randint(0, t_max as i64, b)?.into_iter().map(|t| t as usize).collect();
+            let dropped: Vec<bool> =
+                (0..b).map(|_| rng.uniform_f64() < o.caption_dropout).collect();
+            let batch_ids: Vec<Encoded> = idx
+                .iter()
+                .zip(&dropped)
+                .map(|(&i, &d)| if d { empty.clone() } else { encoded[i].clone() })
+                .collect();
+
+            let noisy = schedule.add_noise(&x0, &noise, &ts)?;
+            let target = schedule.target(&x0, &noise, &ts)?;
+            let context = text_encoder.forward(&ids_tensor(&batch_ids, dev)?)?;
+            let t_in = Tensor::from_vec(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), b, dev)?;
+            let pred = unet.forward(&noisy, &t_in, &context, &UNetConditioning::default())?;
+            let per_sample = (pred - target)?.sqr()?.mean((1, 2, 3))?;
+            let loss = match o.snr_gamma {
+                None => per_sample.mean_all()?,
+                Some(gamma) => {
+                    let w = snr_weights(&schedule, &ts, gamma)?;
+                    (per_sample * Tensor::from_vec(w, b, dev)?)?.mean_all()?
+                }
+            };
+            optimize(&loss, Vec::new(), &mut opt, &o.optim, step, &mut history, sink)?;
+            if let Some(e) = &mut ema {
+                e.update(vars.iter().map(|(_, v)| v))?;
+            }
+
+            let done = step + 1;
+            if done % o.optim.checkpoint_every == 0 || done == total {
+                let state = SavedState {
+                    kind: "unet".into(),
+                    step: done,
+                    options: saved.clone(),
+                    rng: rng.state(),
+                    examples: data.len(),
+                    ema_updates: ema.as_ref().map_or(0, Ema::updates),
+                };
+                let model = var_tensors(&vars)?;
+                let ema_tensors = ema.as_ref().map(Ema::tensors).unwrap_or_default();
+                let opt_state = opt.state_tensors();
+                let mut refs = vec![("model", &model), ("optimizer", &opt_state)];
+                if ema.is_some() {
+                    refs.push(("ema", &ema_tensors));
+                }
+                let path = run.checkpoints.save(done, &refs, &state, o.optim.keep_checkpoints)?;
+                history.plot(&run.plot_path())?;
+                if o.preview_steps > 0 {
+                    // Previews with the weights the export will have (the EMA's), then back.
+                    if let Some(e) = &ema {
+                        load_vars(&vars, &e.tensors())?;
+                    }
+                    let models = PreviewModels {
+                        unet: &unet,
+                        text_encoder: &text_encoder,
+                        vae: &vae,
+                        scheduler: &scheduler_cfg,
+                    };
+                    let settings = PreviewSettings {
+                        steps: o.preview_steps,
+                        seed: o.optim.seed,
+                        ..PreviewSettings::default()
+                    };
+                    let images =
+                        generate(&models, &preview_ids, &uncond_ids, &latent_dims, settings)?;
+                    if ema.is_some() {
+                        load_vars(&vars, &model)?;
+                    }
+                    save(&grid(&[to_images(&images)?], 2), &run.sample_path(done))?;
+                }
+                sink(Event::Checkpoint { step: done, path });
+            }
+            if control.stop_after == Some(done) && done < total {
+                sink(Event::Stopped { step: done });
+                return Ok(UnetOutcome {
+                    steps_done: done,
+                    stopped: true,
+                    final_loss: history.recent_mean(50),
+                });
+            }
+        }
+
+        sink(Event::Phase(format!("writing the pipeline to {}", self.out.display())));
+        let weights = match &ema {
+            Some(e) => e.tensors(),
+            None => var_tensors(&vars)?,
+        };
+        let latent_size = res / fs;
+        let mut unet_json = saved.unet_config.clone();
+        if let Value::Object(m) = &mut unet_json {
+            m.insert("sample_size".into(), json!(latent_size));
+        }
+        let unet_dtype = if o.unet_fp16 { DType::F16 } else { DType::F32 };
+        write_diffusers_model(
+            &self.out.join("unet"),
+            "UNet2DConditionModel",
+            &unet_json,
+            &strip(weights.clone(), "unet"),
+            unet_dtype,
+        )?;
+        match (&saved.text_encoder, &text_config) {
+            (TextEncoderSource::Frozen(dir), _) => copy_files(dir, &self.out.join("text_encoder"))?,
+            (_, Some(cfg)) => {
+                let dtype = if o.text_encoder_fp16 { DType::F16 } else { DType::F32 };
+                write_clip_text_model(
+                    &self.out.join("text_encoder"),
+                    cfg,
+                    &strip(weights, "text_encoder"),
+                    dtype,
+                )?;
+            }
+            _ => {}
+        }
+        copy_vae(&saved.vae, &self.out.join("vae"))?;
+        copy_files(&saved.tokenizer, &self.out.join("tokenizer"))?;
+        let class = scheduler_cfg.class_name.clone().unwrap_or_default();
+        let sched_dir = self.out.join("scheduler");
+        std::fs::create_dir_all(&sched_dir).map_err(|e| TrainError::io(&sched_dir, e))?;
+        write_json(
+            &sched_dir.join("scheduler_config.json"),
+            &crate::export::diffusers_config(&class, &scheduler_json),
+        )?;
+        write_json(&self.out.join("model_index.json"), &model_index(&class))?;
+        Ok(UnetOutcome { steps_done: total, stopped: false, final_loss: history.recent_mean(50) })
+    }
+}
+
+/// min-SNR-γ weights of diffusers' training script.
+fn snr_weights(schedule: &NoiseSchedule, ts: &[usize], gamma: f64) -> Result<Vec<f32>> {
+    ts.iter()
+        .map(|&t| {
+            let snr = schedule.snr(t)?;
+            let w = snr.min(gamma);
+            Ok(match schedule.prediction_type() {
+                PredictionType::VPrediction => w / (snr + 1.0),
+                PredictionType::Epsilon => w / snr,
+                PredictionType::Sample => w,
+            } as f32)
+        })
+        .collect()
+}
+
+/// The first distinct captions of the dataset, tokenized, for the previews.
+fn preview_prompts(data: &ImageFolder, encoded: &[Encoded], dev: &Device) -> Result<Tensor> {
+    let mut seen = Vec::new();
+    let mut picked = Vec::new();
+    for (e, ids) in data.examples().iter().zip(encoded) {
+        if !seen.contains(&e.text) {
+            seen.push(e.text.clone());
+            picked.push(ids.clone());
+        }
+        if picked.len() == PREVIEW_PROMPTS {
+            break;
+        }
+    }
+    Ok(ids_tensor(&picked, dev)?)
+}
+
+/// Copies a VAE folder's config and weights (not its training files).
+fn copy_vae(src: &Path, dst: &Path) -> Result<()> {
+    std::fs::create_dir_all(dst).map_err(|e| TrainError::io(dst, e))?;
+    for name in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        let from = src.join(name);
+        let bytes = std::fs::read(&from).map_err(|e| TrainError::io(&from, e))?;
+        crate::checkpoint::write_atomic(&dst.join(name), &bytes)?;
+    }
+    Ok(())
+}
+
+/// Reads a JSON config file.
+pub fn read_config(path: &Path) -> Result<Value> {
+    crate::export::read_json(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schedule(prediction: &str) -> NoiseSchedule {
+        let v = json!({"_class_name": "DDPMScheduler", "prediction_type": prediction});
+        NoiseSchedule::from_config(&scheduler_with(&v, None).unwrap().1).unwrap()
+    }
+
+    #[test]
+    fn min_snr_weights_follow_diffusers() {
+        let (eps, v) = (schedule("epsilon"), schedule("v_prediction"));
+        for t in [0usize, 10, 500, 999] {
+            let snr = eps.snr(t).unwrap();
+            let w_eps = snr_weights(&eps, &[t], 5.0).unwrap()[0] as f64;
+            let w_v = snr_weights(&v, &[t], 5.0).unwrap()[0] as f64;
+            // f32 weights: 1e-6 relative.
+            assert!((w_eps - snr.min(5.0) / snr).abs() <= 1e-6 * w_eps, "{t}");
+            assert!((w_v - snr.min(5.0) / (snr + 1.0)).abs() <= 1e-6 * w_v, "{t}");
+        }
+        // Low noise (high SNR) is down-weighted, high noise keeps weight 1 for ε.
+        assert!(snr_weights(&eps, &[0], 5.0).unwrap()[0] < 0.01);
+        assert_eq!(snr_weights(&eps, &[999], 5.0).unwrap()[0], 1.0);
+    }
+
+    #[test]
+    fn prediction_type_override_is_checked_and_written() {
+        let v = json!({"_class_name": "DDIMScheduler", "prediction_type": "epsilon"});
+        let (json, cfg) = scheduler_with(&v, Some("v_prediction")).unwrap();
+        assert_eq!(json["prediction_type"], "v_prediction");
+        assert_eq!(cfg.prediction_type.as_deref(), Some("v_prediction"));
+        let err = scheduler_with(&v, Some("x0")).unwrap_err().to_string();
+        assert!(err.starts_with("--prediction-type"), "{err}");
+    }
+}

@@ -1,0 +1,376 @@
+//! Training an `AutoencoderKL` from a diffusers config (Rombach et al. 2022, §3 and App. G).
+//!
+//! Per step, for a batch `x` in [-1, 1] (optionally random crops, random flips):
+//!
+//! 1. posterior `q(z|x) = N(μ, σ²)` from the encoder, `z = μ + σ·ε`;
+//! 2. `x̂ = decode(z)`;
+//! 3. `loss = w₁·mean|x̂ − x| + w₂·mean(x̂ − x)² + w_kl·KL(q ‖ N(0, I)) / (C·H·W)`.
+//!
+//! The KL term is summed over the latent elements of an image and divided by the image's
+//! element count, so the balance matches LDM's per-image sums: `kl_weight = 1e-6` means what it
+//! means there. At the end the latent `scaling_factor` is set to `1 / std(z)` over (up to) 256
+//! training images, as LDM does, and the reconstruction PSNR of held-out images is measured.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use ltd_nn::rng::TorchRng;
+use ltd_nn::{NoiseSource, RuntimeOptions};
+use ltd_vae::{AutoencoderKL, AutoencoderKLConfig, VaeConfig};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::common::{batch_indices, generator, optimize, split, OptimOptions, RunDir, SavedState};
+use crate::data::{Augment, ImageFolder};
+use crate::error::{Result, TrainError};
+use crate::export::write_diffusers_model;
+use crate::images::{grid, psnr, save, to_images};
+use crate::init::{init_varmap, load_vars, named_vars, var_tensors};
+use crate::optim::AdamW;
+use crate::progress::{Event, Sink};
+use crate::rng::derive_seed;
+use crate::RunControl;
+
+/// Images used to measure the latent standard deviation.
+const SCALE_IMAGES: usize = 256;
+/// Images per row of the reconstruction previews.
+const PREVIEW_IMAGES: usize = 8;
+/// Images encoded at once outside the training step.
+const EVAL_BATCH: usize = 16;
+
+/// Options of `train-vae`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct VaeTrainOptions {
+    /// Optimisation.
+    #[serde(flatten)]
+    pub optim: OptimOptions,
+    /// Side of the training images (default: the config's `sample_size`).
+    pub resolution: Option<usize>,
+    /// Train on random square crops of this side (a multiple of the VAE's scale factor):
+    /// the VAE is convolutional, and crops make steps cheaper.
+    pub crop: Option<usize>,
+    /// Weight of the L1 reconstruction term.
+    pub l1_weight: f64,
+    /// Weight of the squared-error reconstruction term.
+    pub mse_weight: f64,
+    /// Weight of the KL term (per image element, as LDM's `kl_weight`).
+    pub kl_weight: f64,
+    /// Mirror training images left–right at random.
+    pub random_flip: bool,
+    /// Images held out of training for the final PSNR and the previews.
+    pub eval_images: usize,
+}
+
+impl Default for VaeTrainOptions {
+    fn default() -> Self {
+        Self {
+            optim: OptimOptions { learning_rate: 1e-3, ..OptimOptions::default() },
+            resolution: None,
+            crop: None,
+            l1_weight: 1.0,
+            mse_weight: 0.0,
+            kl_weight: 1e-6,
+            random_flip: false,
+            eval_images: 64,
+        }
+    }
+}
+
+/// What a `train-vae` run produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VaeOutcome {
+    /// Steps done (less than the total when stopped early).
+    pub steps_done: usize,
+    /// Whether the run stopped before its last step (nothing was exported then).
+    pub stopped: bool,
+    /// The latent scaling factor written to `config.json`.
+    pub scaling_factor: Option<f64>,
+    /// Mean reconstruction PSNR of the held-out images, in dB.
+    pub psnr: Option<f64>,
+    /// How many images the PSNR was measured on.
+    pub psnr_images: usize,
+    /// Whether those were held out (`false`: the dataset was too small, training images).
+    pub psnr_held_out: bool,
+    /// Mean loss of the last 50 steps.
+    pub final_loss: Option<f32>,
+}
+
+/// The model config as given, and validated.
+fn read_config(raw: &Value) -> Result<VaeConfig> {
+    let parsed: AutoencoderKLConfig = serde_json::from_value(raw.clone())
+        .map_err(|e| TrainError::msg(format!("VAE config: {e}")))?;
+    VaeConfig::try_from(parsed).map_err(|e| TrainError::Model(e.into()))
+}
+
+/// A `train-vae` run: dataset, config, output folder and options.
+pub struct VaeTrainer<'a> {
+    /// The dataset folder.
+    pub data: &'a Path,
+    /// The diffusers `AutoencoderKL` config (JSON) to train from scratch.
+    pub config: &'a Value,
+    /// The output folder (model files at its root, run files in `train/`).
+    pub out: &'a Path,
+    /// The options (ignored on resume in favour of the checkpoint's).
+    pub options: VaeTrainOptions,
+    /// The device.
+    pub device: Device,
+}
+
+#[derive(Serialize, Deserialize)]
+struct VaeSaved {
+    #[serde(flatten)]
+    options: VaeTrainOptions,
+    /// The model config the run was started with.
+    config: Value,
+}
+
+impl VaeTrainer<'_> {
+    /// Trains, checkpointing and reporting through `sink`; exports the model at the end.
+    pub fn run(&self, control: &RunControl, sink: Sink) -> Result<VaeOutcome> {
+        let run = RunDir::new(self.out);
+        // The dataset's size is needed before the options are final: read it at the
+        // resolution the (possibly saved) options ask for.
+        let peek = run.checkpoints.latest::<SavedState<VaeSaved>>()?;
+        let (options, config) = match (&peek, control.resume) {
+            (Some(ck), true) => (ck.state.options.options.clone(), ck.state.options.config.clone()),
+            _ => (self.options.clone(), self.config.clone()),
+        };
+        let cfg = read_config(&config)?;
+        let o = &options;
+        o.optim.check()?;
+        let res = o.resolution.unwrap_or(cfg.sample_size);
+        let fs = cfg.scale_factor();
+        let size = o.crop.unwrap_or(res);
+        if res % fs != 0 || size % fs != 0 || size > res || size == 0 {
+            return Err(TrainError::option(
+                "crop",
+                format!(
+                    "resolution {res} and crop {size} must be multiples of the VAE's scale \
+                     factor {fs}, the crop no larger than the resolution"
+                ),
+            ));
+        }
+        sink(Event::Phase(format!("reading {} at {res}x{res}", self.data.display())));
+        let data = ImageFolder::open(self.data, res)?;
+        let resume = run.start::<VaeSaved>("vae", control, data.len(), sink)?;
+        let (train, eval) = split(data.len(), o.eval_images, o.optim.seed);
+        let preview: Vec<usize> = if eval.is_empty() {
+            train.iter().take(PREVIEW_IMAGES).copied().collect()
+        } else {
+            eval.iter().take(PREVIEW_IMAGES).copied().collect()
+        };
+
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &self.device);
+        let vae = AutoencoderKL::new(vb, &cfg, &RuntimeOptions::default())?;
+        init_varmap(&varmap, derive_seed(o.optim.seed, 2))?;
+        let vars = named_vars(&varmap)?;
+        let mut opt = AdamW::new(vars.clone(), o.optim.adam)?;
+        let mut start = 0;
+        let mut saved_rng = None;
+        if let Some(ck) = &resume {
+            load_vars(&vars, &ck.tensors("model", &self.device)?)?;
+            opt.load_state(&ck.tensors("optimizer", &self.device)?, ck.state.step)?;
+            start = ck.state.step;
+            saved_rng = Some(ck.state.rng.clone());
+        }
+        let mut rng = generator(o.optim.seed, saved_rng.as_ref())?;
+        let mut history = run.history(resume.as_ref().map(|c| c.state.step))?;
+        let total = o.optim.steps;
+        sink(Event::Started { total, done: start });
+
+        for step in start..total {
+            let idx = batch_indices(&train, o.optim.batch_size, step, o.optim.seed);
+            let augments = draw_augments(&mut rng, idx.len(), res, size, o.random_flip);
+            let x = data.batch_augmented(&idx, &augments, size, &self.device)?;
+            let post = vae.encode(&x)?;
+            let noise = rng.randn(post.mean.dims(), DType::F32, &self.device)?;
+            let z = post.sample_with(&noise)?;
+            let diff = (vae.decode(&z)? - &x)?;
+            let elems = (3 * size * size) as f64;
+            let l1 = diff.abs()?.mean_all()?;
+            let mse = diff.sqr()?.mean_all()?;
+            let kl = post.kl()?.mean_all()?;
+            let loss = ((l1.affine(o.l1_weight, 0.0)? + mse.affine(o.mse_weight, 0.0)?)?
+                + kl.affine(o.kl_weight / elems, 0.0)?)?;
+            let terms = vec![
+                ("l1".to_string(), l1.to_scalar::<f32>()?),
+                ("mse".to_string(), mse.to_scalar::<f32>()?),
+                ("kl".to_string(), kl.to_scalar::<f32>()?),
+            ];
+            optimize(&loss, terms, &mut opt, &o.optim, step, &mut history, sink)?;
+            let done = step + 1;
+            if done % o.optim.checkpoint_every == 0 || done == total {
+                let state = SavedState {
+                    kind: "vae".into(),
+                    step: done,
+                    options: VaeSaved { options: options.clone(), config: config.clone() },
+                    rng: rng.state(),
+                    examples: data.len(),
+                    ema_updates: 0,
+                };
+                let model = var_tensors(&vars)?;
+                let path = run.checkpoints.save(
+                    done,
+                    &[("model", &model), ("optimizer", &opt.state_tensors())],
+                    &state,
+                    o.optim.keep_checkpoints,
+                )?;
+                history.plot(&run.plot_path())?;
+                let originals = data.batch(&preview, &self.device)?;
+                let recon = reconstruct(&vae, &originals)?;
+                save(
+                    &grid(&[to_images(&originals)?, to_images(&recon)?], 2),
+                    &run.sample_path(done),
+                )?;
+                sink(Event::Checkpoint { step: done, path });
+            }
+            if control.stop_after == Some(done) && done < total {
+                sink(Event::Stopped { step: done });
+                return Ok(VaeOutcome {
+                    steps_done: done,
+                    stopped: true,
+                    scaling_factor: None,
+                    psnr: None,
+                    psnr_images: 0,
+                    psnr_held_out: false,
+                    final_loss: history.recent_mean(50),
+                });
+            }
+        }
+
+        sink(Event::Phase("measuring the latent scale".into()));
+        let scale_idx: Vec<usize> = train.iter().take(SCALE_IMAGES).copied().collect();
+        let scaling_factor =
+            latent_scaling_factor(&vae, &data, &scale_idx, o.optim.seed, &self.device)?;
+        sink(Event::Note(format!("scaling_factor = {scaling_factor:.5} (1 / std of the latents)")));
+        let (psnr_set, held_out) = if eval.is_empty() { (&train, false) } else { (&eval, true) };
+        sink(Event::Phase(format!("reconstructing {} images", psnr_set.len())));
+        let mean_psnr = mean_psnr(&vae, &data, psnr_set, &self.device)?;
+
+        let mut exported = config.clone();
+        if let Value::Object(m) = &mut exported {
+            m.insert("scaling_factor".into(), serde_json::json!(scaling_factor));
+            m.insert("sample_size".into(), serde_json::json!(res));
+        }
+        write_diffusers_model(
+            self.out,
+            "AutoencoderKL",
+            &exported,
+            &var_tensors(&vars)?,
+            DType::F32,
+        )?;
+        Ok(VaeOutcome {
+            steps_done: total,
+            stopped: false,
+            scaling_factor: Some(scaling_factor),
+            psnr: Some(mean_psnr),
+            psnr_images: psnr_set.len(),
+            psnr_held_out: held_out,
+            final_loss: history.recent_mean(50),
+        })
+    }
+}
+
+/// Random crops and flips for `n` examples, drawn from `rng` in a fixed order (crop corner x,
+/// corner y, flip for each example) so that a resumed run draws the same ones.
+fn draw_augments(
+    rng: &mut TorchRng,
+    n: usize,
+    res: usize,
+    size: usize,
+    flip: bool,
+) -> Vec<Augment> {
+    (0..n)
+        .map(|_| {
+            let mut a = Augment::default();
+            if size < res {
+                let span = (res - size + 1) as f64;
+                a.x0 = ((rng.uniform_f64() * span) as usize).min(res - size);
+                a.y0 = ((rng.uniform_f64() * span) as usize).min(res - size);
+            }
+            if flip {
+                a.flip = rng.uniform_f64() < 0.5;
+            }
+            a
+        })
+        .collect()
+}
+
+/// Reconstructions through the posterior mean, without building a graph.
+pub fn reconstruct(vae: &AutoencoderKL, x: &Tensor) -> Result<Tensor> {
+    let mut out = Vec::new();
+    for start in (0..x.dim(0)?).step_by(EVAL_BATCH) {
+        let n = EVAL_BATCH.min(x.dim(0)? - start);
+        let chunk = x.narrow(0, start, n)?;
+        let z = vae.encode(&chunk)?.mean.detach();
+        out.push(vae.decode(&z)?.detach());
+    }
+    Ok(Tensor::cat(&out, 0)?)
+}
+
+/// `1 / std(z)` over posterior samples of `indices`, with noise from a generator of its own
+/// (so the value does not depend on how the run was interrupted).
+pub fn latent_scaling_factor(
+    vae: &AutoencoderKL,
+    data: &ImageFolder,
+    indices: &[usize],
+    seed: u64,
+    device: &Device,
+) -> Result<f64> {
+    let mut rng = TorchRng::new(derive_seed(seed, 5));
+    let (mut sum, mut sum2, mut n) = (0f64, 0f64, 0f64);
+    for chunk in indices.chunks(EVAL_BATCH) {
+        let post = vae.encode(&data.batch(chunk, device)?)?;
+        let noise = rng.randn(post.mean.dims(), DType::F32, device)?;
+        let z = post.sample_with(&noise)?.detach().flatten_all()?.to_vec1::<f32>()?;
+        for v in z {
+            sum += v as f64;
+            sum2 += (v as f64).powi(2);
+            n += 1.0;
+        }
+    }
+    // torch.std is the unbiased estimate.
+    let var = (sum2 - sum * sum / n) / (n - 1.0).max(1.0);
+    if !(var > 0.0 && var.is_finite()) {
+        return Err(TrainError::msg(format!("the latents have variance {var}: cannot scale them")));
+    }
+    Ok(1.0 / var.sqrt())
+}
+
+/// Mean per-image PSNR of reconstructions (posterior mean) of `indices`.
+pub fn mean_psnr(
+    vae: &AutoencoderKL,
+    data: &ImageFolder,
+    indices: &[usize],
+    device: &Device,
+) -> Result<f64> {
+    let mut total = 0.0;
+    let mut n = 0usize;
+    for chunk in indices.chunks(EVAL_BATCH) {
+        let x = data.batch(chunk, device)?;
+        let recon = to_images(&reconstruct(vae, &x)?)?;
+        for (img, &i) in recon.iter().zip(chunk) {
+            if let Some(orig) = data.image(i) {
+                // Identical images would give inf; cap at 100 dB so the mean stays finite.
+                total += psnr(&orig, img).min(100.0);
+                n += 1;
+            }
+        }
+    }
+    Ok(if n == 0 { 0.0 } else { total / n as f64 })
+}
+
+/// Reads a diffusers VAE config file as JSON (to hand to [`VaeTrainer`]).
+pub fn read_vae_config(path: &Path) -> Result<Value> {
+    let v = crate::export::read_json(path)?;
+    read_config(&v).map_err(|e| TrainError::msg(format!("{}: {e}", path.display())))?;
+    Ok(v)
+}
+
+/// The files a finished `train-vae` run leaves in its output folder.
+pub fn vae_files(out: &Path) -> [PathBuf; 2] {
+    [out.join("config.json"), out.join("diffusion_pytorch_model.safetensors")]
+}

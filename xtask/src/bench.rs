@@ -1,0 +1,437 @@
+//! `cargo xtask bench`: CPU speed and memory of ltd against diffusers/PyTorch, measured in the
+//! same run on the same machine.
+//!
+//! Items (`--only`, default all):
+//! - `matmul`: a 4096³ f32 matrix product, candle's and torch's: the machine's calibration;
+//! - `unet`: one SD 1.5 U-Net step (configs/stable-diffusion-v1-5/unet, random weights,
+//!   512×512 so 64×64 latents, batch 2 as for classifier-free guidance, text states
+//!   `[2, 77, 768]`), after `--warmup` untimed steps: median over `--steps` steps;
+//! - `vae`: an SD 1.5 VAE decode to 512×512, batch 1, likewise;
+//! - `load`: loading a random SD 1.5 U-Net checkpoint (3.4 GB, written once to
+//!   `target/bench/sd15-unet/`) with `UNet2DConditionModel::load` and with diffusers'
+//!   `from_pretrained`: peak memory against the file's size.
+//!
+//! Every item runs in a child process of its own (this binary with the hidden `--child` flag,
+//! and `xtask/bench/reference.py` for the reference), so each peak resident set belongs to one
+//! item alone; it is reset (`/proc/self/clear_refs`) once the model is built, so it covers the
+//! weights and the computation, not construction. CPU-seconds (user + system, all threads) are
+//! reported next to wall time: on a machine shared with other work they are the steadier
+//! measure of how much computing each side needs.
+//!
+//! The reference runs in the pinned Python environment, the first that exists of
+//! `$LTD_FIXTURES_VENV/bin/python`, `target/fixtures-venv/bin/python` (what `cargo xtask
+//! fixtures` creates) and `/root/venvs/ref/bin/python`; without one (or with
+//! `--no-reference`) only ltd is measured, and the table says so.
+
+mod measure;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Operations of one SD 1.5 U-Net step at 512×512, batch 2 (multiply-adds counted twice), as
+/// `torch.utils.flop_counter.FlopCounterMode` counts them for diffusers' model.
+const UNET_GFLOP: f64 = 1606.0;
+/// Operations of one SD 1.5 VAE decode at 512×512, batch 1, counted the same way.
+const VAE_GFLOP: f64 = 2515.0;
+/// Side of the calibration matrix product.
+const MATMUL_N: usize = 4096;
+
+/// A benchmark item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Item {
+    /// A 4096³ f32 matrix product.
+    Matmul,
+    /// One SD 1.5 U-Net step at 512×512, batch 2.
+    Unet,
+    /// One SD 1.5 VAE decode at 512×512.
+    Vae,
+    /// Loading a 3.4 GB SD 1.5 U-Net checkpoint.
+    Load,
+}
+
+impl Item {
+    const ALL: [Item; 4] = [Item::Matmul, Item::Unet, Item::Vae, Item::Load];
+
+    fn name(self) -> &'static str {
+        match self {
+            Item::Matmul => "matmul",
+            Item::Unet => "unet",
+            Item::Vae => "vae",
+            Item::Load => "load",
+        }
+    }
+
+    /// Operations of one run, in GFLOP.
+    fn gflop(self) -> Option<f64> {
+        match self {
+            Item::Matmul => Some(2.0 * (MATMUL_N as f64).powi(3) / 1e9),
+            Item::Unet => Some(UNET_GFLOP),
+            Item::Vae => Some(VAE_GFLOP),
+            Item::Load => None,
+        }
+    }
+}
+
+/// What a child process does (hidden from `--help`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Child {
+    Matmul,
+    Unet,
+    Vae,
+    Load,
+    /// Writes the random checkpoint the `load` item reads.
+    WriteUnet,
+}
+
+/// Arguments of `cargo xtask bench`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Items to run, comma-separated or repeated (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub only: Vec<Item>,
+    /// Timed runs per item (U-Net steps, VAE decodes, products); the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// Untimed runs before them.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Measure ltd only.
+    #[arg(long)]
+    pub no_reference: bool,
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Run one item in this process and print its measurement as JSON (used by the bench).
+    #[arg(long, value_enum, hide = true)]
+    pub child: Option<Child>,
+}
+
+/// One side's measurement of one item (the reference script prints the same fields).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Measurement {
+    pub item: String,
+    pub implementation: String,
+    /// Wall seconds of each timed run.
+    pub wall_s: Vec<f64>,
+    /// CPU seconds (user + system, all threads) of each timed run.
+    pub cpu_s: Vec<f64>,
+    pub median_wall_s: f64,
+    pub median_cpu_s: f64,
+    /// Resident set once the model was built (the weights), MiB.
+    pub base_rss_mib: Option<f64>,
+    /// Peak resident set from then on, MiB.
+    pub peak_rss_mib: Option<f64>,
+    /// Compute threads.
+    pub threads: usize,
+    /// Item-specific details (file size, versions, …).
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, Value>,
+}
+
+/// The machine the bench ran on.
+#[derive(Debug, Clone, Serialize)]
+struct Machine {
+    cpu: String,
+    cores: usize,
+    avx2: bool,
+    fma: bool,
+    avx512f: bool,
+    memory_gib: f64,
+    load_average_start: String,
+    load_average_end: String,
+}
+
+impl Machine {
+    fn detect() -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let field = |name: &str| {
+            cpuinfo
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        };
+        let flags = field("flags").unwrap_or_default();
+        let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let mem_kib = meminfo
+            .lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        Self {
+            cpu: field("model name").unwrap_or_else(|| std::env::consts::ARCH.to_string()),
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            avx2: has("avx2"),
+            fma: has("fma"),
+            avx512f: has("avx512f"),
+            memory_gib: mem_kib / (1024.0 * 1024.0),
+            load_average_start: load_average(),
+            load_average_end: String::new(),
+        }
+    }
+
+    fn describe(&self) -> String {
+        let flag = |on: bool, name: &str| if on { name.to_string() } else { format!("no {name}") };
+        format!(
+            "{}, {} cores ({}, {}, {}), {:.0} GiB; load average at start {}, at end {}",
+            self.cpu,
+            self.cores,
+            flag(self.avx2, "AVX2"),
+            flag(self.fma, "FMA"),
+            flag(self.avx512f, "AVX-512F"),
+            self.memory_gib,
+            self.load_average_start,
+            self.load_average_end
+        )
+    }
+}
+
+fn load_average() -> String {
+    let s = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+}
+
+/// Both sides of one item.
+#[derive(Debug, Serialize)]
+struct Row {
+    item: Item,
+    gflop: Option<f64>,
+    ltd: Measurement,
+    diffusers: Option<Measurement>,
+    /// Why there is no reference measurement.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reference_error: Option<String>,
+}
+
+/// Everything `--json` writes.
+#[derive(Debug, Serialize)]
+struct Report {
+    machine: Machine,
+    steps: usize,
+    warmup: usize,
+    reference_python: Option<PathBuf>,
+    rows: Vec<Row>,
+}
+
+/// The folder of the `load` item's random checkpoint.
+fn load_dir(root: &Path) -> PathBuf {
+    root.join("target/bench/sd15-unet")
+}
+
+/// The Python of the pinned reference environment (see the module documentation).
+fn reference_python(root: &Path) -> Option<PathBuf> {
+    let mut candidates = Vec::new();
+    if let Some(venv) = std::env::var_os("LTD_FIXTURES_VENV").filter(|v| !v.is_empty()) {
+        candidates.push(PathBuf::from(venv).join("bin/python"));
+    }
+    candidates.push(root.join("target/fixtures-venv/bin/python"));
+    candidates.push(PathBuf::from("/root/venvs/ref/bin/python"));
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+/// Runs the task.
+pub fn run(args: &Args, root: &Path) -> Result<()> {
+    if let Some(child) = args.child {
+        return measure::run_child(child, args, root);
+    }
+    if args.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let items: Vec<Item> =
+        Item::ALL.into_iter().filter(|i| args.only.is_empty() || args.only.contains(i)).collect();
+    let mut machine = Machine::detect();
+    let python = if args.no_reference { None } else { reference_python(root) };
+    match &python {
+        Some(p) => eprintln!("reference: diffusers/PyTorch with {}", p.display()),
+        None if args.no_reference => eprintln!("reference: skipped (--no-reference)"),
+        None => eprintln!(
+            "reference: no Python environment found ($LTD_FIXTURES_VENV, \
+             target/fixtures-venv, /root/venvs/ref); measuring ltd only"
+        ),
+    }
+
+    let mut rows = Vec::new();
+    for item in items {
+        if item == Item::Load {
+            ensure_checkpoint(args, root)?;
+        }
+        eprintln!("{}: ltd …", item.name());
+        let ltd = run_ours(item, args)?;
+        let (diffusers, reference_error) = match &python {
+            Some(py) => {
+                eprintln!("{}: diffusers …", item.name());
+                match run_reference(py, item, args, root) {
+                    Ok(m) => (Some(m), None),
+                    Err(e) => {
+                        eprintln!("{}: the reference failed: {e:#}", item.name());
+                        (None, Some(format!("{e:#}")))
+                    }
+                }
+            }
+            None => (None, None),
+        };
+        rows.push(Row { item, gflop: item.gflop(), ltd, diffusers, reference_error });
+    }
+    machine.load_average_end = load_average();
+
+    print!("{}", table(&rows, python.is_some()));
+    println!("machine: {}", machine.describe());
+    println!(
+        "median of {} timed run(s) after {} warm-up run(s); ratio = ltd / diffusers \
+         (times, memory: below 1 is better for ltd; GFLOP/s: above 1)",
+        args.steps, args.warmup
+    );
+    if let Some(path) = &args.json {
+        let report = Report {
+            machine,
+            steps: args.steps,
+            warmup: args.warmup,
+            reference_python: python,
+            rows,
+        };
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn child_args(args: &Args) -> Vec<String> {
+    vec!["--steps".into(), args.steps.to_string(), "--warmup".into(), args.warmup.to_string()]
+}
+
+/// Runs `cmd`, passing its stderr through, and parses the last line of its stdout as JSON.
+fn run_json(mut cmd: Command) -> Result<Measurement> {
+    let out = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed with {}", out.status);
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    serde_json::from_str(last).with_context(|| format!("parsing the result of {cmd:?}: {last:?}"))
+}
+
+fn run_ours(item: Item, args: &Args) -> Result<Measurement> {
+    let exe = std::env::current_exe().context("finding the xtask binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["bench", "--child", item.name()]).args(child_args(args));
+    run_json(cmd)
+}
+
+fn run_reference(python: &Path, item: Item, args: &Args, root: &Path) -> Result<Measurement> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut cmd = Command::new(python);
+    cmd.arg(root.join("xtask/bench/reference.py"))
+        .arg(item.name())
+        .args(child_args(args))
+        .args(["--threads", &cores.to_string()]);
+    match item {
+        Item::Unet => cmd.arg("--config").arg(root.join(measure::UNET_CONFIG)),
+        Item::Vae => cmd.arg("--config").arg(root.join(measure::VAE_CONFIG)),
+        Item::Load => cmd.arg("--model-dir").arg(load_dir(root)),
+        Item::Matmul => &mut cmd,
+    };
+    run_json(cmd)
+}
+
+/// Writes the random checkpoint of the `load` item unless a complete one is there.
+fn ensure_checkpoint(args: &Args, root: &Path) -> Result<()> {
+    if load_dir(root).join(measure::COMPLETE_MARKER).is_file() {
+        return Ok(());
+    }
+    eprintln!("load: writing a random SD 1.5 U-Net checkpoint to {}", load_dir(root).display());
+    let exe = std::env::current_exe().context("finding the xtask binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["bench", "--child", "write-unet"]).args(child_args(args));
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("writing the checkpoint failed with {status}");
+    }
+    Ok(())
+}
+
+/// One line of the table: what is measured, and how to read it from a measurement.
+type Line<'a> = (String, Box<dyn Fn(&Measurement) -> Option<f64> + 'a>, usize);
+
+/// The lines of one item.
+fn lines_of(row: &Row) -> Vec<Line<'_>> {
+    let mut lines: Vec<Line<'_>> = Vec::new();
+    let unit = if row.item == Item::Unet { "s/step" } else { "s" };
+    if row.item != Item::Matmul {
+        lines.push((format!("{unit} (wall)"), Box::new(|m| Some(m.median_wall_s)), 2));
+        lines.push((format!("CPU-{unit}"), Box::new(|m| Some(m.median_cpu_s)), 2));
+    }
+    if let Some(g) = row.gflop {
+        lines.push(("GFLOP/s (wall)".into(), Box::new(move |m| Some(g / m.median_wall_s)), 1));
+        lines.push(("GFLOP per CPU-s".into(), Box::new(move |m| Some(g / m.median_cpu_s)), 1));
+    }
+    lines.push(("peak RSS MiB".into(), Box::new(|m| m.peak_rss_mib), 0));
+    match row.item {
+        Item::Unet | Item::Vae => {
+            let above = |m: &Measurement| m.peak_rss_mib.zip(m.base_rss_mib).map(|(p, b)| p - b);
+            lines.push(("peak above weights MiB".into(), Box::new(above), 0));
+        }
+        Item::Load => {
+            // Both sides read the same file, whose size ltd's side reports.
+            let file_mib = row.ltd.extra.get("file_mib").and_then(Value::as_f64);
+            lines.push(("file MiB".into(), Box::new(move |_| file_mib), 0));
+            let per_file = move |m: &Measurement| m.peak_rss_mib.zip(file_mib).map(|(p, f)| p / f);
+            lines.push(("peak RSS / file size".into(), Box::new(per_file), 2));
+        }
+        Item::Matmul => {}
+    }
+    lines
+}
+
+/// The results as a text table.
+fn table(rows: &[Row], with_reference: bool) -> String {
+    let fmt =
+        |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
+    let mut cells: Vec<[String; 5]> =
+        vec![["item", "measure", "ltd", "diffusers", "ratio"].map(String::from)];
+    for row in rows {
+        for (i, (what, value, digits)) in lines_of(row).into_iter().enumerate() {
+            let (x, y) = (value(&row.ltd), row.diffusers.as_ref().and_then(value));
+            let name = if i == 0 { row.item.name() } else { "" };
+            let ratio = fmt(x.zip(y).map(|(x, y)| x / y), 2);
+            cells.push([name.into(), what, fmt(x, digits), fmt(y, digits), ratio]);
+        }
+        if let Some(err) = &row.reference_error {
+            cells.push([
+                "".into(),
+                format!("(reference failed: {err})"),
+                "".into(),
+                "".into(),
+                "".into(),
+            ]);
+        }
+    }
+    let widths: Vec<usize> =
+        (0..5).map(|c| cells.iter().map(|l| l[c].chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for line in &cells {
+        let padded: Vec<String> = line
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(c, (s, &w))| if c < 2 { format!("{s:<w$}") } else { format!("{s:>w$}") })
+            .collect();
+        out.push_str(padded.join("  ").trim_end());
+        out.push('\n');
+    }
+    if !with_reference {
+        out.push_str("(no reference measured: the diffusers column is empty)\n");
+    }
+    out
+}

@@ -1,0 +1,137 @@
+//! `cargo xtask train-unet`: trains a text-conditioned U-Net on latents of a frozen VAE, with
+//! a frozen or from-scratch CLIP text encoder, and writes a complete `StableDiffusionPipeline`
+//! folder (see `ltd_train::train_unet`).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use ltd_train::train_unet::{read_config, TextEncoderSource, UnetTrainOptions, UnetTrainer};
+
+use crate::train_vae::{OptimArgs, Reporter};
+
+/// Arguments of `cargo xtask train-unet`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The imagefolder: images plus metadata.jsonl (`file_name`, `text`).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The trained VAE folder (diffusers layout, e.g. the --out of train-vae); kept frozen.
+    #[arg(long)]
+    pub vae: PathBuf,
+    /// A diffusers UNet2DConditionModel config.json to train from scratch.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Output folder: the pipeline (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
+    /// scheduler/) and train/.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// A trained CLIPTextModel folder to use frozen.
+    #[arg(long, conflicts_with = "text_encoder_config")]
+    pub text_encoder: Option<PathBuf>,
+    /// A transformers CLIPTextConfig config.json: train a text encoder from scratch.
+    #[arg(long)]
+    pub text_encoder_config: Option<PathBuf>,
+    /// The CLIP tokenizer folder (default: the real CLIP vocabulary in
+    /// tests/fixtures/pipelines/sd1/tokenizer).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// The scheduler_config.json the pipeline ships (its betas define the noise schedule;
+    /// default: Stable Diffusion 1.5's).
+    #[arg(long)]
+    pub scheduler_config: Option<PathBuf>,
+    /// Training image side (default: the VAE's sample_size).
+    #[arg(long)]
+    pub resolution: Option<usize>,
+    /// Probability of an empty caption (for classifier-free guidance).
+    #[arg(long, default_value_t = 0.1)]
+    pub caption_dropout: f64,
+    /// epsilon or v_prediction (default: the scheduler config's).
+    #[arg(long)]
+    pub prediction_type: Option<String>,
+    /// min-SNR-γ loss weighting (e.g. 5).
+    #[arg(long)]
+    pub snr_gamma: Option<f64>,
+    /// Maximum EMA decay of the weights.
+    #[arg(long, default_value_t = 0.999)]
+    pub ema_decay: f64,
+    /// Train without an EMA of the weights.
+    #[arg(long)]
+    pub no_ema: bool,
+    /// Mirror training images left-right at random (not when captions name sides).
+    #[arg(long)]
+    pub random_flip: bool,
+    /// Save a from-scratch text encoder in float16.
+    #[arg(long)]
+    pub text_encoder_fp16: bool,
+    /// Save the U-Net in float16.
+    #[arg(long)]
+    pub unet_fp16: bool,
+    /// Denoising steps of the preview images written with each checkpoint (0: none).
+    #[arg(long, default_value_t = 20)]
+    pub preview_steps: usize,
+    #[command(flatten)]
+    pub optim: OptimArgs,
+}
+
+/// Runs the task.
+pub fn run(args: &Args, root: &Path) -> Result<()> {
+    let unet_config = read_config(&args.config)?;
+    let text_encoder = match (&args.text_encoder, &args.text_encoder_config) {
+        (Some(dir), None) => TextEncoderSource::Frozen(dir.clone()),
+        (None, Some(cfg)) => TextEncoderSource::Scratch(read_config(cfg)?),
+        _ => bail!("pass --text-encoder DIR (frozen) or --text-encoder-config FILE (from scratch)"),
+    };
+    let tokenizer = args
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| root.join("tests/fixtures/pipelines/sd1/tokenizer"));
+    let scheduler_path = args.scheduler_config.clone().unwrap_or_else(|| {
+        root.join("configs/stable-diffusion-v1-5/scheduler/scheduler_config.json")
+    });
+    let scheduler_config = read_config(&scheduler_path)?;
+    let options = UnetTrainOptions {
+        optim: args.optim.options(UnetTrainOptions::default().optim.learning_rate),
+        resolution: args.resolution,
+        caption_dropout: args.caption_dropout,
+        prediction_type: args.prediction_type.clone(),
+        snr_gamma: args.snr_gamma,
+        ema_decay: (!args.no_ema).then_some(args.ema_decay),
+        random_flip: args.random_flip,
+        text_encoder_fp16: args.text_encoder_fp16,
+        unet_fp16: args.unet_fp16,
+        preview_steps: args.preview_steps,
+    };
+    let trainer = UnetTrainer {
+        data: &args.data,
+        vae: &args.vae,
+        unet_config: &unet_config,
+        text_encoder,
+        tokenizer: &tokenizer,
+        scheduler_config: &scheduler_config,
+        out: &args.out,
+        options,
+        device: args.optim.device.open()?,
+    };
+    let start = Instant::now();
+    let mut reporter = Reporter::new();
+    let outcome = trainer.run(&args.optim.control(), &mut |e| reporter.event(e));
+    reporter.finish();
+    let outcome =
+        outcome.with_context(|| format!("training the U-Net into {}", args.out.display()))?;
+    let secs = start.elapsed().as_secs_f64();
+    if outcome.stopped {
+        eprintln!(
+            "stopped after step {} in {secs:.0}s; continue with --resume",
+            outcome.steps_done
+        );
+        return Ok(());
+    }
+    eprintln!(
+        "trained {} steps in {secs:.0}s; final loss {:.5}",
+        outcome.steps_done,
+        outcome.final_loss.unwrap_or(f32::NAN)
+    );
+    println!("wrote the pipeline to {}", args.out.display());
+    Ok(())
+}
