@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use image::RgbImage;
-use ltd_pipeline::{GenerateRequest, LoadOptions, MimicGuidance, ModelSource, Pipeline};
+use ltd_pipeline::{
+    DynamicThreshold, GenerateRequest, LoadOptions, MimicGuidance, ModelSource, Pipeline,
+};
 use ltd_train::shape_check::{analyze, Accuracy, Verdict};
 use ltd_train::shapes::{caption, holdout_cases, read_spec, Attributes, HoldoutRule, ShapesSpec};
 
@@ -43,6 +45,10 @@ pub struct Args {
     /// `ltd-gen --mimic-guidance`), percentile 0.995.
     #[arg(long)]
     pub mimic_guidance: Option<f64>,
+    /// Also apply Imagen dynamic thresholding with this ratio and maximum (`R,M`, see
+    /// `ltd-gen --dynamic-threshold`).
+    #[arg(long, value_name = "R,M", value_parser = parse_threshold)]
+    pub dynamic_threshold: Option<DynamicThreshold>,
     /// Write the generated images as grids (one per guidance scale) and report.json here.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -84,37 +90,43 @@ pub fn run(args: &Args, root: &Path) -> Result<()> {
         args.steps
     );
     let mut table = String::from(
-        "| guidance | images | colour | shape | position | background | all four |\n|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| guidance | images | colour | shape | position | background | all four | saturated |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let mut report = Vec::new();
     for &g in &args.guidance {
         let mut verdicts = Vec::new();
         let mut images = Vec::new();
         for (i, case) in cases.iter().enumerate() {
-            let mimic =
-                args.mimic_guidance.map(|m| MimicGuidance { mimic: m, ..Default::default() });
-            let img = generate(&pipe, case, g, mimic, args.steps, args.seed + i as u64)?;
+            let limits = Limits {
+                mimic_guidance: args
+                    .mimic_guidance
+                    .map(|m| MimicGuidance { mimic: m, ..Default::default() }),
+                dynamic_threshold: args.dynamic_threshold,
+            };
+            let img = generate(&pipe, case, g, limits, args.steps, args.seed + i as u64)?;
             verdicts.push(Verdict::judge(&analyze(&img), case));
             images.push(img);
         }
         let acc = Accuracy::of(&verdicts);
+        let sat = images.iter().map(saturated).sum::<f64>() / images.len().max(1) as f64;
         let pct = |v: f64| format!("{:.0}%", 100.0 * v);
         writeln!(
             table,
-            "| {g} | {} | {} | {} | {} | {} | {} |",
+            "| {g} | {} | {} | {} | {} | {} | {} | {:.1}% |",
             acc.n,
             pct(acc.colour),
             pct(acc.shape),
             pct(acc.position),
             pct(acc.background),
-            pct(acc.all)
+            pct(acc.all),
+            100.0 * sat
         )?;
         if let Some(out) = &args.out {
             std::fs::create_dir_all(out)?;
             let path = out.join(format!("guidance-{g}.png"));
             grid(&images, 10).save(&path).with_context(|| format!("writing {}", path.display()))?;
         }
-        report.push(serde_json::json!({ "guidance": g, "accuracy": acc, "verdicts": verdicts }));
+        report.push(serde_json::json!({ "guidance": g, "accuracy": acc, "saturated": sat, "verdicts": verdicts }));
     }
     println!("{table}");
     if let Some(out) = &args.out {
@@ -126,12 +138,31 @@ pub fn run(args: &Args, root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The guidance limiters an evaluation applies.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    mimic_guidance: Option<MimicGuidance>,
+    dynamic_threshold: Option<DynamicThreshold>,
+}
+
+fn parse_threshold(s: &str) -> Result<DynamicThreshold, String> {
+    let (r, m) = s.split_once(',').ok_or("expected RATIO,MAX (e.g. 0.995,2.5)")?;
+    let num = |v: &str| v.trim().parse::<f64>().map_err(|e| format!("`{v}`: {e}"));
+    Ok(DynamicThreshold { ratio: num(r)?, max: num(m)? })
+}
+
+/// Fraction of channel values at 0 or 255: how much of an image guidance has saturated.
+fn saturated(img: &RgbImage) -> f64 {
+    let raw = img.as_raw();
+    raw.iter().filter(|&&v| v == 0 || v == 255).count() as f64 / raw.len().max(1) as f64
+}
+
 /// One image for the full caption of `case`.
 fn generate(
     pipe: &Pipeline,
     case: &Attributes,
     guidance: f64,
-    mimic_guidance: Option<MimicGuidance>,
+    limits: Limits,
     steps: usize,
     seed: u64,
 ) -> Result<RgbImage> {
@@ -139,7 +170,8 @@ fn generate(
         prompts: vec![caption(case)],
         steps,
         guidance,
-        mimic_guidance,
+        mimic_guidance: limits.mimic_guidance,
+        dynamic_threshold: limits.dynamic_threshold,
         seed,
         ..Default::default()
     };

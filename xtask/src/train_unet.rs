@@ -3,12 +3,11 @@
 //! folder (see `ltd_train::train_unet`).
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use ltd_train::train_unet::{read_config, TextEncoderSource, UnetTrainOptions, UnetTrainer};
 
-use crate::train_vae::{OptimArgs, Reporter};
+use crate::train_vae::{drive, OptimArgs};
 
 /// Arguments of `cargo xtask train-unet`.
 #[derive(Debug, clap::Args)]
@@ -113,25 +112,9 @@ pub fn run(args: &Args, root: &Path) -> Result<()> {
         options,
         device: args.optim.device.open()?,
     };
-    let start = Instant::now();
-    let mut reporter = Reporter::new();
-    let outcome = trainer.run(&args.optim.control(), &mut |e| reporter.event(e));
-    reporter.finish();
-    let outcome =
-        outcome.with_context(|| format!("training the U-Net into {}", args.out.display()))?;
-    let secs = start.elapsed().as_secs_f64();
-    if outcome.stopped {
-        eprintln!(
-            "stopped after step {} in {secs:.0}s; continue with --resume",
-            outcome.steps_done
-        );
-        return Ok(());
+    let control = args.optim.control();
+    if drive("the U-Net", &args.out, |sink| trainer.run(&control, sink))?.is_some() {
+        println!("wrote the pipeline to {}", args.out.display());
     }
-    eprintln!(
-        "trained {} steps in {secs:.0}s; final loss {:.5}",
-        outcome.steps_done,
-        outcome.final_loss.unwrap_or(f32::NAN)
-    );
-    println!("wrote the pipeline to {}", args.out.display());
     Ok(())
 }

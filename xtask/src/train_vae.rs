@@ -3,7 +3,7 @@
 //! rendering both trainers share.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -11,8 +11,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use ltd_nn::DeviceChoice;
 use ltd_train::common::OptimOptions;
 use ltd_train::optim::{AdamWConfig, LrSchedule};
-use ltd_train::progress::Event;
-use ltd_train::train_vae::{read_vae_config, VaeTrainOptions, VaeTrainer};
+use ltd_train::progress::{Event, Sink};
+use ltd_train::train_unet::UnetOutcome;
+use ltd_train::train_vae::{read_vae_config, VaeOutcome, VaeTrainOptions, VaeTrainer};
 use ltd_train::RunControl;
 
 /// Optimisation flags shared by both trainers.
@@ -222,25 +223,10 @@ pub fn run(args: &Args) -> Result<()> {
         options,
         device: args.optim.device.open()?,
     };
-    let start = Instant::now();
-    let mut reporter = Reporter::new();
-    let outcome = trainer.run(&args.optim.control(), &mut |e| reporter.event(e));
-    reporter.finish();
-    let outcome =
-        outcome.with_context(|| format!("training the VAE into {}", args.out.display()))?;
-    let secs = start.elapsed().as_secs_f64();
-    if outcome.stopped {
-        eprintln!(
-            "stopped after step {} in {secs:.0}s; continue with --resume",
-            outcome.steps_done
-        );
+    let control = args.optim.control();
+    let Some(outcome) = drive("the VAE", &args.out, |sink| trainer.run(&control, sink))? else {
         return Ok(());
-    }
-    eprintln!(
-        "trained {} steps in {secs:.0}s; final loss {:.5}",
-        outcome.steps_done,
-        outcome.final_loss.unwrap_or(f32::NAN)
-    );
+    };
     if let Some(p) = outcome.psnr {
         let what = if outcome.psnr_held_out {
             "held-out"
@@ -254,4 +240,66 @@ pub fn run(args: &Args) -> Result<()> {
     }
     println!("wrote {}", args.out.display());
     Ok(())
+}
+
+/// What both trainers' outcomes tell about how a run ended.
+pub trait Ended {
+    /// The run stopped early on purpose (`--stop-after`); nothing was exported.
+    fn stopped(&self) -> bool;
+    /// Steps done in total.
+    fn steps_done(&self) -> usize;
+    /// Mean loss of the last steps.
+    fn final_loss(&self) -> Option<f32>;
+}
+
+impl Ended for VaeOutcome {
+    fn stopped(&self) -> bool {
+        self.stopped
+    }
+    fn steps_done(&self) -> usize {
+        self.steps_done
+    }
+    fn final_loss(&self) -> Option<f32> {
+        self.final_loss
+    }
+}
+
+impl Ended for UnetOutcome {
+    fn stopped(&self) -> bool {
+        self.stopped
+    }
+    fn steps_done(&self) -> usize {
+        self.steps_done
+    }
+    fn final_loss(&self) -> Option<f32> {
+        self.final_loss
+    }
+}
+
+/// Runs a trainer under the progress reporter and says how it ended; `None` when it stopped
+/// early on purpose (then there is nothing more to report).
+pub fn drive<O: Ended>(
+    what: &str,
+    out: &Path,
+    train: impl FnOnce(Sink) -> ltd_train::Result<O>,
+) -> Result<Option<O>> {
+    let start = Instant::now();
+    let mut reporter = Reporter::new();
+    let outcome = train(&mut |e| reporter.event(e));
+    reporter.finish();
+    let outcome = outcome.with_context(|| format!("training {what} into {}", out.display()))?;
+    let secs = start.elapsed().as_secs_f64();
+    if outcome.stopped() {
+        eprintln!(
+            "stopped after step {} in {secs:.0}s; continue with --resume",
+            outcome.steps_done()
+        );
+        return Ok(None);
+    }
+    eprintln!(
+        "trained {} steps in {secs:.0}s; final loss {:.5}",
+        outcome.steps_done(),
+        outcome.final_loss().unwrap_or(f32::NAN)
+    );
+    Ok(Some(outcome))
 }

@@ -309,6 +309,39 @@ mod tests {
     }
 
     #[test]
+    fn direct_kernel_with_epilogue_equals_candles() {
+        // Shapes that exercise several bands of rows, split output channels, 1×1 and 5×5
+        // kernels, no padding, and a batch.
+        for &(b, cin, cout, h, w, k, pad) in &[
+            (2, 3, 5, 7, 6, 3, 1),
+            (1, 4, 130, 5, 9, 1, 0),
+            (2, 2, 3, 6, 4, 3, 0),
+            (1, 3, 4, 4, 5, 5, 2),
+            (1, 8, 160, 300, 40, 3, 1),
+        ] {
+            let x = rand(&[b, cin, h, w], 1);
+            let conv = Conv2d {
+                weight: rand(&[cout, cin, k, k], 2),
+                bias: rand(&[cout], 3),
+                padding: pad,
+                stride: 1,
+            };
+            let plain = x.conv2d(&conv.weight, pad, 1, 1, 1).unwrap();
+            let plain = plain.broadcast_add(&conv.bias.reshape((1, cout, 1, 1)).unwrap()).unwrap();
+            let ours = conv.forward(&x).unwrap();
+            assert!(max_diff(&ours, &plain) < 1e-5, "{:?}", (b, cin, cout, h, w, k, pad));
+
+            let temb = rand(&[b, cout], 4);
+            let residual = rand(plain.dims(), 5);
+            let expected =
+                plain.broadcast_add(&temb.unsqueeze(2).unwrap().unsqueeze(3).unwrap()).unwrap();
+            let expected = ((expected + &residual).unwrap() / 2.0).unwrap();
+            let ours = conv.forward_fused(&x, Some(&temb), Some(&residual), 2.0).unwrap();
+            assert!(max_diff(&ours, &expected) < 1e-5, "fused {:?}", (b, cin, cout, h, w, k));
+        }
+    }
+
+    #[test]
     fn bands_and_gradients() {
         // Tall enough input to be split into several bands of rows.
         let rows = MAX_UNFOLD_BYTES / (2 * 9 * 18 * 4) * 2 + 37;
