@@ -71,6 +71,7 @@ fn repo_root() -> PathBuf {
 }
 
 fn main() -> Result<()> {
+    ltd_nn::pin_cpu_threads();
     let cli = Cli::parse();
     let root = repo_root();
     if cli.task.is_heavy()

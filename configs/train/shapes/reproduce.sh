@@ -32,7 +32,7 @@ cargo xtask train-vae --data "$work/data" --config "$cfg/vae.json" --out "$work/
 cargo xtask train-unet --data "$work/data" --vae "$work/vae" --config "$cfg/unet.json" \
     --text-encoder-config "$cfg/text_encoder.json" \
     --scheduler-config "$cfg/scheduler_config.json" --out "$work/pipeline" \
-    --batch-size 32 --steps 1000 --learning-rate 1e-3 --lr-schedule cosine --warmup-steps 100 \
-    --snr-gamma 5 --unet-fp16 --text-encoder-fp16 --checkpoint-every 250 --seed 0
+    --batch-size 16 --steps 2200 --learning-rate 1e-3 --lr-schedule cosine --warmup-steps 100 \
+    --snr-gamma 5 --unet-fp16 --text-encoder-fp16 --checkpoint-every 550 --seed 0
 
 cargo xtask eval-shapes --model "$work/pipeline" --data "$work/data" --out "$work/eval"

@@ -22,6 +22,7 @@ use crate::args::Args;
 use crate::output::Staged;
 
 fn main() -> ExitCode {
+    ltd_nn::pin_cpu_threads();
     let args = Args::parse();
     init_tracing();
     match run(&args) {

@@ -17,5 +17,5 @@ pub use config::{load_config, read_json, OneOrMany};
 pub use device::{default_dtype, parse_dtype, DeviceChoice};
 pub use error::{ConfigError, Error, Result};
 pub use rng::{NoiseSource, PhiloxRng, TorchRng};
-pub use runtime::RuntimeOptions;
+pub use runtime::{pin_cpu_threads, RuntimeOptions};
 pub use weights::{load_checked, record_shapes, LoadReport, SafetensorsFiles};
