@@ -330,7 +330,8 @@ fn run_ours(item: Item, args: &Args) -> Result<Measurement> {
 }
 
 fn run_reference(python: &Path, item: Item, args: &Args, root: &Path) -> Result<Measurement> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // The same thread count as our side (candle's, which honours RAYON_NUM_THREADS).
+    let cores = candle_core::utils::get_num_threads();
     let mut cmd = Command::new(python);
     cmd.arg(root.join("xtask/bench/reference.py"))
         .arg(item.name())

@@ -81,7 +81,7 @@ pub(crate) fn attention(
             units.push((h, b * BLOCK_Q, block_out));
         }
     }
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(units.len());
+    let threads = crate::layers::cpu_threads().min(units.len());
     let per_thread = units.len().div_ceil(threads.max(1));
     let kt = &kt;
     let run = |units: &mut [(usize, usize, &mut [f32])]| {

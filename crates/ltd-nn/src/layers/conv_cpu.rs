@@ -88,7 +88,7 @@ pub(crate) fn conv2d(x: &[f32], weight: &[f32], s: ConvShape, epi: Epilogue<'_>)
     let row_bytes = (s.cin + s.cout) * wp * 4;
     let rows = (BAND_BYTES / row_bytes.max(1)).max(MIN_BAND_COLUMNS.div_ceil(wp)).clamp(1, hout);
     let bands = hout.div_ceil(rows);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = super::cpu::threads();
     // Split the output channels only when images × bands leave threads idle.
     let per_image = (2 * threads).div_ceil(s.batch * bands);
     let blocks = per_image.min(s.cout / MIN_CHANNEL_BLOCK).max(1);

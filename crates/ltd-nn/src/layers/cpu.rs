@@ -92,12 +92,17 @@ pub(crate) fn params_f32(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
     })
 }
 
+/// The CPU threads the fused kernels use: candle's own count (its physical-core count, or
+/// `RAYON_NUM_THREADS`), so that one setting governs every kernel.
+pub(crate) fn threads() -> usize {
+    candle_core::utils::get_num_threads().max(1)
+}
+
 /// Threads worth using for `work` element operations (small jobs stay on one thread: spawning
 /// costs more than it saves).
 fn threads_for(work: usize) -> usize {
     const MIN_WORK_PER_THREAD: usize = 1 << 16;
-    let available = std::thread::available_parallelism().map_or(1, |n| n.get());
-    available.min(work / MIN_WORK_PER_THREAD).max(1)
+    threads().min(work / MIN_WORK_PER_THREAD).max(1)
 }
 
 /// Runs `f(row_index, src_row, dst_row)` for every row (`src_len` elements in, `dst_len` out),
