@@ -247,18 +247,7 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
-        // A small deterministic generator keeps the test free of RNG crates.
-        let n: usize = shape.iter().product();
-        let mut s = seed;
-        let data: Vec<f32> = (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-            })
-            .collect();
-        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
-    }
+    use crate::test_util::rand;
 
     #[test]
     fn chunked_equals_naive() {

@@ -345,13 +345,7 @@ mod tests {
     use super::*;
 
     fn lcg(n: usize, seed: u64, amp: f32) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                (((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5) * 2.0 * amp
-            })
-            .collect()
+        crate::test_util::uniform(n, seed).into_iter().map(|u| u * 2.0 * amp).collect()
     }
 
     /// Softmax attention in f64 from the definition.

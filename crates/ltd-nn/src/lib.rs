@@ -11,6 +11,8 @@ pub mod layers;
 pub mod rng;
 pub mod runtime;
 mod simd;
+#[cfg(test)]
+mod test_util;
 pub mod weights;
 
 pub use config::{load_config, read_json, OneOrMany};

@@ -61,39 +61,24 @@ impl TextEncoders {
         runtime: &RuntimeOptions,
     ) -> Result<Self> {
         let tok = |name: &str| CLIPTokenizer::from_folder(&root.join(name));
+        let first = || -> Result<(CLIPTokenizer, Encoder)> {
+            let tokenizer = tok("tokenizer")?;
+            let dir = root.join("text_encoder");
+            let model = CLIPTextModel::from_folder(&dir, variant, dtype, device, runtime)?;
+            Ok((tokenizer, Encoder::Plain(model)))
+        };
         let parts = match kind {
-            PipelineKind::StableDiffusion => vec![(
-                tok("tokenizer")?,
-                Encoder::Plain(CLIPTextModel::from_folder(
-                    &root.join("text_encoder"),
-                    variant,
-                    dtype,
-                    device,
-                    runtime,
-                )?),
-            )],
-            PipelineKind::StableDiffusionXl => vec![
-                (
-                    tok("tokenizer")?,
-                    Encoder::Plain(CLIPTextModel::from_folder(
-                        &root.join("text_encoder"),
-                        variant,
-                        dtype,
-                        device,
-                        runtime,
-                    )?),
-                ),
-                (
-                    tok("tokenizer_2")?,
-                    Encoder::Projection(CLIPTextModelWithProjection::from_folder(
-                        &root.join("text_encoder_2"),
-                        variant,
-                        dtype,
-                        device,
-                        runtime,
-                    )?),
-                ),
-            ],
+            PipelineKind::StableDiffusion => vec![first()?],
+            PipelineKind::StableDiffusionXl => {
+                // Loaded in folder order, so a broken model reports its first bad folder.
+                let first = first()?;
+                let tokenizer_2 = tok("tokenizer_2")?;
+                let dir = root.join("text_encoder_2");
+                let model = CLIPTextModelWithProjection::from_folder(
+                    &dir, variant, dtype, device, runtime,
+                )?;
+                vec![first, (tokenizer_2, Encoder::Projection(model))]
+            }
         };
         Ok(Self { kind, parts, force_zeros_for_empty_prompt })
     }

@@ -93,9 +93,12 @@ pub(crate) fn params_f32(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
 }
 
 /// The CPU threads the fused kernels use: candle's own count (its physical-core count, or
-/// `RAYON_NUM_THREADS`), so that one setting governs every kernel.
+/// `RAYON_NUM_THREADS`), so that one setting governs every kernel. Asked once per process:
+/// without the variable candle counts cores by reading `/proc/cpuinfo`, far too slow to
+/// repeat for every kernel call.
 pub(crate) fn threads() -> usize {
-    candle_core::utils::get_num_threads().max(1)
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| candle_core::utils::get_num_threads().max(1))
 }
 
 /// Threads worth using for `work` element operations (small jobs stay on one thread: spawning

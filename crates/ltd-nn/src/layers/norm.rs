@@ -263,14 +263,8 @@ mod tests {
 
     fn rand(shape: &[usize], seed: u64, offset: f32) -> Tensor {
         let n: usize = shape.iter().product();
-        let mut s = seed;
-        let data: Vec<f32> = (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) * 4.0 - 2.0 + offset
-            })
-            .collect();
-        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+        let data = crate::test_util::uniform(n, seed).into_iter().map(|u| u * 4.0 + offset);
+        Tensor::from_vec(data.collect::<Vec<_>>(), shape, &Device::Cpu).unwrap()
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
