@@ -131,7 +131,8 @@ pub fn run(args: &Args, root: &Path) -> Result<()> {
     println!("{table}");
     if let Some(out) = &args.out {
         let prompts: Vec<String> = cases.iter().map(caption).collect();
-        let json = serde_json::json!({ "model": model, "steps": args.steps, "seed": args.seed, "mimic_guidance": args.mimic_guidance, "prompts": prompts, "results": report });
+        let threshold = args.dynamic_threshold.map(|t| [t.ratio, t.max]);
+        let json = serde_json::json!({ "model": model, "steps": args.steps, "seed": args.seed, "mimic_guidance": args.mimic_guidance, "dynamic_threshold": threshold, "prompts": prompts, "results": report });
         std::fs::write(out.join("report.json"), serde_json::to_string_pretty(&json)?)?;
         std::fs::write(out.join("table.md"), &table)?;
     }
@@ -185,4 +186,50 @@ fn generate(
 fn grid(images: &[RgbImage], cols: usize) -> RgbImage {
     let rows: Vec<Vec<RgbImage>> = images.chunks(cols).map(|c| c.to_vec()).collect();
     ltd_train::images::grid(&rows, 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ltd_train::shapes::{Position, ShapeKind, SizeKind};
+
+    #[test]
+    fn threshold_option_parses_and_names_the_bad_part() {
+        let t = parse_threshold("0.995, 2.5").unwrap();
+        assert_eq!((t.ratio, t.max), (0.995, 2.5));
+        assert!(parse_threshold("0.9").unwrap_err().contains("RATIO,MAX"));
+        assert!(parse_threshold("x,1").unwrap_err().contains("`x`"));
+    }
+
+    #[test]
+    fn saturation_counts_clipped_channel_values() {
+        let img = RgbImage::from_raw(2, 1, vec![0, 128, 255, 10, 20, 30]).unwrap();
+        assert!((saturated(&img) - 2.0 / 6.0).abs() < 1e-12);
+    }
+
+    /// Each limiter reaches the pipeline: on the shipped default model at guidance 15 it
+    /// changes the image (a limiter silently dropped would leave it identical).
+    #[test]
+    fn limiters_change_the_image() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let model = default_model(&root).unwrap();
+        let pipe = Pipeline::load(&ModelSource::Local(model), &LoadOptions::default()).unwrap();
+        let case = Attributes {
+            shape: ShapeKind::Circle,
+            colour: "red".into(),
+            size: SizeKind::Large,
+            position: Position { col: 1, row: 1 },
+            background: "blue".into(),
+        };
+        let plain = Limits { mimic_guidance: None, dynamic_threshold: None };
+        let image = |limits| generate(&pipe, &case, 15.0, limits, 4, 0).unwrap();
+        let base = image(plain);
+        let mimic = Limits {
+            mimic_guidance: Some(MimicGuidance { mimic: 7.5, ..Default::default() }),
+            ..plain
+        };
+        let threshold = Limits { dynamic_threshold: Some(DynamicThreshold::default()), ..plain };
+        assert_ne!(base, image(mimic), "mimic guidance had no effect");
+        assert_ne!(base, image(threshold), "dynamic thresholding had no effect");
+    }
 }
