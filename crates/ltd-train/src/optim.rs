@@ -89,6 +89,17 @@ impl AdamW {
         let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
         let bc1 = 1.0 - beta1.powi(self.t as i32);
         let bc2_sqrt = (1.0 - beta2.powi(self.t as i32)).sqrt();
+        let k = FusedCoeffs {
+            scale: grad_scale as f32,
+            decay: (1.0 - lr * weight_decay) as f32,
+            beta2: beta2 as f32,
+            // 1 − β in f64, as torch's Python does: in f32, 1 − 0.999 is off by 1e-5.
+            one_minus_beta1: (1.0 - beta1) as f32,
+            one_minus_beta2: (1.0 - beta2) as f32,
+            step_size: (lr / bc1) as f32,
+            bc2_sqrt: bc2_sqrt as f32,
+            eps: eps as f32,
+        };
         for i in 0..self.vars.len() {
             let var = &self.vars[i];
             let Some(g) = grads.get(var.as_tensor()) else { continue };
@@ -98,17 +109,6 @@ impl AdamW {
             // On the CPU one pass over the four arrays replaces a dozen tensor operations,
             // each allocating a parameter-sized temporary.
             let fused = if fuse {
-                let k = FusedCoeffs {
-                    scale: grad_scale as f32,
-                    decay: (1.0 - lr * weight_decay) as f32,
-                    beta2: beta2 as f32,
-                    // 1 − β in f64, as torch's Python does: in f32, 1 − 0.999 is off by 1e-5.
-                    one_minus_beta1: (1.0 - beta1) as f32,
-                    one_minus_beta2: (1.0 - beta2) as f32,
-                    step_size: (lr / bc1) as f32,
-                    bc2_sqrt: bc2_sqrt as f32,
-                    eps: eps as f32,
-                };
                 adamw_cpu(var.as_tensor(), &g, &self.m[i], &self.v[i], &k)
             } else {
                 None
@@ -217,6 +217,9 @@ fn adamw_cpu(
     let (theta, grad, m, v) =
         (F32View::of(theta)?, F32View::of(grad)?, F32View::of(m)?, F32View::of(v)?);
     let n = theta.slice().len();
+    if [grad.slice().len(), m.slice().len(), v.slice().len()] != [n; 3] {
+        return None;
+    }
     let (mut t2, mut m2, mut v2) =
         (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
     let (c1, c2, inv_bc2_sqrt) = (k.one_minus_beta1, k.one_minus_beta2, 1.0 / k.bc2_sqrt);
