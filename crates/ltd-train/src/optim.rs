@@ -18,7 +18,8 @@
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Storage, StorageRef, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
+use ltd_nn::layers::CpuData;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
@@ -180,9 +181,10 @@ pub fn clip_factor<'a>(
     let mut sum = 0f64;
     for var in vars {
         if let Some(g) = grads.get(var.as_tensor()) {
-            sum += match F32View::of(g) {
-                Some(view) => view.slice().iter().map(|&x| (x as f64) * (x as f64)).sum(),
-                None => {
+            let view = CpuData::new(g);
+            sum += match view.f32() {
+                Ok(g) => g.iter().map(|&x| (x as f64) * (x as f64)).sum(),
+                Err(_) => {
                     g.detach().to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64
                 }
             };
@@ -214,17 +216,18 @@ fn adamw_cpu(
     v: &Tensor,
     k: &FusedCoeffs,
 ) -> Option<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-    let (theta, grad, m, v) =
-        (F32View::of(theta)?, F32View::of(grad)?, F32View::of(m)?, F32View::of(v)?);
-    let n = theta.slice().len();
-    if [grad.slice().len(), m.slice().len(), v.slice().len()] != [n; 3] {
+    let views = [theta, grad, m, v].map(CpuData::new);
+    let [Ok(theta), Ok(grad), Ok(m), Ok(v)] = views.each_ref().map(CpuData::f32) else {
+        return None;
+    };
+    let n = theta.len();
+    if [grad.len(), m.len(), v.len()] != [n; 3] {
         return None;
     }
     let (mut t2, mut m2, mut v2) =
         (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
     let (c1, c2, inv_bc2_sqrt) = (k.one_minus_beta1, k.one_minus_beta2, 1.0 / k.bc2_sqrt);
-    for (((&p, &g), &m), &v) in theta.slice().iter().zip(grad.slice()).zip(m.slice()).zip(v.slice())
-    {
+    for (((&p, &g), &m), &v) in theta.iter().zip(grad).zip(m).zip(v) {
         // The order of torch's CPU kernels (lerp_, mul_ + addcmul_, addcdiv_), so that the
         // rounding matches torch too.
         let g = g * k.scale;
@@ -236,33 +239,6 @@ fn adamw_cpu(
         v2.push(v);
     }
     Some((t2, m2, v2))
-}
-
-/// The elements of a contiguous f32 CPU tensor, read in place (the storage stays read-locked
-/// while the view lives).
-struct F32View<'a> {
-    storage: StorageRef<'a>,
-    start: usize,
-    end: usize,
-}
-
-impl<'a> F32View<'a> {
-    /// A view of `t`, or `None` when it is not a contiguous f32 CPU tensor.
-    fn of(t: &'a Tensor) -> Option<Self> {
-        if !t.device().is_cpu() || t.dtype() != DType::F32 {
-            return None;
-        }
-        let (storage, layout) = t.storage_and_layout();
-        let (start, end) = layout.contiguous_offsets()?;
-        Some(Self { storage, start, end })
-    }
-
-    fn slice(&self) -> &[f32] {
-        match &*self.storage {
-            Storage::Cpu(s) => s.as_slice::<f32>().map_or(&[], |x| &x[self.start..self.end]),
-            _ => &[],
-        }
-    }
 }
 
 /// The learning-rate schedule after warm-up.
@@ -351,14 +327,16 @@ impl Ema {
         let one_minus = 1.0 - self.decay();
         for (s, var) in self.shadow.iter_mut().zip(vars) {
             // s ← s − (1 − decay)·(s − θ), as diffusers' EMAModel.step.
-            let fused = match (F32View::of(s), F32View::of(var.as_tensor())) {
-                (Some(sv), Some(theta)) => {
+            let (sv, pv) = (CpuData::new(s), CpuData::new(var.as_tensor()));
+            let fused = match (sv.f32(), pv.f32()) {
+                (Ok(sv), Ok(theta)) => {
                     let k = one_minus as f32;
-                    let new = sv.slice().iter().zip(theta.slice()).map(|(&a, &p)| a - k * (a - p));
+                    let new = sv.iter().zip(theta).map(|(&a, &p)| a - k * (a - p));
                     Some(new.collect::<Vec<f32>>())
                 }
                 _ => None,
             };
+            drop((sv, pv));
             *s = match fused {
                 Some(new) => Tensor::from_vec(new, s.dims(), s.device())?,
                 None => (&*s - ((&*s - var.as_tensor())? * one_minus)?)?.detach(),
@@ -418,6 +396,20 @@ mod tests {
             (var, opt)
         };
         let ((a, mut fused), (b, mut plain)) = (make(), make());
+        // The fused path really runs here (a silent fallback would compare the tensor path
+        // with itself).
+        let k = FusedCoeffs {
+            scale: 1.0,
+            decay: 1.0,
+            beta2: 0.999,
+            one_minus_beta1: 0.1,
+            one_minus_beta2: 0.001,
+            step_size: 1e-3,
+            bc2_sqrt: 1.0,
+            eps: 1e-8,
+        };
+        let t = a.as_tensor();
+        assert!(adamw_cpu(t, t, &fused.m[0], &fused.v[0], &k).is_some());
         for step in 0..5 {
             let target = Tensor::from_vec(
                 (0..257).map(|i| ((i * 13 + step * 7) % 29) as f32 / 10.0).collect::<Vec<_>>(),

@@ -60,8 +60,8 @@ pub(crate) fn plain_f32(t: &Tensor) -> bool {
 }
 
 /// A read view of a CPU tensor's data (the tensor's storage stays locked for reading while it
-/// lives).
-pub(crate) struct Data<'a> {
+/// lives), for code that loops over raw elements: the fused kernels, the trainer's optimiser.
+pub struct Data<'a> {
     storage: StorageRef<'a>,
     layout: &'a Layout,
 }

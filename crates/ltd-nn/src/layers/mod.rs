@@ -17,6 +17,7 @@ pub mod sampling;
 pub mod transformer;
 
 pub use activation::Activation;
+pub use cpu::Data as CpuData;
 pub use cross_attention::{Attention, AttentionConfig, SpatialSelfAttention};
 pub use embeddings::{timestep_embedding, TimestepEmbedding, Timesteps};
 pub use linear::{Conv2d, Linear};
