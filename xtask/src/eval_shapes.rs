@@ -49,6 +49,9 @@ pub struct Args {
     /// `ltd-gen --dynamic-threshold`).
     #[arg(long, value_name = "R,M", value_parser = parse_threshold)]
     pub dynamic_threshold: Option<DynamicThreshold>,
+    /// Guidance rescale φ (see `ltd-gen --guidance-rescale`).
+    #[arg(long, default_value_t = 0.0)]
+    pub guidance_rescale: f64,
     /// Write the generated images as grids (one per guidance scale) and report.json here.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -102,6 +105,7 @@ pub fn run(args: &Args, root: &Path) -> Result<()> {
                     .mimic_guidance
                     .map(|m| MimicGuidance { mimic: m, ..Default::default() }),
                 dynamic_threshold: args.dynamic_threshold,
+                guidance_rescale: args.guidance_rescale,
             };
             let img = generate(&pipe, case, g, limits, args.steps, args.seed + i as u64)?;
             verdicts.push(Verdict::judge(&analyze(&img), case));
@@ -132,7 +136,7 @@ pub fn run(args: &Args, root: &Path) -> Result<()> {
     if let Some(out) = &args.out {
         let prompts: Vec<String> = cases.iter().map(caption).collect();
         let threshold = args.dynamic_threshold.map(|t| [t.ratio, t.max]);
-        let json = serde_json::json!({ "model": model, "steps": args.steps, "seed": args.seed, "mimic_guidance": args.mimic_guidance, "dynamic_threshold": threshold, "prompts": prompts, "results": report });
+        let json = serde_json::json!({ "model": model, "steps": args.steps, "seed": args.seed, "mimic_guidance": args.mimic_guidance, "dynamic_threshold": threshold, "guidance_rescale": args.guidance_rescale, "prompts": prompts, "results": report });
         std::fs::write(out.join("report.json"), serde_json::to_string_pretty(&json)?)?;
         std::fs::write(out.join("table.md"), &table)?;
     }
@@ -144,6 +148,7 @@ pub fn run(args: &Args, root: &Path) -> Result<()> {
 struct Limits {
     mimic_guidance: Option<MimicGuidance>,
     dynamic_threshold: Option<DynamicThreshold>,
+    guidance_rescale: f64,
 }
 
 fn parse_threshold(s: &str) -> Result<DynamicThreshold, String> {
@@ -173,6 +178,7 @@ fn generate(
         guidance,
         mimic_guidance: limits.mimic_guidance,
         dynamic_threshold: limits.dynamic_threshold,
+        guidance_rescale: limits.guidance_rescale,
         seed,
         ..Default::default()
     };
@@ -221,7 +227,7 @@ mod tests {
             position: Position { col: 1, row: 1 },
             background: "blue".into(),
         };
-        let plain = Limits { mimic_guidance: None, dynamic_threshold: None };
+        let plain = Limits { mimic_guidance: None, dynamic_threshold: None, guidance_rescale: 0.0 };
         let image = |limits| generate(&pipe, &case, 15.0, limits, 4, 0).unwrap();
         let base = image(plain);
         let mimic = Limits {
@@ -231,5 +237,7 @@ mod tests {
         let threshold = Limits { dynamic_threshold: Some(DynamicThreshold::default()), ..plain };
         assert_ne!(base, image(mimic), "mimic guidance had no effect");
         assert_ne!(base, image(threshold), "dynamic thresholding had no effect");
+        let rescale = Limits { guidance_rescale: 0.7, ..plain };
+        assert_ne!(base, image(rescale), "guidance rescale had no effect");
     }
 }

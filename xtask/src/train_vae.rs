@@ -125,6 +125,10 @@ pub struct Args {
     /// Weight of the KL term (LDM's kl_weight).
     #[arg(long, default_value_t = 1e-6)]
     pub kl_weight: f64,
+    /// Weight of object pixels (those unlike the image's border colour) in the reconstruction
+    /// loss; above 1 keeps small objects' colours on plain-background data.
+    #[arg(long, default_value_t = 1.0)]
+    pub object_weight: f64,
     /// Mirror training images left-right at random.
     #[arg(long)]
     pub random_flip: bool,
@@ -213,6 +217,7 @@ pub fn run(args: &Args) -> Result<()> {
         l1_weight: args.l1_weight,
         mse_weight: args.mse_weight,
         kl_weight: args.kl_weight,
+        object_weight: args.object_weight,
         random_flip: args.random_flip,
         eval_images: args.eval_images,
     };

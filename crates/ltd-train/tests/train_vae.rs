@@ -107,3 +107,26 @@ fn resume_after_a_kill_equals_an_uninterrupted_run() {
     );
     assert_eq!(common::losses(&straight), common::losses(&cut), "the same loss history, once");
 }
+
+#[test]
+fn object_weight_reweights_the_reconstruction_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    common::shapes(&data, 8);
+    let config = common::vae_config();
+    let first_loss = |weight: f64, name: &str| {
+        let out = dir.path().join(name);
+        let mut o = options(1);
+        o.object_weight = weight;
+        let trainer =
+            VaeTrainer { data: &data, config: &config, out: &out, options: o, device: Device::Cpu };
+        trainer.run(&RunControl::default(), &mut |_| {}).map(|_| common::losses(&out)[0].1)
+    };
+    let plain = first_loss(1.0, "plain").unwrap();
+    let weighted = first_loss(5.0, "weighted").unwrap();
+    // The same initial model and batch: object pixels weigh 5, so the loss is higher, but by
+    // less than 5×, as the background still weighs 1.
+    assert!(weighted > 1.05 * plain && weighted < 5.0 * plain, "{plain} -> {weighted}");
+    let err = first_loss(0.0, "zero").unwrap_err().to_string();
+    assert!(err.contains("object-weight"), "{err}");
+}
