@@ -10,8 +10,8 @@
 //! image's background (the per-channel median of the image's border) weigh `object_weight`.
 //! On plain-background data (make-shapes, sprites, product shots) a small object is a few
 //! percent of the pixels, so an unweighted loss is content to blur its colour into the
-//! background's; measured on make-shapes, a VAE trained so decoded green objects as grey-purple
-//! and red as orange.
+//! background's; measured on make-shapes, a VAE trained without it decoded green objects as
+//! grey-purple and red as orange.
 //!
 //! The KL term is summed over the latent elements of an image and divided by the image's
 //! element count, so the balance matches LDM's per-image sums: `kl_weight = 1e-6` means what it
