@@ -1,5 +1,5 @@
 //! Tensors to pictures: decoded batches to RGB images (as diffusers' postprocessing rounds
-//! them), image grids for previews, and PSNR.
+//! them), image grids for previews, PSNR, and the background colour of plain-background images.
 
 use std::path::Path;
 
@@ -7,6 +7,22 @@ use candle_core::{DType, Device, Tensor};
 use image::{Rgb, RgbImage};
 
 use crate::error::{Result, TrainError};
+
+/// The upper median of `value(p)` over the border pixels of a `w`×`h` image (`p` is the
+/// row-major pixel index): the background of a plain-background image, which objects touching
+/// the border do not move. `None` for an empty image.
+pub fn border_median<T: Copy + PartialOrd>(
+    w: usize,
+    h: usize,
+    value: impl Fn(usize) -> T,
+) -> Option<T> {
+    let mut border: Vec<T> = (0..w * h)
+        .filter(|p| p % w == 0 || p % w == w - 1 || p / w == 0 || p / w == h - 1)
+        .map(value)
+        .collect();
+    border.sort_unstable_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    border.get(border.len() / 2).copied()
+}
 
 /// `[B, 3, H, W]` in [-1, 1] to images: `(x / 2 + 0.5).clamp(0, 1) · 255`, rounded half to
 /// even as NumPy does in diffusers' `numpy_to_pil`.
@@ -77,6 +93,25 @@ pub fn psnr(a: &RgbImage, b: &RgbImage) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn border_median_ignores_the_interior_and_an_object_on_the_edge() {
+        // 5×5: an object (7) fills the 3×3 interior, another (9) touches the edge at two
+        // pixels; the other 14 border pixels are background (1). Counting the interior would
+        // make the median 7.
+        let v = |p: usize| {
+            let (x, y) = (p % 5, p / 5);
+            if (1..4).contains(&x) && (1..4).contains(&y) {
+                7
+            } else if p == 2 || p == 3 {
+                9
+            } else {
+                1
+            }
+        };
+        assert_eq!(border_median(5, 5, v), Some(1));
+        assert_eq!(border_median(0, 0, v), None);
+    }
 
     #[test]
     fn converts_and_measures() {

@@ -12,6 +12,7 @@
 use image::RgbImage;
 use serde::Serialize;
 
+use crate::images::border_median;
 use crate::shapes::{Attributes, Position, ShapeKind, PALETTE};
 
 /// A pixel must be at least this far (Euclidean RGB) from the background to be foreground.
@@ -53,27 +54,12 @@ fn nearest(c: [u8; 3]) -> (usize, f64) {
         .fold((0, f64::INFINITY), |best, x| if x.1 < best.1 { x } else { best })
 }
 
-fn median(mut v: Vec<u8>) -> u8 {
-    v.sort_unstable();
-    v.get(v.len() / 2).copied().unwrap_or(0)
-}
-
 /// Looks at one image.
 pub fn analyze(img: &RgbImage) -> Detection {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let px = |x: usize, y: usize| img.get_pixel(x as u32, y as u32).0;
-    let mut border = [Vec::new(), Vec::new(), Vec::new()];
-    for y in 0..h {
-        for x in 0..w {
-            if x == 0 || y == 0 || x + 1 == w || y + 1 == h {
-                for (c, b) in border.iter_mut().enumerate() {
-                    b.push(px(x, y)[c]);
-                }
-            }
-        }
-    }
-    let [r, g, b] = border;
-    let bg_rgb = [median(r), median(g), median(b)];
+    let bg = |c: usize| border_median(w, h, |p| px(p % w, p / w)[c]).unwrap_or(0);
+    let bg_rgb = [bg(0), bg(1), bg(2)];
     let bg_index = nearest(bg_rgb).0;
     let background = PALETTE[bg_index].0;
 

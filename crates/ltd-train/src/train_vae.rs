@@ -7,7 +7,8 @@
 //! 3. `loss = w₁·mean(m·|x̂ − x|) + w₂·mean(m·(x̂ − x)²) + w_kl·KL(q ‖ N(0, I)) / (C·H·W)`.
 //!
 //! The pixel weight `m` is 1 unless `object_weight` is set: then pixels that differ from their
-//! image's background (the per-channel median of the image's border) weigh `object_weight`.
+//! image's background (the per-channel median of the image's border, or of the crop's when
+//! training on crops) weigh `object_weight`.
 //! On plain-background data (make-shapes, sprites, product shots) a small object is a few
 //! percent of the pixels, so an unweighted loss is content to blur its colour into the
 //! background's; measured on make-shapes, a VAE trained without it decoded green objects as
@@ -32,7 +33,7 @@ use crate::common::{batch_indices, generator, optimize, split, OptimOptions, Run
 use crate::data::{Augment, ImageFolder};
 use crate::error::{Result, TrainError};
 use crate::export::write_diffusers_model;
-use crate::images::{grid, psnr, save, to_images};
+use crate::images::{border_median, grid, psnr, save, to_images};
 use crate::init::{init_varmap, load_vars, named_vars, var_tensors};
 use crate::optim::AdamW;
 use crate::progress::{Event, Sink};
@@ -312,14 +313,7 @@ pub fn object_weights(x: &Tensor, weight: f64) -> Result<Tensor> {
     for (i, img) in v.chunks_exact(c * h * w).enumerate() {
         let bg: Vec<f32> = img
             .chunks_exact(h * w)
-            .map(|plane| {
-                let mut border: Vec<f32> = (0..h * w)
-                    .filter(|p| p % w == 0 || p % w == w - 1 || p / w == 0 || p / w == h - 1)
-                    .map(|p| plane[p])
-                    .collect();
-                border.sort_unstable_by(f32::total_cmp);
-                border[border.len() / 2]
-            })
+            .map(|plane| border_median(w, h, |p| plane[p]).unwrap_or(0.0))
             .collect();
         for p in 0..h * w {
             let far = (0..c).any(|ch| (img[ch * h * w + p] - bg[ch]).abs() > OBJECT_THRESHOLD);
