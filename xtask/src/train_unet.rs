@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
+use ltd_train::timestep_bias::{BiasStrategy, TimestepBias};
 use ltd_train::train_unet::{read_config, TextEncoderSource, UnetTrainOptions, UnetTrainer};
 
 use crate::train_vae::{drive, OptimArgs};
@@ -60,6 +61,27 @@ pub struct Args {
     /// Mirror training images left-right at random (not when captions name sides).
     #[arg(long)]
     pub random_flip: bool,
+    /// Peak learning rate of a from-scratch text encoder (default: --learning-rate). Lower it
+    /// when the U-Net's rate is high: a tiny CLIP trained at 1e-3 collapses and the model
+    /// ignores words (see configs/train/shapes/reproduce.sh).
+    #[arg(long = "text-encoder-lr")]
+    pub text_encoder_lr: Option<f64>,
+    /// Sample training timesteps with a bias (diffusers' --timestep_bias_strategy): none,
+    /// earlier, later (the noisiest, where layout is decided) or range.
+    #[arg(long, default_value = "none")]
+    pub timestep_bias_strategy: BiasStrategy,
+    /// Weight of the biased timesteps relative to the others.
+    #[arg(long, default_value_t = 1.0)]
+    pub timestep_bias_multiplier: f64,
+    /// Fraction of the timesteps that `earlier` and `later` bias.
+    #[arg(long, default_value_t = 0.25)]
+    pub timestep_bias_portion: f64,
+    /// First biased timestep of `range`.
+    #[arg(long, default_value_t = 0)]
+    pub timestep_bias_begin: usize,
+    /// One past the last biased timestep of `range`.
+    #[arg(long, default_value_t = 1000)]
+    pub timestep_bias_end: usize,
     /// Save a from-scratch text encoder in float16.
     #[arg(long)]
     pub text_encoder_fp16: bool,
@@ -97,6 +119,14 @@ pub fn run(args: &Args, root: &Path) -> Result<()> {
         snr_gamma: args.snr_gamma,
         ema_decay: (!args.no_ema).then_some(args.ema_decay),
         random_flip: args.random_flip,
+        text_encoder_learning_rate: args.text_encoder_lr,
+        timestep_bias: TimestepBias {
+            strategy: args.timestep_bias_strategy,
+            multiplier: args.timestep_bias_multiplier,
+            portion: args.timestep_bias_portion,
+            begin: args.timestep_bias_begin,
+            end: args.timestep_bias_end,
+        },
         text_encoder_fp16: args.text_encoder_fp16,
         unet_fp16: args.unet_fp16,
         preview_steps: args.preview_steps,

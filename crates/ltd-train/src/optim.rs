@@ -51,6 +51,9 @@ pub struct AdamW {
     vars: Vec<Var>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
+    /// Each variable's learning rate as a multiple of the scheduled one (1 unless
+    /// [`AdamW::scale_lr`] set it), like torch's per-parameter-group `lr`.
+    lr_scale: Vec<f64>,
     t: usize,
     cfg: AdamWConfig,
 }
@@ -64,8 +67,23 @@ impl AdamW {
             m.push(var.as_tensor().zeros_like()?);
         }
         let v = m.clone();
+        let lr_scale = vec![1.0; vars.len()];
         let (names, vars) = vars.into_iter().unzip();
-        Ok(Self { names, vars, m, v, t: 0, cfg })
+        Ok(Self { names, vars, m, v, lr_scale, t: 0, cfg })
+    }
+
+    /// Gives the variables whose names start with `prefix` the learning rate `factor` × the
+    /// scheduled one (a torch parameter group with its own `lr` under the same schedule);
+    /// returns how many variables it applies to.
+    pub fn scale_lr(&mut self, prefix: &str, factor: f64) -> usize {
+        let mut n = 0;
+        for (name, scale) in self.names.iter().zip(&mut self.lr_scale) {
+            if name.starts_with(prefix) {
+                *scale = factor;
+                n += 1;
+            }
+        }
+        n
     }
 
     /// The number of steps taken.
@@ -90,20 +108,22 @@ impl AdamW {
         let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
         let bc1 = 1.0 - beta1.powi(self.t as i32);
         let bc2_sqrt = (1.0 - beta2.powi(self.t as i32)).sqrt();
-        let k = FusedCoeffs {
-            scale: grad_scale as f32,
-            decay: (1.0 - lr * weight_decay) as f32,
-            beta2: beta2 as f32,
-            // 1 − β in f64, as torch's Python does: in f32, 1 − 0.999 is off by 1e-5.
-            one_minus_beta1: (1.0 - beta1) as f32,
-            one_minus_beta2: (1.0 - beta2) as f32,
-            step_size: (lr / bc1) as f32,
-            bc2_sqrt: bc2_sqrt as f32,
-            eps: eps as f32,
-        };
+        let base_lr = lr;
         for i in 0..self.vars.len() {
             let var = &self.vars[i];
             let Some(g) = grads.get(var.as_tensor()) else { continue };
+            let lr = base_lr * self.lr_scale[i];
+            let k = FusedCoeffs {
+                scale: grad_scale as f32,
+                decay: (1.0 - lr * weight_decay) as f32,
+                beta2: beta2 as f32,
+                // 1 − β in f64, as torch's Python does: in f32, 1 − 0.999 is off by 1e-5.
+                one_minus_beta1: (1.0 - beta1) as f32,
+                one_minus_beta2: (1.0 - beta2) as f32,
+                step_size: (lr / bc1) as f32,
+                bc2_sqrt: bc2_sqrt as f32,
+                eps: eps as f32,
+            };
             // Gradients carry the step's graph: detach, or the moments would keep every
             // step's activations alive.
             let g = g.detach();
@@ -380,6 +400,31 @@ mod tests {
         assert!((lr(8) - 0.5).abs() < 1e-12);
         assert!(lr(12).abs() < 1e-12);
         assert_eq!(learning_rate(2.0, 100, 0, 10, LrSchedule::Constant), 2.0);
+    }
+
+    /// AdamW's first step from zero moments, without weight decay, moves every weight by the
+    /// learning rate (to 1e-6); a scaled variable moves by the scaled one.
+    #[test]
+    fn scale_lr_gives_a_group_its_own_learning_rate() {
+        let dev = candle_core::Device::Cpu;
+        let var = |v: f32| Var::from_vec(vec![v; 4], (4,), &dev).unwrap();
+        let (unet, text) = (var(1.0), var(1.0));
+        let cfg = AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() };
+        let mut opt = AdamW::new(
+            vec![("text_encoder.w".into(), text.clone()), ("unet.w".into(), unet.clone())],
+            cfg,
+        )
+        .unwrap();
+        assert_eq!(opt.scale_lr("text_encoder.", 0.1), 1);
+        assert_eq!(opt.scale_lr("vae.", 0.5), 0);
+        let loss =
+            (unet.as_tensor().sum_all().unwrap() + text.as_tensor().sum_all().unwrap()).unwrap();
+        opt.step(&loss.backward().unwrap(), 1e-2, 1.0).unwrap();
+        for (v, want) in [(&unet, 1.0 - 1e-2), (&text, 1.0 - 1e-3)] {
+            for x in v.as_tensor().to_vec1::<f32>().unwrap() {
+                assert!((x - want).abs() < 1e-6, "{x} vs {want}");
+            }
+        }
     }
 
     /// The fused CPU update and the tensor-operation update (the GPU path) agree over several

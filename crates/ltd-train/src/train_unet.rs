@@ -5,7 +5,7 @@
 //! Per step, for a batch of cached posteriors and captions:
 //!
 //! 1. `x₀ = scaling_factor · (μ + σ·ε_z)` (see [`crate::latents`]);
-//! 2. `t ~ U{0, …, T−1}`, `ε ~ N(0, I)`, `xₜ = √ᾱₜ x₀ + √(1−ᾱₜ) ε`;
+//! 2. `t ~ U{0, …, T−1}` (or biased, see [`crate::timestep_bias`]), `ε ~ N(0, I)`, `xₜ = √ᾱₜ x₀ + √(1−ᾱₜ) ε`;
 //! 3. each caption replaced by the empty one with probability `caption_dropout` (so the model
 //!    also learns the unconditional prediction classifier-free guidance needs);
 //! 4. `loss = mean_b w_b · mean(‖unet(xₜ, t, text(c)) − target‖²)`, the target `ε` or
@@ -43,6 +43,7 @@ use crate::optim::{AdamW, Ema};
 use crate::preview::{generate, PreviewModels, PreviewSettings};
 use crate::progress::{Event, Sink};
 use crate::rng::derive_seed;
+use crate::timestep_bias::{self, TimestepBias};
 use crate::RunControl;
 
 /// Captions shown in the previews.
@@ -67,6 +68,15 @@ pub struct UnetTrainOptions {
     pub ema_decay: Option<f64>,
     /// Mirror training images left–right at random (leave off when captions name sides).
     pub random_flip: bool,
+    /// Peak learning rate of a from-scratch text encoder, under the same warm-up and schedule
+    /// (`None`: the U-Net's). A from-scratch CLIP at the U-Net's 1e-3 collapses: Adam moves
+    /// its 0.02-scale embeddings by their own size in a few dozen steps, the update common to
+    /// all tokens swamps the differences between words, and the U-Net stops seeing any word
+    /// but the few it already uses (on make-shapes: position words were ignored; 1e-4 keeps
+    /// them).
+    pub text_encoder_learning_rate: Option<f64>,
+    /// Biased sampling of the training timesteps (default: uniform).
+    pub timestep_bias: TimestepBias,
     /// Save the trained text encoder in float16 (halves its size; the token embedding
     /// dominates it).
     pub text_encoder_fp16: bool,
@@ -86,6 +96,8 @@ impl Default for UnetTrainOptions {
             snr_gamma: None,
             ema_decay: Some(0.999),
             random_flip: false,
+            text_encoder_learning_rate: None,
+            timestep_bias: TimestepBias::default(),
             text_encoder_fp16: false,
             unet_fp16: false,
             preview_steps: 20,
@@ -203,6 +215,17 @@ impl UnetTrainer<'_> {
         if !(0.0..1.0).contains(&o.caption_dropout) {
             return Err(TrainError::option("caption-dropout", "must be in [0, 1)"));
         }
+        if let Some(lr) = o.text_encoder_learning_rate {
+            if !(lr.is_finite() && lr >= 0.0) {
+                return Err(TrainError::option("text-encoder-lr", "must be finite and ≥ 0"));
+            }
+            if matches!(saved.text_encoder, TextEncoderSource::Frozen(_)) {
+                return Err(TrainError::option(
+                    "text-encoder-lr",
+                    "only applies to a text encoder trained from scratch (--text-encoder-config)",
+                ));
+            }
+        }
         let dev = &self.device;
         let rt = RuntimeOptions::default();
         let (scheduler_json, scheduler_cfg) =
@@ -210,6 +233,7 @@ impl UnetTrainer<'_> {
         let schedule =
             NoiseSchedule::from_config(&scheduler_cfg).map_err(|e| TrainError::Model(e.into()))?;
         let unet_cfg = parse_unet_config(&saved.unet_config)?;
+        let t_cdf = o.timestep_bias.cdf(schedule.num_train_timesteps())?;
 
         sink(Event::Phase(format!("loading the VAE from {}", saved.vae.display())));
         let vae = AutoencoderKL::load(&saved.vae, None, DType::F32, dev, &rt)?;
@@ -257,6 +281,9 @@ impl UnetTrainer<'_> {
         init_varmap(&varmap, derive_seed(o.optim.seed, 2))?;
         let vars = named_vars(&varmap)?;
         let mut opt = AdamW::new(vars.clone(), o.optim.adam)?;
+        if let Some(lr) = o.text_encoder_learning_rate {
+            opt.scale_lr("text_encoder.", lr / o.optim.learning_rate);
+        }
         let mut ema = match o.ema_decay {
             Some(d) => Some(Ema::new(vars.iter().map(|(n, v)| (n.as_str(), v)), d)?),
             None => None,
@@ -293,8 +320,12 @@ impl UnetTrainer<'_> {
             let z_noise = rng.randn(&shape, DType::F32, dev)?;
             let x0 = vae.config().scale_latents(&cache.sample(&idx, &flips, &z_noise)?)?;
             let noise = rng.randn(&shape, DType::F32, dev)?;
-            let ts: Vec<usize> =
-                rng.randint(0, t_max as i64, b)?.into_iter().map(|t| t as usize).collect();
+            let ts: Vec<usize> = match &t_cdf {
+                None => rng.randint(0, t_max as i64, b)?.into_iter().map(|t| t as usize).collect(),
+                Some(cdf) => {
+                    (0..b).map(|_| timestep_bias::sample(cdf, rng.uniform_f64())).collect()
+                }
+            };
             let dropped: Vec<bool> =
                 (0..b).map(|_| rng.uniform_f64() < o.caption_dropout).collect();
             let batch_ids: Vec<Encoded> = idx

@@ -10,9 +10,10 @@ use candle_core::{DType, Device};
 use ltd_nn::RuntimeOptions;
 use ltd_train::common::OptimOptions;
 use ltd_train::progress::Event;
+use ltd_train::timestep_bias::{BiasStrategy, TimestepBias};
 use ltd_train::train_unet::{TextEncoderSource, UnetOutcome, UnetTrainOptions, UnetTrainer};
 use ltd_train::train_vae::{VaeTrainOptions, VaeTrainer};
-use ltd_train::RunControl;
+use ltd_train::{RunControl, TrainError};
 
 /// A dataset and a (briefly) trained VAE in `dir`.
 fn setup(dir: &Path, count: usize) -> (PathBuf, PathBuf) {
@@ -58,6 +59,17 @@ fn train(
     te: TextEncoderSource,
     control: RunControl,
 ) -> (UnetOutcome, Vec<Event>) {
+    train_with(data, vae, out, options(steps, checkpoint_every), te, control).unwrap()
+}
+
+fn train_with(
+    data: &Path,
+    vae: &Path,
+    out: &Path,
+    options: UnetTrainOptions,
+    te: TextEncoderSource,
+    control: RunControl,
+) -> Result<(UnetOutcome, Vec<Event>), TrainError> {
     let context = match &te {
         TextEncoderSource::Frozen(_) => 32,
         TextEncoderSource::Scratch(_) => 16,
@@ -73,12 +85,12 @@ fn train(
         tokenizer: &tokenizer,
         scheduler_config: &sched,
         out,
-        options: options(steps, checkpoint_every),
+        options,
         device: Device::Cpu,
     };
     let mut events = Vec::new();
-    let outcome = trainer.run(&control, &mut |e| events.push(e)).unwrap();
-    (outcome, events)
+    let outcome = trainer.run(&control, &mut |e| events.push(e))?;
+    Ok((outcome, events))
 }
 
 fn scratch() -> TextEncoderSource {
@@ -206,4 +218,62 @@ fn a_frozen_text_encoder_is_copied_unchanged() {
             "{f}"
         );
     }
+}
+
+/// `text_encoder_learning_rate` reaches the text encoder and only it: at 0 the text encoder
+/// stays at its initialisation however long the run (the 1-step and 3-step runs save the same
+/// weights) while the U-Net trains; at the default rate both move. A frozen text encoder or a
+/// negative rate is refused naming the flag.
+#[test]
+fn text_encoder_learning_rate_applies_to_the_text_encoder() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, vae) = setup(dir.path(), 8);
+    let weights = |te_lr: Option<f64>, steps: usize| {
+        let out = dir.path().join(format!("pipe-{te_lr:?}-{steps}"));
+        let o = UnetTrainOptions { text_encoder_learning_rate: te_lr, ..options(steps, 10) };
+        train_with(&data, &vae, &out, o, scratch(), RunControl::default()).unwrap();
+        let read = |f: &str| std::fs::read(out.join(f)).unwrap();
+        (read("text_encoder/model.safetensors"), read("unet/diffusion_pytorch_model.safetensors"))
+    };
+    let (te1, unet1) = weights(Some(0.0), 1);
+    let (te3, unet3) = weights(Some(0.0), 3);
+    assert!(te1 == te3, "a text encoder at learning rate 0 moved");
+    assert!(unet1 != unet3, "the U-Net did not train");
+    let (d1, _) = weights(None, 1);
+    let (d3, _) = weights(None, 3);
+    assert!(d1 != d3, "at the default rate the text encoder did not train");
+
+    let refused = |te: TextEncoderSource, lr: f64| {
+        let o = UnetTrainOptions { text_encoder_learning_rate: Some(lr), ..options(1, 10) };
+        let out = dir.path().join("refused");
+        let err = train_with(&data, &vae, &out, o, te, RunControl::default()).unwrap_err();
+        assert!(err.to_string().contains("text-encoder-lr"), "{err}");
+    };
+    refused(scratch(), -1e-4);
+    refused(TextEncoderSource::Frozen(common::fixtures().join("pipelines/sd1/text_encoder")), 1e-4);
+}
+
+/// A timestep bias is checked against the scheduler's length before any training: a range
+/// past the 1000 train timesteps is refused naming the flag, and no checkpoint is written.
+#[test]
+fn a_timestep_bias_outside_the_schedule_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, vae) = setup(dir.path(), 8);
+    let out = dir.path().join("pipe");
+    let bias = TimestepBias {
+        strategy: BiasStrategy::Range,
+        multiplier: 2.0,
+        begin: 990,
+        end: 1010,
+        ..Default::default()
+    };
+    let o = UnetTrainOptions { timestep_bias: bias, ..options(2, 10) };
+    let err = train_with(&data, &vae, &out, o, scratch(), RunControl::default()).unwrap_err();
+    assert!(err.to_string().contains("timestep-bias-begin"), "{err}");
+    assert!(!out.join("train/checkpoints/latest").exists());
+    // The same run with a valid range trains.
+    let bias = TimestepBias { end: 1000, ..bias };
+    let o = UnetTrainOptions { timestep_bias: bias, ..options(2, 10) };
+    train_with(&data, &vae, &out, o, scratch(), RunControl::default()).unwrap();
+    assert!(out.join("unet/diffusion_pytorch_model.safetensors").exists());
 }
