@@ -282,7 +282,9 @@ impl UnetTrainer<'_> {
         let vars = named_vars(&varmap)?;
         let mut opt = AdamW::new(vars.clone(), o.optim.adam)?;
         if let Some(lr) = o.text_encoder_learning_rate {
-            opt.scale_lr("text_encoder.", lr / o.optim.learning_rate);
+            if opt.scale_lr("text_encoder.", lr / o.optim.learning_rate) == 0 {
+                return Err(TrainError::msg("--text-encoder-lr: the model has no text encoder"));
+            }
         }
         let mut ema = match o.ema_decay {
             Some(d) => Some(Ema::new(vars.iter().map(|(n, v)| (n.as_str(), v)), d)?),
