@@ -50,12 +50,13 @@ fn the_default_model_draws_the_prompt_offline() {
     for (words, want) in
         [("top left", Position { col: 0, row: 0 }), ("bottom right", Position { col: 2, row: 2 })]
     {
-        let out = cache.path().join(format!("{}.png", words.replace(' ', "-")));
+        let stem = words.replace(' ', "-");
+        let out = cache.path().join(format!("{stem}.png"));
         let prompt = format!("a red circle in the {words} on a blue background");
         let done = run_prompt(&prompt, "1", &out);
         assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
         for i in 1..=4 {
-            let path = cache.path().join(format!("{}-{i}.png", words.replace(' ', "-")));
+            let path = cache.path().join(format!("{stem}-{i}.png"));
             let d = analyze(&image::open(&path).unwrap().to_rgb8());
             eprintln!("{words} {i}: {d:?}");
             assert_eq!(d.position, Some(want), "{words}, image {i}: {d:?}");

@@ -186,6 +186,18 @@ impl ImageFolder {
         size: usize,
         device: &Device,
     ) -> Result<Tensor> {
+        let data = self.batch_pixels(indices, augments, size)?;
+        Ok(Tensor::from_vec(data, (indices.len(), 3, size, size), device)?)
+    }
+
+    /// [`Self::batch_augmented`]'s values on the host, row-major `[B, 3, S, S]` (for work that
+    /// needs the pixels as well as the tensor, without copying the tensor back).
+    pub fn batch_pixels(
+        &self,
+        indices: &[usize],
+        augments: &[Augment],
+        size: usize,
+    ) -> Result<Vec<f32>> {
         let r = self.resolution;
         if size > r || augments.len() != indices.len() {
             return Err(TrainError::msg(format!(
@@ -212,7 +224,7 @@ impl ImageFolder {
                 }
             }
         }
-        Ok(Tensor::from_vec(data, (indices.len(), 3, size, size), device)?)
+        Ok(data)
     }
 }
 

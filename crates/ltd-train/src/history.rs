@@ -24,7 +24,8 @@ pub struct Record {
     pub lr: f64,
     /// The gradient norm before clipping.
     pub grad_norm: f64,
-    /// Named loss terms (reconstruction, KL, …).
+    /// Named loss terms (reconstruction, KL, …) and per-step diagnostics (the U-Net's mean
+    /// timestep).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub terms: Vec<(String, f32)>,
 }

@@ -94,8 +94,13 @@ impl TimestepBias {
             }
             BiasStrategy::Range => {
                 if self.begin >= self.end || self.end > num_timesteps {
+                    let flag = if self.end > num_timesteps {
+                        "timestep-bias-end"
+                    } else {
+                        "timestep-bias-begin"
+                    };
                     return Err(TrainError::option(
-                        "timestep-bias-begin",
+                        flag,
                         format!(
                             "the range {}..{} is not a non-empty part of 0..{num_timesteps}",
                             self.begin, self.end
@@ -172,6 +177,8 @@ mod tests {
         let p = TimestepBias { portion: 1.5, ..bias(BiasStrategy::Later, 2.0) };
         assert!(flag(p).contains("timestep-bias-portion"));
         let r = TimestepBias { begin: 900, end: 1001, ..bias(BiasStrategy::Range, 2.0) };
+        assert!(flag(r).contains("timestep-bias-end"));
+        let r = TimestepBias { begin: 900, end: 900, ..bias(BiasStrategy::Range, 2.0) };
         assert!(flag(r).contains("timestep-bias-begin"));
         assert!("sideways".parse::<BiasStrategy>().unwrap_err().to_string().contains("strategy"));
     }

@@ -349,7 +349,10 @@ impl UnetTrainer<'_> {
                     (per_sample * Tensor::from_vec(w, b, dev)?)?.mean_all()?
                 }
             };
-            optimize(&loss, Vec::new(), &mut opt, &o.optim, step, &mut history, sink)?;
+            // The batch's mean timestep shows in the log what `timestep_bias` drew.
+            let mean_t = ts.iter().sum::<usize>() as f32 / b as f32;
+            let terms = vec![("timestep_mean".to_string(), mean_t)];
+            optimize(&loss, terms, &mut opt, &o.optim, step, &mut history, sink)?;
             if let Some(e) = &mut ema {
                 e.update(vars.iter().map(|(_, v)| v))?;
             }

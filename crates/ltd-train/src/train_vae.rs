@@ -202,20 +202,25 @@ impl VaeTrainer<'_> {
         for step in start..total {
             let idx = batch_indices(&train, o.optim.batch_size, step, o.optim.seed);
             let augments = draw_augments(&mut rng, idx.len(), res, size, o.random_flip);
-            let x = data.batch_augmented(&idx, &augments, size, &self.device)?;
+            let pixels = data.batch_pixels(&idx, &augments, size)?;
+            let shape = (idx.len(), 3, size, size);
+            // The object mask comes from the host pixels, before upload: no copy back per step.
+            let weights = (o.object_weight != 1.0)
+                .then(|| object_weights(&pixels, shape, o.object_weight))
+                .map(|m| Tensor::from_vec(m, (idx.len(), 1, size, size), &self.device))
+                .transpose()?;
+            let x = Tensor::from_vec(pixels, shape, &self.device)?;
             let post = vae.encode(&x)?;
             let noise = rng.randn(post.mean.dims(), DType::F32, &self.device)?;
             let z = post.sample_with(&noise)?;
             let diff = (vae.decode(&z)? - &x)?;
             let elems = (3 * size * size) as f64;
-            let (l1, mse) = if o.object_weight == 1.0 {
-                (diff.abs()?.mean_all()?, diff.sqr()?.mean_all()?)
-            } else {
-                let m = object_weights(&x, o.object_weight)?;
-                (
-                    diff.abs()?.broadcast_mul(&m)?.mean_all()?,
-                    diff.sqr()?.broadcast_mul(&m)?.mean_all()?,
-                )
+            let (l1, mse) = match &weights {
+                None => (diff.abs()?.mean_all()?, diff.sqr()?.mean_all()?),
+                Some(m) => (
+                    diff.abs()?.broadcast_mul(m)?.mean_all()?,
+                    diff.sqr()?.broadcast_mul(m)?.mean_all()?,
+                ),
             };
             let kl = post.kl()?.mean_all()?;
             let loss = ((l1.affine(o.l1_weight, 0.0)? + mse.affine(o.mse_weight, 0.0)?)?
@@ -304,13 +309,16 @@ impl VaeTrainer<'_> {
 /// does not.
 const OBJECT_THRESHOLD: f32 = 0.1;
 
-/// Per-pixel loss weights `[B, 1, H, W]` for images `x` (`[B, 3, H, W]`): `weight` where a
-/// pixel differs from its image's background (the per-channel median of the border), else 1.
-pub fn object_weights(x: &Tensor, weight: f64) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let v = x.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+/// Per-pixel loss weights, row-major `[B, 1, H, W]`, for images `x` (row-major `[B, C, H, W]`):
+/// `weight` where a pixel differs from its image's background (the per-channel median of the
+/// border), else 1.
+pub fn object_weights(
+    x: &[f32],
+    (b, c, h, w): (usize, usize, usize, usize),
+    weight: f64,
+) -> Vec<f32> {
     let mut out = vec![1f32; b * h * w];
-    for (i, img) in v.chunks_exact(c * h * w).enumerate() {
+    for (i, img) in x.chunks_exact(c * h * w).enumerate() {
         let bg: Vec<f32> = img
             .chunks_exact(h * w)
             .map(|plane| border_median(w, h, |p| plane[p]).unwrap_or(0.0))
@@ -322,7 +330,7 @@ pub fn object_weights(x: &Tensor, weight: f64) -> Result<Tensor> {
             }
         }
     }
-    Ok(Tensor::from_vec(out, (b, 1, h, w), x.device())?)
+    out
 }
 
 /// Random crops and flips for `n` examples, drawn from `rng` in a fixed order (crop corner x,
@@ -444,10 +452,7 @@ mod tests {
                 v[3 * n + c * n + p] = if p == 5 { 0.05 } else { 0.0 };
             }
         }
-        let x = Tensor::from_vec(v, (2, 3, s, s), &Device::Cpu).unwrap();
-        let w = object_weights(&x, 10.0).unwrap();
-        assert_eq!(w.dims(), &[2, 1, s, s]);
-        let w = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let w = object_weights(&v, (2, 3, s, s), 10.0);
         let expect: Vec<f32> = (0..n)
             .map(|p| if [5, 6, 9, 10].contains(&p) { 10.0 } else { 1.0 })
             .chain(std::iter::repeat_n(1.0, n))

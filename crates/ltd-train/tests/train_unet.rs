@@ -253,27 +253,44 @@ fn text_encoder_learning_rate_applies_to_the_text_encoder() {
     refused(TextEncoderSource::Frozen(common::fixtures().join("pipelines/sd1/text_encoder")), 1e-4);
 }
 
-/// A timestep bias is checked against the scheduler's length before any training: a range
-/// past the 1000 train timesteps is refused naming the flag, and no checkpoint is written.
+/// A timestep bias is checked against the scheduler's length before any training (a range
+/// past the 1000 train timesteps is refused naming the flag, and no checkpoint is written),
+/// and it reaches the loop: with the range 990..1000 weighted 10⁹, every batch's mean
+/// timestep (logged as `timestep_mean`) is at least 990, while uniform draws are not.
 #[test]
-fn a_timestep_bias_outside_the_schedule_is_refused() {
+fn a_timestep_bias_is_checked_and_drives_the_draws() {
     let dir = tempfile::tempdir().unwrap();
     let (data, vae) = setup(dir.path(), 8);
-    let out = dir.path().join("pipe");
+    let run = |bias: TimestepBias, name: &str| {
+        let out = dir.path().join(name);
+        let o = UnetTrainOptions { timestep_bias: bias, ..options(4, 10) };
+        train_with(&data, &vae, &out, o, scratch(), RunControl::default()).map(|_| out)
+    };
     let bias = TimestepBias {
         strategy: BiasStrategy::Range,
-        multiplier: 2.0,
+        multiplier: 1e9,
         begin: 990,
         end: 1010,
         ..Default::default()
     };
-    let o = UnetTrainOptions { timestep_bias: bias, ..options(2, 10) };
-    let err = train_with(&data, &vae, &out, o, scratch(), RunControl::default()).unwrap_err();
-    assert!(err.to_string().contains("timestep-bias-begin"), "{err}");
-    assert!(!out.join("train/checkpoints/latest").exists());
-    // The same run with a valid range trains.
-    let bias = TimestepBias { end: 1000, ..bias };
-    let o = UnetTrainOptions { timestep_bias: bias, ..options(2, 10) };
-    train_with(&data, &vae, &out, o, scratch(), RunControl::default()).unwrap();
-    assert!(out.join("unet/diffusion_pytorch_model.safetensors").exists());
+    let err = run(bias, "refused").unwrap_err();
+    assert!(err.to_string().contains("timestep-bias-end"), "{err}");
+    assert!(!dir.path().join("refused/train/checkpoints/latest").exists());
+
+    let mean_timesteps = |out: &Path| -> Vec<f64> {
+        std::fs::read_to_string(out.join("train/loss.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                let term = v["terms"].as_array().unwrap().iter().find(|t| t[0] == "timestep_mean");
+                term.unwrap()[1].as_f64().unwrap()
+            })
+            .collect()
+    };
+    let biased = mean_timesteps(&run(TimestepBias { end: 1000, ..bias }, "biased").unwrap());
+    assert_eq!(biased.len(), 4);
+    assert!(biased.iter().all(|&t| t >= 990.0), "{biased:?}");
+    let uniform = mean_timesteps(&run(TimestepBias::default(), "uniform").unwrap());
+    assert!(uniform.iter().any(|&t| t < 990.0), "{uniform:?}");
 }
