@@ -5,6 +5,8 @@
 //! ltd-pipeline (the same code `ltd-gen` runs) at each guidance scale, and every image is read
 //! by the analytic checker of `ltd_train::shape_check`: the dominant non-background colour,
 //! the best-fitting ideal shape, the position of its box on a 3×3 grid, and the background.
+//! With `--data`, the same checker also reads the model's VAE reconstructions of dataset
+//! images: the ceiling of what generation can score.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -14,8 +16,14 @@ use image::RgbImage;
 use ltd_pipeline::{
     DynamicThreshold, GenerateRequest, LoadOptions, MimicGuidance, ModelSource, Pipeline,
 };
+use ltd_train::data::ImageFolder;
+use ltd_train::images::to_images;
 use ltd_train::shape_check::{analyze, Accuracy, Verdict};
-use ltd_train::shapes::{caption, holdout_cases, read_spec, Attributes, HoldoutRule, ShapesSpec};
+use ltd_train::shapes::{
+    caption, holdout_cases, read_spec, Attributes, HoldoutRule, ShapesRecord, ShapesSpec,
+};
+use ltd_train::train_vae::reconstruct;
+use ltd_vae::AutoencoderKL;
 
 /// Arguments of `cargo xtask eval-shapes`.
 #[derive(Debug, clap::Args)]
@@ -52,6 +60,10 @@ pub struct Args {
     /// Guidance rescale φ (see `ltd-gen --guidance-rescale`).
     #[arg(long, default_value_t = 0.0)]
     pub guidance_rescale: f64,
+    /// With --data: also read the model's own VAE reconstructions of this many dataset images
+    /// (the most a U-Net on its latents can score; 0: skip).
+    #[arg(long, default_value_t = 512)]
+    pub reconstructions: usize,
     /// Write the generated images as grids (one per guidance scale) and report.json here.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -132,15 +144,71 @@ pub fn run(args: &Args, root: &Path) -> Result<()> {
         }
         report.push(serde_json::json!({ "guidance": g, "accuracy": acc, "saturated": sat, "verdicts": verdicts }));
     }
+    let mut ceiling = None;
+    if let (Some(data), true) = (&args.data, args.reconstructions > 0) {
+        let verdicts = reconstruction_verdicts(&model, data, spec.size, args.reconstructions)?;
+        let acc = Accuracy::of(&verdicts);
+        let pct = |v: f64| format!("{:.0}%", 100.0 * v);
+        writeln!(
+            table,
+            "| VAE reconstructions | {} | {} | {} | {} | {} | {} | |",
+            acc.n,
+            pct(acc.colour),
+            pct(acc.shape),
+            pct(acc.position),
+            pct(acc.background),
+            pct(acc.all)
+        )?;
+        ceiling = Some(acc);
+    }
     println!("{table}");
     if let Some(out) = &args.out {
         let prompts: Vec<String> = cases.iter().map(caption).collect();
         let threshold = args.dynamic_threshold.map(|t| [t.ratio, t.max]);
-        let json = serde_json::json!({ "model": model, "steps": args.steps, "seed": args.seed, "mimic_guidance": args.mimic_guidance, "dynamic_threshold": threshold, "guidance_rescale": args.guidance_rescale, "prompts": prompts, "results": report });
+        let json = serde_json::json!({ "model": model, "steps": args.steps, "seed": args.seed, "mimic_guidance": args.mimic_guidance, "dynamic_threshold": threshold, "guidance_rescale": args.guidance_rescale, "prompts": prompts, "results": report, "vae_reconstructions": ceiling });
         std::fs::write(out.join("report.json"), serde_json::to_string_pretty(&json)?)?;
         std::fs::write(out.join("table.md"), &table)?;
     }
     Ok(())
+}
+
+/// The checker's verdicts on the model's VAE reconstructions (posterior mean, decoded) of the
+/// first `count` images of a make-shapes folder (training images, so every attribute value
+/// occurs): a shape or colour the VAE cannot draw, no U-Net on its latents can generate.
+fn reconstruction_verdicts(
+    model: &Path,
+    data: &Path,
+    size: usize,
+    count: usize,
+) -> Result<Vec<Verdict>> {
+    let meta = data.join("metadata.jsonl");
+    let text =
+        std::fs::read_to_string(&meta).with_context(|| format!("reading {}", meta.display()))?;
+    let mut attributes = std::collections::HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let record: ShapesRecord = serde_json::from_str(line)
+            .with_context(|| format!("{}: line {}", meta.display(), i + 1))?;
+        attributes.insert(record.file_name, record.attributes);
+    }
+    let folder = ImageFolder::open(data, size)?;
+    let vae_dir = model.join("vae");
+    let device = candle_core::Device::Cpu;
+    let vae =
+        AutoencoderKL::load(&vae_dir, None, candle_core::DType::F32, &device, &Default::default())
+            .with_context(|| format!("loading {}", vae_dir.display()))?;
+    let indices: Vec<usize> = (0..count.min(folder.len())).collect();
+    let mut verdicts = Vec::with_capacity(indices.len());
+    for chunk in indices.chunks(64) {
+        let images = to_images(&reconstruct(&vae, &folder.batch(chunk, &device)?)?)?;
+        for (&i, img) in chunk.iter().zip(&images) {
+            let name = &folder.examples()[i].file_name;
+            let truth = attributes
+                .get(name)
+                .with_context(|| format!("{}: no attributes for {name}", meta.display()))?;
+            verdicts.push(Verdict::judge(&analyze(img), truth));
+        }
+    }
+    Ok(verdicts)
 }
 
 /// The guidance limiters an evaluation applies.
@@ -211,6 +279,24 @@ mod tests {
     fn saturation_counts_clipped_channel_values() {
         let img = RgbImage::from_raw(2, 1, vec![0, 128, 255, 10, 20, 30]).unwrap();
         assert!((saturated(&img) - 2.0 / 6.0).abs() < 1e-12);
+    }
+
+    /// The ceiling row reads the VAE's reconstructions against each file's own attributes:
+    /// the shipped VAE keeps every background and colour of a fresh make-shapes set.
+    #[test]
+    fn reconstructions_are_judged_against_their_own_attributes() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let model = default_model(&root).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let spec = ShapesSpec::new(24, 32, 5);
+        ltd_train::shapes::write_dataset(&spec, dir.path()).unwrap();
+        let verdicts = reconstruction_verdicts(&model, dir.path(), 32, 20).unwrap();
+        assert_eq!(verdicts.len(), 20);
+        let acc = Accuracy::of(&verdicts);
+        assert_eq!(acc.background, 1.0, "{acc:?}");
+        assert!(acc.colour >= 0.9 && acc.position >= 0.9, "{acc:?}");
+        let err = reconstruction_verdicts(&model, &dir.path().join("missing"), 32, 4).unwrap_err();
+        assert!(format!("{err:#}").contains("metadata.jsonl"), "{err:#}");
     }
 
     /// Each limiter reaches the pipeline: on the shipped default model at guidance 15 it

@@ -129,6 +129,10 @@ pub struct Args {
     /// loss; above 1 keeps small objects' colours on plain-background data.
     #[arg(long, default_value_t = 1.0)]
     pub object_weight: f64,
+    /// Pixels within this many pixels of an object pixel weigh --object-weight too (the
+    /// background where a blurred outline spills)
+    #[arg(long, default_value_t = 0)]
+    pub object_margin: usize,
     /// Mirror training images left-right at random.
     #[arg(long)]
     pub random_flip: bool,
@@ -218,6 +222,7 @@ pub fn run(args: &Args) -> Result<()> {
         mse_weight: args.mse_weight,
         kl_weight: args.kl_weight,
         object_weight: args.object_weight,
+        object_margin: args.object_margin,
         random_flip: args.random_flip,
         eval_images: args.eval_images,
     };

@@ -11,7 +11,7 @@
 //!   splits the queries so that no more than [`AttentionOptions::max_score_bytes`] of scores
 //!   exist at a time. Softmax rows are independent, so chunking changes no result.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use crate::flash_cpu;
 
@@ -232,13 +232,59 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     x.transpose(1, 2)?.reshape((b, l, h * d))
 }
 
-/// Softmax over the last dimension: candle's fused kernel, or ordinary differentiable tensor
-/// ops when `x` is part of an autograd graph (the fused kernel records no backward pass).
+/// Softmax over the last dimension: candle's fused kernel outside autograd; under autograd on
+/// the CPU in f32 a fused kernel with its own backward pass (candle's records none), elsewhere
+/// ordinary differentiable tensor ops.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.track_op() {
-        candle_nn::ops::softmax(x, candle_core::D::Minus1)
-    } else {
+    if !x.track_op() {
         candle_nn::ops::softmax_last_dim(x)
+    } else if x.device().is_cpu() && x.dtype() == DType::F32 {
+        x.contiguous()?.apply_op1(SoftmaxOp)
+    } else {
+        candle_nn::ops::softmax(x, candle_core::D::Minus1)
+    }
+}
+
+/// Row softmax of contiguous f32 rows, `exp(x − max) / Σ`, differentiable: with `y` the result,
+/// `dx = y ⊙ (dy − Σ dy ⊙ y)` per row.
+struct SoftmaxOp;
+
+impl CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "ltd-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = crate::layers::cpu::contiguous::<f32>(s, l)?;
+        let dim = l.dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; x.len()];
+        crate::layers::cpu::for_each_row(x, &mut out, (dim, dim), |_, src, dst| {
+            let max = src.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (o, &v) in dst.iter_mut().zip(src) {
+                *o = (v - max).exp();
+                sum += *o;
+            }
+            let inv = 1.0 / sum;
+            dst.iter_mut().for_each(|o| *o *= inv);
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (y, g) = (res.contiguous()?, grad.contiguous()?);
+        let (yd, gd) = (crate::layers::cpu::Data::new(&y), crate::layers::cpu::Data::new(&g));
+        let (ys, gs) = (yd.f32()?, gd.f32()?);
+        let dim = y.dims().last().copied().unwrap_or(1).max(1);
+        let mut dx = vec![0f32; ys.len()];
+        crate::layers::cpu::for_each_row(ys, &mut dx, (dim, dim), |row, yr, dst| {
+            let gr = &gs[row * dim..(row + 1) * dim];
+            let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+            for ((o, &yv), &gv) in dst.iter_mut().zip(yr).zip(gr) {
+                *o = yv * (gv - dot);
+            }
+        });
+        Ok(Some(Tensor::from_vec(dx, y.shape(), y.device())?))
     }
 }
 
@@ -248,6 +294,27 @@ mod tests {
     use candle_core::Device;
 
     use crate::test_util::rand;
+
+    /// Under autograd the fused softmax gives candle's values and the gradient of its
+    /// composed softmax, also with masked (−∞) entries.
+    #[test]
+    fn trainable_softmax_equals_the_composite() {
+        let x = candle_core::Var::from_tensor(&(rand(&[3, 4, 9], 1) * 5.0).unwrap()).unwrap();
+        let mask = causal_mask(9, DType::F32, &Device::Cpu).unwrap().narrow(0, 0, 4).unwrap();
+        let input = x.as_tensor().broadcast_add(&mask).unwrap();
+        let ours = softmax_last_dim(&input).unwrap();
+        let theirs = candle_nn::ops::softmax(&input, candle_core::D::Minus1).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| {
+            let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
+            d.max(0).unwrap().to_scalar::<f32>().unwrap()
+        };
+        assert!(diff(&ours, &theirs) < 1e-6);
+        let w = rand(&[3, 4, 9], 2);
+        let loss = |y: &Tensor| (y * &w).unwrap().sqr().unwrap().sum_all().unwrap();
+        let (g1, g2) = (loss(&ours).backward().unwrap(), loss(&theirs).backward().unwrap());
+        let d = diff(g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap());
+        assert!(d < 1e-5, "gradient differs by {d}");
+    }
 
     #[test]
     fn chunked_equals_naive() {

@@ -8,7 +8,7 @@
 //!
 //! The pixel weight `m` is 1 unless `object_weight` is set: then pixels that differ from their
 //! image's background (the per-channel median of the image's border, or of the crop's when
-//! training on crops) weigh `object_weight`.
+//! training on crops), and those within `object_margin` pixels of them, weigh `object_weight`.
 //! On plain-background data (make-shapes, sprites, product shots) a small object is a few
 //! percent of the pixels, so an unweighted loss is content to blur its colour into the
 //! background's; measured on make-shapes, a VAE trained without it decoded green objects as
@@ -68,6 +68,10 @@ pub struct VaeTrainOptions {
     /// Weight of object pixels (those unlike their image's border) in the reconstruction terms;
     /// 1 weighs every pixel alike.
     pub object_weight: f64,
+    /// Pixels within this many pixels (Chebyshev distance) of an object pixel weigh
+    /// `object_weight` too: the background just outside an outline is where a blurred shape
+    /// spills, and without the margin it costs only the background's weight.
+    pub object_margin: usize,
     /// Mirror training images left–right at random.
     pub random_flip: bool,
     /// Images held out of training for the final PSNR and the previews.
@@ -84,6 +88,7 @@ impl Default for VaeTrainOptions {
             mse_weight: 0.0,
             kl_weight: 1e-6,
             object_weight: 1.0,
+            object_margin: 0,
             random_flip: false,
             eval_images: 64,
         }
@@ -206,7 +211,7 @@ impl VaeTrainer<'_> {
             let shape = (idx.len(), 3, size, size);
             // The object mask comes from the host pixels, before upload: no copy back per step.
             let weights = (o.object_weight != 1.0)
-                .then(|| object_weights(&pixels, shape, o.object_weight))
+                .then(|| object_weights(&pixels, shape, o.object_weight, o.object_margin))
                 .map(|m| Tensor::from_vec(m, (idx.len(), 1, size, size), &self.device))
                 .transpose()?;
             let x = Tensor::from_vec(pixels, shape, &self.device)?;
@@ -311,22 +316,33 @@ const OBJECT_THRESHOLD: f32 = 0.1;
 
 /// Per-pixel loss weights, row-major `[B, 1, H, W]`, for images `x` (row-major `[B, C, H, W]`):
 /// `weight` where a pixel differs from its image's background (the per-channel median of the
-/// border), else 1.
+/// border) or lies within `margin` pixels (Chebyshev distance) of such a pixel, else 1.
 pub fn object_weights(
     x: &[f32],
     (b, c, h, w): (usize, usize, usize, usize),
     weight: f64,
+    margin: usize,
 ) -> Vec<f32> {
     let mut out = vec![1f32; b * h * w];
+    let mut object = vec![false; h * w];
     for (i, img) in x.chunks_exact(c * h * w).enumerate() {
         let bg: Vec<f32> = img
             .chunks_exact(h * w)
             .map(|plane| border_median(w, h, |p| plane[p]).unwrap_or(0.0))
             .collect();
-        for p in 0..h * w {
-            let far = (0..c).any(|ch| (img[ch * h * w + p] - bg[ch]).abs() > OBJECT_THRESHOLD);
-            if far {
-                out[i * h * w + p] = weight as f32;
+        for (p, o) in object.iter_mut().enumerate() {
+            *o = (0..c).any(|ch| (img[ch * h * w + p] - bg[ch]).abs() > OBJECT_THRESHOLD);
+        }
+        let out = &mut out[i * h * w..(i + 1) * h * w];
+        for (p, &o) in object.iter().enumerate() {
+            if !o {
+                continue;
+            }
+            let (x, y) = (p % w, p / w);
+            for yy in y.saturating_sub(margin)..(y + margin + 1).min(h) {
+                for xx in x.saturating_sub(margin)..(x + margin + 1).min(w) {
+                    out[yy * w + xx] = weight as f32;
+                }
             }
         }
     }
@@ -452,11 +468,25 @@ mod tests {
                 v[3 * n + c * n + p] = if p == 5 { 0.05 } else { 0.0 };
             }
         }
-        let w = object_weights(&v, (2, 3, s, s), 10.0);
+        let w = object_weights(&v, (2, 3, s, s), 10.0, 0);
         let expect: Vec<f32> = (0..n)
             .map(|p| if [5, 6, 9, 10].contains(&p) { 10.0 } else { 1.0 })
             .chain(std::iter::repeat_n(1.0, n))
             .collect();
+        assert_eq!(w, expect);
+
+        // A margin of one pixel marks the square's neighbours too, diagonals included: all of
+        // the 4×4 image except nothing (the 2×2 square at (1, 1) grown by 1 covers it).
+        let w = object_weights(&v, (2, 3, s, s), 10.0, 1);
+        assert!(w[..n].iter().all(|&m| m == 10.0), "{w:?}");
+        assert!(w[n..].iter().all(|&m| m == 1.0), "{w:?}");
+        // On a 6×6 field with one object pixel at (1, 1), margin 1 marks (0..3)², not (3, 3).
+        let (s, n) = (6, 36);
+        let mut v = vec![0f32; 3 * n];
+        v[s + 1] = 0.9;
+        let w = object_weights(&v, (1, 3, s, s), 5.0, 1);
+        let expect: Vec<f32> =
+            (0..n).map(|p| if p % s < 3 && p / s < 3 { 5.0 } else { 1.0 }).collect();
         assert_eq!(w, expect);
     }
 }

@@ -240,3 +240,125 @@ fn store_row(
         dst.iter_mut().for_each(|o| *o /= scale);
     }
 }
+
+/// The input gradient of a stride-1 convolution, `[batch, cin, h, w]`, from the output gradient
+/// `g: [batch, cout, hout, wout]`: the convolution of `g`, padded by `k − 1 − pad`, with the
+/// weights flipped in space and their channel axes swapped. Needs `pad < k`.
+pub(crate) fn conv2d_input_grad(g: &[f32], weight: &[f32], s: ConvShape) -> Vec<f32> {
+    let (hout, wout) = s.out_hw();
+    let kk = s.k * s.k;
+    let mut flipped = vec![0f32; weight.len()];
+    for co in 0..s.cout {
+        for ci in 0..s.cin {
+            let src = &weight[(co * s.cin + ci) * kk..(co * s.cin + ci + 1) * kk];
+            let dst = &mut flipped[(ci * s.cout + co) * kk..(ci * s.cout + co + 1) * kk];
+            for (tap, &v) in src.iter().enumerate() {
+                dst[kk - 1 - tap] = v;
+            }
+        }
+    }
+    let t = ConvShape {
+        batch: s.batch,
+        cin: s.cout,
+        h: hout,
+        w: wout,
+        cout: s.cin,
+        k: s.k,
+        pad: s.k - 1 - s.pad,
+    };
+    let zeros = vec![0f32; s.cin];
+    let epi = Epilogue { bias: &zeros, channel_add: None, residual: None, scale: 1.0 };
+    conv2d(g, &flipped, t, epi)
+}
+
+/// The weight gradient of a stride-1 convolution, `[cout, cin, k, k]`, from its input `x` and
+/// output gradient `g`.
+///
+/// With the input padded and laid out as in [`conv2d`] (rows of `W'`, one extra zero row) and
+/// `g`'s rows widened to `W'` with zeros, tap `(ky, kx)` is one matrix product per image,
+/// `dW[:, :, ky, kx] += g · shift(x)ᵀ`, with no unfolded copy. Taps are split over threads;
+/// each sums its images in order, so the result does not depend on the thread count.
+pub(crate) fn conv2d_weight_grad(x: &[f32], g: &[f32], s: ConvShape) -> Vec<f32> {
+    let (hout, wout) = s.out_hw();
+    let wp = s.w + 2 * s.pad;
+    let kk = s.k * s.k;
+    let plane = (s.h + 2 * s.pad + 1) * wp;
+    let n = hout * wp;
+    let mut xp = vec![0f32; s.batch * s.cin * plane];
+    for (b, img) in x.chunks_exact(s.cin * s.h * s.w).enumerate() {
+        let band = &mut xp[b * s.cin * plane..(b + 1) * s.cin * plane];
+        fill_band(band, img, s, 0, s.h + 2 * s.pad, plane);
+    }
+    let mut gp = vec![0f32; s.batch * s.cout * n];
+    for (row, src) in g.chunks_exact(wout).enumerate() {
+        gp[row * wp..row * wp + wout].copy_from_slice(src);
+    }
+    let mut taps = vec![0f32; kk * s.cout * s.cin];
+    let per_tap = s.cout * s.cin;
+    let threads = super::cpu::threads().min(kk).max(1);
+    let taps_per_thread = kk.div_ceil(threads);
+    let (xp, gp) = (&xp, &gp);
+    let work = |first: usize, out: &mut [f32]| {
+        for (i, dst) in out.chunks_exact_mut(per_tap).enumerate() {
+            let tap = first + i;
+            let shift = (tap / s.k) * wp + tap % s.k;
+            for b in 0..s.batch {
+                // SAFETY: lhs is `gp[b][co][j]` for co < cout, j < n; rhs reads
+                // `xp[b][ci·plane + shift + j]`, at most `(cin−1)·plane + (k−1)·wp + k − 1 +
+                // hout·wp − 1 < cin·plane` (the extra zero row); dst is `cout × cin`.
+                unsafe {
+                    gemm::gemm(
+                        s.cout,
+                        s.cin,
+                        n,
+                        dst.as_mut_ptr(),
+                        1,
+                        s.cin as isize,
+                        b > 0,
+                        gp.as_ptr().add(b * s.cout * n),
+                        1,
+                        n as isize,
+                        xp.as_ptr().add(b * s.cin * plane + shift),
+                        plane as isize,
+                        1,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+        }
+    };
+    if threads <= 1 {
+        work(0, &mut taps);
+    } else {
+        std::thread::scope(|scope| {
+            for (t, chunk) in taps.chunks_mut(taps_per_thread * per_tap).enumerate() {
+                let work = &work;
+                scope.spawn(move || work(t * taps_per_thread, chunk));
+            }
+        });
+    }
+    let mut out = vec![0f32; taps.len()];
+    for tap in 0..kk {
+        for co in 0..s.cout {
+            for ci in 0..s.cin {
+                out[(co * s.cin + ci) * kk + tap] = taps[(tap * s.cout + co) * s.cin + ci];
+            }
+        }
+    }
+    out
+}
+
+/// The bias gradient, `[cout]`: `g` summed over images and pixels (in f64).
+pub(crate) fn conv2d_bias_grad(g: &[f32], s: ConvShape) -> Vec<f32> {
+    let (hout, wout) = s.out_hw();
+    let mut sums = vec![0f64; s.cout];
+    for (i, plane) in g.chunks_exact(hout * wout).enumerate() {
+        sums[i % s.cout] += plane.iter().map(|&v| v as f64).sum::<f64>();
+    }
+    sums.into_iter().map(|v| v as f32).collect()
+}

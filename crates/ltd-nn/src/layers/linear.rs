@@ -1,11 +1,11 @@
 //! `torch.nn.Linear` and `torch.nn.Conv2d`, initialised for training as PyTorch initialises
 //! them (uniform in ±1/√fan_in for weight and bias: `kaiming_uniform_(a=√5)`).
 
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use super::conv_cpu::{self, ConvShape, Epilogue};
-use super::cpu;
+use super::cpu::{self, contiguous};
 
 /// Half-precision inputs on the CPU are multiplied in f32 and rounded once, after the bias, as
 /// PyTorch's CPU kernels do (candle would round the product, then round again after adding the
@@ -204,69 +204,82 @@ impl Module for Conv2d {
         } else {
             (x.clone(), self.weight.clone(), self.bias.clone())
         };
-        let y = if cpu && self.stride == 1 {
-            conv_stride1_cpu(&x, &w, self.padding)?
-        } else {
-            x.conv2d(&w, self.padding, self.stride, 1, 1)?
-        };
+        if cpu && self.stride == 1 && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
+            if let Some(op) = Conv2dTrainOp::new(&x, &w, self.padding)? {
+                let b = b.to_dtype(DType::F32)?;
+                return x.contiguous()?.apply_op3(&w.contiguous()?, &b, op)?.to_dtype(dtype);
+            }
+        }
+        let y = x.conv2d(&w, self.padding, self.stride, 1, 1)?;
         y.broadcast_add(&b.reshape((1, c, 1, 1))?)?.to_dtype(dtype)
     }
 }
 
-/// Bytes of unfolded input (`im2col`) a stride-1 CPU convolution holds at once: bands of output
-/// rows small enough to stay cache-friendly and below the allocator's mmap threshold (so the
-/// buffers are reused instead of page-faulted in anew), large enough for efficient products.
-const MAX_UNFOLD_BYTES: usize = 16 << 20;
+/// A stride-1 convolution with bias under autograd, on f32 CPU tensors: the direct kernel of
+/// `conv_cpu.rs` forwards, and its backward is one convolution (input gradient) and `k²`
+/// matrix products (weight gradient) over the whole batch. Composed from candle's ops, the
+/// same convolution spent most of a small training step on copying shifted views and their
+/// gradients.
+struct Conv2dTrainOp {
+    shape: ConvShape,
+}
 
-/// A stride-1 convolution on the CPU as one matrix product per image and band of rows.
-///
-/// With the input zero-padded and each channel's rows laid end to end, shifting by
-/// `ky·W' + kx` (W' the padded width) is a contiguous slice, so the unfolded input is `k²`
-/// memcpy-like slices per channel (`[Cin·k², rows·W']`, rows in the weight's own
-/// `(ci, ky, kx)` order) and the product with the weight viewed as `[Cout, Cin·k²]` gives the
-/// output with `k − 1` extra columns per row, which are cropped. candle's CPU convolution
-/// gathers its unfolded tiles element by element, which costs as much as the product itself
-/// at SD sizes. Built from ordinary tensor ops, so it is differentiable.
-fn conv_stride1_cpu(x: &Tensor, w: &Tensor, pad: usize) -> Result<Tensor> {
-    let (b, cin, h, width) = x.dims4()?;
-    let (cout, cin_w, k, k2) = w.dims4()?;
-    if cin_w != cin || k != k2 || h + 2 * pad < k || width + 2 * pad < k {
-        // Let candle report the mismatch.
-        return x.conv2d(w, pad, 1, 1, 1);
+impl Conv2dTrainOp {
+    /// The op for `x` and `weight`, if the kernel computes it (`pad < k`, so that the input
+    /// gradient is itself a padded convolution).
+    fn new(x: &Tensor, weight: &Tensor, padding: usize) -> Result<Option<Self>> {
+        let (batch, cin, h, w) = x.dims4()?;
+        let (cout, cin_w, k, k2) = weight.dims4()?;
+        let shape = ConvShape { batch, cin, h, w, cout, k, pad: padding };
+        Ok((cin_w == cin && k == k2 && padding < k && shape.valid()).then_some(Self { shape }))
     }
-    if k == 1 && pad == 0 {
-        let y = w.reshape((cout, cin))?.broadcast_left(b)?.matmul(&x.reshape((
-            b,
-            cin,
-            h * width,
-        ))?)?;
-        return y.reshape((b, cout, h, width));
+}
+
+impl CustomOp3 for Conv2dTrainOp {
+    fn name(&self) -> &'static str {
+        "ltd-conv2d"
     }
-    let wp = width + 2 * pad;
-    let (hout, wout) = (h + 2 * pad + 1 - k, wp + 1 - k);
-    // One extra zero row at the bottom keeps the last shifted slice in bounds.
-    let xp = x.pad_with_zeros(3, pad, pad)?.pad_with_zeros(2, pad, pad + 1)?;
-    let flat = xp.reshape((b, cin, (h + 2 * pad + 1) * wp))?;
-    let weight = w.reshape((cout, cin * k * k))?;
-    let row_bytes = cin * k * k * wp * x.dtype().size_in_bytes();
-    let band = (MAX_UNFOLD_BYTES / row_bytes.max(1)).clamp(1, hout);
-    let mut images = Vec::with_capacity(b);
-    for i in 0..b {
-        let image = flat.get(i)?;
-        let mut bands = Vec::with_capacity(hout.div_ceil(band));
-        let mut y0 = 0;
-        while y0 < hout {
-            let rows = band.min(hout - y0);
-            let shifts = (0..k * k)
-                .map(|s| image.narrow(1, (y0 + s / k) * wp + s % k, rows * wp))
-                .collect::<Result<Vec<_>>>()?;
-            let cols = Tensor::stack(&shifts, 1)?.reshape((cin * k * k, rows * wp))?;
-            bands.push(weight.matmul(&cols)?.reshape((cout, rows, wp))?.narrow(2, 0, wout)?);
-            y0 += rows;
-        }
-        images.push(Tensor::cat(&bands, 1)?);
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) =
+            (contiguous::<f32>(s1, l1)?, contiguous::<f32>(s2, l2)?, contiguous(s3, l3)?);
+        let s = self.shape;
+        let epi = Epilogue { bias: b, channel_add: None, residual: None, scale: 1.0 };
+        let (hout, wout) = s.out_hw();
+        let out = conv_cpu::conv2d(x, w, s, epi);
+        Ok((CpuStorage::F32(out), Shape::from((s.batch, s.cout, hout, wout))))
     }
-    Tensor::stack(&images, 0)
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let s = self.shape;
+        let (x, weight, grad) = (x.contiguous()?, weight.contiguous()?, grad.contiguous()?);
+        let (xd, wd, gd) = (cpu::Data::new(&x), cpu::Data::new(&weight), cpu::Data::new(&grad));
+        let (xs, ws, gs) = (xd.f32()?, wd.f32()?, gd.f32()?);
+        let dev = x.device();
+        let dx = conv_cpu::conv2d_input_grad(gs, ws, s);
+        let dw = conv_cpu::conv2d_weight_grad(xs, gs, s);
+        let db = conv_cpu::conv2d_bias_grad(gs, s);
+        Ok((
+            Some(Tensor::from_vec(dx, (s.batch, s.cin, s.h, s.w), dev)?),
+            Some(Tensor::from_vec(dw, (s.cout, s.cin, s.k, s.k), dev)?),
+            Some(Tensor::from_vec(db, s.cout, dev)?),
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -279,23 +292,6 @@ mod tests {
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         let d = (a - b).unwrap().abs().unwrap();
         d.flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-    }
-
-    #[test]
-    fn unfolded_convolution_equals_candles() {
-        for &(b, cin, cout, h, w, k, pad) in &[
-            (2, 3, 5, 7, 6, 3, 1),
-            (1, 4, 2, 5, 9, 1, 0),
-            (2, 2, 3, 6, 4, 3, 0),
-            (1, 3, 4, 4, 5, 5, 2),
-        ] {
-            let x = rand(&[b, cin, h, w], 1);
-            let wt = rand(&[cout, cin, k, k], 2);
-            let expected = x.conv2d(&wt, pad, 1, 1, 1).unwrap();
-            let ours = conv_stride1_cpu(&x, &wt, pad).unwrap();
-            assert_eq!(ours.dims(), expected.dims());
-            assert!(max_diff(&ours, &expected) < 1e-5, "{:?}", (b, cin, cout, h, w, k, pad));
-        }
     }
 
     #[test]
@@ -331,25 +327,50 @@ mod tests {
         }
     }
 
+    /// Under autograd the convolution runs the direct kernel forwards and its own backward:
+    /// values and the gradients of input, weight and bias equal candle's composed convolution.
     #[test]
-    fn bands_and_gradients() {
-        // Tall enough input to be split into several bands of rows.
-        let rows = MAX_UNFOLD_BYTES / (2 * 9 * 18 * 4) * 2 + 37;
-        let x = rand(&[1, 2, rows, 16], 3);
-        let wt = rand(&[3, 2, 3, 3], 4);
-        let ours = conv_stride1_cpu(&x, &wt, 1).unwrap();
-        assert!(max_diff(&ours, &x.conv2d(&wt, 1, 1, 1, 1).unwrap()) < 1e-5);
-
-        let x = Var::from_tensor(&rand(&[1, 2, 5, 4], 5)).unwrap();
-        let wt = Var::from_tensor(&rand(&[3, 2, 3, 3], 6)).unwrap();
-        let target = rand(&[1, 3, 5, 4], 7);
-        let loss = |y: Tensor| (y - &target).unwrap().sqr().unwrap().sum_all().unwrap();
-        let ours = loss(conv_stride1_cpu(x.as_tensor(), wt.as_tensor(), 1).unwrap());
-        let theirs = loss(x.as_tensor().conv2d(wt.as_tensor(), 1, 1, 1, 1).unwrap());
-        let (g1, g2) = (ours.backward().unwrap(), theirs.backward().unwrap());
-        for v in [&x, &wt] {
-            let d = max_diff(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
-            assert!(d < 1e-4, "gradient differs by {d}");
+    fn training_convolution_and_its_gradients_equal_candles() {
+        // Batches, 1×1 / 3×3 / 5×5 kernels, no padding and more, several bands of rows and
+        // split output channels (the 300-row and 130-channel cases).
+        for &(b, cin, cout, h, w, k, pad) in &[
+            (2, 3, 5, 7, 6, 3, 1),
+            (1, 4, 130, 5, 9, 1, 0),
+            (2, 2, 3, 6, 4, 3, 0),
+            (1, 3, 4, 4, 5, 5, 2),
+            (3, 2, 3, 5, 5, 3, 2),
+            (1, 8, 16, 300, 12, 3, 1),
+        ] {
+            let case = (b, cin, cout, h, w, k, pad);
+            let x = Var::from_tensor(&rand(&[b, cin, h, w], 1)).unwrap();
+            let conv = Conv2d {
+                weight: Var::from_tensor(&rand(&[cout, cin, k, k], 2)).unwrap().as_tensor().clone(),
+                bias: Var::from_tensor(&rand(&[cout], 3)).unwrap().as_tensor().clone(),
+                padding: pad,
+                stride: 1,
+            };
+            let ours = conv.forward(x.as_tensor()).unwrap();
+            let theirs = x
+                .as_tensor()
+                .conv2d(&conv.weight, pad, 1, 1, 1)
+                .unwrap()
+                .broadcast_add(&conv.bias.reshape((1, cout, 1, 1)).unwrap())
+                .unwrap();
+            assert_eq!(ours.dims(), theirs.dims(), "{case:?}");
+            assert!(max_diff(&ours, &theirs) < 1e-5, "values {case:?}");
+            // A loss whose gradient differs per element.
+            let target = rand(ours.dims(), 7);
+            let loss = |y: &Tensor| (y - &target).unwrap().sqr().unwrap().sum_all().unwrap();
+            let (g1, g2) = (loss(&ours).backward().unwrap(), loss(&theirs).backward().unwrap());
+            for (name, v) in
+                [("input", x.as_tensor()), ("weight", &conv.weight), ("bias", &conv.bias)]
+            {
+                let (a, e) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+                let scale = e.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+                let tol = 1e-5 * (1.0 + scale.to_scalar::<f32>().unwrap());
+                let d = max_diff(a, e);
+                assert!(d < tol, "{name} gradient differs by {d} (tolerance {tol}) {case:?}");
+            }
         }
     }
 }

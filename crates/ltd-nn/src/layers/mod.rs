@@ -5,7 +5,7 @@
 
 pub mod activation;
 mod conv_cpu;
-mod cpu;
+pub(crate) mod cpu;
 pub(crate) use cpu::threads as cpu_threads;
 pub mod cross_attention;
 pub mod embeddings;
