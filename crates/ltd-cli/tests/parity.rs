@@ -1,5 +1,6 @@
 //! End-to-end parity with diffusers through the binary, as a user runs it: every case of
-//! `tests/fixtures/golden/e2e/cases.json` becomes an `ltd-gen` command line, and each PNG it
+//! `tests/fixtures/golden/e2e/cases.json` (the tiny pipelines, and the embedded default model run
+//! with no `--model`) becomes an `ltd-gen` command line, and each PNG it
 //! writes must match the PNG diffusers wrote at ≥ 50 dB PSNR (two correct float32
 //! implementations land far above that — identical bytes here, or ~80 dB — while a prompt
 //! differing by one period can still score 42 dB).
@@ -48,10 +49,11 @@ fn command_line(case: &Value, out: &Path) -> Vec<String> {
         args.push(flag.into());
         args.push(v);
     };
-    push(
-        "--model",
-        fixtures().join("pipelines").join(case["pipeline"].as_str().unwrap()).display().to_string(),
-    );
+    // `default` is the model ltd-gen embeds: a user runs it with no --model at all.
+    match case["pipeline"].as_str().unwrap() {
+        "default" => {}
+        tiny => push("--model", fixtures().join("pipelines").join(tiny).display().to_string()),
+    }
     push("--seed", case["seed"].to_string());
     push("--steps", case["steps"].to_string());
     push("--guidance", case["guidance"].to_string());

@@ -63,6 +63,17 @@ fn request(case: &Value) -> GenerateRequest {
     }
 }
 
+/// A case's model: `default` is the trained model ltd-gen embeds (`models/DEFAULT` names it),
+/// any other name a tiny fixture pipeline.
+fn pipeline_folder(name: &str) -> PathBuf {
+    if name == "default" {
+        let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+        let default = std::fs::read_to_string(models.join("DEFAULT")).unwrap();
+        return models.join(default.trim());
+    }
+    fixtures().join("pipelines").join(name)
+}
+
 #[test]
 fn pipeline_matches_diffusers_latents() {
     let cases: Vec<Value> = serde_json::from_str(
@@ -75,11 +86,7 @@ fn pipeline_matches_diffusers_latents() {
         let name = case["name"].as_str().unwrap();
         let which = case["pipeline"].as_str().unwrap().to_string();
         let pipe = pipes.entry(which.clone()).or_insert_with(|| {
-            Pipeline::load_folder(
-                &fixtures().join("pipelines").join(&which),
-                &LoadOptions::default(),
-            )
-            .unwrap()
+            Pipeline::load_folder(&pipeline_folder(&which), &LoadOptions::default()).unwrap()
         });
         let golden = candle_core::safetensors::load(
             fixtures().join("golden/e2e").join(format!("{name}.safetensors")),
