@@ -63,7 +63,8 @@ pub struct Args {
     pub random_flip: bool,
     /// Peak learning rate of a from-scratch text encoder (default: --learning-rate). Lower it
     /// when the U-Net's rate is high: a tiny CLIP trained at 1e-3 collapses and the model
-    /// ignores words (see configs/train/shapes/reproduce.sh).
+    /// ignores words. 0 keeps it at its seeded random initialisation, which keeps every word
+    /// apart (the default model does this; see configs/train/shapes/reproduce.sh).
     #[arg(long = "text-encoder-lr")]
     pub text_encoder_lr: Option<f64>,
     /// Sample training timesteps with a bias (diffusers' --timestep_bias_strategy): none,

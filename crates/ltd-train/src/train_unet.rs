@@ -73,7 +73,8 @@ pub struct UnetTrainOptions {
     /// its 0.02-scale embeddings by their own size in a few dozen steps, the update common to
     /// all tokens swamps the differences between words, and the U-Net stops seeing any word
     /// but the few it already uses (on make-shapes: position words were ignored; 1e-4 keeps
-    /// them).
+    /// them). `Some(0.0)` leaves it at its seeded random initialisation: a frozen random CLIP
+    /// keeps all words apart, and on make-shapes it served the U-Net best.
     pub text_encoder_learning_rate: Option<f64>,
     /// Biased sampling of the training timesteps (default: uniform).
     pub timestep_bias: TimestepBias,
