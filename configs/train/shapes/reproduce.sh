@@ -7,7 +7,8 @@
 # About 55 minutes on a 2-core CPU (measured: VAE 11 min, U-Net 38 min, evaluation 3 min).
 # Every step is deterministic for its seed; a killed step continues with the same command plus
 # --resume. The finished pipeline is WORK_DIR/pipeline; copy it to models/<name>/ and write
-# <name> into models/DEFAULT to embed it.
+# <name> into models/DEFAULT to embed it, and run `cargo xtask fixtures e2e` to refresh
+# diffusers' images of the default model, which the parity tests compare ltd-gen against.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 # One thread: as fast as two for models this small (measured), unaffected by other work on the
