@@ -4,6 +4,7 @@
 //! work lives in the library crates, and a debug build would be far too slow.
 
 mod bench;
+mod big_tests;
 mod eval_shapes;
 mod fixtures;
 mod make_shapes;
@@ -37,6 +38,8 @@ enum Task {
     EvalShapes(eval_shapes::Args),
     /// CPU speed and memory against diffusers/PyTorch in the same run (release build).
     Bench(bench::Args),
+    /// The slow full-size checks `cargo test` does not build (release build, minutes).
+    BigTests(big_tests::Args),
 }
 
 impl Task {
@@ -87,5 +90,6 @@ fn main() -> Result<()> {
         Task::TrainUnet(args) => train_unet::run(args, &root),
         Task::EvalShapes(args) => eval_shapes::run(args, &root),
         Task::Bench(args) => bench::run(args, &root),
+        Task::BigTests(args) => big_tests::run(args),
     }
 }
