@@ -101,6 +101,16 @@ config_enum! {
     }
 }
 
+impl FinalSigmasType {
+    /// The final sigma, given the smallest sigma of the schedule it ends.
+    pub(crate) fn value(self, sigma_min: f32) -> f32 {
+        match self {
+            Self::Zero => 0.0,
+            Self::SigmaMin => sigma_min,
+        }
+    }
+}
+
 config_enum! {
     /// What Euler passes to the model as the timestep.
     TimestepType {
@@ -312,6 +322,125 @@ impl SchedulerConfig {
         })?;
         SchedulerClass::parse("_class_name", name)
     }
+
+    /// `prediction_type`; every class defaults to `epsilon`.
+    pub fn prediction_type(&self) -> std::result::Result<PredictionType, ConfigError> {
+        parse_or(
+            "prediction_type",
+            &self.prediction_type,
+            PredictionType::Epsilon,
+            PredictionType::parse,
+        )
+    }
+
+    /// `prediction_type` for a class that cannot take `sample`; `why` says so in the error.
+    pub(crate) fn prediction_type_except_sample(
+        &self,
+        why: &str,
+    ) -> std::result::Result<PredictionType, ConfigError> {
+        match self.prediction_type()? {
+            PredictionType::Sample => Err(ConfigError::new(
+                "prediction_type",
+                format!("unsupported value \"sample\" ({why})"),
+            )),
+            prediction => Ok(prediction),
+        }
+    }
+
+    /// `timestep_spacing`, with the reading class's default (`leading` for DDPM, DDIM and
+    /// PNDM, `linspace` for the others).
+    pub fn timestep_spacing(
+        &self,
+        class_default: TimestepSpacing,
+    ) -> std::result::Result<TimestepSpacing, ConfigError> {
+        parse_or("timestep_spacing", &self.timestep_spacing, class_default, TimestepSpacing::parse)
+    }
+
+    /// `beta_schedule`, with the reading class's default (`scaled_linear` for LCM, `linear`
+    /// for the others).
+    pub fn beta_schedule(
+        &self,
+        class_default: BetaSchedule,
+    ) -> std::result::Result<BetaSchedule, ConfigError> {
+        parse_or("beta_schedule", &self.beta_schedule, class_default, BetaSchedule::parse)
+    }
+
+    /// `final_sigmas_type`; every class that has it defaults to `zero`.
+    pub fn final_sigmas_type(&self) -> std::result::Result<FinalSigmasType, ConfigError> {
+        parse_or(
+            "final_sigmas_type",
+            &self.final_sigmas_type,
+            FinalSigmasType::Zero,
+            FinalSigmasType::parse,
+        )
+    }
+
+    /// `timestep_type` (Euler), default `discrete`.
+    pub fn timestep_type(&self) -> std::result::Result<TimestepType, ConfigError> {
+        parse_or("timestep_type", &self.timestep_type, TimestepType::Discrete, TimestepType::parse)
+    }
+
+    /// `algorithm_type` (DPM-Solver), default `dpmsolver++`; `deis` means `dpmsolver++` (as
+    /// diffusers maps it) and the deprecated `dpmsolver`/`sde-dpmsolver` are rejected.
+    pub fn dpm_algorithm_type(&self) -> std::result::Result<DpmAlgorithm, ConfigError> {
+        if let Some(a @ ("dpmsolver" | "sde-dpmsolver")) = self.algorithm_type.as_deref() {
+            return Err(ConfigError::new(
+                "algorithm_type",
+                format!(
+                    "unsupported value {a:?} (deprecated in diffusers; use dpmsolver++ or \
+                     sde-dpmsolver++)"
+                ),
+            ));
+        }
+        let plus_plus = DpmAlgorithm::DpmSolverPlusPlus;
+        parse_aliased(
+            "algorithm_type",
+            &self.algorithm_type,
+            &["deis"],
+            plus_plus,
+            DpmAlgorithm::parse,
+        )
+    }
+
+    /// `solver_type` as DPM-Solver reads it, default `midpoint`; UniPC's `logrho`, `bh1` and
+    /// `bh2` mean `midpoint` (as diffusers maps them when swapping classes).
+    pub fn dpm_solver_type(&self) -> std::result::Result<DpmSolverType, ConfigError> {
+        let aliases = ["logrho", "bh1", "bh2"];
+        let midpoint = DpmSolverType::Midpoint;
+        parse_aliased("solver_type", &self.solver_type, &aliases, midpoint, DpmSolverType::parse)
+    }
+
+    /// `solver_type` as UniPC reads it, default `bh2`; DPM-Solver's `midpoint`, `heun` and
+    /// `logrho` mean `bh2`.
+    pub fn unipc_solver_type(&self) -> std::result::Result<UniPcSolverType, ConfigError> {
+        let aliases = ["midpoint", "heun", "logrho"];
+        let bh2 = UniPcSolverType::Bh2;
+        parse_aliased("solver_type", &self.solver_type, &aliases, bh2, UniPcSolverType::parse)
+    }
+
+    /// `variance_type` as DDPM reads it, default `fixed_small`; `fixed_large_log` is rejected
+    /// (diffusers 0.42.1 takes `log(beta) ** 0.5` there, NaN on every noised step).
+    pub fn ddpm_variance_type(&self) -> std::result::Result<DdpmVarianceType, ConfigError> {
+        if self.variance_type.as_deref() == Some("fixed_large_log") {
+            return Err(ConfigError::new(
+                "variance_type",
+                "unsupported value \"fixed_large_log\": diffusers 0.42.1 computes \
+                 log(beta_t) ** 0.5 for it, which is NaN",
+            ));
+        }
+        let fixed_small = DdpmVarianceType::FixedSmall;
+        parse_or("variance_type", &self.variance_type, fixed_small, DdpmVarianceType::parse)
+    }
+
+    /// `interpolation_type` (Euler), default `linear`.
+    pub fn interpolation_type(&self) -> std::result::Result<InterpolationType, ConfigError> {
+        parse_or(
+            "interpolation_type",
+            &self.interpolation_type,
+            InterpolationType::Linear,
+            InterpolationType::parse,
+        )
+    }
 }
 
 /// Rewrites the bare `NaN`, `Infinity` and `-Infinity` tokens Python's `json` emits into
@@ -369,7 +498,7 @@ fn lenient_f64<'de, D: Deserializer<'de>>(de: D) -> std::result::Result<Option<f
 }
 
 /// Parses an optional string field into `E`, or returns `default` when absent.
-pub(crate) fn parse_or<E>(
+fn parse_or<E>(
     field: &str,
     value: &Option<String>,
     default: E,
@@ -378,11 +507,70 @@ pub(crate) fn parse_or<E>(
     value.as_deref().map_or(Ok(default), |v| parse(field, v))
 }
 
-/// Rejects a feature flag we do not implement when it is set.
-pub(crate) fn reject_flag(
+/// diffusers options that ltd does not implement; a class rejects those it reads when set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unimplemented {
+    /// `use_exponential_sigmas`.
+    ExponentialSigmas,
+    /// `use_beta_sigmas`.
+    BetaSigmas,
+    /// `use_lu_lambdas`.
+    LuLambdas,
+    /// `use_flow_sigmas`.
+    FlowSigmas,
+    /// `use_dynamic_shifting`.
+    DynamicShifting,
+}
+
+impl Unimplemented {
+    /// The k-diffusion classes' (Euler, Heun, LMS).
+    pub const K_SIGMAS: &'static [Self] = &[Self::ExponentialSigmas, Self::BetaSigmas];
+    /// The solvers' (DPM-Solver singlestep, UniPC; multistep adds `use_lu_lambdas`).
+    pub const SOLVER: &'static [Self] =
+        &[Self::ExponentialSigmas, Self::BetaSigmas, Self::FlowSigmas, Self::DynamicShifting];
+}
+
+impl SchedulerConfig {
+    /// An error naming the first of `options` that is set.
+    pub(crate) fn reject_unimplemented(
+        &self,
+        options: &[Unimplemented],
+    ) -> std::result::Result<(), ConfigError> {
+        for &option in options {
+            let (field, value) = match option {
+                Unimplemented::ExponentialSigmas => {
+                    ("use_exponential_sigmas", self.use_exponential_sigmas)
+                }
+                Unimplemented::BetaSigmas => ("use_beta_sigmas", self.use_beta_sigmas),
+                Unimplemented::LuLambdas => ("use_lu_lambdas", self.use_lu_lambdas),
+                Unimplemented::FlowSigmas => ("use_flow_sigmas", self.use_flow_sigmas),
+                Unimplemented::DynamicShifting => {
+                    ("use_dynamic_shifting", self.use_dynamic_shifting)
+                }
+            };
+            reject_flag(field, value)?;
+        }
+        Ok(())
+    }
+}
+
+/// [`parse_or`] where the values in `aliases` (another class's spellings) all mean `alias`,
+/// which is also the default.
+fn parse_aliased<E: Copy>(
     field: &str,
-    value: Option<bool>,
-) -> std::result::Result<(), ConfigError> {
+    value: &Option<String>,
+    aliases: &[&str],
+    alias: E,
+    parse: fn(&str, &str) -> std::result::Result<E, ConfigError>,
+) -> std::result::Result<E, ConfigError> {
+    match value.as_deref() {
+        Some(v) if aliases.contains(&v) => Ok(alias),
+        _ => parse_or(field, value, alias, parse),
+    }
+}
+
+/// Rejects a feature flag we do not implement when it is set.
+fn reject_flag(field: &str, value: Option<bool>) -> std::result::Result<(), ConfigError> {
     if value == Some(true) {
         return Err(ConfigError::new(field, "unsupported value true (not implemented in ltd)"));
     }

@@ -17,14 +17,13 @@
 //! 5. xₜ₋₁ = √αₜ₋₁ x₀ + √(1 − αₜ₋₁ − σₜ²) ε (+ σₜ z when η > 0) (eq. 12).
 
 use candle_core::Tensor;
-use ltd_nn::{ConfigError, NoiseSource, Result};
+use ltd_nn::{ConfigError, Result};
 
-use crate::config::{parse_or, PredictionType, SchedulerConfig, TimestepSpacing};
-use crate::ops::{div, lincomb, scale, train_index, upcast};
-use crate::prediction::{vp_output_from_x0, vp_x0};
+use crate::config::{PredictionType, SchedulerConfig, TimestepSpacing};
+use crate::ops::{div, lincomb, scale, train_index};
 use crate::schedule::{discrete_timesteps, BetaConfig, DEFAULT_BETAS};
 use crate::threshold::SampleClamp;
-use crate::{check_steps, not_ready, Scheduler};
+use crate::{check_steps, not_ready, NoiseLevels, Scheduler, StepInput};
 
 /// diffusers' `DDIMScheduler`.
 #[derive(Debug, Clone)]
@@ -51,19 +50,9 @@ impl DDIMScheduler {
         let num_train = alphas_cumprod.len();
         Ok(Self {
             final_alpha_cumprod,
-            prediction: parse_or(
-                "prediction_type",
-                &cfg.prediction_type,
-                PredictionType::Epsilon,
-                PredictionType::parse,
-            )?,
+            prediction: cfg.prediction_type()?,
             clamp: SampleClamp::read(cfg, Some(true))?,
-            spacing: parse_or(
-                "timestep_spacing",
-                &cfg.timestep_spacing,
-                TimestepSpacing::Leading,
-                TimestepSpacing::parse,
-            )?,
+            spacing: cfg.timestep_spacing(TimestepSpacing::Leading)?,
             steps_offset: cfg.steps_offset.unwrap_or(0),
             eta,
             num_inference_steps: None,
@@ -79,11 +68,6 @@ impl DDIMScheduler {
             self.final_alpha_cumprod
         }
     }
-
-    fn vp_coefficients(&self, timestep: f64) -> Result<(f32, f32)> {
-        let a = self.alphas_cumprod[train_index(timestep, self.alphas_cumprod.len())?];
-        Ok((a.sqrt(), (1.0 - a).sqrt()))
-    }
 }
 
 impl Scheduler for DDIMScheduler {
@@ -95,36 +79,15 @@ impl Scheduler for DDIMScheduler {
         let num_train = self.alphas_cumprod.len();
         check_steps(n, num_train)?;
         self.num_inference_steps = Some(n);
-        self.timesteps = discrete_timesteps(self.spacing, num_train, n, self.steps_offset)
-            .into_iter()
-            .map(|t| t as f64)
-            .collect();
+        self.timesteps = discrete_timesteps(self.spacing, num_train, n, self.steps_offset);
         Ok(())
     }
 
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
-
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        timestep: f64,
-        sample: &Tensor,
-        noise: &mut dyn NoiseSource,
-    ) -> Result<Tensor> {
+    fn step_f32(&mut self, input: StepInput<'_>) -> Result<Tensor> {
+        let StepInput { model_output: out, timestep, sample: x, mut noise } = input;
         let n = self.num_inference_steps.ok_or_else(|| not_ready(self.class_name()))?;
         let num_train = self.alphas_cumprod.len();
         let t = train_index(timestep, num_train)?;
-        let (out, x) = (upcast(model_output)?, upcast(sample)?);
 
         // 1.
         let prev_t = t as i64 - (num_train / n) as i64;
@@ -157,48 +120,13 @@ impl Scheduler for DDIMScheduler {
         let direction = scale(&eps, (1.0 - alpha_prev - std_dev * std_dev).sqrt())?;
         let mut prev = (scale(&x0, alpha_prev.sqrt())? + direction)?;
         if self.eta > 0.0 {
-            let z =
-                noise.randn(model_output.dims(), model_output.dtype(), model_output.device())?;
-            prev = (prev + scale(&upcast(&z)?, std_dev)?)?;
+            let z = noise.like_model_output()?;
+            prev = (prev + scale(&z, std_dev)?)?;
         }
-        Ok(prev.to_dtype(sample.dtype())?)
+        Ok(prev)
     }
 
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        let (alpha, sigma) = self.vp_coefficients(timestep)?;
-        lincomb(&[(alpha, original), (sigma, noise)])
-    }
-
-    fn order(&self) -> usize {
-        1
-    }
-
-    fn set_begin_index(&mut self, _begin_index: usize) {}
-
-    fn prediction_type(&self) -> PredictionType {
-        self.prediction
-    }
-
-    fn pred_original_sample(&self, out: &Tensor, timestep: f64, sample: &Tensor) -> Result<Tensor> {
-        let (alpha, sigma) = self.vp_coefficients(timestep)?;
-        vp_x0(self.prediction, out, sample, alpha, sigma)
-    }
-
-    fn model_output_from_pred_original(
-        &self,
-        x0: &Tensor,
-        timestep: f64,
-        sample: &Tensor,
-    ) -> Result<Tensor> {
-        let (alpha, sigma) = self.vp_coefficients(timestep)?;
-        vp_output_from_x0(self.prediction, x0, sample, alpha, sigma)
-    }
-
-    fn supports_thresholding(&self) -> bool {
-        true
-    }
-
-    fn sigmas(&self) -> Option<&[f32]> {
-        None
+    fn noise_levels(&self) -> NoiseLevels<'_> {
+        NoiseLevels::alphas_cumprod(self.prediction, &self.alphas_cumprod, &self.timesteps)
     }
 }

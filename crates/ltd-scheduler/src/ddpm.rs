@@ -20,14 +20,14 @@
 //! channels and are not supported either.
 
 use candle_core::Tensor;
-use ltd_nn::{ConfigError, NoiseSource, Result};
+use ltd_nn::{ConfigError, Result};
 
-use crate::config::{parse_or, DdpmVarianceType, PredictionType, SchedulerConfig, TimestepSpacing};
-use crate::ops::{lincomb, scale, train_index, upcast};
-use crate::prediction::{vp_output_from_x0, vp_x0};
+use crate::config::{DdpmVarianceType, PredictionType, SchedulerConfig, TimestepSpacing};
+use crate::ops::{lincomb, scale, train_index};
+use crate::prediction::vp_x0;
 use crate::schedule::{discrete_timesteps, BetaConfig, DEFAULT_BETAS};
 use crate::threshold::SampleClamp;
-use crate::{check_steps, Scheduler};
+use crate::{check_steps, NoiseLevels, Scheduler, StepInput};
 
 /// diffusers' `DDPMScheduler`.
 #[derive(Debug, Clone)]
@@ -46,38 +46,14 @@ pub struct DDPMScheduler {
 impl DDPMScheduler {
     /// Reads the fields `DDPMScheduler.__init__` takes, with its defaults.
     pub fn from_config(cfg: &SchedulerConfig) -> std::result::Result<Self, ConfigError> {
-        let variance_type = match cfg.variance_type.as_deref() {
-            Some("fixed_large_log") => {
-                return Err(ConfigError::new(
-                    "variance_type",
-                    "unsupported value \"fixed_large_log\": diffusers 0.42.1 computes \
-                     log(beta_t) ** 0.5 for it, which is NaN",
-                ))
-            }
-            other => parse_or(
-                "variance_type",
-                &other.map(str::to_owned),
-                DdpmVarianceType::FixedSmall,
-                DdpmVarianceType::parse,
-            )?,
-        };
+        let variance_type = cfg.ddpm_variance_type()?;
         let alphas_cumprod = BetaConfig::read(cfg, &DEFAULT_BETAS)?.alphas_cumprod();
         let num_train = alphas_cumprod.len();
         Ok(Self {
             variance_type,
-            prediction: parse_or(
-                "prediction_type",
-                &cfg.prediction_type,
-                PredictionType::Epsilon,
-                PredictionType::parse,
-            )?,
+            prediction: cfg.prediction_type()?,
             clamp: SampleClamp::read(cfg, Some(true))?,
-            spacing: parse_or(
-                "timestep_spacing",
-                &cfg.timestep_spacing,
-                TimestepSpacing::Leading,
-                TimestepSpacing::parse,
-            )?,
+            spacing: cfg.timestep_spacing(TimestepSpacing::Leading)?,
             steps_offset: cfg.steps_offset.unwrap_or(0),
             custom_schedule: false,
             timesteps: (0..num_train).rev().map(|t| t as f64).collect(),
@@ -96,11 +72,6 @@ impl DDPMScheduler {
             })?;
         Ok(self.timesteps.get(index + 1).map_or(-1, |&s| s as i64))
     }
-
-    fn vp_coefficients(&self, timestep: f64) -> Result<(f32, f32)> {
-        let a = self.alphas_cumprod[train_index(timestep, self.alphas_cumprod.len())?];
-        Ok((a.sqrt(), (1.0 - a).sqrt()))
-    }
 }
 
 impl Scheduler for DDPMScheduler {
@@ -112,34 +83,13 @@ impl Scheduler for DDPMScheduler {
         let num_train = self.alphas_cumprod.len();
         check_steps(n, num_train)?;
         self.custom_schedule = true;
-        self.timesteps = discrete_timesteps(self.spacing, num_train, n, self.steps_offset)
-            .into_iter()
-            .map(|t| t as f64)
-            .collect();
+        self.timesteps = discrete_timesteps(self.spacing, num_train, n, self.steps_offset);
         Ok(())
     }
 
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
-
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        timestep: f64,
-        sample: &Tensor,
-        noise: &mut dyn NoiseSource,
-    ) -> Result<Tensor> {
+    fn step_f32(&mut self, input: StepInput<'_>) -> Result<Tensor> {
+        let StepInput { model_output: out, timestep, sample: x, mut noise } = input;
         let t = train_index(timestep, self.alphas_cumprod.len())?;
-        let (out, x) = (upcast(model_output)?, upcast(sample)?);
 
         // 1.
         let prev_t = self.previous_timestep(t)?;
@@ -161,54 +111,19 @@ impl Scheduler for DDPMScheduler {
 
         // 4.
         if t > 0 {
-            let z =
-                noise.randn(model_output.dims(), model_output.dtype(), model_output.device())?;
+            let z = noise.like_model_output()?;
             let variance = (beta_prod_prev / beta_prod_t * current_beta).max(1e-20);
             let std = match self.variance_type {
                 DdpmVarianceType::FixedSmall => variance.sqrt(),
                 DdpmVarianceType::FixedSmallLog => (0.5 * variance.ln()).exp(),
                 DdpmVarianceType::FixedLarge => current_beta.sqrt(),
             };
-            prev = (prev + scale(&upcast(&z)?, std)?)?;
+            prev = (prev + scale(&z, std)?)?;
         }
-        Ok(prev.to_dtype(sample.dtype())?)
+        Ok(prev)
     }
 
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        let (alpha, sigma) = self.vp_coefficients(timestep)?;
-        lincomb(&[(alpha, original), (sigma, noise)])
-    }
-
-    fn order(&self) -> usize {
-        1
-    }
-
-    fn set_begin_index(&mut self, _begin_index: usize) {}
-
-    fn prediction_type(&self) -> PredictionType {
-        self.prediction
-    }
-
-    fn pred_original_sample(&self, out: &Tensor, timestep: f64, sample: &Tensor) -> Result<Tensor> {
-        let (alpha, sigma) = self.vp_coefficients(timestep)?;
-        vp_x0(self.prediction, out, sample, alpha, sigma)
-    }
-
-    fn model_output_from_pred_original(
-        &self,
-        x0: &Tensor,
-        timestep: f64,
-        sample: &Tensor,
-    ) -> Result<Tensor> {
-        let (alpha, sigma) = self.vp_coefficients(timestep)?;
-        vp_output_from_x0(self.prediction, x0, sample, alpha, sigma)
-    }
-
-    fn supports_thresholding(&self) -> bool {
-        true
-    }
-
-    fn sigmas(&self) -> Option<&[f32]> {
-        None
+    fn noise_levels(&self) -> NoiseLevels<'_> {
+        NoiseLevels::alphas_cumprod(self.prediction, &self.alphas_cumprod, &self.timesteps)
     }
 }

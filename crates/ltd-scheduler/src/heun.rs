@@ -15,17 +15,15 @@
 //! Step, second stage: x₀ = D(x̃; σᵢ₊₁); d′ = (x̃ − x₀)/σᵢ₊₁; xᵢ₊₁ = xᵢ + (dᵢ + d′)/2 · dt.
 
 use candle_core::Tensor;
-use ltd_nn::{ConfigError, NoiseSource, Result};
+use ltd_nn::{ConfigError, Result};
 
-use crate::config::{parse_or, reject_flag, PredictionType, SchedulerConfig, TimestepSpacing};
-use crate::ops::{div, scale, upcast, Lookup, StepIndex};
-use crate::prediction::{k_output_from_x0, k_x0};
-use crate::schedule::{
-    k_timesteps, karras_sigmas, log_f32, np_interp, sigma_to_t, train_sigmas, BetaConfig,
-    BetaDefaults,
-};
+use crate::config::{PredictionType, SchedulerConfig, Unimplemented};
+use crate::ops::{div, scale};
+use crate::prediction::k_x0;
+use crate::schedule::{BetaConfig, BetaDefaults};
+use crate::sigma_schedule::KSchedule;
 use crate::threshold::SampleClamp;
-use crate::{check_steps, Scheduler};
+use crate::{check_steps, NoiseLevels, Scheduler, StepInput};
 
 /// Heun's class defaults: the Stable Diffusion betas, but a linear schedule.
 const HEUN_BETAS: BetaDefaults = BetaDefaults {
@@ -46,23 +44,16 @@ struct FirstStage {
 /// diffusers' `HeunDiscreteScheduler`.
 #[derive(Debug, Clone)]
 pub struct HeunDiscreteScheduler {
-    alphas_cumprod: Vec<f32>,
     prediction: PredictionType,
-    karras: bool,
     clip: SampleClamp,
-    spacing: TimestepSpacing,
-    steps_offset: i64,
-    sigmas: Vec<f32>,
-    timesteps: Vec<f64>,
-    index: StepIndex,
+    schedule: KSchedule,
     first: Option<FirstStage>,
 }
 
 impl HeunDiscreteScheduler {
     /// Reads the fields `HeunDiscreteScheduler.__init__` takes, with its defaults.
     pub fn from_config(cfg: &SchedulerConfig) -> std::result::Result<Self, ConfigError> {
-        reject_flag("use_exponential_sigmas", cfg.use_exponential_sigmas)?;
-        reject_flag("use_beta_sigmas", cfg.use_beta_sigmas)?;
+        cfg.reject_unimplemented(Unimplemented::K_SIGMAS)?;
         let alphas_cumprod = BetaConfig::read(cfg, &HEUN_BETAS)?.alphas_cumprod();
         let clip = if cfg.clip_sample.unwrap_or(false) {
             SampleClamp::Clip { range: cfg.clip_sample_range.unwrap_or(1.0) }
@@ -71,60 +62,33 @@ impl HeunDiscreteScheduler {
         };
         let num_train = alphas_cumprod.len();
         let mut this = Self {
-            prediction: parse_or(
-                "prediction_type",
-                &cfg.prediction_type,
-                PredictionType::Epsilon,
-                PredictionType::parse,
-            )?,
-            karras: cfg.use_karras_sigmas.unwrap_or(false),
+            prediction: cfg.prediction_type()?,
             clip,
-            spacing: parse_or(
-                "timestep_spacing",
-                &cfg.timestep_spacing,
-                TimestepSpacing::Linspace,
-                TimestepSpacing::parse,
-            )?,
-            steps_offset: cfg.steps_offset.unwrap_or(0),
-            sigmas: Vec::new(),
-            timesteps: Vec::new(),
-            index: StepIndex::default(),
+            schedule: KSchedule {
+                karras: cfg.use_karras_sigmas.unwrap_or(false),
+                ..KSchedule::read(cfg, alphas_cumprod)?
+            },
             first: None,
-            alphas_cumprod,
         };
         // diffusers' __init__ runs set_timesteps(num_train_timesteps).
         this.make_schedule(num_train);
         Ok(this)
     }
 
+    /// The k-diffusion schedule with every sigma and timestep after the first repeated, for
+    /// the second stage (the final sigma once).
     fn make_schedule(&mut self, n: usize) {
-        let num_train = self.alphas_cumprod.len();
-        let mut timesteps: Vec<f64> = k_timesteps(self.spacing, num_train, n, self.steps_offset)
-            .into_iter()
-            .map(f64::from)
+        let s = &mut self.schedule;
+        s.set_timesteps(n);
+        let k = s.sigmas.len();
+        s.sigmas = std::iter::once(s.sigmas[0])
+            .chain(s.sigmas[1..k - 1].iter().flat_map(|&v| [v, v]))
+            .chain([s.sigmas[k - 1]])
             .collect();
-        let train = train_sigmas(&self.alphas_cumprod);
-        let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| np_interp(t, &train)).collect();
-        if self.karras {
-            let log_sigmas = log_f32(&train);
-            sigmas = karras_sigmas(sigmas[sigmas.len() - 1], sigmas[0], n);
-            timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &log_sigmas)).collect();
-        }
-        let sigmas: Vec<f32> = sigmas.iter().map(|&s| s as f32).chain([0.0]).collect();
-        let k = sigmas.len();
-        self.sigmas = std::iter::once(sigmas[0])
-            .chain(sigmas[1..k - 1].iter().flat_map(|&s| [s, s]))
-            .chain([sigmas[k - 1]])
+        s.timesteps = std::iter::once(s.timesteps[0])
+            .chain(s.timesteps[1..].iter().flat_map(|&t| [t, t]))
             .collect();
-        let t32: Vec<f64> = timesteps.iter().map(|&t| f64::from(t as f32)).collect();
-        self.timesteps =
-            std::iter::once(t32[0]).chain(t32[1..].iter().flat_map(|&t| [t, t])).collect();
         self.first = None;
-        self.index = StepIndex::default();
-    }
-
-    fn sigma_for(&self, timestep: f64) -> Result<f32> {
-        Ok(self.sigmas[self.index.current(timestep, &self.timesteps, Lookup::Strict)?])
     }
 }
 
@@ -139,36 +103,12 @@ impl Scheduler for HeunDiscreteScheduler {
         Ok(())
     }
 
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        let max = self.sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        match self.spacing {
-            TimestepSpacing::Linspace | TimestepSpacing::Trailing => f64::from(max),
-            TimestepSpacing::Leading => f64::from((max * max + 1.0).sqrt()),
-        }
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let sigma = self.sigma_for(timestep)?;
-        let x = div(&upcast(sample)?, (sigma * sigma + 1.0).sqrt())?;
-        Ok(x.to_dtype(sample.dtype())?)
-    }
-
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        timestep: f64,
-        sample: &Tensor,
-        _noise: &mut dyn NoiseSource,
-    ) -> Result<Tensor> {
-        let i = self.index.init(timestep, &self.timesteps, Lookup::Strict)?;
-        let (out, x) = (upcast(model_output)?, upcast(sample)?);
+    fn step_f32(&mut self, input: StepInput<'_>) -> Result<Tensor> {
+        let StepInput { model_output: out, timestep, sample: x, .. } = input;
+        let (i, sigma) = self.schedule.begin_step(timestep)?;
         let prev = match self.first.take() {
             None => {
-                let (sigma, sigma_next) = (self.sigmas[i], self.sigmas[i + 1]);
+                let sigma_next = self.schedule.sigmas[i + 1];
                 let x0 = self.clip.apply(&k_x0(self.prediction, &out, &x, sigma)?)?;
                 let derivative = div(&(&x - x0)?, sigma)?;
                 let dt = sigma_next - sigma;
@@ -177,52 +117,22 @@ impl Scheduler for HeunDiscreteScheduler {
                 prev
             }
             Some(first) => {
-                let sigma_next = self.sigmas[i];
+                let sigma_next = sigma;
                 let x0 = self.clip.apply(&k_x0(self.prediction, &out, &x, sigma_next)?)?;
                 let derivative = div(&(&x - x0)?, sigma_next)?;
                 let derivative = scale(&(first.derivative + derivative)?, 0.5)?;
                 (first.sample + scale(&derivative, first.dt)?)?
             }
         };
-        self.index.advance();
-        Ok(prev.to_dtype(sample.dtype())?)
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.index.for_add_noise(timestep, &self.timesteps, Lookup::Strict)?;
-        Ok((original + scale(noise, self.sigmas[i])?)?)
+        self.schedule.index.advance();
+        Ok(prev)
     }
 
     fn order(&self) -> usize {
         2
     }
 
-    fn set_begin_index(&mut self, begin_index: usize) {
-        self.index.begin = Some(begin_index);
-    }
-
-    fn prediction_type(&self) -> PredictionType {
-        self.prediction
-    }
-
-    fn pred_original_sample(&self, out: &Tensor, timestep: f64, sample: &Tensor) -> Result<Tensor> {
-        k_x0(self.prediction, out, sample, self.sigma_for(timestep)?)
-    }
-
-    fn model_output_from_pred_original(
-        &self,
-        x0: &Tensor,
-        timestep: f64,
-        sample: &Tensor,
-    ) -> Result<Tensor> {
-        k_output_from_x0(self.prediction, x0, sample, self.sigma_for(timestep)?)
-    }
-
-    fn supports_thresholding(&self) -> bool {
-        false
-    }
-
-    fn sigmas(&self) -> Option<&[f32]> {
-        Some(&self.sigmas)
+    fn noise_levels(&self) -> NoiseLevels<'_> {
+        self.schedule.noise_levels(self.prediction)
     }
 }

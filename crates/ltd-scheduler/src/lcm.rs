@@ -16,15 +16,14 @@
 //! 3. Unless this is the last step: draw z and re-noise, √ᾱₜ₋₁ denoised + √(1−ᾱₜ₋₁) z.
 
 use candle_core::Tensor;
-use ltd_nn::{ConfigError, Error, NoiseSource, Result};
+use ltd_nn::{ConfigError, Error, Result};
 
-use crate::config::parse_or;
 use crate::config::{BetaSchedule, PredictionType, SchedulerConfig};
-use crate::ops::{lincomb, train_index, upcast, Lookup, StepIndex};
-use crate::prediction::{vp_output_from_x0, vp_x0};
+use crate::ops::{lincomb, train_index, Lookup, StepIndex};
+use crate::prediction::vp_x0;
 use crate::schedule::{np_linspace_open, BetaConfig, BetaDefaults};
 use crate::threshold::SampleClamp;
-use crate::{check_steps, not_ready, Scheduler};
+use crate::{check_steps, not_ready, NoiseLevels, Scheduler, StepInput};
 
 /// LCM's class defaults: the Stable Diffusion schedule.
 const LCM_BETAS: BetaDefaults = BetaDefaults {
@@ -67,12 +66,7 @@ impl LCMScheduler {
         Ok(Self {
             final_alpha_cumprod,
             original_inference_steps,
-            prediction: parse_or(
-                "prediction_type",
-                &cfg.prediction_type,
-                PredictionType::Epsilon,
-                PredictionType::parse,
-            )?,
+            prediction: cfg.prediction_type()?,
             clamp: SampleClamp::read(cfg, Some(false))?,
             timestep_scaling: cfg.timestep_scaling.unwrap_or(10.0),
             num_inference_steps: None,
@@ -90,11 +84,6 @@ impl LCMScheduler {
         let c_skip = sigma_data * sigma_data / denom;
         let c_out = scaled / denom.sqrt();
         (c_skip, c_out)
-    }
-
-    fn vp_coefficients(&self, timestep: f64) -> Result<(f32, f32)> {
-        let a = self.alphas_cumprod[train_index(timestep, self.alphas_cumprod.len())?];
-        Ok((a.sqrt(), (1.0 - a).sqrt()))
     }
 }
 
@@ -125,29 +114,11 @@ impl Scheduler for LCMScheduler {
         Ok(())
     }
 
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
-
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        timestep: f64,
-        sample: &Tensor,
-        noise: &mut dyn NoiseSource,
-    ) -> Result<Tensor> {
+    fn step_f32(&mut self, input: StepInput<'_>) -> Result<Tensor> {
+        let StepInput { model_output: out, timestep, sample: x, mut noise } = input;
         let n = self.num_inference_steps.ok_or_else(|| not_ready(self.class_name()))?;
         let i = self.index.init(timestep, &self.timesteps, Lookup::Strict)?;
         let t = train_index(timestep, self.alphas_cumprod.len())?;
-        let (out, x) = (upcast(model_output)?, upcast(sample)?);
         // 1.
         let prev_t = self.timesteps.get(i + 1).copied().unwrap_or(timestep);
         let alpha_prod_t = self.alphas_cumprod[t];
@@ -164,54 +135,18 @@ impl Scheduler for LCMScheduler {
         let denoised = lincomb(&[(c_out, &x0), (c_skip, &x)])?;
         // 3.
         let prev = if i + 1 != n {
-            let z =
-                noise.randn(model_output.dims(), model_output.dtype(), model_output.device())?;
-            lincomb(&[(alpha_prev.sqrt(), &denoised), ((1.0 - alpha_prev).sqrt(), &upcast(&z)?)])?
+            let z = noise.like_model_output()?;
+            lincomb(&[(alpha_prev.sqrt(), &denoised), ((1.0 - alpha_prev).sqrt(), &z)])?
         } else {
             denoised
         };
         self.index.advance();
-        Ok(prev.to_dtype(sample.dtype())?)
+        Ok(prev)
     }
 
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        let (alpha, sigma) = self.vp_coefficients(timestep)?;
-        lincomb(&[(alpha, original), (sigma, noise)])
-    }
-
-    fn order(&self) -> usize {
-        1
-    }
-
-    fn set_begin_index(&mut self, begin_index: usize) {
-        self.index.begin = Some(begin_index);
-    }
-
-    fn prediction_type(&self) -> PredictionType {
-        self.prediction
-    }
-
-    fn pred_original_sample(&self, out: &Tensor, timestep: f64, sample: &Tensor) -> Result<Tensor> {
-        let (alpha, sigma) = self.vp_coefficients(timestep)?;
-        vp_x0(self.prediction, out, sample, alpha, sigma)
-    }
-
-    fn model_output_from_pred_original(
-        &self,
-        x0: &Tensor,
-        timestep: f64,
-        sample: &Tensor,
-    ) -> Result<Tensor> {
-        let (alpha, sigma) = self.vp_coefficients(timestep)?;
-        vp_output_from_x0(self.prediction, x0, sample, alpha, sigma)
-    }
-
-    fn supports_thresholding(&self) -> bool {
-        true
-    }
-
-    fn sigmas(&self) -> Option<&[f32]> {
-        None
+    fn noise_levels(&self) -> NoiseLevels<'_> {
+        NoiseLevels::alphas_cumprod(self.prediction, &self.alphas_cumprod, &self.timesteps)
+            .with_step_index(&self.index)
     }
 }
 

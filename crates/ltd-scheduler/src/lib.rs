@@ -35,11 +35,14 @@ mod euler_ancestral;
 mod heun;
 mod lcm;
 mod lms;
+mod noise_levels;
 mod noise_schedule;
 mod ops;
 mod pndm;
 mod prediction;
 mod schedule;
+mod sigma_schedule;
+mod step;
 mod threshold;
 mod unipc;
 
@@ -64,13 +67,20 @@ pub use euler_ancestral::EulerAncestralDiscreteScheduler;
 pub use heun::HeunDiscreteScheduler;
 pub use lcm::LCMScheduler;
 pub use lms::LMSDiscreteScheduler;
+pub use noise_levels::NoiseLevels;
 pub use noise_schedule::NoiseSchedule;
 pub use pndm::PNDMScheduler;
 pub use schedule::BetaConfig;
+pub use step::{StepInput, StepNoise};
 pub use threshold::{clip_sample, dynamic_threshold, quantile_linear, SampleClamp};
 pub use unipc::UniPCMultistepScheduler;
 
 /// A sampler: turns model outputs into the next sample along a fixed timestep schedule.
+///
+/// A sampler implements what makes its algorithm different — the schedule
+/// ([`Scheduler::set_timesteps`]), the update ([`Scheduler::step_f32`]) and a description of its
+/// noise levels ([`Scheduler::noise_levels`]); the rest defaults to what that description
+/// implies, and a sampler overrides it only where its diffusers class does something else.
 ///
 /// Timesteps are `f64` because some samplers feed the model fractional timesteps (Euler with
 /// `linspace` spacing or Karras sigmas); they hold exactly the values of diffusers'
@@ -83,42 +93,69 @@ pub trait Scheduler: Send {
     /// 0 steps, or more than the sampler can take, is an error.
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()>;
 
-    /// One entry per model evaluation, as diffusers' `scheduler.timesteps` (Heun and PNDM's
-    /// Runge-Kutta warm-up repeat entries).
-    fn timesteps(&self) -> &[f64];
+    /// The schedule's noise levels: what the model predicts and how noisy the sample is at
+    /// each timestep. This is all the methods below need; they default to reading it, so a
+    /// sampler implements them only where its diffusers class differs.
+    fn noise_levels(&self) -> NoiseLevels<'_>;
 
-    /// The standard deviation of the initial noise: latents start as `noise * init_noise_sigma`.
-    fn init_noise_sigma(&self) -> f64;
-
-    /// The model input for `sample` at `timestep` (k-diffusion samplers divide by √(σ²+1)).
-    fn scale_model_input(&self, sample: &Tensor, timestep: f64) -> Result<Tensor>;
+    /// The algorithm of one step, on float32 inputs: the float32 sample for the next
+    /// timestep. [`Scheduler::step`] upcasts for it and casts its result back.
+    fn step_f32(&mut self, input: StepInput<'_>) -> Result<Tensor>;
 
     /// One step: the sample for the next timestep, given the model output at `timestep` for
     /// `sample` (the sample as given to this call, not the scaled model input). Draws noise
     /// from `noise` exactly where diffusers calls `randn_tensor` (same shape, same order).
+    /// Computes in float32 and returns the sample's dtype, as diffusers' upcasting samplers.
     fn step(
         &mut self,
         model_output: &Tensor,
         timestep: f64,
         sample: &Tensor,
         noise: &mut dyn NoiseSource,
-    ) -> Result<Tensor>;
+    ) -> Result<Tensor> {
+        let prev = self.step_f32(StepInput::new(model_output, timestep, sample, noise)?)?;
+        Ok(prev.to_dtype(sample.dtype())?)
+    }
+
+    /// One entry per model evaluation, as diffusers' `scheduler.timesteps` (Heun and PNDM's
+    /// Runge-Kutta warm-up repeat entries).
+    fn timesteps(&self) -> &[f64] {
+        self.noise_levels().timesteps()
+    }
+
+    /// The standard deviation of the initial noise: latents start as `noise * init_noise_sigma`.
+    fn init_noise_sigma(&self) -> f64 {
+        self.noise_levels().init_noise_sigma()
+    }
+
+    /// The model input for `sample` at `timestep` (k-diffusion samplers divide by √(σ²+1)).
+    fn scale_model_input(&self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
+        self.noise_levels().scale_model_input(sample, timestep)
+    }
 
     /// Noises a clean sample to `timestep` for image-to-image, as diffusers' `add_noise` for
     /// this scheduler (same batch timestep for every element).
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor>;
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
+        self.noise_levels().add_noise(original, noise, timestep)
+    }
 
     /// diffusers' `scheduler.order`: model evaluations per step (2 for Heun, else 1); an
     /// image-to-image run skipping `k` steps starts at timestep index `k * order()`.
-    fn order(&self) -> usize;
+    fn order(&self) -> usize {
+        1
+    }
 
     /// Starts the next run at timestep index `begin_index` (image-to-image), as diffusers'
     /// `set_begin_index`; a no-op for the classes that do not have it (DDPM, DDIM, PNDM), which
     /// look their position up from the timestep value anyway.
-    fn set_begin_index(&mut self, begin_index: usize);
+    fn set_begin_index(&mut self, begin_index: usize) {
+        self.noise_levels().set_begin_index(begin_index);
+    }
 
     /// What the model predicts.
-    fn prediction_type(&self) -> PredictionType;
+    fn prediction_type(&self) -> PredictionType {
+        self.noise_levels().prediction_type()
+    }
 
     /// The clean sample x₀ implied by `model_output` at `timestep` for `sample` (same
     /// conventions as [`Scheduler::step`]), without any clipping or thresholding.
@@ -127,7 +164,9 @@ pub trait Scheduler: Send {
         model_output: &Tensor,
         timestep: f64,
         sample: &Tensor,
-    ) -> Result<Tensor>;
+    ) -> Result<Tensor> {
+        self.noise_levels().pred_original_sample(model_output, timestep, sample)
+    }
 
     /// The inverse of [`Scheduler::pred_original_sample`]: the model output implying
     /// `pred_original` (used to apply thresholding or guidance on x₀ uniformly).
@@ -136,15 +175,22 @@ pub trait Scheduler: Send {
         pred_original: &Tensor,
         timestep: f64,
         sample: &Tensor,
-    ) -> Result<Tensor>;
+    ) -> Result<Tensor> {
+        self.noise_levels().model_output_from_pred_original(pred_original, timestep, sample)
+    }
 
     /// Whether the diffusers class supports `thresholding` in its own `step` (then the config
-    /// decides and the pipeline should not threshold again).
-    fn supports_thresholding(&self) -> bool;
+    /// decides and the pipeline should not threshold again): all but the k-diffusion ones and
+    /// PNDM.
+    fn supports_thresholding(&self) -> bool {
+        self.noise_levels().supports_thresholding()
+    }
 
     /// The k-diffusion sigmas of the current schedule (one more than the steps), for the
     /// samplers that keep one; `None` for the ᾱ-indexed ones (DDPM, DDIM, PNDM, LCM).
-    fn sigmas(&self) -> Option<&[f32]>;
+    fn sigmas(&self) -> Option<&[f32]> {
+        self.noise_levels().sigmas()
+    }
 }
 
 /// Sampling options that are call arguments in diffusers rather than config fields.

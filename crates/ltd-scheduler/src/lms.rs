@@ -18,16 +18,14 @@
 use std::collections::VecDeque;
 
 use candle_core::Tensor;
-use ltd_nn::{ConfigError, NoiseSource, Result};
+use ltd_nn::{ConfigError, Result};
 
-use crate::config::{parse_or, reject_flag, PredictionType, SchedulerConfig, TimestepSpacing};
-use crate::ops::{div, lincomb, scale, upcast, Lookup, StepIndex};
-use crate::prediction::{k_output_from_x0, k_x0};
-use crate::schedule::{
-    k_timesteps, karras_sigmas, log_f32, np_interp, sigma_to_t, train_sigmas, BetaConfig,
-    BetaDefaults, DEFAULT_BETAS,
-};
-use crate::{check_steps, Scheduler};
+use crate::config::{PredictionType, SchedulerConfig, Unimplemented};
+use crate::ops::{div, lincomb};
+use crate::prediction::k_x0;
+use crate::schedule::{BetaConfig, BetaDefaults, DEFAULT_BETAS};
+use crate::sigma_schedule::KSchedule;
+use crate::{check_steps, NoiseLevels, Scheduler, StepInput};
 
 /// diffusers' default LMS order.
 const ORDER: usize = 4;
@@ -35,67 +33,24 @@ const ORDER: usize = 4;
 /// diffusers' `LMSDiscreteScheduler`.
 #[derive(Debug, Clone)]
 pub struct LMSDiscreteScheduler {
-    alphas_cumprod: Vec<f32>,
     prediction: PredictionType,
-    karras: bool,
-    spacing: TimestepSpacing,
-    steps_offset: i64,
-    sigmas: Vec<f32>,
-    timesteps: Vec<f64>,
-    index: StepIndex,
+    schedule: KSchedule,
     derivatives: VecDeque<Tensor>,
 }
 
 impl LMSDiscreteScheduler {
     /// Reads the fields `LMSDiscreteScheduler.__init__` takes, with its defaults.
     pub fn from_config(cfg: &SchedulerConfig) -> std::result::Result<Self, ConfigError> {
-        reject_flag("use_exponential_sigmas", cfg.use_exponential_sigmas)?;
-        reject_flag("use_beta_sigmas", cfg.use_beta_sigmas)?;
+        cfg.reject_unimplemented(Unimplemented::K_SIGMAS)?;
         let defaults = BetaDefaults { reads_zero_snr: false, ..DEFAULT_BETAS };
         let alphas_cumprod = BetaConfig::read(cfg, &defaults)?.alphas_cumprod();
-        let mut this = Self {
-            prediction: parse_or(
-                "prediction_type",
-                &cfg.prediction_type,
-                PredictionType::Epsilon,
-                PredictionType::parse,
-            )?,
-            karras: cfg.use_karras_sigmas.unwrap_or(false),
-            spacing: parse_or(
-                "timestep_spacing",
-                &cfg.timestep_spacing,
-                TimestepSpacing::Linspace,
-                TimestepSpacing::parse,
-            )?,
-            steps_offset: cfg.steps_offset.unwrap_or(0),
-            sigmas: Vec::new(),
-            timesteps: Vec::new(),
-            index: StepIndex::default(),
-            derivatives: VecDeque::new(),
-            alphas_cumprod,
-        };
+        let num_train = alphas_cumprod.len();
+        let prediction = cfg.prediction_type()?;
+        let karras = cfg.use_karras_sigmas.unwrap_or(false);
+        let mut schedule = KSchedule { karras, ..KSchedule::read(cfg, alphas_cumprod)? };
         // diffusers' __init__ runs set_timesteps(num_train_timesteps).
-        this.make_schedule(this.alphas_cumprod.len());
-        Ok(this)
-    }
-
-    fn make_schedule(&mut self, n: usize) {
-        let num_train = self.alphas_cumprod.len();
-        let mut timesteps: Vec<f64> = k_timesteps(self.spacing, num_train, n, self.steps_offset)
-            .into_iter()
-            .map(f64::from)
-            .collect();
-        let train = train_sigmas(&self.alphas_cumprod);
-        let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| np_interp(t, &train)).collect();
-        if self.karras {
-            let log_sigmas = log_f32(&train);
-            sigmas = karras_sigmas(sigmas[sigmas.len() - 1], sigmas[0], n);
-            timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &log_sigmas)).collect();
-        }
-        self.sigmas = sigmas.iter().map(|&s| s as f32).chain([0.0]).collect();
-        self.timesteps = timesteps.iter().map(|&t| f64::from(t as f32)).collect();
-        self.index = StepIndex::default();
-        self.derivatives.clear();
+        schedule.set_timesteps(num_train);
+        Ok(Self { prediction, schedule, derivatives: VecDeque::new() })
     }
 
     /// The weight of the derivative `current` steps back, for a method of `order` at step `i`.
@@ -105,7 +60,8 @@ impl LMSDiscreteScheduler {
     /// smooth integrands returns its first 21-point Gauss–Kronrod estimate. We do the same, as
     /// the float32 integrand is noisy near the interval ends at the 1e-6 level.
     fn lms_coefficient(&self, order: usize, i: usize, current: usize) -> f64 {
-        let s = |k: usize| self.sigmas[i - k];
+        let sigmas = &self.schedule.sigmas;
+        let s = |k: usize| sigmas[i - k];
         let basis = |tau: f64| {
             let tau = tau as f32;
             let mut prod = 1.0f32;
@@ -114,11 +70,7 @@ impl LMSDiscreteScheduler {
             }
             f64::from(prod)
         };
-        gauss_kronrod_21(basis, f64::from(self.sigmas[i]), f64::from(self.sigmas[i + 1]))
-    }
-
-    fn sigma_for(&self, timestep: f64) -> Result<f32> {
-        Ok(self.sigmas[self.index.current(timestep, &self.timesteps, Lookup::Strict)?])
+        gauss_kronrod_21(basis, f64::from(sigmas[i]), f64::from(sigmas[i + 1]))
     }
 }
 
@@ -171,38 +123,14 @@ impl Scheduler for LMSDiscreteScheduler {
 
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
         check_steps(n, usize::MAX)?;
-        self.make_schedule(n);
+        self.schedule.set_timesteps(n);
+        self.derivatives.clear();
         Ok(())
     }
 
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        let max = self.sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        match self.spacing {
-            TimestepSpacing::Linspace | TimestepSpacing::Trailing => f64::from(max),
-            TimestepSpacing::Leading => f64::from((max * max + 1.0).sqrt()),
-        }
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let sigma = self.sigma_for(timestep)?;
-        let x = div(&upcast(sample)?, (sigma * sigma + 1.0).sqrt())?;
-        Ok(x.to_dtype(sample.dtype())?)
-    }
-
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        timestep: f64,
-        sample: &Tensor,
-        _noise: &mut dyn NoiseSource,
-    ) -> Result<Tensor> {
-        let i = self.index.init(timestep, &self.timesteps, Lookup::Strict)?;
-        let (out, x) = (upcast(model_output)?, upcast(sample)?);
-        let sigma = self.sigmas[i];
+    fn step_f32(&mut self, input: StepInput<'_>) -> Result<Tensor> {
+        let StepInput { model_output: out, timestep, sample: x, .. } = input;
+        let (i, sigma) = self.schedule.begin_step(timestep)?;
         // 1.
         let x0 = k_x0(self.prediction, &out, &x, sigma)?;
         self.derivatives.push_back(div(&(&x - x0)?, sigma)?);
@@ -217,46 +145,12 @@ impl Scheduler for LMSDiscreteScheduler {
         let terms: Vec<(f32, &Tensor)> =
             coeffs.iter().copied().zip(self.derivatives.iter().rev()).collect();
         let prev = (x + lincomb(&terms)?)?;
-        self.index.advance();
-        Ok(prev.to_dtype(sample.dtype())?)
+        self.schedule.index.advance();
+        Ok(prev)
     }
 
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.index.for_add_noise(timestep, &self.timesteps, Lookup::Strict)?;
-        Ok((original + scale(noise, self.sigmas[i])?)?)
-    }
-
-    fn order(&self) -> usize {
-        1
-    }
-
-    fn set_begin_index(&mut self, begin_index: usize) {
-        self.index.begin = Some(begin_index);
-    }
-
-    fn prediction_type(&self) -> PredictionType {
-        self.prediction
-    }
-
-    fn pred_original_sample(&self, out: &Tensor, timestep: f64, sample: &Tensor) -> Result<Tensor> {
-        k_x0(self.prediction, out, sample, self.sigma_for(timestep)?)
-    }
-
-    fn model_output_from_pred_original(
-        &self,
-        x0: &Tensor,
-        timestep: f64,
-        sample: &Tensor,
-    ) -> Result<Tensor> {
-        k_output_from_x0(self.prediction, x0, sample, self.sigma_for(timestep)?)
-    }
-
-    fn supports_thresholding(&self) -> bool {
-        false
-    }
-
-    fn sigmas(&self) -> Option<&[f32]> {
-        Some(&self.sigmas)
+    fn noise_levels(&self) -> NoiseLevels<'_> {
+        self.schedule.noise_levels(self.prediction)
     }
 }
 

@@ -9,7 +9,7 @@
 use candle_core::{Device, Tensor};
 use ltd_nn::{ConfigError, Error, Result};
 
-use crate::config::{parse_or, PredictionType, SchedulerConfig};
+use crate::config::{PredictionType, SchedulerConfig};
 use crate::prediction::{vp_output_from_x0, vp_x0};
 use crate::schedule::{BetaConfig, DEFAULT_BETAS};
 
@@ -26,16 +26,7 @@ impl NoiseSchedule {
     pub fn from_config(cfg: &SchedulerConfig) -> std::result::Result<Self, ConfigError> {
         let betas = BetaConfig::read(cfg, &DEFAULT_BETAS)?.betas();
         let alphas_cumprod = crate::schedule::alphas_cumprod(&betas);
-        Ok(Self {
-            betas,
-            alphas_cumprod,
-            prediction: parse_or(
-                "prediction_type",
-                &cfg.prediction_type,
-                PredictionType::Epsilon,
-                PredictionType::parse,
-            )?,
-        })
+        Ok(Self { betas, alphas_cumprod, prediction: cfg.prediction_type()? })
     }
 
     /// Number of training timesteps T.

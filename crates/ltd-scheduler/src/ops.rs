@@ -2,6 +2,8 @@
 //! sums evaluated left to right (the order of the torch expressions they mirror), and the
 //! step-index bookkeeping diffusers' sigma schedulers share.
 
+use std::cell::Cell;
+
 use candle_core::{DType, Tensor};
 use ltd_nn::{Error, Result};
 
@@ -83,14 +85,17 @@ pub(crate) fn index_for_timestep(
 pub(crate) struct StepIndex {
     /// The next step's index, once the first `step` has run.
     pub step: Option<usize>,
-    /// Where the denoising starts (image-to-image), set by `set_begin_index`.
-    pub begin: Option<usize>,
+    /// Where the denoising starts (image-to-image), set by `set_begin_index`. A `Cell` so that
+    /// [`Scheduler::set_begin_index`](crate::Scheduler::set_begin_index)'s default can set it
+    /// through the read-only [`NoiseLevels`](crate::NoiseLevels) view every sampler gives; it
+    /// is only ever set from `&mut self`.
+    begin: Cell<Option<usize>>,
 }
 
 impl StepIndex {
     /// The index `step` would use for `timestep` now (`_init_step_index` without committing).
     pub fn current(&self, timestep: f64, timesteps: &[f64], lookup: Lookup) -> Result<usize> {
-        match (self.step, self.begin) {
+        match (self.step, self.begin.get()) {
             (Some(i), _) | (None, Some(i)) => Ok(i),
             (None, None) => index_for_timestep(timestep, timesteps, lookup),
         }
@@ -105,15 +110,80 @@ impl StepIndex {
 
     /// The index `add_noise` uses: by timestep for training, else the current or begin index.
     pub fn for_add_noise(&self, timestep: f64, timesteps: &[f64], lookup: Lookup) -> Result<usize> {
-        match (self.begin, self.step) {
+        match (self.begin.get(), self.step) {
             (None, _) => index_for_timestep(timestep, timesteps, lookup),
             (Some(_), Some(step)) => Ok(step),
             (Some(begin), None) => Ok(begin),
         }
     }
 
+    /// diffusers' `set_begin_index`.
+    pub fn set_begin(&self, begin_index: usize) {
+        self.begin.set(Some(begin_index));
+    }
+
     /// After a step.
     pub fn advance(&mut self) {
         self.step = self.step.map(|i| i + 1);
+    }
+}
+
+/// diffusers' `model_outputs` of the multistep solvers (DPM-Solver, UniPC): the converted model
+/// outputs of the last `solver_order` steps, newest last, empty slots before the first steps.
+#[derive(Debug, Clone)]
+pub(crate) struct History {
+    outputs: Vec<Option<Tensor>>,
+    /// The owning class, for the error when a solver reads a slot it has not filled.
+    class: &'static str,
+}
+
+impl History {
+    pub fn new(solver_order: usize, class: &'static str) -> Self {
+        Self { outputs: vec![None; solver_order], class }
+    }
+
+    /// Empties every slot (`set_timesteps`).
+    pub fn clear(&mut self) {
+        self.outputs.iter_mut().for_each(|slot| *slot = None);
+    }
+
+    /// Shifts the history and stores the newest output.
+    pub fn push(&mut self, output: Tensor) {
+        self.outputs.rotate_left(1);
+        if let Some(newest) = self.outputs.last_mut() {
+            *newest = Some(output);
+        }
+    }
+
+    /// Whether the output `back` steps before the newest is there.
+    pub fn has(&self, back: usize) -> bool {
+        self.slot(back).is_some()
+    }
+
+    /// The output `back` steps before the newest.
+    pub fn get(&self, back: usize) -> Result<&Tensor> {
+        self.slot(back).ok_or_else(|| Error::msg(format!("{}: missing history", self.class)))
+    }
+
+    fn slot(&self, back: usize) -> Option<&Tensor> {
+        let i = self.outputs.len().checked_sub(back + 1)?;
+        self.outputs[i].as_ref()
+    }
+}
+
+impl StepIndex {
+    /// [`StepIndex::init`] for the samplers whose schedule is empty until `set_timesteps`
+    /// (DPM-Solver, UniPC): before that, the error `step` gives.
+    pub fn init_scheduled(
+        &mut self,
+        class: &str,
+        timestep: f64,
+        timesteps: &[f64],
+        lookup: Lookup,
+    ) -> Result<usize> {
+        if timesteps.is_empty() {
+            return Err(crate::not_ready(class));
+        }
+        self.init(timestep, timesteps, lookup)
     }
 }

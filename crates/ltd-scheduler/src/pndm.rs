@@ -18,13 +18,12 @@
 //! 3. φ: xₜ₋δ = √(ᾱₜ₋δ/ᾱₜ) xₜ − (ᾱₜ₋δ − ᾱₜ) ε / (ᾱₜ √(1−ᾱₜ₋δ) + √(ᾱₜ (1−ᾱₜ) ᾱₜ₋δ)) (eq. 9).
 
 use candle_core::Tensor;
-use ltd_nn::{ConfigError, Error, NoiseSource, Result};
+use ltd_nn::{ConfigError, Error, Result};
 
-use crate::config::{parse_or, PredictionType, SchedulerConfig, TimestepSpacing};
-use crate::ops::{div, lincomb, scale, train_index, upcast};
-use crate::prediction::{vp_output_from_x0, vp_x0};
+use crate::config::{PredictionType, SchedulerConfig, TimestepSpacing};
+use crate::ops::{div, lincomb, scale};
 use crate::schedule::{discrete_timesteps, BetaConfig, BetaDefaults, DEFAULT_BETAS};
-use crate::{check_steps, not_ready, Scheduler};
+use crate::{check_steps, not_ready, NoiseLevels, Scheduler, StepInput};
 
 /// diffusers' `PNDMScheduler`.
 #[derive(Debug, Clone)]
@@ -47,18 +46,8 @@ pub struct PNDMScheduler {
 impl PNDMScheduler {
     /// Reads the fields `PNDMScheduler.__init__` takes, with its defaults.
     pub fn from_config(cfg: &SchedulerConfig) -> std::result::Result<Self, ConfigError> {
-        let prediction = parse_or(
-            "prediction_type",
-            &cfg.prediction_type,
-            PredictionType::Epsilon,
-            PredictionType::parse,
-        )?;
-        if prediction == PredictionType::Sample {
-            return Err(ConfigError::new(
-                "prediction_type",
-                "unsupported value \"sample\" (PNDMScheduler takes epsilon or v_prediction)",
-            ));
-        }
+        let prediction =
+            cfg.prediction_type_except_sample("PNDMScheduler takes epsilon or v_prediction")?;
         let alphas_cumprod =
             BetaConfig::read(cfg, &BetaDefaults { reads_zero_snr: false, ..DEFAULT_BETAS })?
                 .alphas_cumprod();
@@ -67,12 +56,7 @@ impl PNDMScheduler {
         Ok(Self {
             final_alpha_cumprod,
             prediction,
-            spacing: parse_or(
-                "timestep_spacing",
-                &cfg.timestep_spacing,
-                TimestepSpacing::Leading,
-                TimestepSpacing::parse,
-            )?,
+            spacing: cfg.timestep_spacing(TimestepSpacing::Leading)?,
             steps_offset: cfg.steps_offset.unwrap_or(0),
             skip_prk_steps: cfg.skip_prk_steps.unwrap_or(false),
             num_inference_steps: None,
@@ -193,11 +177,6 @@ impl PNDMScheduler {
         self.counter += 1;
         Ok(prev)
     }
-
-    fn vp_coefficients(&self, timestep: f64) -> Result<(f32, f32)> {
-        let a = self.alphas_cumprod[train_index(timestep, self.alphas_cumprod.len())?];
-        Ok((a.sqrt(), (1.0 - a).sqrt()))
-    }
 }
 
 impl Scheduler for PNDMScheduler {
@@ -209,7 +188,10 @@ impl Scheduler for PNDMScheduler {
         let num_train = self.alphas_cumprod.len();
         check_steps(n, num_train)?;
         // diffusers' `_timesteps`, ascending.
-        let mut base = discrete_timesteps(self.spacing, num_train, n, self.steps_offset);
+        let mut base: Vec<i64> = discrete_timesteps(self.spacing, num_train, n, self.steps_offset)
+            .into_iter()
+            .map(|t| t as i64)
+            .collect();
         base.reverse();
         let (prk, plms): (Vec<i64>, Vec<i64>) = if self.skip_prk_steps {
             let mut plms = base[..n - 1].to_vec();
@@ -247,76 +229,28 @@ impl Scheduler for PNDMScheduler {
         Ok(())
     }
 
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
-
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        timestep: f64,
-        sample: &Tensor,
-        _noise: &mut dyn NoiseSource,
-    ) -> Result<Tensor> {
+    fn step_f32(&mut self, input: StepInput<'_>) -> Result<Tensor> {
+        let StepInput { model_output: out, timestep, sample: x, .. } = input;
         let n = self.num_inference_steps.ok_or_else(|| not_ready(self.class_name()))?;
         if timestep.fract() != 0.0 {
             return Err(Error::msg(format!(
                 "PNDMScheduler: timestep {timestep} is not an integer"
             )));
         }
-        let (out, x) = (upcast(model_output)?, upcast(sample)?);
         let t = timestep as i64;
         let prev = if self.counter < self.prk_timesteps.len() && !self.skip_prk_steps {
             self.step_prk(out, t, x, n)?
         } else {
             self.step_plms(out, t, x, n)?
         };
-        Ok(prev.to_dtype(sample.dtype())?)
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        let (alpha, sigma) = self.vp_coefficients(timestep)?;
-        lincomb(&[(alpha, original), (sigma, noise)])
-    }
-
-    fn order(&self) -> usize {
-        1
-    }
-
-    fn set_begin_index(&mut self, _begin_index: usize) {}
-
-    fn prediction_type(&self) -> PredictionType {
-        self.prediction
-    }
-
-    fn pred_original_sample(&self, out: &Tensor, timestep: f64, sample: &Tensor) -> Result<Tensor> {
-        let (alpha, sigma) = self.vp_coefficients(timestep)?;
-        vp_x0(self.prediction, out, sample, alpha, sigma)
-    }
-
-    fn model_output_from_pred_original(
-        &self,
-        x0: &Tensor,
-        timestep: f64,
-        sample: &Tensor,
-    ) -> Result<Tensor> {
-        let (alpha, sigma) = self.vp_coefficients(timestep)?;
-        vp_output_from_x0(self.prediction, x0, sample, alpha, sigma)
+        Ok(prev)
     }
 
     fn supports_thresholding(&self) -> bool {
         false
     }
 
-    fn sigmas(&self) -> Option<&[f32]> {
-        None
+    fn noise_levels(&self) -> NoiseLevels<'_> {
+        NoiseLevels::alphas_cumprod(self.prediction, &self.alphas_cumprod, &self.timesteps)
     }
 }

@@ -8,7 +8,7 @@
 
 use ltd_nn::ConfigError;
 
-use crate::config::{parse_or, BetaSchedule, SchedulerConfig, TimestepSpacing};
+use crate::config::{BetaSchedule, SchedulerConfig, TimestepSpacing};
 
 /// The beta-related fields of a config, with one class's defaults applied.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,8 +54,7 @@ impl BetaConfig {
         if num_train_timesteps < 2 {
             return Err(ConfigError::unsupported("num_train_timesteps", num_train_timesteps));
         }
-        let beta_schedule =
-            parse_or("beta_schedule", &cfg.beta_schedule, d.beta_schedule, BetaSchedule::parse)?;
+        let beta_schedule = cfg.beta_schedule(d.beta_schedule)?;
         if let Some(b) = &cfg.trained_betas {
             if b.len() != num_train_timesteps {
                 return Err(ConfigError::new(
@@ -297,14 +296,14 @@ pub(crate) fn lambda(alpha: f32, sigma: f32) -> f32 {
     alpha.ln() - sigma.ln()
 }
 
-/// DDPM/DDIM/PNDM timesteps: integers, descending (`set_timesteps` of those classes).
+/// DDPM/DDIM/PNDM timesteps: integer values, descending (`set_timesteps` of those classes).
 pub(crate) fn discrete_timesteps(
     spacing: TimestepSpacing,
     num_train: usize,
     n: usize,
     steps_offset: i64,
-) -> Vec<i64> {
-    match spacing {
+) -> Vec<f64> {
+    let timesteps: Vec<i64> = match spacing {
         TimestepSpacing::Linspace => np_linspace(0.0, (num_train - 1) as f64, n)
             .into_iter()
             .rev()
@@ -320,7 +319,8 @@ pub(crate) fn discrete_timesteps(
                 .map(|t| np_round(t) as i64 - 1)
                 .collect()
         }
-    }
+    };
+    timesteps.into_iter().map(|t| t as f64).collect()
 }
 
 /// Euler/Heun/LMS timesteps: float32 values (not rounded for `linspace`), descending.
@@ -350,15 +350,15 @@ pub(crate) fn k_timesteps(
 }
 
 /// DPM-Solver/UniPC timesteps: `n` of `n + 1` evenly spread points below `last_timestep`,
-/// integers, descending.
+/// integer values, descending.
 pub(crate) fn solver_timesteps(
     spacing: TimestepSpacing,
     num_train: usize,
     last_timestep: usize,
     n: usize,
     steps_offset: i64,
-) -> Vec<i64> {
-    match spacing {
+) -> Vec<f64> {
+    let timesteps: Vec<i64> = match spacing {
         TimestepSpacing::Linspace => np_linspace(0.0, last_timestep as f64 - 1.0, n + 1)
             .into_iter()
             .rev()
@@ -375,7 +375,8 @@ pub(crate) fn solver_timesteps(
                 .map(|t| np_round(t) as i64 - 1)
                 .collect()
         }
-    }
+    };
+    timesteps.into_iter().map(|t| t as f64).collect()
 }
 
 #[cfg(test)]

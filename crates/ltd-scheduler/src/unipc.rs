@@ -23,26 +23,25 @@
 //! `inf · 0` on the last step and return NaN; those combinations are rejected.
 
 use candle_core::Tensor;
-use ltd_nn::{ConfigError, Error, NoiseSource, Result};
+use ltd_nn::{ConfigError, Error, Result};
 
 use crate::config::{
-    parse_or, reject_flag, FinalSigmasType, PredictionType, SchedulerConfig, TimestepSpacing,
-    UniPcSolverType,
+    FinalSigmasType, PredictionType, SchedulerConfig, TimestepSpacing, UniPcSolverType,
+    Unimplemented,
 };
 use crate::dpm_multistep::vp_lambda;
-use crate::ops::{div, lincomb, scale, upcast, Lookup, StepIndex};
-use crate::prediction::{vp_output_from_x0, vp_x0};
+use crate::ops::{div, lincomb, scale, History};
+use crate::prediction::vp_x0;
 use crate::schedule::{
-    fix_terminal_alpha, karras_sigmas, log_f32, np_interp, np_round, sigma_to_t, solver_timesteps,
-    train_sigmas, vp_alpha_sigma, BetaConfig, DEFAULT_BETAS,
+    fix_terminal_alpha, solver_timesteps, vp_alpha_sigma, BetaConfig, DEFAULT_BETAS,
 };
+use crate::sigma_schedule::SolverSchedule;
 use crate::threshold::SampleClamp;
-use crate::{check_steps, not_ready, Scheduler};
+use crate::{check_steps, NoiseLevels, Scheduler, StepInput};
 
 /// diffusers' `UniPCMultistepScheduler`.
 #[derive(Debug, Clone)]
 pub struct UniPCMultistepScheduler {
-    alphas_cumprod: Vec<f32>,
     solver_order: usize,
     prediction: PredictionType,
     clamp: SampleClamp,
@@ -50,54 +49,26 @@ pub struct UniPCMultistepScheduler {
     solver_type: UniPcSolverType,
     lower_order_final: bool,
     disable_corrector: Vec<usize>,
-    karras: bool,
-    sigma_min: Option<f64>,
-    sigma_max: Option<f64>,
+    schedule: SolverSchedule,
     spacing: TimestepSpacing,
     steps_offset: i64,
-    final_sigmas: FinalSigmasType,
-    sigmas: Vec<f32>,
-    timesteps: Vec<f64>,
-    index: StepIndex,
-    model_outputs: Vec<Option<Tensor>>,
+    model_outputs: History,
     lower_order_nums: usize,
     this_order: usize,
     last_sample: Option<Tensor>,
-    ready: bool,
 }
 
 impl UniPCMultistepScheduler {
     /// Reads the fields `UniPCMultistepScheduler.__init__` takes, with its defaults.
     pub fn from_config(cfg: &SchedulerConfig) -> std::result::Result<Self, ConfigError> {
-        for (field, value) in [
-            ("use_exponential_sigmas", cfg.use_exponential_sigmas),
-            ("use_beta_sigmas", cfg.use_beta_sigmas),
-            ("use_flow_sigmas", cfg.use_flow_sigmas),
-            ("use_dynamic_shifting", cfg.use_dynamic_shifting),
-        ] {
-            reject_flag(field, value)?;
-        }
+        cfg.reject_unimplemented(Unimplemented::SOLVER)?;
         let solver_order = cfg.solver_order.unwrap_or(2);
         if solver_order == 0 {
             return Err(ConfigError::unsupported("solver_order", solver_order));
         }
-        let solver_type = match cfg.solver_type.as_deref() {
-            Some("midpoint" | "heun" | "logrho") => UniPcSolverType::Bh2,
-            other => parse_or(
-                "solver_type",
-                &other.map(str::to_owned),
-                UniPcSolverType::Bh2,
-                UniPcSolverType::parse,
-            )?,
-        };
+        let solver_type = cfg.unipc_solver_type()?;
         let predict_x0 = cfg.predict_x0.unwrap_or(true);
-        let final_sigmas = parse_or(
-            "final_sigmas_type",
-            &cfg.final_sigmas_type,
-            FinalSigmasType::Zero,
-            FinalSigmasType::parse,
-        )?;
-        if final_sigmas == FinalSigmasType::Zero {
+        if cfg.final_sigmas_type()? == FinalSigmasType::Zero {
             if solver_type == UniPcSolverType::Bh1 {
                 return Err(ConfigError::new(
                     "solver_type",
@@ -118,60 +89,40 @@ impl UniPCMultistepScheduler {
         fix_terminal_alpha(&mut alphas_cumprod, betas.rescale_betas_zero_snr);
         Ok(Self {
             solver_order,
-            prediction: parse_or(
-                "prediction_type",
-                &cfg.prediction_type,
-                PredictionType::Epsilon,
-                PredictionType::parse,
-            )?,
+            prediction: cfg.prediction_type()?,
             clamp: SampleClamp::read(cfg, None)?,
             predict_x0,
             solver_type,
             lower_order_final: cfg.lower_order_final.unwrap_or(true),
             disable_corrector: cfg.disable_corrector.clone().unwrap_or_default(),
-            karras: cfg.use_karras_sigmas.unwrap_or(false),
-            sigma_min: cfg.sigma_min,
-            sigma_max: cfg.sigma_max,
-            spacing: parse_or(
-                "timestep_spacing",
-                &cfg.timestep_spacing,
-                TimestepSpacing::Linspace,
-                TimestepSpacing::parse,
-            )?,
+            schedule: SolverSchedule {
+                sigma_min: cfg.sigma_min,
+                sigma_max: cfg.sigma_max,
+                final_from_karras: true,
+                ..SolverSchedule::read(cfg, alphas_cumprod)?
+            },
+            spacing: cfg.timestep_spacing(TimestepSpacing::Linspace)?,
             steps_offset: cfg.steps_offset.unwrap_or(0),
-            final_sigmas,
-            sigmas: train_sigmas(&alphas_cumprod),
-            timesteps: Vec::new(),
-            index: StepIndex::default(),
-            model_outputs: vec![None; solver_order],
+            model_outputs: History::new(solver_order, "UniPCMultistepScheduler"),
             lower_order_nums: 0,
             this_order: 1,
             last_sample: None,
-            ready: false,
-            alphas_cumprod,
         })
-    }
-
-    /// The history entry `back` steps before the newest.
-    fn history(&self, back: usize) -> Result<&Tensor> {
-        self.model_outputs[self.solver_order - 1 - back]
-            .as_ref()
-            .ok_or_else(|| Error::msg("UniPCMultistepScheduler: missing history"))
     }
 
     /// The UniPC coefficients for a step from σ index `s0` to `t`, with the newest history
     /// entry taken at `s0` and the `order − 1` older ones at σ indices `s0 − 1`, `s0 − 2`, …
     fn coefficients(&self, t: usize, s0: usize, order: usize) -> Result<Coeffs> {
-        let (alpha_t, sigma_t, lambda_t) = vp_lambda(self.sigmas[t]);
-        let (alpha_s0, sigma_s0, lambda_s0) = vp_lambda(self.sigmas[s0]);
+        let (alpha_t, sigma_t, lambda_t) = vp_lambda(self.schedule.sigmas[t]);
+        let (alpha_s0, sigma_s0, lambda_s0) = vp_lambda(self.schedule.sigmas[s0]);
         let h = lambda_t - lambda_s0;
-        let m0 = self.history(0)?;
+        let m0 = self.model_outputs.get(0)?;
         let mut rks = Vec::with_capacity(order);
         let mut d1s = Vec::with_capacity(order);
         for k in 1..order {
-            let (_, _, lambda_sk) = vp_lambda(self.sigmas[s0 - k]);
+            let (_, _, lambda_sk) = vp_lambda(self.schedule.sigmas[s0 - k]);
             let rk = (lambda_sk - lambda_s0) / h;
-            d1s.push(div(&(self.history(k)? - m0)?, rk)?);
+            d1s.push(div(&(self.model_outputs.get(k)? - m0)?, rk)?);
             rks.push(rk);
         }
         rks.push(1.0);
@@ -207,7 +158,7 @@ impl UniPCMultistepScheduler {
     /// UniP: the sample at σ index `i + 1` from `x` at `i`.
     fn predictor(&self, i: usize, x: &Tensor, order: usize) -> Result<Tensor> {
         let c = self.coefficients(i + 1, i, order)?;
-        let (base, factor) = self.base(&c, x, self.history(0)?)?;
+        let (base, factor) = self.base(&c, x, self.model_outputs.get(0)?)?;
         if c.d1s.is_empty() {
             return Ok(base);
         }
@@ -235,7 +186,7 @@ impl UniPCMultistepScheduler {
         order: usize,
     ) -> Result<Tensor> {
         let c = self.coefficients(i, i - 1, order)?;
-        let m0 = self.history(0)?;
+        let m0 = self.model_outputs.get(0)?;
         let (base, factor) = self.base(&c, last_sample, m0)?;
         let rhos: Vec<f32> = if order == 1 {
             vec![0.5]
@@ -255,11 +206,6 @@ impl UniPCMultistepScheduler {
             (lincomb(&terms)? + scale(&d1_t, last)?)?
         };
         Ok((base - scale(&correction, factor)?)?)
-    }
-
-    fn vp_for(&self, timestep: f64) -> Result<(f32, f32)> {
-        let i = self.index.current(timestep, &self.timesteps, Lookup::LastIfMissing)?;
-        Ok(vp_alpha_sigma(self.sigmas[i]))
     }
 }
 
@@ -311,69 +257,21 @@ impl Scheduler for UniPCMultistepScheduler {
     }
 
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
-        let num_train = self.alphas_cumprod.len();
+        let num_train = self.schedule.alphas_cumprod.len();
         check_steps(n, usize::MAX)?;
-        let spaced: Vec<f64> =
-            solver_timesteps(self.spacing, num_train, num_train, n, self.steps_offset)
-                .into_iter()
-                .map(|t| t as f64)
-                .collect();
-        let train = train_sigmas(&self.alphas_cumprod);
-        let (sigmas, timesteps, last): (Vec<f64>, Vec<f64>, f32) = if self.karras {
-            let log_sigmas = log_f32(&train);
-            let sigma_min = self.sigma_min.unwrap_or(f64::from(train[0]));
-            let sigma_max = self.sigma_max.unwrap_or(f64::from(train[num_train - 1]));
-            let sigmas = karras_sigmas(sigma_min, sigma_max, n);
-            let ts = sigmas.iter().map(|&s| np_round(sigma_to_t(s, &log_sigmas))).collect();
-            let last = match self.final_sigmas {
-                FinalSigmasType::Zero => 0.0,
-                FinalSigmasType::SigmaMin => sigmas[sigmas.len() - 1] as f32,
-            };
-            (sigmas, ts, last)
-        } else {
-            let last = match self.final_sigmas {
-                FinalSigmasType::Zero => 0.0,
-                FinalSigmasType::SigmaMin => train[0],
-            };
-            (spaced.iter().map(|&t| np_interp(t, &train)).collect(), spaced, last)
-        };
-        self.sigmas = sigmas.iter().map(|&s| s as f32).chain([last]).collect();
-        self.timesteps = timesteps.iter().map(|&t| t.trunc()).collect();
-        self.model_outputs = vec![None; self.solver_order];
+        let spaced = solver_timesteps(self.spacing, num_train, num_train, n, self.steps_offset);
+        self.schedule.set_timesteps(spaced, n);
+        self.model_outputs.clear();
         self.lower_order_nums = 0;
         self.last_sample = None;
-        self.index = StepIndex::default();
-        self.ready = true;
         Ok(())
     }
 
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
-
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        timestep: f64,
-        sample: &Tensor,
-        _noise: &mut dyn NoiseSource,
-    ) -> Result<Tensor> {
-        if !self.ready {
-            return Err(not_ready(self.class_name()));
-        }
-        let i = self.index.init(timestep, &self.timesteps, Lookup::LastIfMissing)?;
-        let mut x = upcast(sample)?;
+    fn step_f32(&mut self, input: StepInput<'_>) -> Result<Tensor> {
+        let StepInput { model_output: out, timestep, sample: mut x, .. } = input;
+        let i = self.schedule.begin_step(self.class_name(), timestep)?;
         // 1.
-        let (alpha, sigma) = vp_alpha_sigma(self.sigmas[i]);
-        let out = upcast(model_output)?;
+        let (alpha, sigma) = vp_alpha_sigma(self.schedule.sigmas[i]);
         let converted = if self.predict_x0 {
             self.clamp.apply(&vp_x0(self.prediction, &out, &x, alpha, sigma)?)?
         } else {
@@ -389,60 +287,23 @@ impl Scheduler for UniPCMultistepScheduler {
             x = self.corrector(i, &converted, last, self.this_order)?;
         }
         // 3.
-        self.model_outputs.rotate_left(1);
+        self.model_outputs.push(converted);
         let order = self.solver_order;
-        self.model_outputs[order - 1] = Some(converted);
-        let this_order =
-            if self.lower_order_final { order.min(self.timesteps.len() - i) } else { order };
+        let this_order = if self.lower_order_final {
+            order.min(self.schedule.timesteps.len() - i)
+        } else {
+            order
+        };
         self.this_order = this_order.min(self.lower_order_nums + 1);
         self.last_sample = Some(x.clone());
         // 4.
         let prev = self.predictor(i, &x, self.this_order)?;
-        if self.lower_order_nums < order {
-            self.lower_order_nums += 1;
-        }
-        self.index.advance();
-        Ok(prev.to_dtype(sample.dtype())?)
+        self.lower_order_nums = (self.lower_order_nums + 1).min(order);
+        self.schedule.index.advance();
+        Ok(prev)
     }
 
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.index.for_add_noise(timestep, &self.timesteps, Lookup::LastIfMissing)?;
-        let (alpha, sigma) = vp_alpha_sigma(self.sigmas[i]);
-        lincomb(&[(alpha, original), (sigma, noise)])
-    }
-
-    fn order(&self) -> usize {
-        1
-    }
-
-    fn set_begin_index(&mut self, begin_index: usize) {
-        self.index.begin = Some(begin_index);
-    }
-
-    fn prediction_type(&self) -> PredictionType {
-        self.prediction
-    }
-
-    fn pred_original_sample(&self, out: &Tensor, timestep: f64, sample: &Tensor) -> Result<Tensor> {
-        let (alpha, sigma) = self.vp_for(timestep)?;
-        vp_x0(self.prediction, out, sample, alpha, sigma)
-    }
-
-    fn model_output_from_pred_original(
-        &self,
-        x0: &Tensor,
-        timestep: f64,
-        sample: &Tensor,
-    ) -> Result<Tensor> {
-        let (alpha, sigma) = self.vp_for(timestep)?;
-        vp_output_from_x0(self.prediction, x0, sample, alpha, sigma)
-    }
-
-    fn supports_thresholding(&self) -> bool {
-        true
-    }
-
-    fn sigmas(&self) -> Option<&[f32]> {
-        Some(&self.sigmas)
+    fn noise_levels(&self) -> NoiseLevels<'_> {
+        self.schedule.noise_levels(self.prediction)
     }
 }
