@@ -1,14 +1,16 @@
 //! Command-line arguments, and their translation into a checked generation request.
 //!
-//! Values are parsed loosely here (numbers, paths) and checked in one place,
-//! `GenerateRequest::validate`, whose errors name the flag; so every bad value gets one line.
+//! Values are parsed here into the request's types (numbers, paths, the sampler by
+//! `ltd_pipeline::parse_sampler`) and checked in one place, `GenerateRequest::validate`, whose
+//! errors name the flag; so every bad value gets one line.
 
 use std::path::PathBuf;
 
 use anyhow::{anyhow, Context, Result};
 use clap::{Parser, ValueEnum};
 use ltd_pipeline::{
-    DynamicThreshold, GenerateRequest, InitImage, LongPrompt, MimicGuidance, RgbImage, RngKind,
+    parse_sampler, DynamicThreshold, GenerateRequest, InitImage, LongPrompt, MimicGuidance,
+    RgbImage, RngKind,
 };
 
 /// Generate images from text with Stable Diffusion 1.x, 2.x and XL models in diffusers format.
@@ -73,7 +75,8 @@ pub struct Args {
     #[arg(short, long, value_name = "NAME")]
     pub scheduler: Option<String>,
 
-    /// DDIM's η (0 = deterministic).
+    /// DDIM's η (0 = deterministic, 1 = DDPM-like). Only the ddim sampler uses it; another
+    /// value than 0 with any other sampler is an error.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub eta: f64,
 
@@ -226,7 +229,7 @@ impl Args {
             guidance_rescale: self.guidance_rescale,
             dynamic_threshold,
             mimic_guidance,
-            scheduler: self.scheduler.clone(),
+            scheduler: self.scheduler.as_deref().map(parse_sampler).transpose()?,
             eta: self.eta,
             width: self.width,
             height: self.height,

@@ -113,11 +113,12 @@ fn run(args: &Args) -> Result<()> {
             eprintln!("wrote {}", p.display());
         }
         eprintln!(
-            "seed {seed}; load {:.2}s, encode {:.2}s, denoise {:.2}s ({:.2} steps/s), decode {:.2}s",
+            "seed {seed}; load {:.2}s, encode {:.2}s, denoise {:.2}s ({} steps, {}), decode {:.2}s",
             load_time.as_secs_f64(),
             t.encode.as_secs_f64(),
             t.denoise.as_secs_f64(),
-            generation.steps as f64 / t.denoise.as_secs_f64().max(1e-9),
+            generation.steps,
+            progress::rate_of(generation.steps, t.denoise.as_secs_f64()),
             t.decode.as_secs_f64(),
         );
     }
@@ -136,6 +137,7 @@ fn run(args: &Args) -> Result<()> {
             "model": pipeline.name(),
             "scheduler": generation.scheduler,
             "steps": generation.steps,
+            "model_evaluations": generation.evaluations,
             "timings": {
                 "load_s": secs(load_time),
                 "encode_s": secs(t.encode),

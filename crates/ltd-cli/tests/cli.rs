@@ -172,3 +172,46 @@ fn hub_models_load_from_the_cache_offline() {
     };
     assert_eq!(pixels(&out), pixels(&local));
 }
+
+/// `--json`'s summary of a run on the tiny SD 1.x pipeline with `extra` arguments.
+fn summary(dir: &Path, extra: &[&str]) -> serde_json::Value {
+    let model = fixtures().join("pipelines/sd1");
+    let out = dir.join("s.png");
+    let mut args = vec!["a cat", "--model", model.to_str().unwrap(), "--seed", "1", "--json"];
+    args.extend(extra);
+    args.extend(["--output", out.to_str().unwrap()]);
+    let run = ltd_gen(&args);
+    assert!(run.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&run.stderr));
+    serde_json::from_slice(&run.stdout).unwrap()
+}
+
+#[test]
+fn steps_are_the_users_steps_whatever_the_sampler_evaluates() {
+    // Heun evaluates the model 2·4 − 1 times for 4 steps, PNDM (the model's own) 4 + 1.
+    let dir = tempfile::tempdir().unwrap();
+    for (extra, evaluations) in [
+        (&["--steps", "4", "--scheduler", "heun"][..], 7),
+        (&["--steps", "4", "--scheduler", "pndm"][..], 5),
+        (&["--steps", "4"][..], 5),
+        (&["--steps", "4", "--scheduler", "euler"][..], 4),
+    ] {
+        let s = summary(dir.path(), extra);
+        assert_eq!(s["steps"], 4, "{extra:?}");
+        assert_eq!(s["model_evaluations"], evaluations, "{extra:?}");
+    }
+    // Image-to-image: the steps it runs, ⌊4 · 0.5⌋.
+    let init = fixtures().join("golden/e2e/init.png");
+    let init = init.to_str().unwrap();
+    let img2img =
+        ["--steps", "4", "--scheduler", "heun", "--init-image", init, "--strength", "0.5"];
+    let s = summary(dir.path(), &img2img);
+    assert_eq!((s["steps"].as_u64(), s["model_evaluations"].as_u64()), (Some(2), Some(3)));
+}
+
+#[test]
+fn eta_is_recorded_with_ddim_the_one_sampler_that_uses_it() {
+    let dir = tempfile::tempdir().unwrap();
+    summary(dir.path(), &["--steps", "2", "--scheduler", "ddim", "--eta", "0.5"]);
+    let p = parameters(&dir.path().join("s.png"));
+    assert!(p.contains("Sampler: DDIM, ") && p.contains(", Eta: 0.5, "), "{p}");
+}

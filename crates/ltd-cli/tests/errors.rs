@@ -74,6 +74,14 @@ fn bad_request_values_name_the_flag() {
         2,
     );
     fails(&with(&["--height", "0"]), "--height: must be positive", 2);
+    // η is DDIM's alone: elsewhere it would be ignored yet recorded in the PNG.
+    fails(
+        &with(&["--scheduler", "euler-a", "--eta", "0.5"]),
+        "--eta: only the ddim sampler uses η; the euler-a sampler would ignore 0.5",
+        2,
+    );
+    // The model's own sampler (the fixture ships PNDM) is checked once the model is loaded.
+    fails(&with(&["--eta", "1"]), "--eta: only the ddim sampler uses η; the pndm sampler", 2);
     fails(&with(&["--guidance-rescale", "2"]), "--guidance-rescale: must be in [0, 1]", 2);
     fails(&with(&["--dynamic-threshold", "x"]), "--dynamic-threshold: expected a number", 2);
     fails(&with(&["--num-images", "0"]), "--num-images: must be at least 1", 2);

@@ -1,5 +1,18 @@
-//! Generation, in diffusers' phases: check inputs → encode prompts → timesteps → prepare
-//! latents → denoise → decode.
+//! Generation, in the phases of diffusers' `StableDiffusionPipeline.__call__`, each a small
+//! method of [`Pipeline`] called in turn by [`Pipeline::generate`]:
+//!
+//! 1. `check_inputs`: the request, then what depends on the model (size, sampler, η);
+//! 2. `encode_prompt` and `unet_conditioning`: prompt and negative prompt embeddings, plus
+//!    SDXL's pooled embeddings and time ids and LCM's guidance embedding;
+//! 3. `prepare_timesteps`: the sampler, its schedule, and its tail for image-to-image;
+//! 4. `prepare_latents`: scaled noise, or the encoded init image noised to the first timestep;
+//! 5. `denoise`: the loop, with classifier-free guidance and what bounds it (`Plan::guide`);
+//! 6. [`Pipeline::decode_latents`];
+//! 7. `Plan::params`: each image's parameters in AUTOMATIC1111's infotext vocabulary.
+//!
+//! Progress is reported in the user's steps (`--steps`), not in model evaluations: Heun
+//! evaluates the model twice per step and PNDM once more at its start, and diffusers' progress
+//! bar counts steps all the same (`StepCounter`).
 
 use std::time::{Duration, Instant};
 
@@ -13,7 +26,7 @@ use crate::error::{PipelineError, Result};
 use crate::guidance;
 use crate::image::{tensor_to_images, RgbImage};
 use crate::model_index::PipelineKind;
-use crate::params::{fmt_number, sampler_display, GenerationParams};
+use crate::params::{fmt_number, GenerationParams};
 use crate::pipeline::Pipeline;
 use crate::request::{GenerateRequest, RngKind};
 use crate::text::PromptEmbeds;
@@ -21,10 +34,16 @@ use crate::text::PromptEmbeds;
 /// Progress after one model evaluation.
 #[derive(Debug, Clone, Copy)]
 pub struct Progress<'a> {
-    /// Model evaluations done.
+    /// Steps done, counted as the user asked for them: a step that evaluates the model twice
+    /// (Heun) counts once, and so does PNDM's extra warm-up evaluation.
     pub step: usize,
-    /// Model evaluations in this run.
+    /// Steps in this run: `--steps`, or for image-to-image the steps it runs
+    /// (⌊steps · strength⌋).
     pub total: usize,
+    /// Model evaluations done (the callback runs after each one).
+    pub evaluation: usize,
+    /// Model evaluations in this run.
+    pub evaluations: usize,
     /// The timestep just evaluated.
     pub timestep: f64,
     /// The latents after the sampler step (for previews: `Pipeline::decode_latents`).
@@ -64,8 +83,10 @@ pub struct Generation {
     pub latents: Tensor,
     /// Phase timings.
     pub timings: Timings,
-    /// Model evaluations run.
+    /// Steps run, as [`Progress::total`] counts them.
     pub steps: usize,
+    /// Model evaluations run (more than `steps` for Heun and PNDM).
+    pub evaluations: usize,
     /// The sampler used (CLI name, or the diffusers class for one we have no name for).
     pub scheduler: String,
 }
@@ -91,48 +112,230 @@ fn noise_source(req: &GenerateRequest) -> Box<dyn NoiseSource> {
     }
 }
 
-impl Pipeline {
-    /// The sampler for a request: the one asked for (built from the model's scheduler config,
-    /// as diffusers' `from_config`) or the one the model ships; with dynamic thresholding
-    /// switched on in its config when the sampler supports it natively.
-    fn scheduler_for(&self, req: &GenerateRequest) -> Result<(Box<dyn Scheduler>, String)> {
-        let kind = match &req.scheduler {
-            Some(name) => Some(
-                name.parse::<SamplerKind>()
-                    .map_err(|e| PipelineError::invalid("scheduler", e.to_string()))?,
-            ),
-            None => None,
-        };
-        let options = SamplerOptions { eta: req.eta };
-        let mut sched = ltd_scheduler::build(&self.scheduler_config, kind, &options)?;
-        if let Some(th) = &req.dynamic_threshold {
-            if sched.supports_thresholding() {
-                let cfg = SchedulerConfig {
-                    thresholding: Some(true),
-                    dynamic_thresholding_ratio: Some(th.ratio),
-                    sample_max_value: Some(th.max),
-                    ..self.scheduler_config.clone()
-                };
-                sched = ltd_scheduler::build(&cfg, kind, &options)?;
-            }
-        }
-        let name = kind
-            .or(self.default_sampler)
-            .map(|k| k.name().to_string())
-            .unwrap_or_else(|| sched.class_name().to_string());
-        Ok((sched, name))
+/// What `check_inputs` settles before any model runs.
+struct Plan<'r> {
+    req: &'r GenerateRequest,
+    /// Image width and height in pixels.
+    width: usize,
+    height: usize,
+    /// The sampler the run uses: the one asked for or the model's; `None` for a shipped
+    /// diffusers class that has no CLI name.
+    sampler: Option<SamplerKind>,
+    /// diffusers' `do_classifier_free_guidance`: the unconditional pass runs.
+    do_cfg: bool,
+    /// Images in the batch: prompts × images per prompt.
+    batch: usize,
+}
+
+/// The text conditioning every denoising step gives the U-Net.
+struct Conditioning {
+    /// `[rows, L, D]`, the unconditional rows first under guidance.
+    context: Tensor,
+    /// SDXL's pooled text embeddings and time ids; LCM's guidance embedding.
+    added: UNetConditioning,
+}
+
+/// The sampler of one run, its schedule and the generator that draws all noise.
+struct Sampling {
+    scheduler: Box<dyn Scheduler>,
+    /// One entry per model evaluation: the whole schedule, or its tail for image-to-image.
+    timesteps: Vec<f64>,
+    /// The user's steps these timesteps make.
+    steps: usize,
+    /// The sampler's name (CLI name, or the diffusers class).
+    name: String,
+    /// diffusers' `generator`.
+    generator: Box<dyn NoiseSource>,
+}
+
+/// Counts the user's steps from model evaluations, by the rule diffusers' pipelines update
+/// their progress bar with: evaluation `i` (0-based) of `n` ends a step when it is the last,
+/// or when it is past the warm-up (`n − steps · order` evaluations: PNDM's extra first PLMS
+/// evaluation) and `i + 1` is a multiple of the sampler's order (Heun's pairs).
+#[derive(Debug, Clone, Copy)]
+struct StepCounter {
+    evaluations: usize,
+    warmup: usize,
+    order: usize,
+}
+
+impl StepCounter {
+    fn new(evaluations: usize, steps: usize, order: usize) -> Self {
+        let order = order.max(1);
+        Self { evaluations, warmup: evaluations.saturating_sub(steps * order), order }
     }
 
-    /// Encodes prompts and the negative prompt: `(uncond, cond)`, each `[N, L, D]` with `N =
-    /// prompts × num_images`; `uncond` is `None` without classifier-free guidance.
-    fn encode_prompts(
+    /// Whether evaluation `i` (0-based) ends a step.
+    fn ends_step(&self, i: usize) -> bool {
+        i + 1 == self.evaluations || (i + 1 > self.warmup && (i + 1) % self.order == 0)
+    }
+}
+
+impl Plan<'_> {
+    /// The guided model output of one step (unconditional rows first in `out` under
+    /// guidance): classifier-free guidance with its rescale and limiter, then dynamic
+    /// thresholding where the sampler does not do it in its own step.
+    fn guide(
+        &self,
+        sched: &dyn Scheduler,
+        out: Tensor,
+        t: f64,
+        latents: &Tensor,
+    ) -> Result<Tensor> {
+        let req = self.req;
+        let guided = if self.do_cfg {
+            let n = self.batch;
+            let (e_u, e_c) = (out.narrow(0, 0, n)?, out.narrow(0, n, n)?);
+            let mut e = guidance::classifier_free(&e_u, &e_c, req.guidance)?;
+            if req.guidance_rescale > 0.0 {
+                e = guidance::rescale(&e, &e_c, req.guidance_rescale)?;
+            }
+            if let Some(m) = &req.mimic_guidance {
+                if req.guidance > m.mimic {
+                    e = guidance::mimic_via_x0(sched, &e_u, &e_c, &e, t, latents, m)?;
+                }
+            }
+            e
+        } else {
+            out
+        };
+        match &req.dynamic_threshold {
+            Some(th) if !sched.supports_thresholding() => {
+                guidance::threshold_via_x0(sched, &guided, t, latents, th)
+            }
+            _ => Ok(guided),
+        }
+    }
+
+    /// One image's parameters, as AUTOMATIC1111 records them.
+    fn params(
+        &self,
+        model: &str,
+        sampler_name: &str,
+        prompt_index: usize,
+        batch_index: usize,
+    ) -> GenerationParams {
+        let req = self.req;
+        let (sampler, schedule_type) = match self.sampler {
+            Some(kind) => (kind.a1111_name(), kind.a1111_schedule_type()),
+            None => (sampler_name, None),
+        };
+        let mut extra: Vec<(String, String)> = Vec::new();
+        if req.num_images > 1 {
+            extra.push(("Batch size".into(), req.num_images.to_string()));
+            extra.push(("Batch pos".into(), batch_index.to_string()));
+        }
+        if let Some(init) = &req.init_image {
+            extra.push(("Denoising strength".into(), fmt_number(init.strength)));
+        }
+        if let Some(k) = req.clip_skip {
+            extra.push(("Clip skip".into(), (k + 1).to_string()));
+        }
+        if req.guidance_rescale > 0.0 {
+            extra.push(("Guidance rescale".into(), fmt_number(req.guidance_rescale)));
+        }
+        if let Some(th) = &req.dynamic_threshold {
+            extra.push((
+                "Dynamic threshold".into(),
+                format!("{},{}", fmt_number(th.ratio), fmt_number(th.max)),
+            ));
+        }
+        if let Some(m) = &req.mimic_guidance {
+            extra.push((
+                "Mimic guidance".into(),
+                format!("{},{}", fmt_number(m.mimic), fmt_number(m.percentile)),
+            ));
+        }
+        // `check_inputs` refused a non-zero η for samplers that ignore it, so it mattered.
+        if req.eta > 0.0 {
+            extra.push(("Eta".into(), fmt_number(req.eta)));
+        }
+        extra.push(("RNG".into(), if req.rng == RngKind::Cpu { "CPU" } else { "NV" }.into()));
+        extra.push(("Version".into(), format!("ltd {}", env!("CARGO_PKG_VERSION"))));
+        GenerationParams {
+            prompt: req.prompts[prompt_index].clone(),
+            negative: req.negative.clone(),
+            steps: req.steps,
+            sampler: sampler.to_string(),
+            schedule_type: schedule_type.map(str::to_string),
+            cfg_scale: req.guidance,
+            seed: req.seed,
+            width: self.width,
+            height: self.height,
+            model: model.to_string(),
+            extra,
+        }
+    }
+}
+
+impl Pipeline {
+    /// Generates the images a request asks for, calling `on_step` after every model
+    /// evaluation.
+    pub fn generate(
         &self,
         req: &GenerateRequest,
-        cfg: bool,
-    ) -> Result<(Option<PromptEmbeds>, PromptEmbeds)> {
+        on_step: &mut dyn FnMut(Progress<'_>),
+    ) -> Result<Generation> {
+        let plan = self.check_inputs(req)?;
+
+        let t_encode = Instant::now();
+        let (uncond, cond) = self.encode_prompt(&plan)?;
+        let conditioning = self.unet_conditioning(&plan, uncond.as_ref(), &cond)?;
+        let encode = t_encode.elapsed();
+
+        let t_denoise = Instant::now();
+        let mut sampling = self.prepare_timesteps(&plan)?;
+        let latents = self.prepare_latents(&plan, &mut sampling)?;
+        let latents = self.denoise(&plan, &conditioning, &mut sampling, latents, on_step)?;
+        let denoise = t_denoise.elapsed();
+
+        let t_decode = Instant::now();
+        let images = self.decode_latents(&latents, req.vae_tiling)?;
+        let decode = t_decode.elapsed();
+
+        let images = images
+            .into_iter()
+            .enumerate()
+            .map(|(k, image)| {
+                let (prompt_index, batch_index) = (k / req.num_images, k % req.num_images);
+                GeneratedImage {
+                    image,
+                    params: plan.params(&self.name, &sampling.name, prompt_index, batch_index),
+                    prompt_index,
+                    batch_index,
+                }
+            })
+            .collect();
+        Ok(Generation {
+            images,
+            latents: latents.to_dtype(DType::F32)?,
+            timings: Timings { encode, denoise, decode },
+            steps: sampling.steps,
+            evaluations: sampling.timesteps.len(),
+            scheduler: sampling.name,
+        })
+    }
+
+    /// Phase 1: the request's own checks, then those that need the model: the image size
+    /// against the VAE's scale factor, and η against the sampler the run will use.
+    fn check_inputs<'r>(&self, req: &'r GenerateRequest) -> Result<Plan<'r>> {
+        req.validate()?;
+        let (width, height) = req.size(self.default_size(), self.vae_scale_factor())?;
+        let sampler = req.scheduler.or(self.default_sampler);
+        req.check_eta(sampler, sampler.map_or("model's", SamplerKind::name))?;
+        // diffusers: guidance needs g > 1, and guidance-distilled (LCM) U-Nets take it as input.
+        let do_cfg = req.guidance > 1.0 && self.unet.config().time_cond_proj_dim.is_none();
+        let batch = req.prompts.len() * req.num_images;
+        Ok(Plan { req, width, height, sampler, do_cfg, batch })
+    }
+
+    /// Phase 2: encodes the prompts and the negative prompt: `(uncond, cond)`, each
+    /// `[N, L, D]` with `N` the batch; `uncond` is `None` without classifier-free guidance.
+    fn encode_prompt(&self, plan: &Plan<'_>) -> Result<(Option<PromptEmbeds>, PromptEmbeds)> {
+        let req = plan.req;
         let prompts: Vec<&str> = req.prompts.iter().map(String::as_str).collect();
         let n = req.num_images;
-        if !cfg {
+        if !plan.do_cfg {
             let cond = self.text.encode(&prompts, req.clip_skip, req.long_prompt, &self.device)?;
             return Ok((None, cond.repeat_rows(n)?));
         }
@@ -157,6 +360,157 @@ impl Pipeline {
             pooled: both.pooled.as_ref().map(|t| split(t, p)).transpose()?,
         };
         Ok((Some(uncond.repeat_rows(n)?), cond.repeat_rows(n)?))
+    }
+
+    /// Phase 2, continued: the U-Net's conditioning from the embeddings (unconditional rows
+    /// first), with SDXL's added text embeddings and time ids (diffusers'
+    /// `_get_add_time_ids`) and LCM's guidance embedding.
+    fn unet_conditioning(
+        &self,
+        plan: &Plan<'_>,
+        uncond: Option<&PromptEmbeds>,
+        cond: &PromptEmbeds,
+    ) -> Result<Conditioning> {
+        let context = match uncond {
+            Some(u) => Tensor::cat(&[&u.hidden, &cond.hidden], 0)?,
+            None => cond.hidden.clone(),
+        };
+        let rows = context.dim(0)?;
+        let mut added = UNetConditioning::default();
+        if self.index.kind == PipelineKind::StableDiffusionXl {
+            let pooled = |e: &PromptEmbeds| {
+                e.pooled
+                    .clone()
+                    .ok_or_else(|| PipelineError::msg("SDXL needs pooled text embeddings"))
+            };
+            added.text_embeds = Some(match uncond {
+                Some(u) => Tensor::cat(&[&pooled(u)?, &pooled(cond)?], 0)?,
+                None => pooled(cond)?,
+            });
+            // original size, crop top-left, target size, as (height, width) pairs.
+            let (h, w) = (plan.height as f32, plan.width as f32);
+            let ids = Tensor::new(&[[h, w, 0.0, 0.0, h, w]], &self.device)?;
+            added.time_ids = Some(ids.repeat((rows, 1))?.to_dtype(self.dtype)?);
+        }
+        if let Some(dim) = self.unet.config().time_cond_proj_dim {
+            added.timestep_cond = Some(
+                guidance_scale_embedding(plan.req.guidance - 1.0, rows, dim, &self.device)?
+                    .to_dtype(self.dtype)?,
+            );
+        }
+        Ok(Conditioning { context, added })
+    }
+
+    /// The sampler for a request: the one asked for (built from the model's scheduler config,
+    /// as diffusers' `from_config`) or the one the model ships; with dynamic thresholding
+    /// switched on in its config when the sampler supports it natively.
+    fn scheduler_for(&self, req: &GenerateRequest) -> Result<Box<dyn Scheduler>> {
+        let kind = req.scheduler;
+        let options = SamplerOptions { eta: req.eta };
+        let sched = ltd_scheduler::build(&self.scheduler_config, kind, &options)?;
+        match &req.dynamic_threshold {
+            Some(th) if sched.supports_thresholding() => {
+                let cfg = SchedulerConfig {
+                    thresholding: Some(true),
+                    dynamic_thresholding_ratio: Some(th.ratio),
+                    sample_max_value: Some(th.max),
+                    ..self.scheduler_config.clone()
+                };
+                Ok(ltd_scheduler::build(&cfg, kind, &options)?)
+            }
+            _ => Ok(sched),
+        }
+    }
+
+    /// Phase 3: the sampler and its timesteps. Image-to-image runs diffusers' `get_timesteps`
+    /// tail: ⌊steps · strength⌋ steps, from index (steps − that) · order.
+    fn prepare_timesteps(&self, plan: &Plan<'_>) -> Result<Sampling> {
+        let req = plan.req;
+        let mut scheduler = self.scheduler_for(req)?;
+        scheduler.set_timesteps(req.steps)?;
+        let mut timesteps = scheduler.timesteps().to_vec();
+        let mut steps = req.steps;
+        if let Some(init) = &req.init_image {
+            steps = ((req.steps as f64 * init.strength) as usize).min(req.steps);
+            let begin = (req.steps - steps) * scheduler.order();
+            timesteps = timesteps[begin.min(timesteps.len())..].to_vec();
+            scheduler.set_begin_index(begin);
+        }
+        let name = plan
+            .sampler
+            .map(|k| k.name().to_string())
+            .unwrap_or_else(|| scheduler.class_name().to_string());
+        Ok(Sampling { scheduler, timesteps, steps, name, generator: noise_source(req) })
+    }
+
+    /// Phase 4: the starting latents: noise scaled by the sampler's `init_noise_sigma`, or for
+    /// image-to-image the encoded picture noised to the first timestep (the VAE's posterior
+    /// sample drawn first, then the noise, from the one generator).
+    fn prepare_latents(&self, plan: &Plan<'_>, sampling: &mut Sampling) -> Result<Tensor> {
+        let req = plan.req;
+        let Sampling { scheduler, timesteps, generator, .. } = sampling;
+        match &req.init_image {
+            None => {
+                let scale = self.vae_scale_factor();
+                let shape = [
+                    plan.batch,
+                    self.vae.config().latent_channels,
+                    plan.height / scale,
+                    plan.width / scale,
+                ];
+                let noise = generator.randn(&shape, self.dtype, &self.device)?;
+                Ok((noise * scheduler.init_noise_sigma())?)
+            }
+            Some(init) => {
+                let z = self.encode_image(&init.image, generator.as_mut(), req.vae_tiling)?;
+                let z = z.to_dtype(self.dtype)?.repeat((plan.batch, 1, 1, 1))?;
+                let noise = generator.randn(z.dims(), self.dtype, &self.device)?;
+                let first = *timesteps.first().ok_or_else(|| {
+                    PipelineError::invalid("strength", "leaves no denoising step")
+                })?;
+                Ok(scheduler.add_noise(&z, &noise, first)?)
+            }
+        }
+    }
+
+    /// Phase 5: the denoising loop, one U-Net call per timestep (both guidance halves in one
+    /// batch), reporting progress in the user's steps after every evaluation.
+    fn denoise(
+        &self,
+        plan: &Plan<'_>,
+        conditioning: &Conditioning,
+        sampling: &mut Sampling,
+        mut latents: Tensor,
+        on_step: &mut dyn FnMut(Progress<'_>),
+    ) -> Result<Tensor> {
+        let Sampling { scheduler, timesteps, steps, generator, .. } = sampling;
+        let evaluations = timesteps.len();
+        let counter = StepCounter::new(evaluations, *steps, scheduler.order());
+        let rows = conditioning.context.dim(0)?;
+        let mut step = 0;
+        for (i, &t) in timesteps.iter().enumerate() {
+            let _span = tracing::debug_span!("step", i, t).entered();
+            let x_in =
+                if plan.do_cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let x_in = scheduler.scale_model_input(&x_in, t)?;
+            let t_in = Tensor::full(t as f32, rows, &self.device)?;
+            let out =
+                self.unet.forward(&x_in, &t_in, &conditioning.context, &conditioning.added)?;
+            let guided = plan.guide(scheduler.as_ref(), out, t, &latents)?;
+            latents = scheduler.step(&guided, t, &latents, generator.as_mut())?;
+            if counter.ends_step(i) {
+                step = (step + 1).min(*steps);
+            }
+            on_step(Progress {
+                step,
+                total: *steps,
+                evaluation: i + 1,
+                evaluations,
+                timestep: t,
+                latents: &latents,
+            });
+        }
+        Ok(latents)
     }
 
     /// VAE latents of an image scaled for the diffusion model (SDXL's `latents_mean/std` when
@@ -186,7 +540,7 @@ impl Pipeline {
         Ok(Tensor::from_vec(data, (1, v.len(), 1, 1), &self.device)?.to_dtype(self.vae.dtype())?)
     }
 
-    /// Decodes latents `[N, C, h, w]` (the diffusion model's scale) to images.
+    /// Phase 6: decodes latents `[N, C, h, w]` (the diffusion model's scale) to images.
     pub fn decode_latents(&self, latents: &Tensor, tiling: bool) -> Result<Vec<RgbImage>> {
         let cfg = self.vae.config();
         let z = latents.to_dtype(self.vae.dtype())?;
@@ -201,193 +555,6 @@ impl Pipeline {
         let images = self.vae.decode_with_tiling(&z, tiles.as_ref())?;
         tensor_to_images(&images)
     }
-
-    /// Generates the images a request asks for, calling `on_step` after every model
-    /// evaluation.
-    pub fn generate(
-        &self,
-        req: &GenerateRequest,
-        on_step: &mut dyn FnMut(Progress<'_>),
-    ) -> Result<Generation> {
-        // 1. Check inputs.
-        req.validate()?;
-        let scale = self.vae_scale_factor();
-        let (width, height) = req.size(self.default_size(), scale)?;
-        let (mut sched, sampler_name) = self.scheduler_for(req)?;
-        let unet_cfg = self.unet.config();
-        // diffusers: guidance needs g > 1, and guidance-distilled (LCM) U-Nets take it as input.
-        let cfg = req.guidance > 1.0 && unet_cfg.time_cond_proj_dim.is_none();
-        let n = req.prompts.len() * req.num_images;
-
-        // 2. Encode the prompts.
-        let t_encode = Instant::now();
-        let (uncond, cond) = self.encode_prompts(req, cfg)?;
-        let context = match &uncond {
-            Some(u) => Tensor::cat(&[&u.hidden, &cond.hidden], 0)?,
-            None => cond.hidden.clone(),
-        };
-        let rows = context.dim(0)?;
-        let mut conditioning = UNetConditioning::default();
-        if self.index.kind == PipelineKind::StableDiffusionXl {
-            let pooled = |e: &PromptEmbeds| {
-                e.pooled
-                    .clone()
-                    .ok_or_else(|| PipelineError::msg("SDXL needs pooled text embeddings"))
-            };
-            conditioning.text_embeds = Some(match &uncond {
-                Some(u) => Tensor::cat(&[&pooled(u)?, &pooled(&cond)?], 0)?,
-                None => pooled(&cond)?,
-            });
-            // original size, crop top-left, target size, as (height, width) pairs.
-            let (h, w) = (height as f32, width as f32);
-            let ids = Tensor::new(&[[h, w, 0.0, 0.0, h, w]], &self.device)?;
-            conditioning.time_ids = Some(ids.repeat((rows, 1))?.to_dtype(self.dtype)?);
-        }
-        if let Some(dim) = unet_cfg.time_cond_proj_dim {
-            conditioning.timestep_cond = Some(
-                guidance_scale_embedding(req.guidance - 1.0, rows, dim, &self.device)?
-                    .to_dtype(self.dtype)?,
-            );
-        }
-        let encode_time = t_encode.elapsed();
-
-        // 3. Timesteps.
-        let t_denoise = Instant::now();
-        sched.set_timesteps(req.steps)?;
-        let mut timesteps = sched.timesteps().to_vec();
-        let mut rng = noise_source(req);
-        let latent_shape = [n, self.vae.config().latent_channels, height / scale, width / scale];
-
-        // 4. Prepare latents.
-        let mut latents = match &req.init_image {
-            None => {
-                let noise = rng.randn(&latent_shape, self.dtype, &self.device)?;
-                (noise * sched.init_noise_sigma())?
-            }
-            Some(init) => {
-                // diffusers' img2img: int(steps·strength) steps from index (steps − that)·order.
-                let run = ((req.steps as f64 * init.strength) as usize).min(req.steps);
-                let t_start = req.steps - run;
-                let begin = t_start * sched.order();
-                timesteps = timesteps[begin.min(timesteps.len())..].to_vec();
-                sched.set_begin_index(begin);
-                let first = *timesteps.first().ok_or_else(|| {
-                    PipelineError::invalid("strength", "leaves no denoising step")
-                })?;
-                let z = self.encode_image(&init.image, rng.as_mut(), req.vae_tiling)?;
-                let z = z.to_dtype(self.dtype)?.repeat((n, 1, 1, 1))?;
-                let noise = rng.randn(z.dims(), self.dtype, &self.device)?;
-                sched.add_noise(&z, &noise, first)?
-            }
-        };
-
-        // 5. Denoise.
-        let total = timesteps.len();
-        for (i, &t) in timesteps.iter().enumerate() {
-            let _span = tracing::debug_span!("step", i, t).entered();
-            let x_in = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
-            let x_in = sched.scale_model_input(&x_in, t)?;
-            let t_in = Tensor::full(t as f32, rows, &self.device)?;
-            let out = self.unet.forward(&x_in, &t_in, &context, &conditioning)?;
-            let guided = if cfg {
-                let (e_u, e_c) = (out.narrow(0, 0, n)?, out.narrow(0, n, n)?);
-                let mut e = guidance::classifier_free(&e_u, &e_c, req.guidance)?;
-                if req.guidance_rescale > 0.0 {
-                    e = guidance::rescale(&e, &e_c, req.guidance_rescale)?;
-                }
-                if let Some(m) = &req.mimic_guidance {
-                    if req.guidance > m.mimic {
-                        e = guidance::mimic_via_x0(sched.as_ref(), &e_u, &e_c, &e, t, &latents, m)?;
-                    }
-                }
-                e
-            } else {
-                out
-            };
-            let guided = match &req.dynamic_threshold {
-                Some(th) if !sched.supports_thresholding() => {
-                    guidance::threshold_via_x0(sched.as_ref(), &guided, t, &latents, th)?
-                }
-                _ => guided,
-            };
-            latents = sched.step(&guided, t, &latents, rng.as_mut())?;
-            on_step(Progress { step: i + 1, total, timestep: t, latents: &latents });
-        }
-        let denoise_time = t_denoise.elapsed();
-
-        // 6. Decode.
-        let t_decode = Instant::now();
-        let images = self.decode_latents(&latents, req.vae_tiling)?;
-        let decode_time = t_decode.elapsed();
-
-        let params = |prompt_index: usize, batch_index: usize| {
-            let (sampler, schedule_type) = sampler_display(&sampler_name);
-            let mut extra: Vec<(String, String)> = Vec::new();
-            if req.num_images > 1 {
-                extra.push(("Batch size".into(), req.num_images.to_string()));
-                extra.push(("Batch pos".into(), batch_index.to_string()));
-            }
-            if let Some(init) = &req.init_image {
-                extra.push(("Denoising strength".into(), fmt_number(init.strength)));
-            }
-            if let Some(k) = req.clip_skip {
-                extra.push(("Clip skip".into(), (k + 1).to_string()));
-            }
-            if req.guidance_rescale > 0.0 {
-                extra.push(("Guidance rescale".into(), fmt_number(req.guidance_rescale)));
-            }
-            if let Some(th) = &req.dynamic_threshold {
-                extra.push((
-                    "Dynamic threshold".into(),
-                    format!("{},{}", fmt_number(th.ratio), fmt_number(th.max)),
-                ));
-            }
-            if let Some(m) = &req.mimic_guidance {
-                extra.push((
-                    "Mimic guidance".into(),
-                    format!("{},{}", fmt_number(m.mimic), fmt_number(m.percentile)),
-                ));
-            }
-            if req.eta > 0.0 {
-                extra.push(("Eta".into(), fmt_number(req.eta)));
-            }
-            extra.push(("RNG".into(), if req.rng == RngKind::Cpu { "CPU" } else { "NV" }.into()));
-            extra.push(("Version".into(), format!("ltd {}", env!("CARGO_PKG_VERSION"))));
-            GenerationParams {
-                prompt: req.prompts[prompt_index].clone(),
-                negative: req.negative.clone(),
-                steps: req.steps,
-                sampler,
-                schedule_type,
-                cfg_scale: req.guidance,
-                seed: req.seed,
-                width,
-                height,
-                model: self.name.clone(),
-                extra,
-            }
-        };
-        let images = images
-            .into_iter()
-            .enumerate()
-            .map(|(k, image)| {
-                let (prompt_index, batch_index) = (k / req.num_images, k % req.num_images);
-                GeneratedImage {
-                    image,
-                    params: params(prompt_index, batch_index),
-                    prompt_index,
-                    batch_index,
-                }
-            })
-            .collect();
-        Ok(Generation {
-            images,
-            latents: latents.to_dtype(DType::F32)?,
-            timings: Timings { encode: encode_time, denoise: denoise_time, decode: decode_time },
-            steps: total,
-            scheduler: sampler_name,
-        })
-    }
 }
 
 #[cfg(test)]
@@ -399,5 +566,30 @@ mod tests {
         // w = 0 gives sin(0) = 0 and cos(0) = 1 halves; an odd width is zero-padded.
         let e = guidance_scale_embedding(0.0, 2, 5, &Device::Cpu).unwrap();
         assert_eq!(e.to_vec2::<f32>().unwrap(), [[0.0, 0.0, 1.0, 1.0, 0.0]; 2]);
+    }
+
+    /// The user's steps done after each evaluation.
+    fn steps_after_each(evaluations: usize, steps: usize, order: usize) -> Vec<usize> {
+        let c = StepCounter::new(evaluations, steps, order);
+        (0..evaluations)
+            .scan(0, |done, i| {
+                *done += usize::from(c.ends_step(i));
+                Some(*done)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn counts_the_users_steps_not_model_evaluations() {
+        // One evaluation per step.
+        assert_eq!(steps_after_each(4, 4, 1), [1, 2, 3, 4]);
+        // Heun, 4 steps: 2·4 − 1 evaluations in pairs, the last step a single Euler one.
+        assert_eq!(steps_after_each(7, 4, 2), [0, 1, 1, 2, 2, 3, 4]);
+        // Heun image-to-image, the last 2 of 4 steps: 3 evaluations.
+        assert_eq!(steps_after_each(3, 2, 2), [0, 1, 2]);
+        // PNDM (PLMS), 4 steps: one warm-up evaluation more.
+        assert_eq!(steps_after_each(5, 4, 1), [0, 1, 2, 3, 4]);
+        // PNDM with Runge-Kutta warm-up, 4 steps: 12 PRK evaluations and 1 PLMS one.
+        assert_eq!(*steps_after_each(13, 4, 1).last().unwrap(), 4);
     }
 }

@@ -26,10 +26,11 @@ mod text;
 pub use error::{PipelineError, Result};
 pub use generate::{GeneratedImage, Generation, Progress, Timings};
 pub use image::RgbImage;
+pub use ltd_scheduler::SamplerKind;
 pub use model_index::{ModelIndex, PipelineKind};
 pub use params::GenerationParams;
 pub use pipeline::{LoadOptions, Pipeline};
 pub use request::{
-    DynamicThreshold, GenerateRequest, InitImage, LongPrompt, MimicGuidance, RngKind,
+    parse_sampler, DynamicThreshold, GenerateRequest, InitImage, LongPrompt, MimicGuidance, RngKind,
 };
 pub use source::ModelSource;

@@ -16,7 +16,7 @@ pub struct GenerationParams {
     pub negative: Option<String>,
     /// Inference steps.
     pub steps: usize,
-    /// Sampler name as A1111 spells it (`Euler a`, `DPM++ 2M`, …).
+    /// Sampler name as A1111 spells it (`Euler a`, `DPM++ 2M`, …: `SamplerKind::a1111_name`).
     pub sampler: String,
     /// A1111's schedule type (`Karras`), when not the sampler's default.
     pub schedule_type: Option<String>,
@@ -32,28 +32,6 @@ pub struct GenerationParams {
     pub model: String,
     /// Further `Key: value` pairs in order (`Denoising strength`, `Clip skip`, `Batch size`…).
     pub extra: Vec<(String, String)>,
-}
-
-/// A sampler's name as AUTOMATIC1111 writes it, and its schedule type when that is not the
-/// sampler's default: from the CLI name (or a diffusers class name, kept as is).
-pub fn sampler_display(name: &str) -> (String, Option<String>) {
-    let (display, schedule) = match name {
-        "ddpm" => ("DDPM", None),
-        "ddim" => ("DDIM", None),
-        "pndm" => ("PLMS", None),
-        "euler" => ("Euler", None),
-        "euler-a" => ("Euler a", None),
-        "heun" => ("Heun", None),
-        "lms" => ("LMS", None),
-        "dpm++2m" => ("DPM++ 2M", None),
-        "dpm++2m-karras" => ("DPM++ 2M", Some("Karras")),
-        "dpm++2m-sde" => ("DPM++ 2M SDE", None),
-        "dpm++2s" => ("DPM++ 2S", None),
-        "unipc" => ("UniPC", None),
-        "lcm" => ("LCM", None),
-        other => (other, None),
-    };
-    (display.to_string(), schedule.map(str::to_string))
 }
 
 /// Quotes a value the way A1111 does when it holds a separator.

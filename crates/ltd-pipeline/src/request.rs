@@ -1,6 +1,11 @@
 //! What a user asks for, checked before any model runs.
 //!
 //! Field names match the CLI's flags, so a [`PipelineError::InvalidRequest`] names the flag.
+//! Options are typed (a sampler is a [`SamplerKind`], not a name): a front end parses its
+//! strings once, with [`parse_sampler`] and friends, when it builds the request, and
+//! [`GenerateRequest::validate`] checks the values.
+
+use ltd_scheduler::SamplerKind;
 
 use crate::error::{PipelineError, Result};
 use crate::image::RgbImage;
@@ -86,9 +91,10 @@ pub struct GenerateRequest {
     pub dynamic_threshold: Option<DynamicThreshold>,
     /// The latent-aware guidance limiter.
     pub mimic_guidance: Option<MimicGuidance>,
-    /// Sampler by CLI name (`euler-a`, `dpm++2m`, …); `None` for the model's own.
-    pub scheduler: Option<String>,
-    /// DDIM's η (only DDIM reads it).
+    /// The sampler (`--scheduler euler-a`, …); `None` for the one the model ships.
+    pub scheduler: Option<SamplerKind>,
+    /// DDIM's η. Only DDIM reads it: a non-zero η with any other sampler is rejected rather
+    /// than silently ignored (and recorded in the image's parameters as if it had mattered).
     pub eta: f64,
     /// Image width in pixels; `None` for the model's default.
     pub width: Option<usize>,
@@ -133,6 +139,11 @@ impl Default for GenerateRequest {
             vae_tiling: false,
         }
     }
+}
+
+/// Parses a `--scheduler` name; the error names the flag and lists the known samplers.
+pub fn parse_sampler(name: &str) -> Result<SamplerKind> {
+    name.parse::<SamplerKind>().map_err(|e| PipelineError::invalid("scheduler", e.to_string()))
 }
 
 fn finite_at_least(field: &'static str, v: f64, min: f64) -> Result<()> {
@@ -186,6 +197,9 @@ impl GenerateRequest {
             }
         }
         finite_at_least("eta", self.eta, 0.0)?;
+        if let Some(kind) = self.scheduler {
+            self.check_eta(Some(kind), kind.name())?;
+        }
         for (field, v) in [("width", self.width), ("height", self.height)] {
             if v == Some(0) {
                 return Err(PipelineError::invalid(field, "must be positive"));
@@ -220,6 +234,23 @@ impl GenerateRequest {
             }
         }
         Ok(())
+    }
+
+    /// Rejects a non-zero η for a sampler that does not read it. `sampler` is the sampler the
+    /// run uses (`None`: a shipped class with no CLI name, which is never DDIM), `name` what
+    /// to call it in the message.
+    pub(crate) fn check_eta(&self, sampler: Option<SamplerKind>, name: &str) -> Result<()> {
+        if self.eta == 0.0 || sampler.is_some_and(SamplerKind::uses_eta) {
+            return Ok(());
+        }
+        Err(PipelineError::invalid(
+            "eta",
+            format!(
+                "only the ddim sampler uses η; the {name} sampler would ignore {} (drop --eta, \
+                 or pick --scheduler ddim)",
+                self.eta
+            ),
+        ))
     }
 
     /// The image size, from the request or the model's default, checked against the VAE's
@@ -276,6 +307,19 @@ mod tests {
         check(GenerateRequest { guidance_rescale: 1.5, ..ok.clone() }, "--guidance-rescale");
         check(GenerateRequest { num_images: 0, ..ok.clone() }, "--num-images");
         check(GenerateRequest { clip_skip: Some(0), ..ok.clone() }, "--clip-skip");
+        check(
+            GenerateRequest {
+                eta: 0.5,
+                scheduler: Some(SamplerKind::EulerAncestral),
+                ..ok.clone()
+            },
+            "--eta: only the ddim sampler uses η; the euler-a sampler would ignore 0.5",
+        );
+        GenerateRequest { eta: 0.5, scheduler: Some(SamplerKind::Ddim), ..ok.clone() }
+            .validate()
+            .unwrap();
+        // The model's own sampler is only known with the model: `Pipeline::generate` checks.
+        GenerateRequest { eta: 0.5, ..ok.clone() }.validate().unwrap();
         let img = RgbImage::new(8, 8, vec![0; 192]).unwrap();
         let init = |strength| Some(InitImage { image: img.clone(), strength });
         check(
@@ -290,6 +334,16 @@ mod tests {
                 ..ok
             },
             "--dynamic-threshold",
+        );
+    }
+
+    #[test]
+    fn parses_sampler_names_once_naming_the_flag() {
+        assert_eq!(parse_sampler("dpm++2m-karras").unwrap(), SamplerKind::DpmPp2mKarras);
+        let e = parse_sampler("euler-b").unwrap_err().to_string();
+        assert!(
+            e.starts_with("--scheduler: unknown sampler \"euler-b\" (known samplers: ddpm"),
+            "{e}"
         );
     }
 

@@ -269,16 +269,7 @@ pub fn needed_files(
     for (name, kind) in index.loadable_components() {
         match kind {
             ComponentKind::Scheduler => files.push(format!("{name}/scheduler_config.json")),
-            ComponentKind::ClipTokenizer => {
-                for f in ["vocab.json", "merges.txt", "tokenizer_config.json"] {
-                    files.push(format!("{name}/{f}"));
-                }
-                for f in ["special_tokens_map.json", "tokenizer.json"] {
-                    if exists(&format!("{name}/{f}")) {
-                        files.push(format!("{name}/{f}"));
-                    }
-                }
-            }
+            ComponentKind::ClipTokenizer => files.extend(tokenizer_files(name, exists)),
             ComponentKind::TextEncoder | ComponentKind::Unet | ComponentKind::Vae => {
                 files.push(format!("{name}/config.json"));
                 let stem = if kind == ComponentKind::TextEncoder {
@@ -291,6 +282,25 @@ pub fn needed_files(
         }
     }
     Ok(files)
+}
+
+/// The files of a CLIP tokenizer folder, following what `CLIPTokenizer::from_folder` reads:
+/// the vocabulary and merges from `tokenizer.json` when there is one, else from `vocab.json` +
+/// `merges.txt` (then required, so a folder with neither fails naming them); the two
+/// configuration files when present (the loader has defaults for both). `exists` is the hub
+/// listing online and the cache offline, where a file an earlier run did not fetch (because
+/// the repo lacks it) is absent, so the choice is the same both ways.
+fn tokenizer_files(dir: &str, exists: &dyn Fn(&str) -> bool) -> Vec<String> {
+    let path = |f: &str| format!("{dir}/{f}");
+    let vocabulary: &[&str] = if exists(&path("tokenizer.json")) {
+        &["tokenizer.json"]
+    } else {
+        &["vocab.json", "merges.txt"]
+    };
+    let optional = ["tokenizer_config.json", "special_tokens_map.json"]
+        .into_iter()
+        .filter(|f| exists(&path(f)));
+    vocabulary.iter().copied().chain(optional).map(path).collect()
 }
 
 fn weight_files(
@@ -355,6 +365,67 @@ mod tests {
         assert_eq!(ModelSource::parse("./models/x"), ModelSource::Local("./models/x".into()));
         assert_eq!(ModelSource::parse("a/b/c"), ModelSource::Local("a/b/c".into()));
         assert_eq!(ModelSource::parse("plainname"), ModelSource::Local("plainname".into()));
+    }
+
+    /// The tokenizer files `needed_files` asks for when the repository holds `present`.
+    fn tokenizer_check(present: &[&str], expect: &[&str]) {
+        let exists = |f: &str| present.iter().any(|p| format!("tokenizer/{p}") == f);
+        let got: Vec<String> = tokenizer_files("tokenizer", &exists);
+        let want: Vec<String> = expect.iter().map(|f| format!("tokenizer/{f}")).collect();
+        assert_eq!(got, want, "repository holds {present:?}");
+    }
+
+    #[test]
+    fn tokenizer_files_follow_what_the_folder_can_load_from() {
+        // tokenizer.json alone is a complete tokenizer: nothing else is asked for.
+        tokenizer_check(&["tokenizer.json"], &["tokenizer.json"]);
+        tokenizer_check(
+            &["tokenizer.json", "tokenizer_config.json"],
+            &["tokenizer.json", "tokenizer_config.json"],
+        );
+        // With both layouts, tokenizer.json is what the loader reads.
+        tokenizer_check(
+            &["vocab.json", "merges.txt", "tokenizer.json", "special_tokens_map.json"],
+            &["tokenizer.json", "special_tokens_map.json"],
+        );
+        // The official SD repos' layout.
+        tokenizer_check(
+            &["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"],
+            &["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"],
+        );
+        // Neither: vocab.json and merges.txt are required, so fetching them fails naming them.
+        tokenizer_check(&[], &["vocab.json", "merges.txt"]);
+    }
+
+    #[test]
+    fn needed_files_of_a_repo_with_only_tokenizer_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = dir.path().join("model_index.json");
+        std::fs::write(
+            &index,
+            r#"{"_class_name": "StableDiffusionPipeline",
+                "scheduler": ["diffusers", "PNDMScheduler"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"]}"#,
+        )
+        .unwrap();
+        let index = ModelIndex::read(&index).unwrap();
+        let repo = [
+            "tokenizer/tokenizer.json",
+            "text_encoder/model.safetensors",
+            "unet/diffusion_pytorch_model.safetensors",
+            "vae/diffusion_pytorch_model.safetensors",
+        ];
+        let files = needed_files(&index, None, &|f| repo.contains(&f)).unwrap();
+        let tokenizer: Vec<&String> =
+            files.iter().filter(|f| f.starts_with("tokenizer/")).collect();
+        assert_eq!(tokenizer, ["tokenizer/tokenizer.json"]);
+        // Every file asked for is in the repository, so fetching cannot fail on a 404.
+        for f in files.iter().filter(|f| !f.ends_with("config.json")) {
+            assert!(repo.contains(&f.as_str()), "{f} is not in the repository");
+        }
     }
 
     #[test]

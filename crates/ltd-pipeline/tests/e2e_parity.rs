@@ -52,7 +52,7 @@ fn request(case: &Value) -> GenerateRequest {
             ratio: t["ratio"].as_f64().unwrap(),
             max: t["max"].as_f64().unwrap(),
         }),
-        scheduler: s("scheduler"),
+        scheduler: s("scheduler").map(|name| ltd_pipeline::parse_sampler(&name).unwrap()),
         width: u("width"),
         height: u("height"),
         num_images: u("num_images").unwrap(),

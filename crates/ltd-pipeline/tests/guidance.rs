@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Tensor};
 use ltd_pipeline::{
     DynamicThreshold, GenerateRequest, LoadOptions, LongPrompt, MimicGuidance, Pipeline,
+    SamplerKind,
 };
 
 fn fixtures() -> PathBuf {
@@ -41,7 +42,7 @@ fn thresholding_without_native_support_bounds_x0() {
     // Euler ends on its last x₀ prediction (σ = 0), so thresholded runs end within ±1
     // (x₀ is clipped to ±s and divided by s), while the unthresholded run does not.
     let pipe = load("sd1");
-    let plain = GenerateRequest { scheduler: Some("euler".into()), ..base() };
+    let plain = GenerateRequest { scheduler: Some(SamplerKind::Euler), ..base() };
     let free = latents(&pipe, &plain);
     assert!(max_abs(&free) > 2.0, "the fixture's latents are wide: {}", max_abs(&free));
     for (ratio, max) in [(0.9, 1.5), (0.995, 1.0)] {
@@ -53,9 +54,9 @@ fn thresholding_without_native_support_bounds_x0() {
         assert!(max_abs(&bounded) <= 1.0 + 1e-5, "ratio {ratio}: {}", max_abs(&bounded));
     }
     // Heun and LMS take the same path and stay finite.
-    for s in ["heun", "lms", "euler-a", "pndm"] {
+    for s in [SamplerKind::Heun, SamplerKind::Lms, SamplerKind::EulerAncestral, SamplerKind::Pndm] {
         let req = GenerateRequest {
-            scheduler: Some(s.into()),
+            scheduler: Some(s),
             dynamic_threshold: Some(DynamicThreshold { ratio: 0.9, max: 1.5 }),
             ..base()
         };
@@ -83,7 +84,7 @@ fn mimic_guidance_limits_the_spread_of_high_guidance() {
     let pipe = load("sd1");
     let req = |g: f64, mimic: Option<MimicGuidance>| GenerateRequest {
         guidance: g,
-        scheduler: Some("euler".into()),
+        scheduler: Some(SamplerKind::Euler),
         mimic_guidance: mimic,
         ..base()
     };

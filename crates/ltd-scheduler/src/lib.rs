@@ -275,6 +275,39 @@ impl SamplerKind {
         }
     }
 
+    /// The name AUTOMATIC1111 writes in an image's `parameters` (`Sampler: DPM++ 2M`).
+    pub fn a1111_name(self) -> &'static str {
+        match self {
+            Self::Ddpm => "DDPM",
+            Self::Ddim => "DDIM",
+            Self::Pndm => "PLMS",
+            Self::Euler => "Euler",
+            Self::EulerAncestral => "Euler a",
+            Self::Heun => "Heun",
+            Self::Lms => "LMS",
+            Self::DpmPp2m | Self::DpmPp2mKarras => "DPM++ 2M",
+            Self::DpmPp2mSde => "DPM++ 2M SDE",
+            Self::DpmPp2s => "DPM++ 2S",
+            Self::UniPc => "UniPC",
+            Self::Lcm => "LCM",
+        }
+    }
+
+    /// AUTOMATIC1111's `Schedule type`, where it is not the sampler's default.
+    pub fn a1111_schedule_type(self) -> Option<&'static str> {
+        match self {
+            Self::DpmPp2mKarras => Some("Karras"),
+            _ => None,
+        }
+    }
+
+    /// Whether the sampler reads [`SamplerOptions::eta`]: only DDIM's `step` takes η in
+    /// diffusers (Euler a is ancestral with η fixed at 1), so a request may reject an η that
+    /// would otherwise be silently ignored.
+    pub fn uses_eta(self) -> bool {
+        matches!(self, Self::Ddim)
+    }
+
     /// All command-line names, for `--help` and error messages.
     pub fn names() -> Vec<&'static str> {
         Self::ALL.iter().map(|k| k.name()).collect()
