@@ -8,6 +8,8 @@ mod big_tests;
 mod eval_shapes;
 mod fixtures;
 mod make_shapes;
+mod train_args;
+mod train_report;
 mod train_unet;
 mod train_vae;
 
@@ -73,7 +75,21 @@ fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap_or_default()
 }
 
+/// The libraries' `tracing` logs go to stderr (progress output goes there too, stdout keeps
+/// the results), filtered by `RUST_LOG` (default: warnings and errors), as in ltd-gen.
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .try_init();
+}
+
 fn main() -> Result<()> {
+    init_tracing();
     ltd_nn::pin_cpu_threads();
     let cli = Cli::parse();
     let root = repo_root();

@@ -8,7 +8,8 @@ use anyhow::{bail, Result};
 use ltd_train::timestep_bias::{BiasStrategy, TimestepBias};
 use ltd_train::train_unet::{read_config, TextEncoderSource, UnetTrainOptions, UnetTrainer};
 
-use crate::train_vae::{drive, OptimArgs};
+use crate::train_args::OptimArgs;
+use crate::train_report::drive;
 
 /// Arguments of `cargo xtask train-unet`.
 #[derive(Debug, clap::Args)]

@@ -1,6 +1,6 @@
-//! What both training loops share: the optimisation options, the run folder (checkpoints,
-//! loss history, previews), starting fresh or resuming, one optimisation step, and the data
-//! order.
+//! What both training loops share besides the [driver](crate::driver): the optimisation
+//! options, the run folder (checkpoints, loss history, previews), starting fresh or resuming,
+//! and the data order.
 //!
 //! A run folder `OUT/train/` holds `checkpoints/`, `loss.jsonl`, `loss.png` and
 //! `samples/step-NNNNNNNN.png`; the trained model is written to `OUT/` itself.
@@ -11,14 +11,13 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{Tensor, Var};
-use ltd_nn::rng::{TorchRng, TorchRngState};
+use ltd_nn::rng::TorchRngState;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{Checkpoints, Loaded};
 use crate::error::{Result, TrainError};
-use crate::history::{History, Record};
-use crate::optim::{clip_factor, learning_rate, AdamW, AdamWConfig, LrSchedule};
+use crate::history::History;
+use crate::optim::{learning_rate, AdamWConfig, LrSchedule};
 use crate::progress::{Event, Sink};
 use crate::rng::{derive_seed, Rng};
 use crate::RunControl;
@@ -212,33 +211,6 @@ impl RunDir {
     }
 }
 
-/// Runs backward on `loss`, clips, and takes one AdamW step at 0-based `step`; records the
-/// step in `history` and reports it. Returns the loss value.
-#[allow(clippy::too_many_arguments)]
-pub fn optimize(
-    loss: &Tensor,
-    terms: Vec<(String, f32)>,
-    opt: &mut AdamW,
-    o: &OptimOptions,
-    step: usize,
-    history: &mut History,
-    sink: Sink,
-) -> Result<f32> {
-    let value = loss.to_scalar::<f32>()?;
-    if !value.is_finite() {
-        return Err(TrainError::Diverged { step: step + 1, loss: value });
-    }
-    let grads = loss.backward()?;
-    let vars: Vec<&Var> = opt.vars().map(|(_, v)| v).collect();
-    let (grad_norm, factor) = clip_factor(&grads, vars.into_iter(), o.max_grad_norm)?;
-    let lr = o.lr_at(step);
-    opt.step(&grads, lr, factor)?;
-    history.push(Record { step: step + 1, loss: value, lr, grad_norm, terms })?;
-    let smoothed = history.recent_mean(50).unwrap_or(value);
-    sink(Event::Step { step: step + 1, loss: value, smoothed, lr });
-    Ok(value)
-}
-
 /// The example indices of 0-based `step`: consecutive slices of per-epoch shuffles of
 /// `train`, each shuffle a pure function of the seed and the epoch (so a resumed run needs no
 /// extra state to continue the same order).
@@ -274,14 +246,6 @@ pub fn split(n: usize, held_out: usize, seed: u64) -> (Vec<usize>, Vec<usize>) {
     train.sort_unstable();
     eval.sort_unstable();
     (train, eval)
-}
-
-/// The generator of a fresh run or the one saved in a checkpoint.
-pub fn generator(seed: u64, saved: Option<&TorchRngState>) -> Result<TorchRng> {
-    match saved {
-        Some(s) => Ok(TorchRng::from_state(s)?),
-        None => Ok(TorchRng::new(derive_seed(seed, 3))),
-    }
 }
 
 #[cfg(test)]

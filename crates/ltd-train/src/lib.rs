@@ -9,6 +9,7 @@
 pub mod checkpoint;
 pub mod common;
 pub mod data;
+pub mod driver;
 pub mod error;
 pub mod export;
 pub mod history;

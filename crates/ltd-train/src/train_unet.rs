@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use ltd_nn::rng::TorchRng;
 use ltd_nn::{NoiseSource, RuntimeOptions};
 use ltd_scheduler::{NoiseSchedule, PredictionType, SchedulerConfig};
 use ltd_text::{ids_tensor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, ClipTextParams, Encoded};
@@ -30,19 +31,17 @@ use ltd_vae::AutoencoderKL;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::common::{batch_indices, generator, optimize, OptimOptions, RunDir, SavedState};
+use crate::common::OptimOptions;
 use crate::data::ImageFolder;
+use crate::driver::{Driver, Loss, ParamGroup, Task};
 use crate::error::{Result, TrainError};
 use crate::export::{
     copy_files, model_index, write_clip_text_model, write_diffusers_model, write_json,
 };
 use crate::images::{grid, save, to_images};
-use crate::init::{init_varmap, load_vars, named_vars, var_tensors};
 use crate::latents::LatentCache;
-use crate::optim::{AdamW, Ema};
 use crate::preview::{generate, PreviewModels, PreviewSettings};
 use crate::progress::{Event, Sink};
-use crate::rng::derive_seed;
 use crate::timestep_bias::{self, TimestepBias};
 use crate::RunControl;
 
@@ -198,19 +197,16 @@ fn strip(tensors: HashMap<String, Tensor>, prefix: &str) -> HashMap<String, Tens
 impl UnetTrainer<'_> {
     /// Trains, checkpointing and reporting through `sink`; writes the pipeline at the end.
     pub fn run(&self, control: &RunControl, sink: Sink) -> Result<UnetOutcome> {
-        let run = RunDir::new(self.out);
-        let peek = run.checkpoints.latest::<SavedState<UnetSaved>>()?;
-        let saved = match (&peek, control.resume) {
-            (Some(ck), true) => ck.state.options.clone(),
-            _ => UnetSaved {
-                options: self.options.clone(),
-                unet_config: self.unet_config.clone(),
-                text_encoder: self.text_encoder.clone(),
-                scheduler_config: self.scheduler_config.clone(),
-                vae: self.vae.to_path_buf(),
-                tokenizer: self.tokenizer.to_path_buf(),
-            },
-        };
+        let dev = &self.device;
+        let mut driver = Driver::new(self.out, "unet", *control, dev);
+        let saved = driver.options(|| UnetSaved {
+            options: self.options.clone(),
+            unet_config: self.unet_config.clone(),
+            text_encoder: self.text_encoder.clone(),
+            scheduler_config: self.scheduler_config.clone(),
+            vae: self.vae.to_path_buf(),
+            tokenizer: self.tokenizer.to_path_buf(),
+        })?;
         let o = &saved.options;
         o.optim.check()?;
         if !(0.0..1.0).contains(&o.caption_dropout) {
@@ -227,7 +223,6 @@ impl UnetTrainer<'_> {
                 ));
             }
         }
-        let dev = &self.device;
         let rt = RuntimeOptions::default();
         let (scheduler_json, scheduler_cfg) =
             scheduler_with(&saved.scheduler_config, o.prediction_type.as_deref())?;
@@ -255,7 +250,7 @@ impl UnetTrainer<'_> {
         }
         sink(Event::Phase(format!("reading {} at {res}x{res}", self.data.display())));
         let data = ImageFolder::open(self.data, res)?;
-        let resume = run.start::<UnetSaved>("unet", control, data.len(), sink)?;
+        driver.start(data.len(), sink)?;
         sink(Event::Phase(format!("caching the latents of {} images", data.len())));
         let cache = LatentCache::build(&vae, &data, o.random_flip, dev)?;
 
@@ -270,190 +265,202 @@ impl UnetTrainer<'_> {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
         let unet = UNet2DConditionModel::new(vb.pp("unet"), &unet_cfg, &rt)?;
-        let (text_encoder, text_config) = match &saved.text_encoder {
+        let text_encoder = match &saved.text_encoder {
             TextEncoderSource::Frozen(dir) => {
-                (CLIPTextModel::from_folder(dir, None, DType::F32, dev, &rt)?, None)
+                CLIPTextModel::from_folder(dir, None, DType::F32, dev, &rt)?
             }
-            TextEncoderSource::Scratch(cfg) => (
-                CLIPTextModel::new(vb.pp("text_encoder"), &parse_clip_config(cfg)?, &rt)?,
-                Some(cfg.clone()),
-            ),
+            TextEncoderSource::Scratch(cfg) => {
+                CLIPTextModel::new(vb.pp("text_encoder"), &parse_clip_config(cfg)?, &rt)?
+            }
         };
-        init_varmap(&varmap, derive_seed(o.optim.seed, 2))?;
-        let vars = named_vars(&varmap)?;
-        let mut opt = AdamW::new(vars.clone(), o.optim.adam)?;
-        if let Some(lr) = o.text_encoder_learning_rate {
-            if opt.scale_lr("text_encoder.", lr / o.optim.learning_rate) == 0 {
-                return Err(TrainError::msg("--text-encoder-lr: the model has no text encoder"));
-            }
-        }
-        let mut ema = match o.ema_decay {
-            Some(d) => Some(Ema::new(vars.iter().map(|(n, v)| (n.as_str(), v)), d)?),
-            None => None,
+        let mut task = UnetTask {
+            saved: &saved,
+            out: self.out,
+            device: dev,
+            train: (0..data.len()).collect(),
+            preview_ids: preview_prompts(&data, &encoded, dev)?,
+            uncond_ids: ids_tensor(std::slice::from_ref(&empty), dev)?,
+            latent_dims: cache.latent_dims(),
+            latent_size: res / fs,
+            vae,
+            cache,
+            encoded,
+            empty,
+            unet,
+            text_encoder,
+            schedule,
+            t_cdf,
+            scheduler_cfg,
+            scheduler_json,
         };
-        let (mut start, mut saved_rng) = (0, None);
-        if let Some(ck) = &resume {
-            load_vars(&vars, &ck.tensors("model", dev)?)?;
-            opt.load_state(&ck.tensors("optimizer", dev)?, ck.state.step)?;
-            if let Some(e) = &mut ema {
-                e.load(&ck.tensors("ema", dev)?, ck.state.ema_updates)?;
-            }
-            start = ck.state.step;
-            saved_rng = Some(ck.state.rng.clone());
-        }
-        let mut rng = generator(o.optim.seed, saved_rng.as_ref())?;
-        let mut history = run.history(resume.as_ref().map(|c| c.state.step))?;
-        let train: Vec<usize> = (0..data.len()).collect();
-        let preview_ids = preview_prompts(&data, &encoded, dev)?;
-        let uncond_ids = ids_tensor(std::slice::from_ref(&empty), dev)?;
-        let latent_dims = cache.latent_dims();
-        let t_max = schedule.num_train_timesteps();
-        let total = o.optim.steps;
-        sink(Event::Started { total, done: start });
+        let trained = driver.train(&saved, &varmap, &mut task, sink)?;
+        Ok(UnetOutcome {
+            steps_done: trained.steps_done,
+            stopped: trained.exported.is_none(),
+            final_loss: trained.final_loss,
+        })
+    }
+}
 
-        for step in start..total {
-            let idx = batch_indices(&train, o.optim.batch_size, step, o.optim.seed);
-            let b = idx.len();
-            // Draw order (fixed, so a resumed run draws the same): flips, posterior noise,
-            // diffusion noise, timesteps, caption dropout.
-            let flips: Vec<bool> =
-                (0..b).map(|_| o.random_flip && rng.uniform_f64() < 0.5).collect();
-            let mut shape = vec![b];
-            shape.extend_from_slice(&latent_dims);
-            let z_noise = rng.randn(&shape, DType::F32, dev)?;
-            let x0 = vae.config().scale_latents(&cache.sample(&idx, &flips, &z_noise)?)?;
-            let noise = rng.randn(&shape, DType::F32, dev)?;
-            let ts: Vec<usize> = match &t_cdf {
-                None => rng.randint(0, t_max as i64, b)?.into_iter().map(|t| t as usize).collect(),
-                Some(cdf) => {
-                    (0..b).map(|_| timestep_bias::sample(cdf, rng.uniform_f64())).collect()
-                }
-            };
-            let dropped: Vec<bool> =
-                (0..b).map(|_| rng.uniform_f64() < o.caption_dropout).collect();
-            let batch_ids: Vec<Encoded> = idx
-                .iter()
-                .zip(&dropped)
-                .map(|(&i, &d)| if d { empty.clone() } else { encoded[i].clone() })
-                .collect();
+/// A `train-unet` run's side of the [`Driver`]: the frozen VAE's cached latents, the
+/// captions, the models and the noise schedule.
+struct UnetTask<'a> {
+    /// The run's options and configs.
+    saved: &'a UnetSaved,
+    out: &'a Path,
+    device: &'a Device,
+    /// Every example trains.
+    train: Vec<usize>,
+    /// The preview captions, tokenized, and the empty one.
+    preview_ids: Tensor,
+    uncond_ids: Tensor,
+    /// `[C, h, w]` of one latent.
+    latent_dims: Vec<usize>,
+    /// The side of the latents (the exported U-Net's `sample_size`).
+    latent_size: usize,
+    vae: AutoencoderKL,
+    cache: LatentCache,
+    /// Each example's caption, tokenized, and the empty caption.
+    encoded: Vec<Encoded>,
+    empty: Encoded,
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    schedule: NoiseSchedule,
+    /// The timestep distribution of a `timestep_bias` (`None`: uniform).
+    t_cdf: Option<Vec<f64>>,
+    /// The scheduler config the pipeline ships, parsed and as JSON.
+    scheduler_cfg: SchedulerConfig,
+    scheduler_json: Value,
+}
 
-            let noisy = schedule.add_noise(&x0, &noise, &ts)?;
-            let target = schedule.target(&x0, &noise, &ts)?;
-            let context = text_encoder.forward(&ids_tensor(&batch_ids, dev)?)?;
-            let t_in = Tensor::from_vec(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), b, dev)?;
-            let pred = unet.forward(&noisy, &t_in, &context, &UNetConditioning::default())?;
-            let per_sample = (pred - target)?.sqr()?.mean((1, 2, 3))?;
-            let loss = match o.snr_gamma {
-                None => per_sample.mean_all()?,
-                Some(gamma) => {
-                    let w = snr_weights(&schedule, &ts, gamma)?;
-                    (per_sample * Tensor::from_vec(w, b, dev)?)?.mean_all()?
-                }
-            };
-            // The batch's mean timestep shows in the log what `timestep_bias` drew.
-            let mean_t = ts.iter().sum::<usize>() as f32 / b as f32;
-            let terms = vec![("timestep_mean".to_string(), mean_t)];
-            optimize(&loss, terms, &mut opt, &o.optim, step, &mut history, sink)?;
-            if let Some(e) = &mut ema {
-                e.update(vars.iter().map(|(_, v)| v))?;
-            }
+impl Task for UnetTask<'_> {
+    type Exported = ();
 
-            let done = step + 1;
-            if done % o.optim.checkpoint_every == 0 || done == total {
-                let state = SavedState {
-                    kind: "unet".into(),
-                    step: done,
-                    options: saved.clone(),
-                    rng: rng.state(),
-                    examples: data.len(),
-                    ema_updates: ema.as_ref().map_or(0, Ema::updates),
-                };
-                let model = var_tensors(&vars)?;
-                let ema_tensors = ema.as_ref().map(Ema::tensors).unwrap_or_default();
-                let opt_state = opt.state_tensors();
-                let mut refs = vec![("model", &model), ("optimizer", &opt_state)];
-                if ema.is_some() {
-                    refs.push(("ema", &ema_tensors));
-                }
-                let path = run.checkpoints.save(done, &refs, &state, o.optim.keep_checkpoints)?;
-                history.plot(&run.plot_path())?;
-                if o.preview_steps > 0 {
-                    // Previews with the weights the export will have (the EMA's), then back.
-                    if let Some(e) = &ema {
-                        load_vars(&vars, &e.tensors())?;
-                    }
-                    let models = PreviewModels {
-                        unet: &unet,
-                        text_encoder: &text_encoder,
-                        vae: &vae,
-                        scheduler: &scheduler_cfg,
-                    };
-                    let settings = PreviewSettings {
-                        steps: o.preview_steps,
-                        seed: o.optim.seed,
-                        ..PreviewSettings::default()
-                    };
-                    let images =
-                        generate(&models, &preview_ids, &uncond_ids, &latent_dims, settings)?;
-                    if ema.is_some() {
-                        load_vars(&vars, &model)?;
-                    }
-                    save(&grid(&[to_images(&images)?], 2), &run.sample_path(done))?;
-                }
-                sink(Event::Checkpoint { step: done, path });
-            }
-            if control.stop_after == Some(done) && done < total {
-                sink(Event::Stopped { step: done });
-                return Ok(UnetOutcome {
-                    steps_done: done,
-                    stopped: true,
-                    final_loss: history.recent_mean(50),
-                });
-            }
-        }
+    fn optim(&self) -> &OptimOptions {
+        &self.saved.options.optim
+    }
 
-        sink(Event::Phase(format!("writing the pipeline to {}", self.out.display())));
-        let weights = match &ema {
-            Some(e) => e.tensors(),
-            None => var_tensors(&vars)?,
+    fn ema_decay(&self) -> Option<f64> {
+        self.saved.options.ema_decay
+    }
+
+    fn param_groups(&self) -> Vec<ParamGroup> {
+        let lr = self.saved.options.text_encoder_learning_rate;
+        lr.map(|learning_rate| ParamGroup {
+            prefix: "text_encoder.",
+            learning_rate,
+            option: "text-encoder-lr",
+        })
+        .into_iter()
+        .collect()
+    }
+
+    fn train_indices(&self) -> &[usize] {
+        &self.train
+    }
+
+    fn loss(&mut self, idx: &[usize], rng: &mut TorchRng) -> Result<Loss> {
+        let (o, dev, schedule) = (&self.saved.options, self.device, &self.schedule);
+        let b = idx.len();
+        // Draw order (fixed, so a resumed run draws the same): flips, posterior noise,
+        // diffusion noise, timesteps, caption dropout.
+        let flips: Vec<bool> = (0..b).map(|_| o.random_flip && rng.uniform_f64() < 0.5).collect();
+        let mut shape = vec![b];
+        shape.extend_from_slice(&self.latent_dims);
+        let z_noise = rng.randn(&shape, DType::F32, dev)?;
+        let x0 = self.vae.config().scale_latents(&self.cache.sample(idx, &flips, &z_noise)?)?;
+        let noise = rng.randn(&shape, DType::F32, dev)?;
+        let ts: Vec<usize> = match &self.t_cdf {
+            None => {
+                let t_max = schedule.num_train_timesteps() as i64;
+                rng.randint(0, t_max, b)?.into_iter().map(|t| t as usize).collect()
+            }
+            Some(cdf) => (0..b).map(|_| timestep_bias::sample(cdf, rng.uniform_f64())).collect(),
         };
-        let latent_size = res / fs;
+        let dropped: Vec<bool> = (0..b).map(|_| rng.uniform_f64() < o.caption_dropout).collect();
+        let batch_ids: Vec<Encoded> = idx
+            .iter()
+            .zip(&dropped)
+            .map(|(&i, &d)| if d { self.empty.clone() } else { self.encoded[i].clone() })
+            .collect();
+
+        let noisy = schedule.add_noise(&x0, &noise, &ts)?;
+        let target = schedule.target(&x0, &noise, &ts)?;
+        let context = self.text_encoder.forward(&ids_tensor(&batch_ids, dev)?)?;
+        let t_in = Tensor::from_vec(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), b, dev)?;
+        let pred = self.unet.forward(&noisy, &t_in, &context, &UNetConditioning::default())?;
+        let per_sample = (pred - target)?.sqr()?.mean((1, 2, 3))?;
+        let total = match o.snr_gamma {
+            None => per_sample.mean_all()?,
+            Some(gamma) => {
+                let w = snr_weights(schedule, &ts, gamma)?;
+                (per_sample * Tensor::from_vec(w, b, dev)?)?.mean_all()?
+            }
+        };
+        // The batch's mean timestep shows in the log what `timestep_bias` drew.
+        let mean_t = ts.iter().sum::<usize>() as f32 / b as f32;
+        Ok(Loss { total, terms: vec![("timestep_mean".to_string(), mean_t)] })
+    }
+
+    fn previews(&self) -> bool {
+        self.saved.options.preview_steps > 0
+    }
+
+    fn preview(&self, path: &Path) -> Result<()> {
+        let models = PreviewModels {
+            unet: &self.unet,
+            text_encoder: &self.text_encoder,
+            vae: &self.vae,
+            scheduler: &self.scheduler_cfg,
+        };
+        let o = &self.saved.options;
+        let settings = PreviewSettings {
+            steps: o.preview_steps,
+            seed: o.optim.seed,
+            ..PreviewSettings::default()
+        };
+        let (ids, uncond) = (&self.preview_ids, &self.uncond_ids);
+        let images = generate(&models, ids, uncond, &self.latent_dims, settings)?;
+        save(&grid(&[to_images(&images)?], 2), path)
+    }
+
+    fn export(&self, weights: HashMap<String, Tensor>, sink: Sink) -> Result<()> {
+        let (saved, o, out) = (self.saved, &self.saved.options, self.out);
+        sink(Event::Phase(format!("writing the pipeline to {}", out.display())));
         let mut unet_json = saved.unet_config.clone();
         if let Value::Object(m) = &mut unet_json {
-            m.insert("sample_size".into(), json!(latent_size));
+            m.insert("sample_size".into(), json!(self.latent_size));
         }
         let unet_dtype = if o.unet_fp16 { DType::F16 } else { DType::F32 };
         write_diffusers_model(
-            &self.out.join("unet"),
+            &out.join("unet"),
             "UNet2DConditionModel",
             &unet_json,
             &strip(weights.clone(), "unet"),
             unet_dtype,
         )?;
-        match (&saved.text_encoder, &text_config) {
-            (TextEncoderSource::Frozen(dir), _) => copy_files(dir, &self.out.join("text_encoder"))?,
-            (_, Some(cfg)) => {
+        match &saved.text_encoder {
+            TextEncoderSource::Frozen(dir) => copy_files(dir, &out.join("text_encoder"))?,
+            TextEncoderSource::Scratch(cfg) => {
                 let dtype = if o.text_encoder_fp16 { DType::F16 } else { DType::F32 };
                 write_clip_text_model(
-                    &self.out.join("text_encoder"),
+                    &out.join("text_encoder"),
                     cfg,
                     &strip(weights, "text_encoder"),
                     dtype,
                 )?;
             }
-            _ => {}
         }
-        copy_vae(&saved.vae, &self.out.join("vae"))?;
-        copy_files(&saved.tokenizer, &self.out.join("tokenizer"))?;
-        let class = scheduler_cfg.class_name.clone().unwrap_or_default();
-        let sched_dir = self.out.join("scheduler");
+        copy_vae(&saved.vae, &out.join("vae"))?;
+        copy_files(&saved.tokenizer, &out.join("tokenizer"))?;
+        let class = self.scheduler_cfg.class_name.clone().unwrap_or_default();
+        let sched_dir = out.join("scheduler");
         std::fs::create_dir_all(&sched_dir).map_err(|e| TrainError::io(&sched_dir, e))?;
         write_json(
             &sched_dir.join("scheduler_config.json"),
-            &crate::export::diffusers_config(&class, &scheduler_json),
+            &crate::export::diffusers_config(&class, &self.scheduler_json),
         )?;
-        write_json(&self.out.join("model_index.json"), &model_index(&class))?;
-        Ok(UnetOutcome { steps_done: total, stopped: false, final_loss: history.recent_mean(50) })
+        write_json(&out.join("model_index.json"), &model_index(&class))
     }
 }
 

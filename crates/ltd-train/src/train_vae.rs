@@ -19,6 +19,7 @@
 //! means there. At the end the latent `scaling_factor` is set to `1 / std(z)` over (up to) 256
 //! training images, as LDM does, and the reconstruction PSNR of held-out images is measured.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -29,13 +30,12 @@ use ltd_vae::{AutoencoderKL, AutoencoderKLConfig, VaeConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::common::{batch_indices, generator, optimize, split, OptimOptions, RunDir, SavedState};
+use crate::common::{split, OptimOptions};
 use crate::data::{Augment, ImageFolder};
+use crate::driver::{Driver, Loss, Task};
 use crate::error::{Result, TrainError};
 use crate::export::write_diffusers_model;
 use crate::images::{border_median, grid, psnr, save, to_images};
-use crate::init::{init_varmap, load_vars, named_vars, var_tensors};
-use crate::optim::AdamW;
 use crate::progress::{Event, Sink};
 use crate::rng::derive_seed;
 use crate::RunControl;
@@ -135,7 +135,7 @@ pub struct VaeTrainer<'a> {
     pub device: Device,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct VaeSaved {
     #[serde(flatten)]
     options: VaeTrainOptions,
@@ -146,16 +146,14 @@ struct VaeSaved {
 impl VaeTrainer<'_> {
     /// Trains, checkpointing and reporting through `sink`; exports the model at the end.
     pub fn run(&self, control: &RunControl, sink: Sink) -> Result<VaeOutcome> {
-        let run = RunDir::new(self.out);
+        let dev = &self.device;
+        let mut driver = Driver::new(self.out, "vae", *control, dev);
         // The dataset's size is needed before the options are final: read it at the
         // resolution the (possibly saved) options ask for.
-        let peek = run.checkpoints.latest::<SavedState<VaeSaved>>()?;
-        let (options, config) = match (&peek, control.resume) {
-            (Some(ck), true) => (ck.state.options.options.clone(), ck.state.options.config.clone()),
-            _ => (self.options.clone(), self.config.clone()),
-        };
-        let cfg = read_config(&config)?;
-        let o = &options;
+        let saved = driver
+            .options(|| VaeSaved { options: self.options.clone(), config: self.config.clone() })?;
+        let cfg = read_config(&saved.config)?;
+        let o = &saved.options;
         o.optim.check()?;
         if !(o.object_weight.is_finite() && o.object_weight > 0.0) {
             return Err(TrainError::option(
@@ -177,7 +175,7 @@ impl VaeTrainer<'_> {
         }
         sink(Event::Phase(format!("reading {} at {res}x{res}", self.data.display())));
         let data = ImageFolder::open(self.data, res)?;
-        let resume = run.start::<VaeSaved>("vae", control, data.len(), sink)?;
+        driver.start(data.len(), sink)?;
         let (train, eval) = split(data.len(), o.eval_images, o.optim.seed);
         let preview: Vec<usize> = if eval.is_empty() {
             train.iter().take(PREVIEW_IMAGES).copied().collect()
@@ -186,126 +184,129 @@ impl VaeTrainer<'_> {
         };
 
         let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &self.device);
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
         let vae = AutoencoderKL::new(vb, &cfg, &RuntimeOptions::default())?;
-        init_varmap(&varmap, derive_seed(o.optim.seed, 2))?;
-        let vars = named_vars(&varmap)?;
-        let mut opt = AdamW::new(vars.clone(), o.optim.adam)?;
-        let mut start = 0;
-        let mut saved_rng = None;
-        if let Some(ck) = &resume {
-            load_vars(&vars, &ck.tensors("model", &self.device)?)?;
-            opt.load_state(&ck.tensors("optimizer", &self.device)?, ck.state.step)?;
-            start = ck.state.step;
-            saved_rng = Some(ck.state.rng.clone());
-        }
-        let mut rng = generator(o.optim.seed, saved_rng.as_ref())?;
-        let mut history = run.history(resume.as_ref().map(|c| c.state.step))?;
-        let total = o.optim.steps;
-        sink(Event::Started { total, done: start });
+        let mut task = VaeTask {
+            saved: &saved,
+            out: self.out,
+            device: dev,
+            data,
+            vae,
+            train,
+            eval,
+            preview,
+            res,
+            size,
+        };
+        let trained = driver.train(&saved, &varmap, &mut task, sink)?;
+        let eval = trained.exported;
+        Ok(VaeOutcome {
+            steps_done: trained.steps_done,
+            stopped: eval.is_none(),
+            scaling_factor: eval.map(|e| e.scaling_factor),
+            psnr: eval.map(|e| e.psnr),
+            psnr_images: eval.map_or(0, |e| e.psnr_images),
+            psnr_held_out: eval.is_some_and(|e| e.psnr_held_out),
+            final_loss: trained.final_loss,
+        })
+    }
+}
 
-        for step in start..total {
-            let idx = batch_indices(&train, o.optim.batch_size, step, o.optim.seed);
-            let augments = draw_augments(&mut rng, idx.len(), res, size, o.random_flip);
-            let pixels = data.batch_pixels(&idx, &augments, size)?;
-            let shape = (idx.len(), 3, size, size);
-            // The object mask comes from the host pixels, before upload: no copy back per step.
-            let weights = (o.object_weight != 1.0)
-                .then(|| object_weights(&pixels, shape, o.object_weight, o.object_margin))
-                .map(|m| Tensor::from_vec(m, (idx.len(), 1, size, size), &self.device))
-                .transpose()?;
-            let x = Tensor::from_vec(pixels, shape, &self.device)?;
-            let post = vae.encode(&x)?;
-            let noise = rng.randn(post.mean.dims(), DType::F32, &self.device)?;
-            let z = post.sample_with(&noise)?;
-            let diff = (vae.decode(&z)? - &x)?;
-            let elems = (3 * size * size) as f64;
-            let (l1, mse) = match &weights {
-                None => (diff.abs()?.mean_all()?, diff.sqr()?.mean_all()?),
-                Some(m) => (
-                    diff.abs()?.broadcast_mul(m)?.mean_all()?,
-                    diff.sqr()?.broadcast_mul(m)?.mean_all()?,
-                ),
-            };
-            let kl = post.kl()?.mean_all()?;
-            let loss = ((l1.affine(o.l1_weight, 0.0)? + mse.affine(o.mse_weight, 0.0)?)?
-                + kl.affine(o.kl_weight / elems, 0.0)?)?;
-            let terms = vec![
-                ("l1".to_string(), l1.to_scalar::<f32>()?),
-                ("mse".to_string(), mse.to_scalar::<f32>()?),
-                ("kl".to_string(), kl.to_scalar::<f32>()?),
-            ];
-            optimize(&loss, terms, &mut opt, &o.optim, step, &mut history, sink)?;
-            let done = step + 1;
-            if done % o.optim.checkpoint_every == 0 || done == total {
-                let state = SavedState {
-                    kind: "vae".into(),
-                    step: done,
-                    options: VaeSaved { options: options.clone(), config: config.clone() },
-                    rng: rng.state(),
-                    examples: data.len(),
-                    ema_updates: 0,
-                };
-                let model = var_tensors(&vars)?;
-                let path = run.checkpoints.save(
-                    done,
-                    &[("model", &model), ("optimizer", &opt.state_tensors())],
-                    &state,
-                    o.optim.keep_checkpoints,
-                )?;
-                history.plot(&run.plot_path())?;
-                let originals = data.batch(&preview, &self.device)?;
-                let recon = reconstruct(&vae, &originals)?;
-                save(
-                    &grid(&[to_images(&originals)?, to_images(&recon)?], 2),
-                    &run.sample_path(done),
-                )?;
-                sink(Event::Checkpoint { step: done, path });
-            }
-            if control.stop_after == Some(done) && done < total {
-                sink(Event::Stopped { step: done });
-                return Ok(VaeOutcome {
-                    steps_done: done,
-                    stopped: true,
-                    scaling_factor: None,
-                    psnr: None,
-                    psnr_images: 0,
-                    psnr_held_out: false,
-                    final_loss: history.recent_mean(50),
-                });
-            }
-        }
+/// A `train-vae` run's side of the [`Driver`]: the dataset, its split and the model.
+struct VaeTask<'a> {
+    /// The run's options and config.
+    saved: &'a VaeSaved,
+    out: &'a Path,
+    device: &'a Device,
+    data: ImageFolder,
+    vae: AutoencoderKL,
+    /// Training and held-out examples, and those the previews reconstruct.
+    train: Vec<usize>,
+    eval: Vec<usize>,
+    preview: Vec<usize>,
+    /// The image side, and the side of the training crops.
+    res: usize,
+    size: usize,
+}
 
+/// What the end of a `train-vae` run measured.
+#[derive(Debug, Clone, Copy)]
+struct VaeEval {
+    scaling_factor: f64,
+    psnr: f64,
+    psnr_images: usize,
+    psnr_held_out: bool,
+}
+
+impl Task for VaeTask<'_> {
+    type Exported = VaeEval;
+
+    fn optim(&self) -> &OptimOptions {
+        &self.saved.options.optim
+    }
+
+    fn train_indices(&self) -> &[usize] {
+        &self.train
+    }
+
+    fn loss(&mut self, idx: &[usize], rng: &mut TorchRng) -> Result<Loss> {
+        let (o, dev, size) = (&self.saved.options, self.device, self.size);
+        let augments = draw_augments(rng, idx.len(), self.res, size, o.random_flip);
+        let pixels = self.data.batch_pixels(idx, &augments, size)?;
+        let shape = (idx.len(), 3, size, size);
+        // The object mask comes from the host pixels, before upload: no copy back per step.
+        let weights = (o.object_weight != 1.0)
+            .then(|| object_weights(&pixels, shape, o.object_weight, o.object_margin))
+            .map(|m| Tensor::from_vec(m, (idx.len(), 1, size, size), dev))
+            .transpose()?;
+        let x = Tensor::from_vec(pixels, shape, dev)?;
+        let post = self.vae.encode(&x)?;
+        let noise = rng.randn(post.mean.dims(), DType::F32, dev)?;
+        let z = post.sample_with(&noise)?;
+        let diff = (self.vae.decode(&z)? - &x)?;
+        let elems = (3 * size * size) as f64;
+        let (l1, mse) = match &weights {
+            None => (diff.abs()?.mean_all()?, diff.sqr()?.mean_all()?),
+            Some(m) => (
+                diff.abs()?.broadcast_mul(m)?.mean_all()?,
+                diff.sqr()?.broadcast_mul(m)?.mean_all()?,
+            ),
+        };
+        let kl = post.kl()?.mean_all()?;
+        let total = ((l1.affine(o.l1_weight, 0.0)? + mse.affine(o.mse_weight, 0.0)?)?
+            + kl.affine(o.kl_weight / elems, 0.0)?)?;
+        let terms = vec![
+            ("l1".to_string(), l1.to_scalar::<f32>()?),
+            ("mse".to_string(), mse.to_scalar::<f32>()?),
+            ("kl".to_string(), kl.to_scalar::<f32>()?),
+        ];
+        Ok(Loss { total, terms })
+    }
+
+    fn preview(&self, path: &Path) -> Result<()> {
+        let originals = self.data.batch(&self.preview, self.device)?;
+        let recon = reconstruct(&self.vae, &originals)?;
+        save(&grid(&[to_images(&originals)?, to_images(&recon)?], 2), path)
+    }
+
+    fn export(&self, weights: HashMap<String, Tensor>, sink: Sink) -> Result<VaeEval> {
+        let (o, data, dev) = (&self.saved.options, &self.data, self.device);
         sink(Event::Phase("measuring the latent scale".into()));
-        let scale_idx: Vec<usize> = train.iter().take(SCALE_IMAGES).copied().collect();
-        let scaling_factor =
-            latent_scaling_factor(&vae, &data, &scale_idx, o.optim.seed, &self.device)?;
+        let scale_idx: Vec<usize> = self.train.iter().take(SCALE_IMAGES).copied().collect();
+        let scaling_factor = latent_scaling_factor(&self.vae, data, &scale_idx, o.optim.seed, dev)?;
         sink(Event::Note(format!("scaling_factor = {scaling_factor:.5} (1 / std of the latents)")));
-        let (psnr_set, held_out) = if eval.is_empty() { (&train, false) } else { (&eval, true) };
+        let (psnr_set, held_out) =
+            if self.eval.is_empty() { (&self.train, false) } else { (&self.eval, true) };
         sink(Event::Phase(format!("reconstructing {} images", psnr_set.len())));
-        let mean_psnr = mean_psnr(&vae, &data, psnr_set, &self.device)?;
+        let psnr = mean_psnr(&self.vae, data, psnr_set, dev)?;
 
-        let mut exported = config.clone();
+        let mut exported = self.saved.config.clone();
         if let Value::Object(m) = &mut exported {
             m.insert("scaling_factor".into(), serde_json::json!(scaling_factor));
-            m.insert("sample_size".into(), serde_json::json!(res));
+            m.insert("sample_size".into(), serde_json::json!(self.res));
         }
-        write_diffusers_model(
-            self.out,
-            "AutoencoderKL",
-            &exported,
-            &var_tensors(&vars)?,
-            DType::F32,
-        )?;
-        Ok(VaeOutcome {
-            steps_done: total,
-            stopped: false,
-            scaling_factor: Some(scaling_factor),
-            psnr: Some(mean_psnr),
-            psnr_images: psnr_set.len(),
-            psnr_held_out: held_out,
-            final_loss: history.recent_mean(50),
-        })
+        write_diffusers_model(self.out, "AutoencoderKL", &exported, &weights, DType::F32)?;
+        Ok(VaeEval { scaling_factor, psnr, psnr_images: psnr_set.len(), psnr_held_out: held_out })
     }
 }
 
