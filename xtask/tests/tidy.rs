@@ -343,4 +343,536 @@ fn env_rule_catches_the_old_big_memory_gate() {
     assert_eq!(env_reads_in_tests("crates/ltd-unet/tests/big_memory.rs", old).len(), 1);
     let lib = "fn f() { std::env::var(\"X\"); }\n#[cfg(test)]\nmod tests {}\n";
     assert!(env_reads_in_tests("crates/ltd-nn/src/device.rs", lib).is_empty());
+// ---------------------------------------------------------------------------------------------
+// ltd-nn's invariants: its layers are shared, its modules form no circle, its kernels are
+// together. These read Rust sources as tokens: comments, strings and `#[cfg(test)]` items are
+// dropped first, then `use` trees and paths are expanded.
+
+/// The crates standing on ltd-nn alone, whose sharing justifies a layer in `ltd_nn::layers`.
+const MODEL_CRATES: [&str; 4] = ["ltd-text", "ltd-unet", "ltd-vae", "ltd-scheduler"];
+
+/// A token of Rust code and the line it is on.
+#[derive(Debug, Clone, PartialEq)]
+struct Token {
+    text: String,
+    line: usize,
+}
+
+/// Rust code without comments, with every string and char literal emptied (newlines kept, so
+/// line numbers stay right).
+fn strip_comments_and_literals(code: &str) -> String {
+    let c: Vec<char> = code.chars().collect();
+    let mut out = String::with_capacity(code.len());
+    let mut i = 0;
+    let newlines =
+        |s: &[char]| s.iter().filter(|&&ch| ch == '\n').map(|_| '\n').collect::<String>();
+    while i < c.len() {
+        let rest = &c[i..];
+        if rest.starts_with(&['/', '/']) {
+            while i < c.len() && c[i] != '\n' {
+                i += 1;
+            }
+        } else if rest.starts_with(&['/', '*']) {
+            let (start, mut depth) = (i, 0usize);
+            while i < c.len() {
+                if c[i..].starts_with(&['/', '*']) {
+                    depth += 1;
+                    i += 2;
+                } else if c[i..].starts_with(&['*', '/']) {
+                    depth -= 1;
+                    i += 2;
+                    if depth == 0 {
+                        break;
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+            out.push_str(&newlines(&c[start..i]));
+        } else if c[i] == 'r' && rest.get(1).is_some_and(|&ch| ch == '"' || ch == '#') {
+            // A raw string r"…", r#"…"# or br"…", unless `r` ends an identifier or begins a raw
+            // identifier like `r#type`.
+            let ident_char = |j: usize| c[j].is_alphanumeric() || c[j] == '_';
+            let after_ident =
+                i > 0 && ident_char(i - 1) && !(c[i - 1] == 'b' && (i < 2 || !ident_char(i - 2)));
+            let hashes = rest[1..].iter().take_while(|&&ch| ch == '#').count();
+            if after_ident || rest.get(1 + hashes) != Some(&'"') {
+                out.push(c[i]);
+                i += 1;
+                continue;
+            }
+            let start = i;
+            i += 2 + hashes;
+            while i < c.len()
+                && !(c[i] == '"'
+                    && c[i + 1..].iter().take(hashes).filter(|&&ch| ch == '#').count() == hashes)
+            {
+                i += 1;
+            }
+            i = (i + 1 + hashes).min(c.len());
+            out.push_str("\"\"");
+            out.push_str(&newlines(&c[start..i]));
+        } else if c[i] == '"' {
+            let start = i;
+            i += 1;
+            while i < c.len() && c[i] != '"' {
+                i += if c[i] == '\\' { 2 } else { 1 };
+            }
+            i = (i + 1).min(c.len());
+            out.push_str("\"\"");
+            out.push_str(&newlines(&c[start..i.min(c.len())]));
+        } else if c[i] == '\'' && rest.get(1) == Some(&'\\') {
+            // An escaped char literal: '\n', '\'', '\u{…}'.
+            i += 3;
+            while i < c.len() && c[i] != '\'' {
+                i += 1;
+            }
+            i += 1;
+            out.push_str("' '");
+        } else if c[i] == '\'' && rest.get(2) == Some(&'\'') {
+            i += 3;
+            out.push_str("' '");
+        } else {
+            // Anything else, lifetimes included.
+            out.push(c[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// The tokens of stripped code: identifiers, `::`, and single punctuation characters.
+fn tokens(code: &str) -> Vec<Token> {
+    let c: Vec<char> = code.chars().collect();
+    let (mut out, mut i, mut line) = (Vec::new(), 0, 1);
+    while i < c.len() {
+        let ch = c[i];
+        if ch == '\n' {
+            line += 1;
+            i += 1;
+        } else if ch.is_whitespace() {
+            i += 1;
+        } else if ch.is_alphanumeric() || ch == '_' {
+            let start = i;
+            while i < c.len() && (c[i].is_alphanumeric() || c[i] == '_') {
+                i += 1;
+            }
+            out.push(Token { text: c[start..i].iter().collect(), line });
+        } else if ch == ':' && c.get(i + 1) == Some(&':') {
+            out.push(Token { text: "::".into(), line });
+            i += 2;
+        } else {
+            out.push(Token { text: ch.to_string(), line });
+            i += 1;
+        }
+    }
+    out
+}
+
+/// The tokens of `code` without the items marked `#[cfg(test)]` (or `#[cfg(all(test, …))]`):
+/// up to the first `;` outside braces or the end of the first braced block.
+fn code_tokens(code: &str) -> Vec<Token> {
+    let all = tokens(&strip_comments_and_literals(code));
+    let text = |i: usize| all.get(i).map_or("", |t| t.text.as_str());
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < all.len() {
+        let test_attr = text(i) == "#"
+            && text(i + 1) == "["
+            && text(i + 2) == "cfg"
+            && text(i + 3) == "("
+            && (text(i + 4) == "test" || text(i + 4) == "all" && text(i + 6) == "test");
+        if !test_attr {
+            out.push(all[i].clone());
+            i += 1;
+            continue;
+        }
+        // Skip the attribute, then the item it marks.
+        let mut depth = 0usize;
+        while i < all.len() {
+            match text(i) {
+                "[" => depth += 1,
+                "]" => {
+                    depth -= 1;
+                    if depth == 0 {
+                        i += 1;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        let mut depth = 0usize;
+        while i < all.len() {
+            match text(i) {
+                "{" => depth += 1,
+                "}" => {
+                    depth = depth.saturating_sub(1);
+                    if depth == 0 {
+                        i += 1;
+                        break;
+                    }
+                }
+                ";" if depth == 0 => {
+                    i += 1;
+                    break;
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+    }
+    out
+}
+
+/// A path of a `use` tree or an expression, after the token it starts from: its segments
+/// (`self` dropped, `*` kept) and its `as` name.
+#[derive(Debug, Clone, PartialEq)]
+struct UsePath {
+    segments: Vec<String>,
+    alias: Option<String>,
+    line: usize,
+}
+
+fn is_ident(t: &str) -> bool {
+    t.chars().next().is_some_and(|c| c.is_alphabetic() || c == '_')
+}
+
+/// Expands the tree that follows `toks[at]` (the `::` after a root): `a::b`, `{a, b::{c, d}}`,
+/// `*`, with `as` names. Appends to `out` each path as `prefix` + its segments.
+fn expand_tree(toks: &[Token], mut at: usize, prefix: &[String], out: &mut Vec<UsePath>) -> usize {
+    let text = |i: usize| toks.get(i).map_or("", |t| t.text.as_str());
+    let line = toks.get(at).map_or(0, |t| t.line);
+    let mut segments = prefix.to_vec();
+    loop {
+        if text(at) != "::" {
+            // The path ends here (`as` or not).
+            let alias = (text(at) == "as").then(|| text(at + 1).to_string());
+            out.push(UsePath { segments, alias, line });
+            return at;
+        }
+        at += 1;
+        match text(at) {
+            "{" => {
+                at += 1;
+                while text(at) != "}" && at < toks.len() {
+                    // Each member is a tree of its own, rooted at the current prefix.
+                    let mut member = vec![Token { text: "::".into(), line: toks[at].line }];
+                    let start = at;
+                    let mut depth = 0usize;
+                    while at < toks.len() {
+                        match text(at) {
+                            "{" => depth += 1,
+                            "}" if depth == 0 => break,
+                            "}" => depth -= 1,
+                            "," if depth == 0 => break,
+                            _ => {}
+                        }
+                        at += 1;
+                    }
+                    member.extend_from_slice(&toks[start..at]);
+                    expand_tree(&member, 0, &segments, out);
+                    if text(at) == "," {
+                        at += 1;
+                    }
+                }
+                return at + 1;
+            }
+            "*" => {
+                segments.push("*".into());
+                out.push(UsePath { segments, alias: None, line });
+                return at + 1;
+            }
+            "self" => at += 1,
+            t if is_ident(t) => {
+                segments.push(t.to_string());
+                at += 1;
+            }
+            // A turbofish or anything else ends the path.
+            _ => {
+                out.push(UsePath { segments, alias: None, line });
+                return at;
+            }
+        }
+    }
+}
+
+/// Every path in `toks` that starts with the token `root` (not itself after a `::`).
+fn paths_from(toks: &[Token], root: &str) -> Vec<UsePath> {
+    let mut out = Vec::new();
+    for i in 0..toks.len() {
+        if toks[i].text == root && (i == 0 || toks[i - 1].text != "::") {
+            expand_tree(toks, i + 1, &[], &mut out);
+        }
+    }
+    out
+}
+
+/// The modules a `lib.rs` or `mod.rs` declares, and the names it re-exports with `pub use`,
+/// each with the module it comes from.
+fn module_index(mod_file: &Path) -> (Vec<String>, BTreeMap<String, String>) {
+    let toks = tokens(&strip_comments_and_literals(&std::fs::read_to_string(mod_file).unwrap()));
+    let mut modules = Vec::new();
+    let mut reexports = BTreeMap::new();
+    for i in 0..toks.len() {
+        let next = toks.get(i + 1).map_or("", |t| t.text.as_str());
+        if toks[i].text == "mod" && is_ident(next) {
+            modules.push(next.to_string());
+        }
+        if toks[i].text == "use" && i > 0 && toks[i - 1].text == "pub" {
+            let mut paths = Vec::new();
+            // Root the tree at its first segment by treating `use` as a root followed by `::`.
+            let mut tree = vec![Token { text: "::".into(), line: toks[i].line }];
+            tree.extend(toks[i + 1..].iter().take_while(|t| t.text != ";").cloned());
+            expand_tree(&tree, 0, &[], &mut paths);
+            for p in paths {
+                if let (Some(module), Some(last)) = (p.segments.first(), p.segments.last()) {
+                    let name = p.alias.clone().unwrap_or_else(|| last.clone());
+                    reexports.insert(name, module.clone());
+                }
+            }
+        }
+    }
+    (modules, reexports)
+}
+
+/// The module of `dir` a name in it refers to: a module itself, or a name re-exported from one.
+fn resolve(name: &str, modules: &[String], reexports: &BTreeMap<String, String>) -> Option<String> {
+    if modules.iter().any(|m| m == name) {
+        Some(name.to_string())
+    } else {
+        reexports.get(name).cloned()
+    }
+}
+
+/// The source files of module `m` under `dir`: `m.rs`, or everything in `m/`.
+fn module_files(dir: &Path, m: &str) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    if dir.join(format!("{m}.rs")).is_file() {
+        files.push(dir.join(format!("{m}.rs")));
+    }
+    rust_files(&dir.join(m), &mut files);
+    files
+}
+
+/// Which modules of `dir` (a `src/` or a module folder) module `m` uses, reading its paths from
+/// `crate::…` (with `crate_prefix` leading to `dir`) and from `super::…` where `super` is `dir`.
+fn module_deps(
+    dir: &Path,
+    m: &str,
+    crate_prefix: &[&str],
+    modules: &[String],
+    reexports: &BTreeMap<String, String>,
+) -> Result<Vec<String>, String> {
+    let mut deps = Vec::new();
+    for file in module_files(dir, m) {
+        let toks = code_tokens(&std::fs::read_to_string(&file).unwrap());
+        let mut names = Vec::new();
+        for p in paths_from(&toks, "crate") {
+            if p.segments
+                .iter()
+                .map(String::as_str)
+                .take(crate_prefix.len())
+                .eq(crate_prefix.iter().copied())
+            {
+                names.extend(p.segments.get(crate_prefix.len()).map(|n| (n.clone(), p.line)));
+            }
+        }
+        // `super` names `dir` in `dir/m.rs` and `dir/m/mod.rs` only.
+        let super_is_dir = file.parent() == Some(dir)
+            || (file.file_name() == Some("mod.rs".as_ref()) && file.parent() == Some(&dir.join(m)));
+        if super_is_dir {
+            for p in paths_from(&toks, "super") {
+                names.extend(p.segments.first().map(|n| (n.clone(), p.line)));
+            }
+        }
+        for (name, line) in names {
+            if name == "*" {
+                deps.extend(modules.iter().cloned());
+            } else if let Some(d) = resolve(&name, modules, reexports) {
+                deps.push(d);
+            } else if crate_prefix.is_empty() {
+                // A crate-root item that is not a module or a re-export (a macro, say).
+                continue;
+            } else {
+                return Err(format!("{}:{line}: cannot tell which module `{name}` is", rel(&file)));
+            }
+        }
+    }
+    deps.retain(|d| d != m);
+    deps.sort();
+    deps.dedup();
+    Ok(deps)
+}
+
+/// ARCHITECTURE.md: "ltd-nn's `layers` hold only what at least two model crates share". Each
+/// module of `ltd_nn::layers` must be used by at least two of [`MODEL_CRATES`], directly
+/// (`ltd_nn::layers::…` paths and `use` trees in their `src/`, test code aside) or through
+/// another layer that they use.
+#[test]
+fn ltd_nn_layers_are_shared_by_two_model_crates() {
+    let layers = root().join("crates/ltd-nn/src/layers");
+    let (modules, reexports) = module_index(&layers.join("mod.rs"));
+    assert!(!modules.is_empty(), "no modules found in {}", rel(&layers.join("mod.rs")));
+    let mut errors = Vec::new();
+
+    // Direct users.
+    let mut users: BTreeMap<String, std::collections::BTreeSet<&str>> =
+        modules.iter().map(|m| (m.clone(), Default::default())).collect();
+    let mut direct = users.clone();
+    for krate in MODEL_CRATES {
+        let mut files = Vec::new();
+        rust_files(&root().join("crates").join(krate).join("src"), &mut files);
+        for file in files {
+            let toks = code_tokens(&std::fs::read_to_string(&file).unwrap());
+            // The names under which `ltd_nn::layers` itself is in scope (`use ltd_nn::layers;`).
+            let mut roots = Vec::new();
+            let mut named = Vec::new();
+            for p in paths_from(&toks, "ltd_nn") {
+                if p.segments.first().map(String::as_str) != Some("layers") {
+                    continue;
+                }
+                match p.segments.get(1) {
+                    None => roots.push(p.alias.clone().unwrap_or_else(|| "layers".into())),
+                    Some(name) => named.push((name.clone(), p.line)),
+                }
+            }
+            for r in roots {
+                named.extend(
+                    paths_from(&toks, &r)
+                        .into_iter()
+                        .filter_map(|p| p.segments.first().map(|n| (n.clone(), p.line))),
+                );
+            }
+            for (name, line) in named {
+                if name == "*" {
+                    errors.push(format!(
+                        "{}:{line}: a glob import from ltd_nn::layers; name the items so that tidy \
+                         can tell which layers {krate} uses",
+                        rel(&file)
+                    ));
+                } else if let Some(m) = resolve(&name, &modules, &reexports) {
+                    direct.get_mut(&m).unwrap().insert(krate);
+                } else {
+                    errors.push(format!(
+                        "{}:{line}: `ltd_nn::layers::{name}` is neither a module of ltd_nn::layers \
+                         nor a name its mod.rs re-exports",
+                        rel(&file)
+                    ));
+                }
+            }
+        }
+    }
+
+    // Users through other layers: a module used by a layer is used by that layer's users.
+    let mut deps = BTreeMap::new();
+    for m in &modules {
+        match module_deps(&layers, m, &["layers"], &modules, &reexports) {
+            Ok(d) => {
+                deps.insert(m.clone(), d);
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    for (m, u) in &direct {
+        users.get_mut(m).unwrap().extend(u.iter().copied());
+    }
+    loop {
+        let mut changed = false;
+        for (m, ds) in &deps {
+            let from = users[m].clone();
+            for d in ds {
+                let before = users[d].len();
+                users.get_mut(d).unwrap().extend(from.iter().copied());
+                changed |= users[d].len() != before;
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    for (m, u) in &users {
+        if u.len() < 2 {
+            let via: Vec<&String> =
+                deps.iter().filter(|(_, ds)| ds.contains(m)).map(|(k, _)| k).collect();
+            errors.push(format!(
+                "ltd_nn::layers::{m} is used by {} of the model crates ({u:?}; directly: {:?}; \
+                 through the layers {via:?}). ARCHITECTURE.md: ltd-nn's layers hold only what at \
+                 least two model crates share; move it into the crate that uses it",
+                u.len(),
+                direct[m]
+            ));
+        }
+    }
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+}
+
+/// ltd-nn's top-level modules import each other without a circle (errors at the bottom; configs
+/// and weights above them; layers above attention and the kernels).
+#[test]
+fn ltd_nn_modules_form_no_circle() {
+    let src = root().join("crates/ltd-nn/src");
+    let (modules, reexports) = module_index(&src.join("lib.rs"));
+    let mut deps = BTreeMap::new();
+    for m in &modules {
+        let d = module_deps(&src, m, &[], &modules, &reexports).unwrap_or_else(|e| panic!("{e}"));
+        deps.insert(m.clone(), d);
+    }
+    assert!(
+        deps["error"].is_empty(),
+        "ltd-nn's error.rs depends on nothing in the crate: {:?}",
+        deps["error"]
+    );
+    // Depth-first search; `path` is the chain of modules being visited.
+    fn visit(
+        m: &str,
+        deps: &BTreeMap<String, Vec<String>>,
+        path: &mut Vec<String>,
+        done: &mut Vec<String>,
+    ) {
+        if done.iter().any(|d| d == m) {
+            return;
+        }
+        if let Some(pos) = path.iter().position(|p| p == m) {
+            let mut circle = path[pos..].to_vec();
+            circle.push(m.to_string());
+            panic!("ltd-nn's modules import each other in a circle: {}", circle.join(" → "));
+        }
+        path.push(m.to_string());
+        for d in &deps[m] {
+            visit(d, deps, path, done);
+        }
+        path.pop();
+        done.push(m.to_string());
+    }
+    let mut done = Vec::new();
+    for m in &modules {
+        visit(m, &deps, &mut Vec::new(), &mut done);
+    }
+}
+
+/// Every candle custom op of ltd-nn (a CPU kernel) is in `crates/ltd-nn/src/kernels/`.
+#[test]
+fn ltd_nn_kernels_live_in_kernels() {
+    let src = root().join("crates/ltd-nn/src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut hits = Vec::new();
+    for file in files.iter().filter(|f| !f.starts_with(src.join("kernels"))) {
+        let toks = tokens(&strip_comments_and_literals(&std::fs::read_to_string(file).unwrap()));
+        for w in toks.windows(2) {
+            let op =
+                ["CustomOp1", "CustomOp2", "CustomOp3", "InplaceOp1", "InplaceOp2", "InplaceOp3"];
+            if op.contains(&w[0].text.as_str()) && w[1].text == "for" {
+                hits.push(format!(
+                    "{}:{}: impl {} outside kernels/",
+                    rel(file),
+                    w[0].line,
+                    w[0].text
+                ));
+            }
+        }
+    }
+    assert!(hits.is_empty(), "{}", hits.join("\n"));
 }

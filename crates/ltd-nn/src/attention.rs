@@ -5,15 +5,16 @@
 //! per head, 8 heads, batch 2: 1 GiB in f32 for one layer. Two bounded forms exist:
 //!
 //! - on x86-64 CPUs with AVX2/FMA, a fused streaming-softmax kernel (FlashAttention's
-//!   algorithm, see `flash_cpu.rs`) that never holds more than a few cache-sized blocks of
-//!   scores per thread and is also by far the fastest;
+//!   algorithm, see `kernels/flash_attention.rs`) that never holds more than a few cache-sized
+//!   blocks of scores per thread and is also by far the fastest;
 //! - elsewhere (other CPUs, GPUs without the `flash-attn` feature, autograd), the chunked path
 //!   splits the queries so that no more than [`AttentionOptions::max_score_bytes`] of scores
 //!   exist at a time. Softmax rows are independent, so chunking changes no result.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{DType, Result, Tensor};
 
-use crate::flash_cpu;
+use crate::kernels::flash_attention::{self, FusedCpuAttention};
+use crate::kernels::softmax::SoftmaxOp;
 
 /// How attention is computed. A runtime option, not part of any model config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -112,7 +113,7 @@ fn fused_cpu_applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
     q.device().is_cpu()
         && !(q.track_op() || k.track_op() || v.track_op())
         && q.dtype().is_float()
-        && flash_cpu::available()
+        && flash_attention::available()
 }
 
 /// The fused streaming kernel; computes in f32 whatever the input dtype (so always "upcast").
@@ -121,45 +122,6 @@ fn fused_cpu(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let f32c = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
     let out = f32c(q)?.apply_op3_no_bwd(&f32c(k)?, &f32c(v)?, &FusedCpuAttention { scale })?;
     out.to_dtype(out_dtype)
-}
-
-struct FusedCpuAttention {
-    scale: f64,
-}
-
-impl CustomOp3 for FusedCpuAttention {
-    fn name(&self) -> &'static str {
-        "ltd-fused-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        sq: &CpuStorage,
-        lq: &Layout,
-        sk: &CpuStorage,
-        lk: &Layout,
-        sv: &CpuStorage,
-        lv: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        fn data<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-            match (s, l.contiguous_offsets()) {
-                (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-                _ => candle_core::bail!("fused attention: expected contiguous f32 inputs"),
-            }
-        }
-        let (b, h, n_q, d) = lq.shape().dims4()?;
-        let (n_k, dv) = (lk.shape().dims4()?.2, lv.shape().dims4()?.3);
-        let dims = flash_cpu::Dims { bh: b * h, lq: n_q, lk: n_k, d, dv };
-        let out = flash_cpu::attention(
-            data(sq, lq)?,
-            data(sk, lk)?,
-            data(sv, lv)?,
-            dims,
-            self.scale as f32,
-        )
-        .ok_or_else(|| candle_core::Error::Msg("fused attention: CPU lacks AVX2/FMA".into()))?;
-        Ok((CpuStorage::F32(out), Shape::from((b, h, n_q, dv))))
-    }
 }
 
 /// FlashAttention-2 on CUDA through candle-flash-attn (f16/bf16, no bias).
@@ -242,49 +204,6 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
         x.contiguous()?.apply_op1(SoftmaxOp)
     } else {
         candle_nn::ops::softmax(x, candle_core::D::Minus1)
-    }
-}
-
-/// Row softmax of contiguous f32 rows, `exp(x − max) / Σ`, differentiable: with `y` the result,
-/// `dx = y ⊙ (dy − Σ dy ⊙ y)` per row.
-struct SoftmaxOp;
-
-impl CustomOp1 for SoftmaxOp {
-    fn name(&self) -> &'static str {
-        "ltd-softmax"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = crate::layers::cpu::contiguous::<f32>(s, l)?;
-        let dim = l.dims().last().copied().unwrap_or(1).max(1);
-        let mut out = vec![0f32; x.len()];
-        crate::layers::cpu::for_each_row(x, &mut out, (dim, dim), |_, src, dst| {
-            let max = src.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for (o, &v) in dst.iter_mut().zip(src) {
-                *o = (v - max).exp();
-                sum += *o;
-            }
-            let inv = 1.0 / sum;
-            dst.iter_mut().for_each(|o| *o *= inv);
-        });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
-    }
-
-    fn bwd(&self, _x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (y, g) = (res.contiguous()?, grad.contiguous()?);
-        let (yd, gd) = (crate::layers::cpu::Data::new(&y), crate::layers::cpu::Data::new(&g));
-        let (ys, gs) = (yd.f32()?, gd.f32()?);
-        let dim = y.dims().last().copied().unwrap_or(1).max(1);
-        let mut dx = vec![0f32; ys.len()];
-        crate::layers::cpu::for_each_row(ys, &mut dx, (dim, dim), |row, yr, dst| {
-            let gr = &gs[row * dim..(row + 1) * dim];
-            let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
-            for ((o, &yv), &gv) in dst.iter_mut().zip(yr).zip(gr) {
-                *o = yv * (gv - dot);
-            }
-        });
-        Ok(Some(Tensor::from_vec(dx, y.shape(), y.device())?))
     }
 }
 

@@ -1,16 +1,18 @@
-//! The error type shared by the model crates.
+//! The error type shared by the model crates, and the load report it carries.
+//!
+//! This module depends on nothing else in the crate: configs and weights depend on it.
 
+use std::collections::BTreeMap;
+use std::fmt;
 use std::path::PathBuf;
-
-use crate::weights::LoadReport;
 
 /// Result alias used across the model crates.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// A configuration value we cannot use, before the file it came from is known.
 ///
-/// Model crates validate configs without doing I/O; the loader attaches the file path
-/// (see [`crate::config::load_config`]).
+/// Model crates validate configs without doing I/O; the loader (`config::load_config`)
+/// attaches the file path.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("field `{field}`: {message}")]
 pub struct ConfigError {
@@ -103,5 +105,66 @@ impl Error {
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io { path: path.into(), source }
+    }
+}
+
+/// A tensor whose stored shape differs from the one the model asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mismatch {
+    /// Tensor name.
+    pub name: String,
+    /// The shape the model asked for.
+    pub expected: Vec<usize>,
+    /// The shape in the file.
+    pub found: Vec<usize>,
+}
+
+/// What a load asked for and what it found.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    /// The files (or "shapes only").
+    pub source: String,
+    /// Every tensor the model asked for, with the shape it asked for.
+    pub requested: BTreeMap<String, Vec<usize>>,
+    /// Asked for but absent, with the expected shape.
+    pub missing: Vec<(String, Vec<usize>)>,
+    /// Present with another shape.
+    pub mismatched: Vec<Mismatch>,
+    /// Present but unreadable (dtype, …), with the reason.
+    pub unreadable: Vec<(String, String)>,
+    /// In the files but never asked for.
+    pub unused: Vec<String>,
+}
+
+impl LoadReport {
+    /// True when every requested tensor was found with the right shape and dtype.
+    pub fn is_complete(&self) -> bool {
+        self.missing.is_empty() && self.mismatched.is_empty() && self.unreadable.is_empty()
+    }
+}
+
+impl fmt::Display for LoadReport {
+    /// One line: each kind of problem with its count and every tensor's name, then the tensors
+    /// in the files that the model never asked for, all of them by name.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fn list<T>(parts: &mut Vec<String>, what: &str, items: &[T], show: impl Fn(&T) -> String) {
+            if !items.is_empty() {
+                let names: Vec<String> = items.iter().map(show).collect();
+                parts.push(format!("{} {what}: {}", items.len(), names.join(", ")));
+            }
+        }
+        let mut parts = Vec::new();
+        list(&mut parts, "missing tensor(s)", &self.missing, |(n, s)| format!("{n} {s:?}"));
+        list(&mut parts, "mis-shaped tensor(s)", &self.mismatched, |m| {
+            format!("{} expected {:?}, file has {:?}", m.name, m.expected, m.found)
+        });
+        list(&mut parts, "unreadable tensor(s)", &self.unreadable, |(n, why)| {
+            format!("{n}: {why}")
+        });
+        if parts.is_empty() {
+            parts.push("complete".to_string());
+        }
+        list(&mut parts, "unused tensor(s)", &self.unused, |n| n.clone());
+        write!(f, "{}: {} ({} requested)", self.source, parts.join("; "), self.requested.len())
     }
 }

@@ -1,23 +1,24 @@
 //! Shared foundations of ltd's model crates: errors, config reading, memory-mapped
-//! safetensors loading with completeness reports, device/dtype selection, randomness, and the
-//! neural-network layers the text encoders, the U-Net and the VAE have in common.
+//! safetensors loading with completeness reports, device/dtype selection, randomness, the one
+//! attention implementation, the CPU kernels, and the neural-network layers that at least two
+//! of the text encoders, the U-Net and the VAE have in common.
 
 pub mod attention;
 pub mod config;
 pub mod device;
 pub mod error;
-mod flash_cpu;
+mod kernels;
 pub mod layers;
 pub mod rng;
 pub mod runtime;
-mod simd;
 #[cfg(test)]
 mod test_util;
 pub mod weights;
 
 pub use config::{load_config, read_json, OneOrMany};
 pub use device::{default_dtype, parse_dtype, DeviceChoice};
-pub use error::{ConfigError, Error, Result};
+pub use error::{ConfigError, Error, LoadReport, Mismatch, Result};
+pub use kernels::Data as CpuData;
 pub use rng::{NoiseSource, PhiloxRng, TorchRng};
 pub use runtime::{pin_cpu_threads, RuntimeOptions};
-pub use weights::{load_checked, record_shapes, LoadReport, SafetensorsFiles};
+pub use weights::{load_checked, record_shapes, SafetensorsFiles};

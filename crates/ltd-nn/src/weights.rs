@@ -22,7 +22,8 @@ use candle_nn::VarBuilder;
 use memmap2::Mmap;
 use safetensors::tensor::Dtype as StDtype;
 
-use crate::error::{Error, Result};
+use crate::config::read_json;
+use crate::error::{Error, LoadReport, Mismatch, Result};
 
 /// File extensions of pickle-based checkpoints, which we refuse to open.
 const PICKLE_EXTENSIONS: &[&str] = &["bin", "ckpt", "pt", "pth", "pkl", "pickle"];
@@ -212,96 +213,6 @@ fn candle_dtype(d: StDtype) -> Option<DType> {
     })
 }
 
-/// A tensor whose stored shape differs from the one the model asked for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Mismatch {
-    /// Tensor name.
-    pub name: String,
-    /// The shape the model asked for.
-    pub expected: Vec<usize>,
-    /// The shape in the file.
-    pub found: Vec<usize>,
-}
-
-/// What a load asked for and what it found.
-#[derive(Debug, Clone, Default)]
-pub struct LoadReport {
-    /// The files (or "shapes only").
-    pub source: String,
-    /// Every tensor the model asked for, with the shape it asked for.
-    pub requested: BTreeMap<String, Vec<usize>>,
-    /// Asked for but absent, with the expected shape.
-    pub missing: Vec<(String, Vec<usize>)>,
-    /// Present with another shape.
-    pub mismatched: Vec<Mismatch>,
-    /// Present but unreadable (dtype, …), with the reason.
-    pub unreadable: Vec<(String, String)>,
-    /// In the files but never asked for.
-    pub unused: Vec<String>,
-}
-
-impl LoadReport {
-    /// True when every requested tensor was found with the right shape and dtype.
-    pub fn is_complete(&self) -> bool {
-        self.missing.is_empty() && self.mismatched.is_empty() && self.unreadable.is_empty()
-    }
-}
-
-impl fmt::Display for LoadReport {
-    /// One line: the counts, then up to three examples of each problem.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const SHOW: usize = 3;
-        write!(f, "{}: ", self.source)?;
-        let mut parts = Vec::new();
-        let more =
-            |n: usize| if n > SHOW { format!(" and {} more", n - SHOW) } else { String::new() };
-        if !self.missing.is_empty() {
-            let list: Vec<String> =
-                self.missing.iter().take(SHOW).map(|(n, s)| format!("{n} {s:?}")).collect();
-            parts.push(format!(
-                "{} missing tensor(s): {}{}",
-                self.missing.len(),
-                list.join(", "),
-                more(self.missing.len())
-            ));
-        }
-        if !self.mismatched.is_empty() {
-            let list: Vec<String> = self
-                .mismatched
-                .iter()
-                .take(SHOW)
-                .map(|m| format!("{} expected {:?}, file has {:?}", m.name, m.expected, m.found))
-                .collect();
-            parts.push(format!(
-                "{} mis-shaped tensor(s): {}{}",
-                self.mismatched.len(),
-                list.join(", "),
-                more(self.mismatched.len())
-            ));
-        }
-        if !self.unreadable.is_empty() {
-            let list: Vec<String> =
-                self.unreadable.iter().take(SHOW).map(|(n, why)| format!("{n}: {why}")).collect();
-            parts.push(format!(
-                "{} unreadable tensor(s): {}{}",
-                self.unreadable.len(),
-                list.join(", "),
-                more(self.unreadable.len())
-            ));
-        }
-        if parts.is_empty() {
-            parts.push("complete".to_string());
-        }
-        write!(
-            f,
-            "{} ({} requested, {} unused)",
-            parts.join("; "),
-            self.requested.len(),
-            self.unused.len()
-        )
-    }
-}
-
 /// The `VarBuilder` backend that checks requests against the files and records them.
 struct CheckedBackend {
     files: Option<Arc<SafetensorsFiles>>,
@@ -422,7 +333,7 @@ pub fn load_checked<M>(
         tracing::warn!(
             source = %report.source,
             count = report.unused.len(),
-            first = %report.unused[0],
+            unused = %report.unused.join(", "),
             "tensors in the checkpoint were not used by the model"
         );
     }
@@ -507,7 +418,7 @@ pub fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
     struct Index {
         weight_map: BTreeMap<String, String>,
     }
-    let idx: Index = crate::config::read_json(index)?;
+    let idx: Index = read_json(index)?;
     let dir = index.parent().unwrap_or(Path::new("."));
     let mut files: Vec<String> = idx.weight_map.into_values().collect();
     files.sort();
@@ -569,6 +480,56 @@ mod tests {
             msg.contains("model.safetensors") && msg.contains("m.nope") && msg.contains("m.gone"),
             "{msg}"
         );
+    }
+
+    /// Runs `f` and returns what it logged (every level, no colours).
+    fn logs_of(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber =
+            tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let bytes = buffer.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    /// Tensors the model never asked for are all named, in the warning of a complete load and
+    /// in the error of an incomplete one, not only counted.
+    #[test]
+    fn names_every_unused_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        let t = || Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
+        let names = ["m.w", "extra.one", "extra.two", "extra.three"];
+        let tensors: HashMap<String, Tensor> = names.iter().map(|n| (n.to_string(), t())).collect();
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        let open = || Arc::new(SafetensorsFiles::open(&[&path]).unwrap());
+
+        let logs = logs_of(|| {
+            load_checked(open(), DType::F32, &Device::Cpu, |vb| vb.get(2, "m.w")).unwrap();
+        });
+        for name in &names[1..] {
+            assert!(logs.contains(name), "the warning does not name {name}: {logs}");
+        }
+
+        let err = load_checked(open(), DType::F32, &Device::Cpu, |vb| vb.get(2, "m.gone"));
+        let msg = err.unwrap_err().to_string();
+        assert!(msg.contains("1 missing tensor(s): m.gone [2]"), "{msg}");
+        assert!(msg.contains("4 unused tensor(s): "), "{msg}");
+        for name in names {
+            assert!(msg.contains(name), "the error does not name {name}: {msg}");
+        }
     }
 
     #[test]

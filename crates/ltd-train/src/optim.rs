@@ -19,7 +19,7 @@ use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
-use ltd_nn::layers::CpuData;
+use ltd_nn::CpuData;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};

@@ -6,9 +6,10 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use ltd_nn::attention::AttentionOptions;
-use ltd_nn::layers::{Downsample2D, ResnetBlock2D, Transformer2DModel, UNetMidBlock2D, Upsample2D};
+use ltd_nn::layers::{Downsample2D, ResnetBlock2D, UNetMidBlock2D, Upsample2D};
 
 use crate::config::{DownBlockConfig, MidBlockConfig, UpBlockConfig};
+use crate::transformer_2d::{Transformer2DConfig, Transformer2DModel};
 
 fn resnets(
     vb: &VarBuilder,
@@ -19,7 +20,7 @@ fn resnets(
 
 fn transformers(
     vb: &VarBuilder,
-    cfgs: &[ltd_nn::layers::Transformer2DConfig],
+    cfgs: &[Transformer2DConfig],
     opts: &AttentionOptions,
 ) -> Result<Vec<Transformer2DModel>> {
     cfgs.iter()

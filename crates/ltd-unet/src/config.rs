@@ -13,12 +13,12 @@
 //! `addition_embed_type_num_heads`) are read and, exactly as in diffusers for the supported
 //! blocks, have no effect. `dropout` is kept in [`UNetConfig`] but not applied.
 
-use ltd_nn::layers::{
-    Activation, ResnetBlock2DConfig, TimeEmbeddingNorm, Timesteps, Transformer2DConfig,
-    UNetMidBlock2DConfig,
-};
+use ltd_nn::layers::{Activation, ResnetBlock2DConfig, TimeEmbeddingNorm, UNetMidBlock2DConfig};
 use ltd_nn::{ConfigError, OneOrMany};
 use serde::{Deserialize, Deserializer};
+
+use crate::embeddings::Timesteps;
+use crate::transformer_2d::Transformer2DConfig;
 
 fn default_4() -> usize {
     4

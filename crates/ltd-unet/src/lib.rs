@@ -3,10 +3,14 @@
 //!
 //! [`UNet2DConditionModelConfig`] mirrors the JSON; [`UNetConfig`] is the validated
 //! architecture (unsupported values are a [`ltd_nn::ConfigError`] naming field and value);
-//! [`UNet2DConditionModel`] runs it, from memory-mapped weights or a `VarMap` alike.
+//! [`UNet2DConditionModel`] runs it, from memory-mapped weights or a `VarMap` alike. The blocks
+//! only the U-Net has live here (`transformer_2d.rs`, `embeddings.rs`, `blocks.rs`); those it
+//! shares with the VAE come from `ltd_nn::layers`.
 
 pub mod blocks;
 pub mod config;
+pub mod embeddings;
+pub mod transformer_2d;
 pub mod unet_2d_condition;
 
 pub use config::{ClassEmbedding, UNet2DConditionModelConfig, UNetConfig};

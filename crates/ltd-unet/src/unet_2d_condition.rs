@@ -6,11 +6,12 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
-use ltd_nn::layers::{Activation, Conv2d, GroupNorm, Linear, TimestepEmbedding};
+use ltd_nn::layers::{Activation, Conv2d, GroupNorm, Linear};
 use ltd_nn::{RuntimeOptions, SafetensorsFiles};
 
 use crate::blocks::{DownBlock, MidBlock, UpBlock};
 use crate::config::{ClassEmbedding, UNet2DConditionModelConfig, UNetConfig};
+use crate::embeddings::TimestepEmbedding;
 
 /// The optional conditioning inputs of [`UNet2DConditionModel::forward`] (diffusers'
 /// `added_cond_kwargs`, `timestep_cond`, `class_labels`).

@@ -6,7 +6,7 @@ use candle_core::Result;
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use super::cross_attention::SpatialSelfAttention;
+use super::attention_processor::SpatialSelfAttention;
 use super::resnet::{ResnetBlock2D, ResnetBlock2DConfig, TimeEmbeddingNorm};
 use crate::attention::AttentionOptions;
 

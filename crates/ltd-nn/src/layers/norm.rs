@@ -1,16 +1,14 @@
 //! Group and layer normalisation (`torch.nn.GroupNorm`, `torch.nn.LayerNorm`).
 //!
-//! On the CPU in inference, each is one fused pass (statistics over two passes, shifted and
-//! accumulated in f64, then `(x − mean)·scale + shift` per channel, optionally followed by
-//! SiLU, which is how every ResNet block uses its norms) instead of a dozen tensor ops. Under
-//! autograd on the CPU in f32 (training) the same pass runs with a fused backward pass of its
-//! own; on other devices the same math runs as ordinary (differentiable) tensor ops in f32.
+//! On the CPU in inference, each is one fused pass (`kernels/norm.rs`) instead of a dozen
+//! tensor ops. Under autograd on the CPU in f32 (training) the same pass runs with a fused
+//! backward pass of its own; on other devices the same math runs as ordinary (differentiable)
+//! tensor ops in f32.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
-use half::{bf16, f16};
 
-use super::cpu::{contiguous, for_each_row, params_f32, row_stats, Data, Elem};
+use crate::kernels::norm::{GroupNormOp, LayerNormOp};
 
 /// Whether the fused CPU kernel may run: no autograd graph to record and a CPU tensor.
 fn fused_ok(x: &Tensor, weight: &Tensor, bias: &Tensor) -> bool {
@@ -24,11 +22,6 @@ fn fused_ok(x: &Tensor, weight: &Tensor, bias: &Tensor) -> bool {
 /// Whether the fused CPU kernel may run under autograd (it has a backward pass for f32).
 fn trainable_ok(x: &Tensor, weight: &Tensor, bias: &Tensor) -> bool {
     x.device().is_cpu() && [x, weight, bias].iter().all(|t| t.dtype() == DType::F32)
-}
-
-#[inline(always)]
-fn silu(v: f32) -> f32 {
-    v / (1.0 + (-v).exp())
 }
 
 /// `torch.nn.GroupNorm(num_groups, num_channels, eps, affine=True)` over `[B, C, …]`.
@@ -106,162 +99,6 @@ impl GroupNorm {
     }
 }
 
-struct GroupNormOp {
-    groups: usize,
-    eps: f32,
-    silu: bool,
-}
-
-impl GroupNormOp {
-    fn run<T: Elem>(
-        &self,
-        x: &[T],
-        shape: &Shape,
-        w: &[f32],
-        b: &[f32],
-    ) -> Result<(CpuStorage, Shape)> {
-        let dims = shape.dims();
-        let channels = dims[1];
-        let spatial: usize = dims[2..].iter().product();
-        let per_group = channels / self.groups;
-        let row_len = per_group * spatial;
-        let mut out = vec![T::zero(); x.len()];
-        for_each_row(x, &mut out, (row_len, row_len), |row, src, dst| {
-            let stats = row_stats(src);
-            let rstd = 1.0 / (stats.var + self.eps).sqrt();
-            let first_channel = (row % self.groups) * per_group;
-            for k in 0..per_group {
-                let c = first_channel + k;
-                // Centred first, not x·scale + (b − mean·scale): that cancels catastrophically
-                // when |mean| ≫ std.
-                let (scale, shift) = (w[c] * rstd, b[c]);
-                let range = k * spatial..(k + 1) * spatial;
-                let (s, d) = (&src[range.clone()], &mut dst[range]);
-                if self.silu {
-                    for (o, v) in d.iter_mut().zip(s) {
-                        *o = T::from_f32(silu(stats.centred(v.to_f32()) * scale + shift));
-                    }
-                } else {
-                    for (o, v) in d.iter_mut().zip(s) {
-                        *o = T::from_f32(stats.centred(v.to_f32()) * scale + shift);
-                    }
-                }
-            }
-        });
-        Ok((T::to_cpu_storage_owned(out), shape.clone()))
-    }
-}
-
-impl CustomOp3 for GroupNormOp {
-    fn name(&self) -> &'static str {
-        "ltd-group-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (w, b) = (params_f32(s2, l2)?, params_f32(s3, l3)?);
-        let shape = l1.shape();
-        match s1 {
-            CpuStorage::F32(_) => self.run(contiguous::<f32>(s1, l1)?, shape, &w, &b),
-            CpuStorage::F16(_) => self.run(contiguous::<f16>(s1, l1)?, shape, &w, &b),
-            CpuStorage::BF16(_) => self.run(contiguous::<bf16>(s1, l1)?, shape, &w, &b),
-            _ => candle_core::bail!("group norm: unsupported dtype"),
-        }
-    }
-
-    /// Per group of `N` values with `x̂ = (x − μ)·rstd`, `y = γ·x̂ + β` (then SiLU): `dβ = Σ dy`,
-    /// `dγ = Σ dy·x̂`, and `dx = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂))` with `dx̂ = γ·dy`; sums in
-    /// f64, the per-image parameter sums added in image order (deterministic).
-    fn bwd(
-        &self,
-        x: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (x, grad) = (x.contiguous()?, grad.contiguous()?);
-        let (xd, gd) = (Data::new(&x), Data::new(&grad));
-        let (xs, gs) = (xd.f32()?, gd.f32()?);
-        let w = weight.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        let b = bias.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        let dims = x.dims();
-        let channels = dims[1];
-        let spatial: usize = dims[2..].iter().product();
-        let per_group = channels / self.groups;
-        let row_len = per_group * spatial;
-        // Each row: the group's `dx`, then its channels' dγ and dβ.
-        let out_len = row_len + 2 * per_group;
-        let rows = xs.len() / row_len.max(1);
-        let mut out = vec![0f32; rows * out_len];
-        for_each_row(xs, &mut out, (row_len, out_len), |row, src, dst| {
-            let g = &gs[row * row_len..(row + 1) * row_len];
-            let stats = row_stats(src);
-            let rstd = 1.0 / (stats.var + self.eps).sqrt();
-            let first_channel = (row % self.groups) * per_group;
-            let (dx, dparams) = dst.split_at_mut(row_len);
-            let (mut sum_dxh, mut sum_dxh_xh) = (0f64, 0f64);
-            for k in 0..per_group {
-                let c = first_channel + k;
-                let range = k * spatial..(k + 1) * spatial;
-                let (mut dgamma, mut dbeta) = (0f64, 0f64);
-                for ((o, &v), &gv) in
-                    dx[range.clone()].iter_mut().zip(&src[range.clone()]).zip(&g[range])
-                {
-                    let xh = stats.centred(v) * rstd;
-                    let dy = if self.silu {
-                        let y = xh * w[c] + b[c];
-                        let sig = 1.0 / (1.0 + (-y).exp());
-                        gv * sig * (1.0 + y * (1.0 - sig))
-                    } else {
-                        gv
-                    };
-                    dbeta += dy as f64;
-                    dgamma += (dy * xh) as f64;
-                    let dxh = dy * w[c];
-                    sum_dxh += dxh as f64;
-                    sum_dxh_xh += (dxh * xh) as f64;
-                    *o = dxh;
-                }
-                dparams[k] = dgamma as f32;
-                dparams[per_group + k] = dbeta as f32;
-            }
-            let n = row_len.max(1) as f64;
-            let (m1, m2) = ((sum_dxh / n) as f32, (sum_dxh_xh / n) as f32);
-            for (o, &v) in dx.iter_mut().zip(src) {
-                let xh = stats.centred(v) * rstd;
-                *o = rstd * (*o - m1 - xh * m2);
-            }
-        });
-        let mut dx = Vec::with_capacity(xs.len());
-        let (mut dgamma, mut dbeta) = (vec![0f64; channels], vec![0f64; channels]);
-        for (row, chunk) in out.chunks_exact(out_len).enumerate() {
-            dx.extend_from_slice(&chunk[..row_len]);
-            let first_channel = (row % self.groups) * per_group;
-            for k in 0..per_group {
-                dgamma[first_channel + k] += chunk[row_len + k] as f64;
-                dbeta[first_channel + k] += chunk[row_len + per_group + k] as f64;
-            }
-        }
-        let dev = x.device();
-        let params = |v: Vec<f64>| {
-            Tensor::from_vec(v.into_iter().map(|v| v as f32).collect::<Vec<_>>(), channels, dev)
-        };
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(params(dgamma)?),
-            Some(params(dbeta)?),
-        ))
-    }
-}
-
 /// `torch.nn.LayerNorm(dim, eps, elementwise_affine=True)` over the last dimension.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
@@ -300,114 +137,6 @@ impl LayerNorm {
         x.broadcast_mul(&self.weight.to_dtype(DType::F32)?)?
             .broadcast_add(&self.bias.to_dtype(DType::F32)?)?
             .to_dtype(dtype)
-    }
-}
-
-struct LayerNormOp {
-    eps: f32,
-}
-
-impl LayerNormOp {
-    fn run<T: Elem>(
-        &self,
-        x: &[T],
-        shape: &Shape,
-        w: &[f32],
-        b: &[f32],
-    ) -> Result<(CpuStorage, Shape)> {
-        let dim = w.len();
-        if shape.dims().last() != Some(&dim) {
-            candle_core::bail!("layer norm over {dim} features got input {shape:?}")
-        }
-        let mut out = vec![T::zero(); x.len()];
-        for_each_row(x, &mut out, (dim, dim), |_, src, dst| {
-            let stats = row_stats(src);
-            let rstd = 1.0 / (stats.var + self.eps).sqrt();
-            for ((o, v), (w, b)) in dst.iter_mut().zip(src).zip(w.iter().zip(b)) {
-                *o = T::from_f32(stats.centred(v.to_f32()) * rstd * w + b);
-            }
-        });
-        Ok((T::to_cpu_storage_owned(out), shape.clone()))
-    }
-}
-
-impl CustomOp3 for LayerNormOp {
-    fn name(&self) -> &'static str {
-        "ltd-layer-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (w, b) = (params_f32(s2, l2)?, params_f32(s3, l3)?);
-        let shape = l1.shape();
-        match s1 {
-            CpuStorage::F32(_) => self.run(contiguous::<f32>(s1, l1)?, shape, &w, &b),
-            CpuStorage::F16(_) => self.run(contiguous::<f16>(s1, l1)?, shape, &w, &b),
-            CpuStorage::BF16(_) => self.run(contiguous::<bf16>(s1, l1)?, shape, &w, &b),
-            _ => candle_core::bail!("layer norm: unsupported dtype"),
-        }
-    }
-
-    /// Per row with `x̂ = (x − μ)·rstd`: `dx = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂))`,
-    /// `dx̂ = γ·dy`; `dγ = Σ dy·x̂` and `dβ = Σ dy` over rows, summed in row order in f64.
-    fn bwd(
-        &self,
-        x: &Tensor,
-        weight: &Tensor,
-        _bias: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (x, grad) = (x.contiguous()?, grad.contiguous()?);
-        let (xd, gd) = (Data::new(&x), Data::new(&grad));
-        let (xs, gs) = (xd.f32()?, gd.f32()?);
-        let w = weight.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        let dim = w.len().max(1);
-        let rstd_of = |row: &[f32]| {
-            let stats = row_stats(row);
-            (stats, 1.0 / (stats.var + self.eps).sqrt())
-        };
-        let mut dx = vec![0f32; xs.len()];
-        for_each_row(xs, &mut dx, (dim, dim), |row, src, dst| {
-            let g = &gs[row * dim..(row + 1) * dim];
-            let (stats, rstd) = rstd_of(src);
-            let (mut m1, mut m2) = (0f64, 0f64);
-            for (((o, &v), &gv), &wv) in dst.iter_mut().zip(src).zip(g).zip(&w) {
-                let xh = stats.centred(v) * rstd;
-                *o = gv * wv;
-                m1 += *o as f64;
-                m2 += (*o * xh) as f64;
-            }
-            let (m1, m2) = ((m1 / dim as f64) as f32, (m2 / dim as f64) as f32);
-            for (o, &v) in dst.iter_mut().zip(src) {
-                let xh = stats.centred(v) * rstd;
-                *o = rstd * (*o - m1 - xh * m2);
-            }
-        });
-        let (mut dgamma, mut dbeta) = (vec![0f64; dim], vec![0f64; dim]);
-        for (src, g) in xs.chunks_exact(dim).zip(gs.chunks_exact(dim)) {
-            let (stats, rstd) = rstd_of(src);
-            for (j, (&v, &gv)) in src.iter().zip(g).enumerate() {
-                dgamma[j] += (gv * stats.centred(v) * rstd) as f64;
-                dbeta[j] += gv as f64;
-            }
-        }
-        let dev = x.device();
-        let params = |v: Vec<f64>| {
-            Tensor::from_vec(v.into_iter().map(|v| v as f32).collect::<Vec<_>>(), dim, dev)
-        };
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(params(dgamma)?),
-            Some(params(dbeta)?),
-        ))
     }
 }
 

@@ -5,7 +5,8 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::activation::Activation;
-use super::linear::{Conv2d, Linear};
+use super::conv::Conv2d;
+use super::linear::Linear;
 use super::norm::GroupNorm;
 use crate::error::ConfigError;
 

@@ -4,7 +4,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::linear::Conv2d;
+use super::conv::Conv2d;
 
 /// `Downsample2D(use_conv=True)`: a 3×3 stride-2 convolution named `conv`.
 #[derive(Debug, Clone)]

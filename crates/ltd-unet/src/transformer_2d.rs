@@ -1,15 +1,13 @@
 //! The spatial transformer of latent diffusion (Rombach et al. 2022, §3.3): diffusers'
-//! `Transformer2DModel` over `BasicTransformerBlock`s (self-attention, cross-attention to the
-//! text, GEGLU feed-forward (Shazeer 2020), each pre-norm with a residual).
+//! `Transformer2DModel` (`models/transformers/transformer_2d.py`) over `BasicTransformerBlock`s
+//! and their `FeedForward` (`models/attention.py`): self-attention, cross-attention to the
+//! text, GEGLU feed-forward (Shazeer 2020), each pre-norm with a residual.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::activation::geglu;
-use super::cross_attention::{Attention, AttentionConfig};
-use super::linear::{Conv2d, Linear};
-use super::norm::{GroupNorm, LayerNorm};
-use crate::attention::AttentionOptions;
+use ltd_nn::attention::AttentionOptions;
+use ltd_nn::layers::{geglu, Attention, AttentionConfig, Conv2d, GroupNorm, LayerNorm, Linear};
 
 /// diffusers' `FeedForward(dim, activation_fn="geglu")`: `net.0.proj` to twice the inner width
 /// (4·dim), the erf GELU of one half gating the other, then `net.2` back to `dim`.

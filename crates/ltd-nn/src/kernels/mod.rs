@@ -1,5 +1,23 @@
-//! Small CPU helpers for the fused kernels: float element access for f32/f16/bf16 and a
-//! parallel loop over independent rows.
+//! The CPU kernels: every `CustomOp` of ltd and the loops over raw slices under them. The
+//! layers and [`crate::attention`] decide when a kernel applies (CPU tensors, the dtype, with or
+//! without autograd) and otherwise run plain candle ops; nothing here is a layer.
+//!
+//! - `flash_attention.rs`: FlashAttention's streaming softmax on x86-64 (AVX2/FMA);
+//! - `softmax.rs`: the row softmax with its own backward pass (training);
+//! - `conv2d.rs`: the direct stride-1 convolution, forwards and backwards;
+//! - `norm.rs`: the fused group and layer norm passes, forwards and backwards;
+//! - `geglu.rs`: the fused GEGLU activation;
+//! - `simd.rs`: the AVX2/FMA building blocks (`exp`, the erf GELU).
+//!
+//! This file holds what they share: float element access for f32/f16/bf16, a read view of a
+//! tensor's data and a parallel loop over independent rows.
+
+pub(crate) mod conv2d;
+pub(crate) mod flash_attention;
+pub(crate) mod geglu;
+pub(crate) mod norm;
+pub(crate) mod simd;
+pub(crate) mod softmax;
 
 use candle_core::{
     bail, CpuStorage, DType, Layout, Result, Storage, StorageRef, Tensor, WithDType,

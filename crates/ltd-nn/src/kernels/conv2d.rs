@@ -15,6 +15,10 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+
+use super::{contiguous, Data};
+
 /// Bytes of one band's working set (padded input rows and output rows) that a unit aims for:
 /// small enough to stay in the L2/L3 caches while its `k²` products run over it.
 const BAND_BYTES: usize = 2 << 20;
@@ -88,7 +92,7 @@ pub(crate) fn conv2d(x: &[f32], weight: &[f32], s: ConvShape, epi: Epilogue<'_>)
     let row_bytes = (s.cin + s.cout) * wp * 4;
     let rows = (BAND_BYTES / row_bytes.max(1)).max(MIN_BAND_COLUMNS.div_ceil(wp)).clamp(1, hout);
     let bands = hout.div_ceil(rows);
-    let threads = super::cpu::threads();
+    let threads = super::threads();
     // Split the output channels only when images × bands leave threads idle.
     let per_image = (2 * threads).div_ceil(s.batch * bands);
     let blocks = per_image.min(s.cout / MIN_CHANNEL_BLOCK).max(1);
@@ -295,7 +299,7 @@ pub(crate) fn conv2d_weight_grad(x: &[f32], g: &[f32], s: ConvShape) -> Vec<f32>
     }
     let mut taps = vec![0f32; kk * s.cout * s.cin];
     let per_tap = s.cout * s.cin;
-    let threads = super::cpu::threads().min(kk).max(1);
+    let threads = super::threads().min(kk).max(1);
     let taps_per_thread = kk.div_ceil(threads);
     let (xp, gp) = (&xp, &gp);
     let work = |first: usize, out: &mut [f32]| {
@@ -361,4 +365,71 @@ pub(crate) fn conv2d_bias_grad(g: &[f32], s: ConvShape) -> Vec<f32> {
         sums[i % s.cout] += plane.iter().map(|&v| v as f64).sum::<f64>();
     }
     sums.into_iter().map(|v| v as f32).collect()
+}
+
+/// A stride-1 convolution with bias under autograd, on f32 CPU tensors: the direct kernel of
+/// `conv2d` forwards, and its backward is one convolution (input gradient) and `k²`
+/// matrix products (weight gradient) over the whole batch. Composed from candle's ops, the
+/// same convolution spent most of a small training step on copying shifted views and their
+/// gradients.
+pub(crate) struct Conv2dTrainOp {
+    shape: ConvShape,
+}
+
+impl Conv2dTrainOp {
+    /// The op for `x` and `weight`, if the kernel computes it (`pad < k`, so that the input
+    /// gradient is itself a padded convolution).
+    pub(crate) fn new(x: &Tensor, weight: &Tensor, padding: usize) -> Result<Option<Self>> {
+        let (batch, cin, h, w) = x.dims4()?;
+        let (cout, cin_w, k, k2) = weight.dims4()?;
+        let shape = ConvShape { batch, cin, h, w, cout, k, pad: padding };
+        Ok((cin_w == cin && k == k2 && padding < k && shape.valid()).then_some(Self { shape }))
+    }
+}
+
+impl CustomOp3 for Conv2dTrainOp {
+    fn name(&self) -> &'static str {
+        "ltd-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) =
+            (contiguous::<f32>(s1, l1)?, contiguous::<f32>(s2, l2)?, contiguous(s3, l3)?);
+        let s = self.shape;
+        let epi = Epilogue { bias: b, channel_add: None, residual: None, scale: 1.0 };
+        let (hout, wout) = s.out_hw();
+        let out = conv2d(x, w, s, epi);
+        Ok((CpuStorage::F32(out), Shape::from((s.batch, s.cout, hout, wout))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let s = self.shape;
+        let (x, weight, grad) = (x.contiguous()?, weight.contiguous()?, grad.contiguous()?);
+        let (xd, wd, gd) = (Data::new(&x), Data::new(&weight), Data::new(&grad));
+        let (xs, ws, gs) = (xd.f32()?, wd.f32()?, gd.f32()?);
+        let dev = x.device();
+        let dx = conv2d_input_grad(gs, ws, s);
+        let dw = conv2d_weight_grad(xs, gs, s);
+        let db = conv2d_bias_grad(gs, s);
+        Ok((
+            Some(Tensor::from_vec(dx, (s.batch, s.cin, s.h, s.w), dev)?),
+            Some(Tensor::from_vec(dw, (s.cout, s.cin, s.k, s.k), dev)?),
+            Some(Tensor::from_vec(db, s.cout, dev)?),
+        ))
+    }
 }

@@ -4,8 +4,7 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::activation::Activation;
-use super::linear::Linear;
+use ltd_nn::layers::{Activation, Linear};
 
 /// diffusers' `get_timestep_embedding`: for `t: [N]` (fractional values allowed), returns
 /// `[N, dim]` = `[sin(t·f), cos(t·f)]` (or `[cos, sin]` with `flip_sin_to_cos`), with

@@ -13,9 +13,11 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-pub(crate) use crate::simd::available;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
+
+pub(crate) use super::simd::available;
 #[cfg(target_arch = "x86_64")]
-use crate::simd::exp256;
+use super::simd::exp256;
 
 /// Queries per block (a multiple of the 4-row register tile).
 const BLOCK_Q: usize = 32;
@@ -81,7 +83,7 @@ pub(crate) fn attention(
             units.push((h, b * BLOCK_Q, block_out));
         }
     }
-    let threads = crate::layers::cpu_threads().min(units.len());
+    let threads = super::threads().min(units.len());
     let per_thread = units.len().div_ceil(threads.max(1));
     let kt = &kt;
     let run = |units: &mut [(usize, usize, &mut [f32])]| {
@@ -337,6 +339,43 @@ unsafe fn exp_sub_in_place(row: &mut [f32], m: f32) -> f32 {
             total += *x;
         }
         total
+    }
+}
+
+/// [`attention`] as a candle op on contiguous f32 `q: [B, H, Lq, D]`, `k: [B, H, Lk, D]`,
+/// `v: [B, H, Lk, Dv]` (no backward pass: callers use it outside autograd only).
+pub(crate) struct FusedCpuAttention {
+    pub scale: f64,
+}
+
+impl CustomOp3 for FusedCpuAttention {
+    fn name(&self) -> &'static str {
+        "ltd-fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+        sv: &CpuStorage,
+        lv: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn data<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+            match (s, l.contiguous_offsets()) {
+                (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+                _ => candle_core::bail!("fused attention: expected contiguous f32 inputs"),
+            }
+        }
+        let (b, h, n_q, d) = lq.shape().dims4()?;
+        let (n_k, dv) = (lk.shape().dims4()?.2, lv.shape().dims4()?.3);
+        let dims = Dims { bh: b * h, lq: n_q, lk: n_k, d, dv };
+        let out = attention(data(sq, lq)?, data(sk, lk)?, data(sv, lv)?, dims, self.scale as f32)
+            .ok_or_else(|| {
+            candle_core::Error::Msg("fused attention: CPU lacks AVX2/FMA".into())
+        })?;
+        Ok((CpuStorage::F32(out), Shape::from((b, h, n_q, dv))))
     }
 }
 

@@ -1,6 +1,7 @@
-//! diffusers' `Attention` module in the two forms latent diffusion uses: multi-head
-//! (cross-)attention over token sequences inside transformer blocks, and the single-head
-//! spatial self-attention with group norm and residual in the VAE's mid block.
+//! diffusers' `Attention` module (`models/attention_processor.py`) in the two forms latent
+//! diffusion uses: multi-head (cross-)attention over token sequences inside the U-Net's
+//! transformer blocks, and the spatial self-attention with group norm and residual of
+//! `UNetMidBlock2D` (the VAE's mid block). Both compute through [`crate::attention`].
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;

@@ -1,0 +1,245 @@
+//! `torch.nn.Conv2d` with a square kernel and bias, initialised for training as PyTorch
+//! initialises it. On the CPU, stride-1 convolutions run the direct kernel of
+//! `kernels/conv2d.rs` (with the ResNet block's time embedding and residual added as the output
+//! is written), under autograd too; otherwise candle's convolution.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::linear::{rows_times_weight, torch_default_init, widen_on_cpu};
+use crate::kernels::conv2d::{self, Conv2dTrainOp, ConvShape, Epilogue};
+use crate::kernels::Data;
+
+/// A square-kernel 2-D convolution with bias, `[B, C_in, H, W] → [B, C_out, H', W']`.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Tensor,
+    padding: usize,
+    stride: usize,
+}
+
+impl Conv2d {
+    /// Fetches `weight` (`[out, in, k, k]`) and `bias` (`[out]`).
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        padding: usize,
+        stride: usize,
+    ) -> Result<Self> {
+        let init = torch_default_init(in_channels * kernel * kernel);
+        let weight =
+            vb.get_with_hints((out_channels, in_channels, kernel, kernel), "weight", init)?;
+        let bias = vb.get_with_hints(out_channels, "bias", init)?;
+        Ok(Self { weight, bias, padding, stride })
+    }
+
+    /// A 1×1 convolution applied to channels-last rows `[…, C_in] → […, C_out]`: the same
+    /// weights used as a linear layer, which spares the transposes around it.
+    pub fn forward_channels_last(&self, x: &Tensor) -> Result<Tensor> {
+        let (out_c, in_c) = (self.weight.dim(0)?, self.weight.dim(1)?);
+        rows_times_weight(x, &self.weight.reshape((out_c, in_c))?, Some(&self.bias))
+    }
+}
+
+impl Conv2d {
+    /// `(conv(x) + channel_add + residual) / scale`, the way ResNet blocks use their
+    /// convolutions: `channel_add: [B, C_out]` (a projected time embedding) is added to every
+    /// pixel of its image and channel, `residual` has the output's shape. On the CPU in f32
+    /// without autograd the extra terms are added while the output is written, sparing a pass
+    /// (and an allocation) over the whole feature map for each.
+    pub fn forward_fused(
+        &self,
+        x: &Tensor,
+        channel_add: Option<&Tensor>,
+        residual: Option<&Tensor>,
+        scale: f64,
+    ) -> Result<Tensor> {
+        let extras_plain = channel_add.is_none_or(crate::kernels::plain_f32)
+            && residual.is_none_or(|r| crate::kernels::plain_f32(r) && r.is_contiguous());
+        if x.dtype() == DType::F32 && extras_plain {
+            if let Some(y) = self.forward_cpu(x, channel_add, residual, scale)? {
+                return Ok(y);
+            }
+        }
+        let mut y = self.forward(x)?;
+        if let Some(t) = channel_add {
+            y = y.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
+        }
+        if let Some(r) = residual {
+            y = (r + y)?;
+        }
+        if scale == 1.0 {
+            Ok(y)
+        } else {
+            y / scale
+        }
+    }
+
+    /// The direct CPU kernel (see `kernels/conv2d.rs`), when it applies: a stride-1 convolution of
+    /// CPU tensors outside any autograd graph. Half-precision inputs are computed in f32 and
+    /// rounded once, as PyTorch's CPU kernels do.
+    fn forward_cpu(
+        &self,
+        x: &Tensor,
+        channel_add: Option<&Tensor>,
+        residual: Option<&Tensor>,
+        scale: f64,
+    ) -> Result<Option<Tensor>> {
+        let tracked = x.track_op() || self.weight.track_op() || self.bias.track_op();
+        if !x.device().is_cpu() || self.stride != 1 || tracked || !x.dtype().is_float() {
+            return Ok(None);
+        }
+        let (batch, cin, h, w) = x.dims4()?;
+        let (cout, cin_w, k, k2) = self.weight.dims4()?;
+        let shape = ConvShape { batch, cin, h, w, cout, k, pad: self.padding };
+        if cin_w != cin || k != k2 || !shape.valid() {
+            return Ok(None);
+        }
+        let (hout, wout) = shape.out_hw();
+        if let Some(t) = channel_add {
+            if t.dims() != [batch, cout] {
+                candle_core::bail!("conv: channel term {:?}, expected [{batch}, {cout}]", t.dims())
+            }
+        }
+        if let Some(r) = residual {
+            if r.dims() != [batch, cout, hout, wout] {
+                candle_core::bail!("conv: residual {:?} does not match the output", r.dims())
+            }
+        }
+        let dtype = x.dtype();
+        let f32c = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+        let (x32, w32, b32) = (f32c(x)?, f32c(&self.weight)?, f32c(&self.bias)?);
+        let (xd, wd, bd) = (Data::new(&x32), Data::new(&w32), Data::new(&b32));
+        let (cd, rd) = (channel_add.map(Data::new), residual.map(Data::new));
+        let epi = Epilogue {
+            bias: bd.f32()?,
+            channel_add: cd.as_ref().map(|d| d.f32()).transpose()?,
+            residual: rd.as_ref().map(|d| d.f32()).transpose()?,
+            scale: scale as f32,
+        };
+        let out = conv2d::conv2d(xd.f32()?, wd.f32()?, shape, epi);
+        let y = Tensor::from_vec(out, (batch, cout, hout, wout), x.device())?;
+        Ok(Some(y.to_dtype(dtype)?))
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.forward_cpu(x, None, None, 1.0)? {
+            return Ok(y);
+        }
+        let c = self.bias.dim(0)?;
+        let dtype = x.dtype();
+        let cpu = x.device().is_cpu();
+        let (x, w, b) = if widen_on_cpu(x) {
+            let f = |t: &Tensor| t.to_dtype(DType::F32);
+            (f(x)?, f(&self.weight)?, f(&self.bias)?)
+        } else {
+            (x.clone(), self.weight.clone(), self.bias.clone())
+        };
+        if cpu && self.stride == 1 && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
+            if let Some(op) = Conv2dTrainOp::new(&x, &w, self.padding)? {
+                let b = b.to_dtype(DType::F32)?;
+                return x.contiguous()?.apply_op3(&w.contiguous()?, &b, op)?.to_dtype(dtype);
+            }
+        }
+        let y = x.conv2d(&w, self.padding, self.stride, 1, 1)?;
+        y.broadcast_add(&b.reshape((1, c, 1, 1))?)?.to_dtype(dtype)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    use crate::test_util::rand;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().abs().unwrap();
+        d.flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn direct_kernel_with_epilogue_equals_candles() {
+        // Shapes that exercise several bands of rows, split output channels, 1×1 and 5×5
+        // kernels, no padding, and a batch.
+        for &(b, cin, cout, h, w, k, pad) in &[
+            (2, 3, 5, 7, 6, 3, 1),
+            (1, 4, 130, 5, 9, 1, 0),
+            (2, 2, 3, 6, 4, 3, 0),
+            (1, 3, 4, 4, 5, 5, 2),
+            (1, 8, 160, 300, 40, 3, 1),
+        ] {
+            let x = rand(&[b, cin, h, w], 1);
+            let conv = Conv2d {
+                weight: rand(&[cout, cin, k, k], 2),
+                bias: rand(&[cout], 3),
+                padding: pad,
+                stride: 1,
+            };
+            let plain = x.conv2d(&conv.weight, pad, 1, 1, 1).unwrap();
+            let plain = plain.broadcast_add(&conv.bias.reshape((1, cout, 1, 1)).unwrap()).unwrap();
+            let ours = conv.forward(&x).unwrap();
+            assert!(max_diff(&ours, &plain) < 1e-5, "{:?}", (b, cin, cout, h, w, k, pad));
+
+            let temb = rand(&[b, cout], 4);
+            let residual = rand(plain.dims(), 5);
+            let expected =
+                plain.broadcast_add(&temb.unsqueeze(2).unwrap().unsqueeze(3).unwrap()).unwrap();
+            let expected = ((expected + &residual).unwrap() / 2.0).unwrap();
+            let ours = conv.forward_fused(&x, Some(&temb), Some(&residual), 2.0).unwrap();
+            assert!(max_diff(&ours, &expected) < 1e-5, "fused {:?}", (b, cin, cout, h, w, k));
+        }
+    }
+
+    /// Under autograd the convolution runs the direct kernel forwards and its own backward:
+    /// values and the gradients of input, weight and bias equal candle's composed convolution.
+    #[test]
+    fn training_convolution_and_its_gradients_equal_candles() {
+        // Batches, 1×1 / 3×3 / 5×5 kernels, no padding and more, several bands of rows and
+        // split output channels (the 300-row and 130-channel cases).
+        for &(b, cin, cout, h, w, k, pad) in &[
+            (2, 3, 5, 7, 6, 3, 1),
+            (1, 4, 130, 5, 9, 1, 0),
+            (2, 2, 3, 6, 4, 3, 0),
+            (1, 3, 4, 4, 5, 5, 2),
+            (3, 2, 3, 5, 5, 3, 2),
+            (1, 8, 16, 300, 12, 3, 1),
+        ] {
+            let case = (b, cin, cout, h, w, k, pad);
+            let x = Var::from_tensor(&rand(&[b, cin, h, w], 1)).unwrap();
+            let conv = Conv2d {
+                weight: Var::from_tensor(&rand(&[cout, cin, k, k], 2)).unwrap().as_tensor().clone(),
+                bias: Var::from_tensor(&rand(&[cout], 3)).unwrap().as_tensor().clone(),
+                padding: pad,
+                stride: 1,
+            };
+            let ours = conv.forward(x.as_tensor()).unwrap();
+            let theirs = x
+                .as_tensor()
+                .conv2d(&conv.weight, pad, 1, 1, 1)
+                .unwrap()
+                .broadcast_add(&conv.bias.reshape((1, cout, 1, 1)).unwrap())
+                .unwrap();
+            assert_eq!(ours.dims(), theirs.dims(), "{case:?}");
+            assert!(max_diff(&ours, &theirs) < 1e-5, "values {case:?}");
+            // A loss whose gradient differs per element.
+            let target = rand(ours.dims(), 7);
+            let loss = |y: &Tensor| (y - &target).unwrap().sqr().unwrap().sum_all().unwrap();
+            let (g1, g2) = (loss(&ours).backward().unwrap(), loss(&theirs).backward().unwrap());
+            for (name, v) in
+                [("input", x.as_tensor()), ("weight", &conv.weight), ("bias", &conv.bias)]
+            {
+                let (a, e) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+                let scale = e.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+                let tol = 1e-5 * (1.0 + scale.to_scalar::<f32>().unwrap());
+                let d = max_diff(a, e);
+                assert!(d < tol, "{name} gradient differs by {d} (tolerance {tol}) {case:?}");
+            }
+        }
+    }
+}
