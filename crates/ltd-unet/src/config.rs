@@ -20,74 +20,6 @@ use serde::{Deserialize, Deserializer};
 use crate::embeddings::Timesteps;
 use crate::transformer_2d::Transformer2DConfig;
 
-fn default_4() -> usize {
-    4
-}
-fn default_true() -> bool {
-    true
-}
-fn default_down_blocks() -> Vec<String> {
-    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
-        .map(String::from)
-        .to_vec()
-}
-fn default_mid_block() -> Option<String> {
-    Some("UNetMidBlock2DCrossAttn".into())
-}
-fn default_up_blocks() -> Vec<String> {
-    ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
-        .map(String::from)
-        .to_vec()
-}
-fn default_false_one() -> OneOrMany<bool> {
-    OneOrMany::One(false)
-}
-fn default_block_out_channels() -> Vec<usize> {
-    vec![320, 640, 1280, 1280]
-}
-fn default_layers_per_block() -> OneOrMany<usize> {
-    OneOrMany::One(2)
-}
-fn default_1() -> usize {
-    1
-}
-fn default_1f() -> f64 {
-    1.0
-}
-fn default_silu() -> String {
-    "silu".into()
-}
-fn default_groups() -> Option<usize> {
-    Some(32)
-}
-fn default_norm_eps() -> f64 {
-    1e-5
-}
-fn default_cross_attention_dim() -> OneOrMany<usize> {
-    OneOrMany::One(1280)
-}
-fn default_transformer_layers() -> TransformerLayersPerBlock {
-    TransformerLayersPerBlock::One(1)
-}
-fn default_attention_head_dim() -> OneOrMany<usize> {
-    OneOrMany::One(8)
-}
-fn default_time_scale_shift() -> String {
-    "default".into()
-}
-fn default_positional() -> String {
-    "positional".into()
-}
-fn default_3() -> usize {
-    3
-}
-fn default_attention_type() -> String {
-    "default".into()
-}
-fn default_64() -> usize {
-    64
-}
-
 /// A boolean that may be `null` in a config; diffusers treats `None` as false.
 fn bool_or_null<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
     Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
@@ -104,113 +36,140 @@ pub enum TransformerLayersPerBlock {
     PerBlock(Vec<OneOrMany<usize>>),
 }
 
-/// The raw `config.json` of a `UNet2DConditionModel`, field for field (unknown fields ignored).
+/// The raw `config.json` of a `UNet2DConditionModel`, field for field in the order of
+/// diffusers' `__init__`: a missing field takes its [`Default`] value (diffusers' default), an
+/// unknown one is ignored.
 #[allow(missing_docs)]
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
 pub struct UNet2DConditionModelConfig {
-    #[serde(default)]
     pub sample_size: Option<OneOrMany<usize>>,
-    #[serde(default = "default_4")]
     pub in_channels: usize,
-    #[serde(default = "default_4")]
     pub out_channels: usize,
-    #[serde(default, deserialize_with = "bool_or_null")]
+    #[serde(deserialize_with = "bool_or_null")]
     pub center_input_sample: bool,
-    #[serde(default = "default_true", deserialize_with = "bool_or_null")]
+    #[serde(deserialize_with = "bool_or_null")]
     pub flip_sin_to_cos: bool,
-    #[serde(default)]
     pub freq_shift: f64,
-    #[serde(default = "default_down_blocks")]
     pub down_block_types: Vec<String>,
-    #[serde(default = "default_mid_block")]
     pub mid_block_type: Option<String>,
-    #[serde(default = "default_up_blocks")]
     pub up_block_types: Vec<String>,
-    #[serde(default = "default_false_one")]
     pub only_cross_attention: OneOrMany<bool>,
-    #[serde(default = "default_block_out_channels")]
     pub block_out_channels: Vec<usize>,
-    #[serde(default = "default_layers_per_block")]
     pub layers_per_block: OneOrMany<usize>,
-    #[serde(default = "default_1")]
     pub downsample_padding: usize,
-    #[serde(default = "default_1f")]
     pub mid_block_scale_factor: f64,
-    #[serde(default)]
     pub dropout: f64,
-    #[serde(default = "default_silu")]
     pub act_fn: String,
-    #[serde(default = "default_groups")]
     pub norm_num_groups: Option<usize>,
-    #[serde(default = "default_norm_eps")]
     pub norm_eps: f64,
-    #[serde(default = "default_cross_attention_dim")]
     pub cross_attention_dim: OneOrMany<usize>,
-    #[serde(default = "default_transformer_layers")]
     pub transformer_layers_per_block: TransformerLayersPerBlock,
-    #[serde(default)]
     pub reverse_transformer_layers_per_block: Option<Vec<Vec<usize>>>,
-    #[serde(default)]
     pub encoder_hid_dim: Option<usize>,
-    #[serde(default)]
     pub encoder_hid_dim_type: Option<String>,
-    #[serde(default = "default_attention_head_dim")]
     pub attention_head_dim: OneOrMany<usize>,
-    #[serde(default)]
     pub num_attention_heads: Option<OneOrMany<usize>>,
-    #[serde(default, deserialize_with = "bool_or_null")]
+    #[serde(deserialize_with = "bool_or_null")]
     pub dual_cross_attention: bool,
-    #[serde(default, deserialize_with = "bool_or_null")]
+    #[serde(deserialize_with = "bool_or_null")]
     pub use_linear_projection: bool,
-    #[serde(default)]
     pub class_embed_type: Option<String>,
-    #[serde(default)]
     pub addition_embed_type: Option<String>,
-    #[serde(default)]
     pub addition_time_embed_dim: Option<usize>,
-    #[serde(default)]
     pub num_class_embeds: Option<usize>,
-    #[serde(default, deserialize_with = "bool_or_null")]
+    #[serde(deserialize_with = "bool_or_null")]
     pub upcast_attention: bool,
-    #[serde(default = "default_time_scale_shift")]
     pub resnet_time_scale_shift: String,
-    #[serde(default, deserialize_with = "bool_or_null")]
+    #[serde(deserialize_with = "bool_or_null")]
     pub resnet_skip_time_act: bool,
-    #[serde(default = "default_1f")]
     pub resnet_out_scale_factor: f64,
-    #[serde(default = "default_positional")]
     pub time_embedding_type: String,
-    #[serde(default)]
     pub time_embedding_dim: Option<usize>,
-    #[serde(default)]
     pub time_embedding_act_fn: Option<String>,
-    #[serde(default)]
     pub timestep_post_act: Option<String>,
-    #[serde(default)]
     pub time_cond_proj_dim: Option<usize>,
-    #[serde(default = "default_3")]
     pub conv_in_kernel: usize,
-    #[serde(default = "default_3")]
     pub conv_out_kernel: usize,
-    #[serde(default)]
     pub projection_class_embeddings_input_dim: Option<usize>,
-    #[serde(default = "default_attention_type")]
     pub attention_type: String,
-    #[serde(default, deserialize_with = "bool_or_null")]
+    #[serde(deserialize_with = "bool_or_null")]
     pub class_embeddings_concat: bool,
-    #[serde(default)]
     pub mid_block_only_cross_attention: Option<bool>,
-    #[serde(default)]
     pub cross_attention_norm: Option<String>,
-    #[serde(default = "default_64")]
     pub addition_embed_type_num_heads: usize,
 }
 
 impl Default for UNet2DConditionModelConfig {
-    /// diffusers' defaults (the SD 1.x architecture).
+    /// The defaults of diffusers' `UNet2DConditionModel.__init__` (0.42), in its order: the
+    /// SD 1.x architecture. Every field missing from a `config.json` takes its value from here.
     fn default() -> Self {
-        serde_json::from_str("{}").expect("every field has a default")
+        Self {
+            sample_size: None,
+            in_channels: 4,
+            out_channels: 4,
+            center_input_sample: false,
+            flip_sin_to_cos: true,
+            freq_shift: 0.0,
+            down_block_types: names(&[
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "DownBlock2D",
+            ]),
+            mid_block_type: Some("UNetMidBlock2DCrossAttn".into()),
+            up_block_types: names(&[
+                "UpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+            ]),
+            only_cross_attention: OneOrMany::One(false),
+            block_out_channels: vec![320, 640, 1280, 1280],
+            layers_per_block: OneOrMany::One(2),
+            downsample_padding: 1,
+            mid_block_scale_factor: 1.0,
+            dropout: 0.0,
+            act_fn: "silu".into(),
+            norm_num_groups: Some(32),
+            norm_eps: 1e-5,
+            cross_attention_dim: OneOrMany::One(1280),
+            transformer_layers_per_block: TransformerLayersPerBlock::One(1),
+            reverse_transformer_layers_per_block: None,
+            encoder_hid_dim: None,
+            encoder_hid_dim_type: None,
+            attention_head_dim: OneOrMany::One(8),
+            num_attention_heads: None,
+            dual_cross_attention: false,
+            use_linear_projection: false,
+            class_embed_type: None,
+            addition_embed_type: None,
+            addition_time_embed_dim: None,
+            num_class_embeds: None,
+            upcast_attention: false,
+            resnet_time_scale_shift: "default".into(),
+            resnet_skip_time_act: false,
+            resnet_out_scale_factor: 1.0,
+            time_embedding_type: "positional".into(),
+            time_embedding_dim: None,
+            time_embedding_act_fn: None,
+            timestep_post_act: None,
+            time_cond_proj_dim: None,
+            conv_in_kernel: 3,
+            conv_out_kernel: 3,
+            projection_class_embeddings_input_dim: None,
+            attention_type: "default".into(),
+            class_embeddings_concat: false,
+            mid_block_only_cross_attention: None,
+            cross_attention_norm: None,
+            addition_embed_type_num_heads: 64,
+        }
     }
+}
+
+/// A tuple of block type names, as diffusers writes them.
+fn names(types: &[&str]) -> Vec<String> {
+    types.iter().map(|&t| t.to_owned()).collect()
 }
 
 /// How class labels are embedded and added to the time embedding (`class_embed_type`).

@@ -1,7 +1,7 @@
 //! `unet/config.json` validation: diffusers' defaults, the historical meaning of
 //! `attention_head_dim`, and errors that name the field and the value.
 
-use ltd_nn::ConfigError;
+use ltd_nn::{ConfigError, OneOrMany};
 use ltd_unet::{UNet2DConditionModelConfig, UNetConfig};
 
 fn parse(json: &str) -> Result<UNetConfig, ConfigError> {
@@ -97,4 +97,39 @@ fn null_booleans_are_false_and_block_names_may_carry_unetres() {
     .unwrap();
     assert!(!cfg.down_blocks[0].attentions[0].upcast_attention);
     assert_eq!(cfg.down_blocks[0].kind, "CrossAttnDownBlock2D");
+}
+
+#[test]
+fn an_empty_config_is_the_default_and_the_default_is_diffusers() {
+    let raw: UNet2DConditionModelConfig = serde_json::from_str("{}").unwrap();
+    assert_eq!(raw, UNet2DConditionModelConfig::default());
+    // diffusers 0.42.1, `UNet2DConditionModel.__init__`.
+    assert_eq!(raw.sample_size, None);
+    assert_eq!((raw.in_channels, raw.out_channels), (4, 4));
+    assert!(raw.flip_sin_to_cos && !raw.center_input_sample);
+    assert_eq!(raw.down_block_types[0], "CrossAttnDownBlock2D");
+    assert_eq!(raw.mid_block_type.as_deref(), Some("UNetMidBlock2DCrossAttn"));
+    assert_eq!(raw.up_block_types[0], "UpBlock2D");
+    assert_eq!(raw.block_out_channels, [320, 640, 1280, 1280]);
+    assert_eq!(raw.layers_per_block, OneOrMany::One(2));
+    assert_eq!((raw.norm_num_groups, raw.norm_eps), (Some(32), 1e-5));
+    assert_eq!(raw.cross_attention_dim, OneOrMany::One(1280));
+    assert_eq!(raw.attention_head_dim, OneOrMany::One(8));
+    assert_eq!(raw.num_attention_heads, None);
+    assert_eq!((raw.conv_in_kernel, raw.conv_out_kernel), (3, 3));
+    assert_eq!(raw.addition_embed_type_num_heads, 64);
+
+    // Unknown fields are ignored; a field given replaces only its own default, and a null
+    // `mid_block_type` means no mid block rather than the default one.
+    let raw: UNet2DConditionModelConfig = serde_json::from_str(
+        r#"{"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.6.0",
+            "sample_size": 64, "mid_block_type": null, "upcast_attention": null}"#,
+    )
+    .unwrap();
+    let expected = UNet2DConditionModelConfig {
+        sample_size: Some(OneOrMany::One(64)),
+        mid_block_type: None,
+        ..UNet2DConditionModelConfig::default()
+    };
+    assert_eq!(raw, expected);
 }

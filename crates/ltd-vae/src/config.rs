@@ -6,85 +6,68 @@ use ltd_nn::layers::Activation;
 use ltd_nn::{ConfigError, OneOrMany};
 use serde::{Deserialize, Deserializer};
 
-fn default_3() -> usize {
-    3
-}
-fn default_down() -> Vec<String> {
-    vec!["DownEncoderBlock2D".into()]
-}
-fn default_up() -> Vec<String> {
-    vec!["UpDecoderBlock2D".into()]
-}
-fn default_channels() -> Vec<usize> {
-    vec![64]
-}
-fn default_1() -> usize {
-    1
-}
-fn default_silu() -> String {
-    "silu".into()
-}
-fn default_4() -> usize {
-    4
-}
-fn default_32() -> usize {
-    32
-}
-fn default_sample_size() -> OneOrMany<usize> {
-    OneOrMany::One(32)
-}
-fn default_scaling() -> f64 {
-    0.18215
-}
-fn default_true() -> bool {
-    true
-}
-
 /// A boolean that may be `null` in a config; diffusers treats `None` as false.
 fn bool_or_null<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
     Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
 }
 
-/// The raw `config.json` of an `AutoencoderKL`, field for field (unknown fields ignored).
+/// The raw `config.json` of an `AutoencoderKL`, field for field in the order of diffusers'
+/// `__init__`: a missing field takes its [`Default`] value (diffusers' default), an unknown one
+/// is ignored.
 #[allow(missing_docs)]
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
 pub struct AutoencoderKLConfig {
-    #[serde(default = "default_3")]
     pub in_channels: usize,
-    #[serde(default = "default_3")]
     pub out_channels: usize,
-    #[serde(default = "default_down")]
     pub down_block_types: Vec<String>,
-    #[serde(default = "default_up")]
     pub up_block_types: Vec<String>,
-    #[serde(default = "default_channels")]
     pub block_out_channels: Vec<usize>,
-    #[serde(default = "default_1")]
     pub layers_per_block: usize,
-    #[serde(default = "default_silu")]
     pub act_fn: String,
-    #[serde(default = "default_4")]
     pub latent_channels: usize,
-    #[serde(default = "default_32")]
     pub norm_num_groups: usize,
-    #[serde(default = "default_sample_size")]
     pub sample_size: OneOrMany<usize>,
-    #[serde(default = "default_scaling")]
     pub scaling_factor: f64,
-    #[serde(default)]
     pub shift_factor: Option<f64>,
-    #[serde(default)]
     pub latents_mean: Option<Vec<f64>>,
-    #[serde(default)]
     pub latents_std: Option<Vec<f64>>,
-    #[serde(default = "default_true", deserialize_with = "bool_or_null")]
+    #[serde(deserialize_with = "bool_or_null")]
     pub force_upcast: bool,
-    #[serde(default = "default_true", deserialize_with = "bool_or_null")]
+    #[serde(deserialize_with = "bool_or_null")]
     pub use_quant_conv: bool,
-    #[serde(default = "default_true", deserialize_with = "bool_or_null")]
+    #[serde(deserialize_with = "bool_or_null")]
     pub use_post_quant_conv: bool,
-    #[serde(default = "default_true", deserialize_with = "bool_or_null")]
+    #[serde(deserialize_with = "bool_or_null")]
     pub mid_block_add_attention: bool,
+}
+
+impl Default for AutoencoderKLConfig {
+    /// The defaults of diffusers' `AutoencoderKL.__init__` (0.42), in its order: a one-level
+    /// toy VAE, not SD's (real configs name all of these). Every field missing from a
+    /// `config.json` takes its value from here.
+    fn default() -> Self {
+        Self {
+            in_channels: 3,
+            out_channels: 3,
+            down_block_types: vec!["DownEncoderBlock2D".into()],
+            up_block_types: vec!["UpDecoderBlock2D".into()],
+            block_out_channels: vec![64],
+            layers_per_block: 1,
+            act_fn: "silu".into(),
+            latent_channels: 4,
+            norm_num_groups: 32,
+            sample_size: OneOrMany::One(32),
+            scaling_factor: 0.18215,
+            shift_factor: None,
+            latents_mean: None,
+            latents_std: None,
+            force_upcast: true,
+            use_quant_conv: true,
+            use_post_quant_conv: true,
+            mid_block_add_attention: true,
+        }
+    }
 }
 
 /// A validated `AutoencoderKL` architecture and its latent-space constants.
@@ -220,6 +203,36 @@ mod tests {
 
     fn parse(json: &str) -> std::result::Result<VaeConfig, ConfigError> {
         VaeConfig::try_from(serde_json::from_str::<AutoencoderKLConfig>(json).unwrap())
+    }
+
+    #[test]
+    fn an_empty_config_is_the_default_and_the_default_is_diffusers() {
+        let raw: AutoencoderKLConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(raw, AutoencoderKLConfig::default());
+        // diffusers 0.42.1, `AutoencoderKL.__init__`.
+        assert_eq!((raw.in_channels, raw.out_channels, raw.latent_channels), (3, 3, 4));
+        assert_eq!(raw.block_out_channels, [64]);
+        assert_eq!(raw.down_block_types, ["DownEncoderBlock2D"]);
+        assert_eq!(raw.up_block_types, ["UpDecoderBlock2D"]);
+        assert_eq!((raw.layers_per_block, raw.norm_num_groups), (1, 32));
+        assert_eq!(raw.sample_size, OneOrMany::One(32));
+        assert_eq!(raw.scaling_factor, 0.18215);
+        assert_eq!((raw.shift_factor, &raw.latents_mean, &raw.latents_std), (None, &None, &None));
+        assert!(raw.force_upcast && raw.use_quant_conv && raw.use_post_quant_conv);
+        assert!(raw.mid_block_add_attention);
+
+        // Unknown fields are ignored; a field given replaces only its own default.
+        let raw: AutoencoderKLConfig = serde_json::from_str(
+            r#"{"_class_name": "AutoencoderKL", "_diffusers_version": "0.6.0",
+                "scaling_factor": 0.13025, "force_upcast": null}"#,
+        )
+        .unwrap();
+        let expected = AutoencoderKLConfig {
+            scaling_factor: 0.13025,
+            force_upcast: false,
+            ..AutoencoderKLConfig::default()
+        };
+        assert_eq!(raw, expected);
     }
 
     #[test]
