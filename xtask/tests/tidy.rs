@@ -136,7 +136,12 @@ fn crate_dependencies_point_downwards() {
         );
     }
     assert!(!ltd("ltd-pipeline").contains(&"ltd-train".to_string()));
+    assert!(ltd("ltd-test-support").is_empty(), "every crate's tests may use ltd-test-support");
     for (c, ds) in &deps {
+        assert!(
+            !ds.iter().any(|d| d == "ltd-test-support"),
+            "{c}: ltd-test-support is a dev-dependency only"
+        );
         if ds.iter().any(|d| d == "clap") {
             assert!(c == "ltd-cli" || c == "xtask", "only ltd-cli and xtask know clap, not {c}");
         }

@@ -11,8 +11,6 @@ pub mod layers;
 pub mod rng;
 pub mod runtime;
 mod simd;
-#[cfg(test)]
-mod test_util;
 pub mod weights;
 
 pub use config::{load_config, read_json, OneOrMany};
