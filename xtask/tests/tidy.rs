@@ -130,8 +130,14 @@ fn dependency_direction_violations(deps: &BTreeMap<String, Vec<String>>) -> Vec<
             }
         }
     }
+    if !ltd("ltd-test-support").is_empty() {
+        out.push("ltd-test-support depends on no ltd crate (every crate's tests may use it)".into());
+    }
     for (c, ds) in deps {
         let has = |name: &str| ds.iter().any(|d| d == name);
+        if has("ltd-test-support") {
+            out.push(format!("{c}: ltd-test-support is a dev-dependency only"));
+        }
         if has("clap") && c != "ltd-cli" && c != "xtask" {
             out.push(format!("only ltd-cli and xtask know clap, not {c}"));
         }
@@ -180,6 +186,8 @@ fn dependency_rule_catches_upward_edges() {
         ("ltd-scheduler", "clap"),
         ("ltd-vae", "image"),
         ("ltd-text", "hf-hub"),
+        ("ltd-vae", "ltd-test-support"),
+        ("ltd-test-support", "ltd-nn"),
     ];
     for (from, to) in broken {
         let mut deps = good.clone();

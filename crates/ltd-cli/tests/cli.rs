@@ -1,12 +1,10 @@
 //! The CLI as a user meets it: outputs and their parameters, batches, the JSON summary, and
 //! hub models served from the cache.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use ltd_test_support::{copy_dir, fixtures};
 
 fn ltd_gen(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_ltd-gen")).args(args).output().unwrap()
@@ -118,19 +116,6 @@ fn fake_hub_cache(home: &Path, repo: &str, src: &Path) {
     std::fs::create_dir_all(root.join("refs")).unwrap();
     std::fs::write(root.join("refs/main"), commit).unwrap();
     copy_dir(src, &root.join("snapshots").join(commit));
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for entry in std::fs::read_dir(src).unwrap() {
-        let entry = entry.unwrap();
-        let to = dst.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &to);
-        } else {
-            std::fs::copy(entry.path(), &to).unwrap();
-        }
-    }
 }
 
 #[test]

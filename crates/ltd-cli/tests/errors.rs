@@ -4,9 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use ltd_test_support::{copy_dir, fixtures};
 
 fn sd1() -> String {
     fixtures().join("pipelines/sd1").display().to_string()
@@ -17,19 +15,6 @@ fn broken_copy(dir: &Path) -> PathBuf {
     let dst = dir.join("model");
     copy_dir(&fixtures().join("pipelines/sd1"), &dst);
     dst
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for entry in std::fs::read_dir(src).unwrap() {
-        let entry = entry.unwrap();
-        let to = dst.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &to);
-        } else {
-            std::fs::copy(entry.path(), &to).unwrap();
-        }
-    }
 }
 
 /// Runs ltd-gen writing to a fresh folder; checks the failure contract and returns stderr.

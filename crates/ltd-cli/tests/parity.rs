@@ -8,11 +8,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use ltd_test_support::fixtures;
 use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
 fn read_png(path: &Path) -> (usize, usize, Vec<u8>) {
     let decoder = png::Decoder::new(std::io::BufReader::new(

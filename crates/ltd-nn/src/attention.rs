@@ -212,7 +212,7 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    use crate::test_util::rand;
+    use ltd_test_support::rand;
 
     /// Under autograd the fused softmax gives candle's values and the gradient of its
     /// composed softmax, also with masked (−∞) entries.

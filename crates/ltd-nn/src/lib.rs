@@ -11,8 +11,6 @@ mod kernels;
 pub mod layers;
 pub mod rng;
 pub mod runtime;
-#[cfg(test)]
-mod test_util;
 pub mod weights;
 
 pub use config::{load_config, read_json, OneOrMany};

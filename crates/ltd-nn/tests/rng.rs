@@ -2,17 +2,18 @@
 //! is bit-exact (0 ulp) unless it says otherwise.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
 use ltd_nn::rng::{
     NoiseSource, PerImage, PhiloxRng, TorchRng, TorchRngState, TORCH_CPU_STATE_BYTES,
 };
+use ltd_test_support::fixtures;
 use serde::Deserialize;
 
 fn golden_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden/rng")
+    fixtures().join("golden/rng")
 }
 
 fn load(stem: &str) -> (serde_json::Value, HashMap<String, Tensor>) {

@@ -11,11 +11,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use ltd_pipeline::{DynamicThreshold, GenerateRequest, InitImage, LoadOptions, Pipeline, RgbImage};
+use ltd_test_support::fixtures;
 use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
 /// Reads a PNG into RGB bytes (8-bit RGB or RGBA).
 pub fn read_png(path: &Path) -> RgbImage {

@@ -3,17 +3,12 @@
 //! limiter, clip skip and long prompts. Their parity cases with diffusers live in
 //! `e2e_parity.rs`; these tests pin down the defined behaviour instead.
 
-use std::path::{Path, PathBuf};
-
 use candle_core::{DType, Tensor};
 use ltd_pipeline::{
     DynamicThreshold, GenerateRequest, LoadOptions, LongPrompt, MimicGuidance, Pipeline,
     SamplerKind,
 };
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use ltd_test_support::{fixtures, max_abs};
 
 fn load(name: &str) -> Pipeline {
     Pipeline::load_folder(&fixtures().join("pipelines").join(name), &LoadOptions::default())
@@ -22,10 +17,6 @@ fn load(name: &str) -> Pipeline {
 
 fn latents(pipe: &Pipeline, req: &GenerateRequest) -> Tensor {
     pipe.generate(req, &mut |_| {}).unwrap().latents
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
 }
 
 fn base() -> GenerateRequest {

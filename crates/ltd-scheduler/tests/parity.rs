@@ -22,6 +22,7 @@ use common::{golden, golden_dir, model, rel_err, ReplayNoise};
 use ltd_scheduler::{
     build, build_scheduler, load_scheduler, SamplerKind, SamplerOptions, Scheduler, SchedulerConfig,
 };
+use ltd_test_support::max_abs_f64 as max_abs;
 
 const TRAJECTORY_TOL: f64 = 1e-5;
 const TIMESTEP_TOL: f64 = 1e-3;
@@ -33,10 +34,6 @@ struct Report {
     evaluations: usize,
     /// Steps whose tolerance was widened by a cancellation bound.
     conditioned: usize,
-}
-
-fn max_abs(t: &Tensor) -> f64 {
-    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().into()
 }
 
 fn build_case(case: &serde_json::Value) -> Box<dyn Scheduler> {

@@ -7,6 +7,7 @@ use common::{configs_dir, ReplayNoise};
 use ltd_scheduler::{
     build_scheduler, load_scheduler, NoiseSource, PredictionType, SamplerKind, SchedulerConfig,
 };
+use ltd_test_support::max_abs_diff;
 
 fn model_config(name: &str) -> SchedulerConfig {
     SchedulerConfig::load(&configs_dir().join(name).join("scheduler/scheduler_config.json"))
@@ -15,10 +16,6 @@ fn model_config(name: &str) -> SchedulerConfig {
 
 const MODELS: [&str; 3] =
     ["stable-diffusion-v1-5", "stable-diffusion-2-1", "stable-diffusion-xl-base-1.0"];
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
-}
 
 /// A NoiseSource of zeros (for properties that need a deterministic step).
 struct Zeros;

@@ -9,25 +9,13 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use common::{configs_dir, golden};
 use ltd_scheduler::{NoiseSchedule, PredictionType, SchedulerConfig};
+use ltd_test_support::max_abs_diff_f64 as max_abs;
 
 fn config(json: &str) -> SchedulerConfig {
     serde_json::from_str(json).unwrap()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
 }
 
 #[test]

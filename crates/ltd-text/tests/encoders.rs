@@ -2,12 +2,13 @@
 //! `tests/fixtures/gen/text.py`, computed in float32 from the files on disk).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use ltd_nn::weights::component_weights;
 use ltd_nn::{load_checked, load_config, RuntimeOptions, SafetensorsFiles};
+use ltd_test_support::{copy_dir, fixtures, max_abs_diff};
 use ltd_text::{
     attention_mask_tensor, ids_tensor, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
     CLIPTokenizer, ClipLayer, ClipTextParams, Pooling, T5EncoderModel, T5Tokenizer,
@@ -20,28 +21,8 @@ const TOL_F32: f32 = 1e-4;
 const TOL_F16: f32 = 1e-2;
 const TOL_BF16: f32 = 8e-2;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
 fn golden(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixtures().join("golden/text").join(name), &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// Compares named outputs with the golden tensors; returns the largest error.
@@ -285,13 +266,6 @@ fn t5_encoders_match_transformers_f16_bf16() {
     for name in ["text_encoder", "text_encoder_relu"] {
         check_t5(name, DType::F16, TOL_F16);
         check_t5(name, DType::BF16, TOL_BF16);
-    }
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    for entry in std::fs::read_dir(src).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dst.join(entry.file_name())).unwrap();
     }
 }
 

@@ -1,14 +1,9 @@
 //! Tokenizer ids against transformers on the prompt corpus of
 //! `tests/fixtures/golden/text/` (written by `tests/fixtures/gen/text.py`).
 
-use std::path::{Path, PathBuf};
-
+use ltd_test_support::{copy_dir_except as copy_dir, fixtures};
 use ltd_text::{CLIPTokenizer, Encoded, LongPrompt, T5Tokenizer, A1111_COMMA_BACKTRACK};
 use serde::Deserialize;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
 fn prompts() -> Vec<String> {
     let text = std::fs::read_to_string(fixtures().join("golden/text/prompts.json")).unwrap();
@@ -213,16 +208,6 @@ fn t5_matches_transformers() {
         tok.encode("", Some(4)).unwrap().ids,
         [golden.eos_id, golden.pad_id, golden.pad_id, golden.pad_id]
     );
-}
-
-fn copy_dir(src: &Path, dst: &Path, skip: &[&str]) {
-    for entry in std::fs::read_dir(src).unwrap() {
-        let entry = entry.unwrap();
-        let name = entry.file_name().into_string().unwrap();
-        if !skip.contains(&name.as_str()) {
-            std::fs::copy(entry.path(), dst.join(&name)).unwrap();
-        }
-    }
 }
 
 #[test]

@@ -2,15 +2,11 @@
 //! for each case, the inputs and diffusers' float32 output (see `tests/fixtures/gen/models.py`).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use ltd_nn::RuntimeOptions;
+use ltd_test_support::fixtures;
 use ltd_unet::{UNet2DConditionModel, UNetConditioning};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
 /// Golden file stem → model folder (relative to tests/fixtures).
 const MODELS: &[(&str, &str)] = &[

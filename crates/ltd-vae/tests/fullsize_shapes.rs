@@ -2,49 +2,21 @@
 //! weights, request exactly the tensors (names and shapes) of the reference models' state dicts
 //! (`tests/fixtures/fullsize/*/vae.txt`).
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-
 use candle_core::DType;
 use ltd_nn::RuntimeOptions;
+use ltd_test_support::{assert_same_shapes, fixtures, read_shapes, workspace_root};
 use ltd_vae::AutoencoderKL;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn golden(path: &Path) -> BTreeMap<String, Vec<usize>> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|line| {
-            let (name, dims) = line.split_once('\t').unwrap();
-            let dims = dims.split(',').filter(|d| !d.is_empty()).map(|d| d.parse().unwrap());
-            (name.to_string(), dims.collect())
-        })
-        .collect()
-}
 
 fn check(short: &str, config_dir: &str) {
     let cfg =
-        AutoencoderKL::load_config(&repo().join("configs").join(config_dir).join("vae")).unwrap();
+        AutoencoderKL::load_config(&workspace_root().join("configs").join(config_dir).join("vae"))
+            .unwrap();
     let (_, ours) = ltd_nn::record_shapes(DType::F32, |vb| {
         AutoencoderKL::new(vb, &cfg, &RuntimeOptions::default())
     })
     .unwrap();
-    let expected = golden(&repo().join(format!("tests/fixtures/fullsize/{short}/vae.txt")));
-    let missing: Vec<_> = expected.keys().filter(|k| !ours.contains_key(*k)).collect();
-    let extra: Vec<_> = ours.keys().filter(|k| !expected.contains_key(*k)).collect();
-    let mis_shaped: Vec<_> = expected
-        .iter()
-        .filter_map(|(k, s)| ours.get(k).filter(|o| *o != s).map(|o| (k, s, o)))
-        .collect();
-    assert!(
-        missing.is_empty() && extra.is_empty() && mis_shaped.is_empty(),
-        "{short}: missing {missing:?}\nextra {extra:?}\nmis-shaped (name, reference, ours) \
-         {mis_shaped:?}"
-    );
-    assert_eq!(ours.len(), expected.len());
+    let expected = read_shapes(&fixtures().join(format!("fullsize/{short}/vae.txt")));
+    assert_same_shapes(short, &ours, &expected);
 }
 
 #[test]

@@ -3,15 +3,11 @@
 //! decoding, and tiled decoding and encoding (see `tests/fixtures/gen/models.py`).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use ltd_nn::RuntimeOptions;
+use ltd_test_support::{fixtures, max_abs_diff};
 use ltd_vae::{AutoencoderKL, TilingOptions};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
 /// Golden file stem → model folder (relative to tests/fixtures).
 const MODELS: &[(&str, &str)] = &[
@@ -23,12 +19,6 @@ const MODELS: &[(&str, &str)] = &[
 
 /// Tiles of 4×4 latents, overlapping by a quarter (what the goldens were made with).
 const TILE_LATENT: usize = 4;
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
-    d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-}
 
 /// (model/output, max |ours − diffusers|) for every output of every golden file.
 fn run_all(dtype: DType) -> Vec<(String, f32)> {

@@ -11,29 +11,12 @@ use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use ltd_nn::RuntimeOptions;
+use ltd_test_support::{max_abs_diff, randn};
 use ltd_vae::{AutoencoderKL, TilingOptions};
 
 fn vae(dir: &str) -> AutoencoderKL {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(dir);
     AutoencoderKL::load(&dir, None, DType::F32, &Device::Cpu, &RuntimeOptions::default()).unwrap()
-}
-
-fn randn(shape: (usize, usize, usize, usize), seed: u64) -> Tensor {
-    let n = shape.0 * shape.1 * shape.2 * shape.3;
-    let mut s = seed;
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 33) as f32 / (1u64 << 31) as f32) * 3.4 - 1.7
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let d = (a - b).unwrap().abs().unwrap();
-    d.flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
 /// Checks every tile's unblended region: `out[.., a.., b..]` for tile `(i, j)` against `f` of

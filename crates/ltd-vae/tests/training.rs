@@ -8,16 +8,9 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use ltd_nn::RuntimeOptions;
 use ltd_vae::AutoencoderKL;
 
+/// Deterministic inputs uniform in [-1, 1).
 fn randn(shape: &[usize], seed: u64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let mut s = seed;
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    ltd_test_support::lcg_tensor(shape, seed, 2.0, -1.0)
 }
 
 #[test]

@@ -384,7 +384,7 @@ mod tests {
     use super::*;
 
     fn lcg(n: usize, seed: u64, amp: f32) -> Vec<f32> {
-        crate::test_util::uniform(n, seed).into_iter().map(|u| u * 2.0 * amp).collect()
+        ltd_test_support::uniform(n, seed).into_iter().map(|u| u * 2.0 * amp).collect()
     }
 
     /// Softmax attention in f64 from the definition.

@@ -156,7 +156,7 @@ mod tests {
     use super::*;
     use candle_core::Var;
 
-    use crate::test_util::rand;
+    use ltd_test_support::rand;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         let d = (a - b).unwrap().abs().unwrap();

@@ -147,7 +147,7 @@ mod tests {
 
     fn rand(shape: &[usize], seed: u64, offset: f32) -> Tensor {
         let n: usize = shape.iter().product();
-        let data = crate::test_util::uniform(n, seed).into_iter().map(|u| u * 4.0 + offset);
+        let data = ltd_test_support::uniform(n, seed).into_iter().map(|u| u * 4.0 + offset);
         Tensor::from_vec(data.collect::<Vec<_>>(), shape, &Device::Cpu).unwrap()
     }
 

@@ -5,18 +5,19 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
 use ltd_scheduler::{NoiseSource, PredictionType};
+use ltd_test_support::{fixtures, max_abs_diff_f64, max_abs_f64, workspace_root};
 
 pub fn golden_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden/schedulers")
+    fixtures().join("golden/schedulers")
 }
 
 pub fn configs_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs")
+    workspace_root().join("configs")
 }
 
 pub struct Golden {
@@ -108,28 +109,8 @@ impl NoiseSource for ReplayNoise {
 
 /// The trajectory metric: max |ours − diffusers| / max(max |diffusers|, 1).
 pub fn rel_err(ours: &Tensor, golden: &Tensor) -> f64 {
-    let diff = (ours.to_dtype(DType::F64).unwrap() - golden.to_dtype(DType::F64).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    let scale = golden
-        .to_dtype(DType::F64)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-        .max(1.0);
+    let diff = max_abs_diff_f64(ours, golden);
+    let scale = max_abs_f64(golden).max(1.0);
     if diff.is_nan() {
         f64::INFINITY
     } else {

@@ -6,10 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-/// The repository's fixtures.
-pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+pub use ltd_test_support::fixtures;
 
 /// The real CLIP tokenizer of the sd1 fixture pipeline.
 pub fn tokenizer() -> PathBuf {
