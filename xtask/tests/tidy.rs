@@ -131,7 +131,9 @@ fn dependency_direction_violations(deps: &BTreeMap<String, Vec<String>>) -> Vec<
         }
     }
     if !ltd("ltd-test-support").is_empty() {
-        out.push("ltd-test-support depends on no ltd crate (every crate's tests may use it)".into());
+        out.push(
+            "ltd-test-support depends on no ltd crate (every crate's tests may use it)".into(),
+        );
     }
     for (c, ds) in deps {
         let has = |name: &str| ds.iter().any(|d| d == name);
@@ -351,6 +353,8 @@ fn env_rule_catches_the_old_big_memory_gate() {
     assert_eq!(env_reads_in_tests("crates/ltd-unet/tests/big_memory.rs", old).len(), 1);
     let lib = "fn f() { std::env::var(\"X\"); }\n#[cfg(test)]\nmod tests {}\n";
     assert!(env_reads_in_tests("crates/ltd-nn/src/device.rs", lib).is_empty());
+}
+
 // ---------------------------------------------------------------------------------------------
 // ltd-nn's invariants: its layers are shared, its modules form no circle, its kernels are
 // together. These read Rust sources as tokens: comments, strings and `#[cfg(test)]` items are
