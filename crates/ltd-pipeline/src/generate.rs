@@ -322,7 +322,13 @@ impl Pipeline {
         req.validate()?;
         let (width, height) = req.size(self.default_size(), self.vae_scale_factor())?;
         let sampler = req.scheduler.or(self.default_sampler);
-        req.check_eta(sampler, sampler.map_or("model's", SamplerKind::name))?;
+        // η is a property of the class that will run: the model's own scheduler may be one no
+        // sampler name stands for (a DPM-Solver variant), so ask its config, not the name.
+        let class = req
+            .scheduler
+            .map(SamplerKind::scheduler_class)
+            .or_else(|| self.scheduler_config.scheduler_class().ok());
+        req.check_eta(class, sampler.map_or("model's", SamplerKind::name))?;
         // diffusers: guidance needs g > 1, and guidance-distilled (LCM) U-Nets take it as input.
         let do_cfg = req.guidance > 1.0 && self.unet.config().time_cond_proj_dim.is_none();
         let batch = req.prompts.len() * req.num_images;

@@ -5,7 +5,7 @@
 //! strings once, with [`parse_sampler`] and friends, when it builds the request, and
 //! [`GenerateRequest::validate`] checks the values.
 
-use ltd_scheduler::SamplerKind;
+use ltd_scheduler::{SamplerKind, SchedulerClass};
 
 use crate::error::{PipelineError, Result};
 use crate::image::RgbImage;
@@ -198,7 +198,7 @@ impl GenerateRequest {
         }
         finite_at_least("eta", self.eta, 0.0)?;
         if let Some(kind) = self.scheduler {
-            self.check_eta(Some(kind), kind.name())?;
+            self.check_eta(Some(kind.scheduler_class()), kind.name())?;
         }
         for (field, v) in [("width", self.width), ("height", self.height)] {
             if v == Some(0) {
@@ -239,8 +239,8 @@ impl GenerateRequest {
     /// Rejects a non-zero η for a sampler that does not read it. `sampler` is the sampler the
     /// run uses (`None`: a shipped class with no CLI name, which is never DDIM), `name` what
     /// to call it in the message.
-    pub(crate) fn check_eta(&self, sampler: Option<SamplerKind>, name: &str) -> Result<()> {
-        if self.eta == 0.0 || sampler.is_some_and(SamplerKind::uses_eta) {
+    pub(crate) fn check_eta(&self, class: Option<SchedulerClass>, name: &str) -> Result<()> {
+        if self.eta == 0.0 || class.is_some_and(SchedulerClass::uses_eta) {
             return Ok(());
         }
         Err(PipelineError::invalid(

@@ -201,6 +201,15 @@ config_enum! {
     }
 }
 
+impl SchedulerClass {
+    /// Whether this class's `step` takes η ([`crate::SamplerOptions::eta`]): in diffusers only
+    /// `DDIMScheduler.step` has an `eta` argument (Euler a is ancestral with η fixed at 1), so
+    /// a request can reject an η that would otherwise be silently ignored.
+    pub fn uses_eta(self) -> bool {
+        matches!(self, Self::Ddim)
+    }
+}
+
 /// The fields of a diffusers `scheduler_config.json`, all optional (absent or `null` means "the
 /// class default"); unknown fields are ignored. String-valued choices stay strings here and are
 /// validated by the scheduler that reads them, so the error names the field and value.

@@ -301,11 +301,10 @@ impl SamplerKind {
         }
     }
 
-    /// Whether the sampler reads [`SamplerOptions::eta`]: only DDIM's `step` takes η in
-    /// diffusers (Euler a is ancestral with η fixed at 1), so a request may reject an η that
-    /// would otherwise be silently ignored.
+    /// Whether the sampler reads [`SamplerOptions::eta`]: a property of its diffusers class
+    /// ([`SchedulerClass::uses_eta`]).
     pub fn uses_eta(self) -> bool {
-        matches!(self, Self::Ddim)
+        self.scheduler_class().uses_eta()
     }
 
     /// All command-line names, for `--help` and error messages.
