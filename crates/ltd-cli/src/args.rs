@@ -6,11 +6,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use ltd_pipeline::{
-    parse_sampler, DynamicThreshold, GenerateRequest, InitImage, LongPrompt, MimicGuidance,
-    RgbImage, RngKind,
+    outpaint_canvas, parse_sampler, DynamicThreshold, GenerateRequest, InitImage, Inpaint,
+    LongPrompt, MimicGuidance, OutpaintFill, RgbImage, RngKind,
 };
 
 /// Generate images from text with Stable Diffusion 1.x, 2.x and XL models in diffusers format.
@@ -110,9 +110,33 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub init_image: Option<PathBuf>,
 
-    /// Image-to-image strength in [0, 1]: how much of the schedule to run.
-    #[arg(long, default_value_t = 0.8, requires = "init_image", allow_negative_numbers = true)]
-    pub strength: f64,
+    /// Image-to-image strength in [0, 1]: how much of the schedule to run. Default: 0.8; 1 when
+    /// inpainting or outpainting (diffusers' default: the masked part starts from pure noise).
+    #[arg(long, requires = "init_image", allow_negative_numbers = true)]
+    pub strength: Option<f64>,
+
+    /// Inpainting: repaint the white part of --init-image (black is kept; gray is binarized at
+    /// 50%). Any size with the image's aspect ratio. Inpainting models (9-channel U-Nets) and
+    /// regular ones (the known part is put back after every step) both work.
+    #[arg(long, value_name = "FILE")]
+    pub mask: Option<PathBuf>,
+
+    /// Gaussian blur radius for the mask, in pixels (diffusers' `blur_factor`): a softer seam
+    /// where the picture is pasted back (with --padding-mask-crop or --outpaint).
+    #[arg(long, default_value_t = 0.0, value_name = "RADIUS", allow_negative_numbers = true)]
+    pub mask_blur: f32,
+
+    /// Inpaint only the masked region ("only masked"): the mask's bounding box grown by this
+    /// many pixels and to the output's aspect ratio is cut out, generated at --width x
+    /// --height (default: the model's size) and pasted back into the image, which keeps its size.
+    #[arg(long, value_name = "PIXELS")]
+    pub padding_mask_crop: Option<usize>,
+
+    /// Outpainting: extend --init-image by LEFT,RIGHT,TOP,BOTTOM pixels, fill the new area by
+    /// repeating the edge pixels, and repaint only it (the mask is made for you); the result
+    /// keeps the original pixels exactly and has the new size.
+    #[arg(long, value_name = "LEFT,RIGHT,TOP,BOTTOM")]
+    pub outpaint: Option<String>,
 
     /// Prompts over 77 tokens: truncate (diffusers) or chunk (AUTOMATIC1111: 75-token chunks
     /// whose embeddings are concatenated).
@@ -185,12 +209,17 @@ fn pair(flag: &str, s: &str, default_b: f64) -> Result<(f64, f64)> {
 
 /// Reads an init image into RGB bytes; any failure names the file.
 pub fn read_init_image(path: &std::path::Path) -> Result<RgbImage> {
+    read_image("init-image", path)
+}
+
+/// Reads the image a flag names into RGB bytes; any failure names the flag and the file.
+fn read_image(flag: &str, path: &std::path::Path) -> Result<RgbImage> {
     let img = image::ImageReader::open(path)
-        .with_context(|| format!("--init-image {}: cannot open", path.display()))?
+        .with_context(|| format!("--{flag} {}: cannot open", path.display()))?
         .with_guessed_format()
-        .with_context(|| format!("--init-image {}: cannot read", path.display()))?
+        .with_context(|| format!("--{flag} {}: cannot read", path.display()))?
         .decode()
-        .map_err(|e| anyhow!("--init-image {}: not a readable image ({e})", path.display()))?
+        .map_err(|e| anyhow!("--{flag} {}: not a readable image ({e})", path.display()))?
         .to_rgb8();
     let (w, h) = img.dimensions();
     Ok(RgbImage::new(w as usize, h as usize, img.into_raw())?)
@@ -215,12 +244,7 @@ impl Args {
                     .map(|(mimic, percentile)| MimicGuidance { mimic, percentile })
             })
             .transpose()?;
-        let init_image = match &self.init_image {
-            Some(path) => {
-                Some(InitImage { image: read_init_image(path)?, strength: self.strength })
-            }
-            None => None,
-        };
+        let (init_image, inpaint) = self.init_and_mask()?;
         let req = GenerateRequest {
             prompts: self.prompts.clone(),
             negative: self.negative.clone(),
@@ -246,9 +270,75 @@ impl Args {
             },
             init_image,
             vae_tiling: self.vae_tiling,
+            inpaint,
         };
         req.validate()?;
         Ok(req)
+    }
+}
+
+/// Parses `--outpaint LEFT,RIGHT,TOP,BOTTOM`.
+fn outpaint_margins(s: &str) -> Result<[usize; 4]> {
+    let bad = || {
+        anyhow!("--outpaint: expected four pixel counts LEFT,RIGHT,TOP,BOTTOM (e.g. 64,64,0,0), got {s:?}")
+    };
+    let v: Vec<usize> =
+        s.split(',').map(|p| p.trim().parse::<usize>()).collect::<Result<_, _>>().map_err(|_| bad())?;
+    let m: [usize; 4] = v.try_into().map_err(|_| bad())?;
+    if m.iter().all(|&p| p == 0) {
+        return Err(anyhow!("--outpaint: all four margins are 0: nothing to extend"));
+    }
+    Ok(m)
+}
+
+impl Args {
+    /// The init image and the inpainting mask: read from files, or for --outpaint the
+    /// extended canvas and its mask.
+    fn init_and_mask(&self) -> Result<(Option<InitImage>, Option<Inpaint>)> {
+        let painting = self.mask.is_some() || self.outpaint.is_some();
+        let strength = self.strength.unwrap_or(if painting { 1.0 } else { 0.8 });
+        if self.outpaint.is_some() && self.mask.is_some() {
+            bail!("--outpaint: makes its own mask; drop --mask");
+        }
+        if !painting {
+            if self.padding_mask_crop.is_some() {
+                bail!("--padding-mask-crop: needs --mask (or --outpaint)");
+            }
+            if self.mask_blur != 0.0 {
+                bail!("--mask-blur: needs --mask (or --outpaint)");
+            }
+        }
+        if let (Some(_), None) = (&self.outpaint, &self.init_image) {
+            bail!("--outpaint: needs --init-image, the picture to extend");
+        }
+        let Some(path) = &self.init_image else {
+            // The request's check names --mask: it needs an init image.
+            let inpaint = match &self.mask {
+                Some(m) => Some(self.inpaint(read_image("mask", m)?, false)),
+                None => None,
+            };
+            return Ok((None, inpaint));
+        };
+        let image = read_init_image(path)?;
+        let (image, inpaint) = match (&self.outpaint, &self.mask) {
+            (Some(margins), _) => {
+                let (canvas, mask) =
+                    outpaint_canvas(&image, outpaint_margins(margins)?, OutpaintFill::Edge);
+                (canvas, Some(self.inpaint(mask, true)))
+            }
+            (None, Some(m)) => (image, Some(self.inpaint(read_image("mask", m)?, false))),
+            (None, None) => (image, None),
+        };
+        Ok((Some(InitImage { image, strength }), inpaint))
+    }
+
+    fn inpaint(&self, mask: RgbImage, keep_unmasked: bool) -> Inpaint {
+        Inpaint {
+            mask,
+            mask_blur: self.mask_blur,
+            padding_mask_crop: self.padding_mask_crop,
+            keep_unmasked,
+        }
     }
 }
 
@@ -265,6 +355,15 @@ mod tests {
                 pair("x", bad, 1.0).unwrap_err().to_string().starts_with("--x: expected"),
                 "{bad}"
             );
+        }
+    }
+
+    #[test]
+    fn parses_outpaint_margins() {
+        assert_eq!(outpaint_margins("64, 0,8,16").unwrap(), [64, 0, 8, 16]);
+        for bad in ["", "1,2,3", "1,2,3,4,5", "a,1,1,1", "-8,0,0,0", "0,0,0,0"] {
+            let e = outpaint_margins(bad).unwrap_err().to_string();
+            assert!(e.starts_with("--outpaint: "), "{bad}: {e}");
         }
     }
 

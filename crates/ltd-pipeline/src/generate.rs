@@ -10,6 +10,10 @@
 //! 6. [`Pipeline::decode_latents`];
 //! 7. `Plan::params`: each image's parameters in AUTOMATIC1111's infotext vocabulary.
 //!
+//! Inpainting (`inpaint.rs`) hooks into phases 4 to 6: its own starting latents with the
+//! mask and masked-image latents, the 9-channel U-Net input or the 4-channel blend in the loop,
+//! and the paste-back after decoding.
+//!
 //! Progress is reported in the user's steps (`--steps`), not in model evaluations: Heun
 //! evaluates the model twice per step and PNDM once more at its start, and diffusers' progress
 //! bar counts steps all the same (`StepCounter`).
@@ -30,6 +34,9 @@ use crate::params::{fmt_number, GenerationParams};
 use crate::pipeline::Pipeline;
 use crate::request::{GenerateRequest, RngKind};
 use crate::text::PromptEmbeds;
+
+mod inpaint;
+use inpaint::InpaintState;
 
 /// Progress after one model evaluation.
 #[derive(Debug, Clone, Copy)]
@@ -228,6 +235,15 @@ impl Plan<'_> {
         if let Some(init) = &req.init_image {
             extra.push(("Denoising strength".into(), fmt_number(init.strength)));
         }
+        if let Some(inpaint) = &req.inpaint {
+            if inpaint.mask_blur > 0.0 {
+                extra.push(("Mask blur".into(), fmt_number(inpaint.mask_blur as f64)));
+            }
+            if let Some(pad) = inpaint.padding_mask_crop {
+                extra.push(("Inpaint area".into(), "Only masked".into()));
+                extra.push(("Masked area padding".into(), pad.to_string()));
+            }
+        }
         if let Some(k) = req.clip_skip {
             extra.push(("Clip skip".into(), (k + 1).to_string()));
         }
@@ -285,12 +301,22 @@ impl Pipeline {
 
         let t_denoise = Instant::now();
         let mut sampling = self.prepare_timesteps(&plan)?;
-        let latents = self.prepare_latents(&plan, &mut sampling)?;
-        let latents = self.denoise(&plan, &conditioning, &mut sampling, latents, on_step)?;
+        let (latents, inpaint) = match &req.inpaint {
+            Some(_) => {
+                let (latents, state) = self.prepare_inpaint(&plan, &mut sampling)?;
+                (latents, Some(state))
+            }
+            None => (self.prepare_latents(&plan, &mut sampling)?, None),
+        };
+        let latents =
+            self.denoise(&plan, &conditioning, &mut sampling, latents, inpaint.as_ref(), on_step)?;
         let denoise = t_denoise.elapsed();
 
         let t_decode = Instant::now();
-        let images = self.decode_latents(&latents, req.vae_tiling)?;
+        let mut images = self.decode_latents(&latents, req.vae_tiling)?;
+        if let Some(state) = &inpaint {
+            images = state.paste_back(images)?;
+        }
         let decode = t_decode.elapsed();
 
         let images = images
@@ -332,6 +358,7 @@ impl Pipeline {
         // diffusers: guidance needs g > 1, and guidance-distilled (LCM) U-Nets take it as input.
         let do_cfg = req.guidance > 1.0 && self.unet.config().time_cond_proj_dim.is_none();
         let batch = req.prompts.len() * req.num_images;
+        self.check_inpaint(req)?;
         Ok(Plan { req, width, height, sampler, do_cfg, batch })
     }
 
@@ -487,6 +514,7 @@ impl Pipeline {
         conditioning: &Conditioning,
         sampling: &mut Sampling,
         mut latents: Tensor,
+        inpaint: Option<&InpaintState>,
         on_step: &mut dyn FnMut(Progress<'_>),
     ) -> Result<Tensor> {
         let Sampling { scheduler, timesteps, steps, generator, .. } = sampling;
@@ -498,12 +526,18 @@ impl Pipeline {
             let _span = tracing::debug_span!("step", i, t).entered();
             let x_in =
                 if plan.do_cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
-            let x_in = scheduler.scale_model_input(&x_in, t)?;
+            let mut x_in = scheduler.scale_model_input(&x_in, t)?;
+            if let Some(state) = inpaint {
+                x_in = state.unet_input(&x_in)?;
+            }
             let t_in = Tensor::full(t as f32, rows, &self.device)?;
             let out =
                 self.unet.forward(&x_in, &t_in, &conditioning.context, &conditioning.added)?;
             let guided = plan.guide(scheduler.as_ref(), out, t, &latents)?;
             latents = scheduler.step(&guided, t, &latents, generator.as_mut())?;
+            if let Some(state) = inpaint {
+                latents = state.blend(scheduler.as_ref(), &latents, timesteps.get(i + 1).copied())?;
+            }
             if counter.ends_step(i) {
                 step = (step + 1).min(*steps);
             }

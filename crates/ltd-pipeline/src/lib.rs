@@ -1,4 +1,4 @@
-//! Text-to-image and image-to-image generation with Stable Diffusion 1.x, 2.x and XL models
+//! Text-to-image, image-to-image and inpainting with Stable Diffusion 1.x, 2.x and XL models
 //! in diffusers layout: model folders (local or from the hub), prompt encoding,
 //! classifier-free guidance, the denoising loop and decoding.
 //!
@@ -16,6 +16,7 @@ pub mod error;
 pub mod generate;
 pub mod guidance;
 pub mod image;
+pub mod image_processor;
 pub mod model_index;
 pub mod params;
 pub mod pipeline;
@@ -26,6 +27,7 @@ mod text;
 pub use error::{PipelineError, Result};
 pub use generate::{GeneratedImage, Generation, Progress, Timings};
 pub use image::RgbImage;
+pub use image_processor::{outpaint_canvas, OutpaintFill};
 pub use ltd_scheduler::SamplerKind;
 pub use model_index::{ModelIndex, PipelineKind};
 pub use params::GenerationParams;
@@ -33,4 +35,5 @@ pub use pipeline::{LoadOptions, Pipeline};
 pub use request::{
     parse_sampler, DynamicThreshold, GenerateRequest, InitImage, LongPrompt, MimicGuidance, RngKind,
 };
+pub use request::Inpaint;
 pub use source::ModelSource;

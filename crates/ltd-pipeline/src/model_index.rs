@@ -20,14 +20,17 @@ pub enum PipelineKind {
 }
 
 impl PipelineKind {
-    /// The pipeline classes we accept for each kind (text-to-image and image-to-image
-    /// checkpoints share weights and layout).
+    /// The pipeline classes we accept for each kind (text-to-image, image-to-image and
+    /// inpainting checkpoints share their layout; an inpainting U-Net's 9 input channels are
+    /// read from its config).
     fn from_class(class: &str) -> Option<Self> {
         Some(match class {
-            "StableDiffusionPipeline" | "StableDiffusionImg2ImgPipeline" => Self::StableDiffusion,
-            "StableDiffusionXLPipeline" | "StableDiffusionXLImg2ImgPipeline" => {
-                Self::StableDiffusionXl
-            }
+            "StableDiffusionPipeline"
+            | "StableDiffusionImg2ImgPipeline"
+            | "StableDiffusionInpaintPipeline" => Self::StableDiffusion,
+            "StableDiffusionXLPipeline"
+            | "StableDiffusionXLImg2ImgPipeline"
+            | "StableDiffusionXLInpaintPipeline" => Self::StableDiffusionXl,
             _ => return None,
         })
     }
@@ -124,7 +127,8 @@ impl ModelIndex {
                 "_class_name",
                 format!(
                     "unsupported pipeline class {class_name:?}: ltd runs StableDiffusionPipeline \
-                     and StableDiffusionXLPipeline checkpoints (and their Img2Img variants)"
+                     and StableDiffusionXLPipeline checkpoints (and their Img2Img and Inpaint \
+                     variants)"
                 ),
             )
         })?;
@@ -202,6 +206,12 @@ mod tests {
         assert_eq!(idx.kind, PipelineKind::StableDiffusion);
         assert_eq!(idx.components["safety_checker"], None);
         assert_eq!(idx.loadable_components().len(), 5);
+    }
+
+    #[test]
+    fn reads_inpainting_indexes() {
+        let idx = parse(&SD.replace("StableDiffusionPipeline", "StableDiffusionInpaintPipeline"));
+        assert_eq!(idx.unwrap().kind, PipelineKind::StableDiffusion);
     }
 
     #[test]

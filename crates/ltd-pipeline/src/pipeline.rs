@@ -210,12 +210,14 @@ fn check_compatible(
 ) -> Result<()> {
     let u = unet.config();
     let latent = vae.config().latent_channels;
-    if u.in_channels != latent {
+    // An inpainting U-Net also takes the mask and the masked image's latents.
+    if u.in_channels != latent && u.in_channels != 2 * latent + 1 {
         return Err(PipelineError::msg(format!(
             "{}: the U-Net takes {} input channels but the VAE makes {latent}-channel latents \
-             (inpainting models, with 9 input channels, are not supported by this pipeline)",
+             (a U-Net takes {latent}, or {} for inpainting)",
             root.join("unet/config.json").display(),
-            u.in_channels
+            u.in_channels,
+            2 * latent + 1
         )));
     }
     if index.kind == PipelineKind::StableDiffusionXl {

@@ -73,6 +73,26 @@ pub struct InitImage {
     pub strength: f64,
 }
 
+/// Inpainting input: which part of the init image to repaint (diffusers'
+/// `StableDiffusionInpaintPipeline`; `--init-image` is the picture, its strength
+/// `--strength`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inpaint {
+    /// White repaints, black keeps (gray: binarized at 50%, as diffusers' mask processor);
+    /// any size with the picture's aspect ratio, resized to it with PIL's Lanczos filter.
+    pub mask: RgbImage,
+    /// Gaussian blur radius applied to the mask first (diffusers' `VaeImageProcessor.blur`
+    /// `blur_factor`, PIL's `GaussianBlur`); 0 for none. It softens the paste-back seam.
+    pub mask_blur: f32,
+    /// diffusers' `padding_mask_crop`: inpaint only the mask's bounding box grown by this many
+    /// pixels (and to the output's aspect ratio), at the full generation size, then paste it
+    /// back into the picture, which keeps its own size.
+    pub padding_mask_crop: Option<usize>,
+    /// Paste the original back wherever the mask is black (diffusers' `apply_overlay`), also
+    /// without `padding_mask_crop` (outpainting does, so the picture stays byte-exact).
+    pub keep_unmasked: bool,
+}
+
 /// A generation request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateRequest {
@@ -114,6 +134,8 @@ pub struct GenerateRequest {
     pub init_image: Option<InitImage>,
     /// Decode (and encode) the VAE in tiles, for large images in bounded memory.
     pub vae_tiling: bool,
+    /// Inpainting: the mask over `init_image` (which it needs).
+    pub inpaint: Option<Inpaint>,
 }
 
 impl Default for GenerateRequest {
@@ -137,6 +159,7 @@ impl Default for GenerateRequest {
             long_prompt: LongPrompt::Truncate,
             init_image: None,
             vae_tiling: false,
+            inpaint: None,
         }
     }
 }
@@ -233,6 +256,9 @@ impl GenerateRequest {
                 ));
             }
         }
+        if let Some(inpaint) = &self.inpaint {
+            inpaint.validate(self.init_image.as_ref())?;
+        }
         Ok(())
     }
 
@@ -256,6 +282,20 @@ impl GenerateRequest {
     /// The image size, from the request or the model's default, checked against the VAE's
     /// scale factor.
     pub fn size(&self, default: (usize, usize), scale_factor: usize) -> Result<(usize, usize)> {
+        if self.inpaint.as_ref().is_some_and(|i| i.padding_mask_crop.is_some()) {
+            // The crop is rendered at the generation size and pasted back into the picture at
+            // its own size, so the two are independent (diffusers' default: the model's size).
+            let (w, h) = (self.width.unwrap_or(default.0), self.height.unwrap_or(default.1));
+            for (field, v) in [("width", w), ("height", h)] {
+                if v % scale_factor != 0 {
+                    return Err(PipelineError::invalid(
+                        field,
+                        format!("{v} is not a multiple of the model's VAE scale factor {scale_factor}"),
+                    ));
+                }
+            }
+            return Ok((w, h));
+        }
         let (dw, dh) = match &self.init_image {
             Some(init) => (init.image.width, init.image.height),
             None => default,
@@ -282,6 +322,38 @@ impl GenerateRequest {
             }
         }
         Ok((w, h))
+    }
+}
+
+impl Inpaint {
+    /// What needs no model: an init image to repaint, a mask of its aspect ratio, a blur.
+    fn validate(&self, init: Option<&InitImage>) -> Result<()> {
+        let Some(init) = init else {
+            return Err(PipelineError::invalid(
+                "mask",
+                "needs --init-image, the picture whose white-masked part is repainted",
+            ));
+        };
+        let (iw, ih) = (init.image.width, init.image.height);
+        let (mw, mh) = (self.mask.width, self.mask.height);
+        // Equal ratios up to the rounding of a mask made at another scale (one mask pixel).
+        let off = (mw as f64 * ih as f64 / iw as f64 - mh as f64).abs();
+        if mw == 0 || mh == 0 || off > 1.0 {
+            return Err(PipelineError::invalid(
+                "mask",
+                format!(
+                    "the mask is {mw}x{mh} but the image is {iw}x{ih}: a different aspect ratio \
+                     (make the mask the image's size)"
+                ),
+            ));
+        }
+        if !self.mask_blur.is_finite() || self.mask_blur < 0.0 {
+            return Err(PipelineError::invalid(
+                "mask-blur",
+                format!("must be a radius ≥ 0, got {}", self.mask_blur),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -335,6 +407,33 @@ mod tests {
             },
             "--dynamic-threshold",
         );
+    }
+
+    #[test]
+    fn inpainting_needs_a_picture_and_a_mask_of_its_shape() {
+        let img = |w: usize, h: usize| RgbImage::new(w, h, vec![0; w * h * 3]).unwrap();
+        let inpaint = |w, h| {
+            Some(Inpaint {
+                mask: img(w, h),
+                mask_blur: 0.0,
+                padding_mask_crop: None,
+                keep_unmasked: false,
+            })
+        };
+        let init = Some(InitImage { image: img(64, 48), strength: 1.0 });
+        let ok = GenerateRequest { init_image: init, inpaint: inpaint(128, 96), ..Default::default() };
+        ok.validate().unwrap();
+        check(
+            GenerateRequest { init_image: None, ..ok.clone() },
+            "--mask: needs --init-image",
+        );
+        check(
+            GenerateRequest { inpaint: inpaint(64, 64), ..ok.clone() },
+            "--mask: the mask is 64x64 but the image is 64x48: a different aspect ratio",
+        );
+        let mut blur = ok.clone();
+        blur.inpaint.as_mut().unwrap().mask_blur = -1.0;
+        check(blur, "--mask-blur");
     }
 
     #[test]
