@@ -134,7 +134,8 @@ pub struct Args {
 
     /// Outpainting: extend --init-image by LEFT,RIGHT,TOP,BOTTOM pixels, fill the new area by
     /// repeating the edge pixels, and repaint only it (the mask is made for you); the result
-    /// keeps the original pixels exactly and has the new size.
+    /// keeps the original pixels exactly and has the new size (a multiple of the VAE's scale
+    /// factor, 8).
     #[arg(long, value_name = "LEFT,RIGHT,TOP,BOTTOM")]
     pub outpaint: Option<String>,
 
@@ -282,8 +283,11 @@ fn outpaint_margins(s: &str) -> Result<[usize; 4]> {
     let bad = || {
         anyhow!("--outpaint: expected four pixel counts LEFT,RIGHT,TOP,BOTTOM (e.g. 64,64,0,0), got {s:?}")
     };
-    let v: Vec<usize> =
-        s.split(',').map(|p| p.trim().parse::<usize>()).collect::<Result<_, _>>().map_err(|_| bad())?;
+    let v: Vec<usize> = s
+        .split(',')
+        .map(|p| p.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| bad())?;
     let m: [usize; 4] = v.try_into().map_err(|_| bad())?;
     if m.iter().all(|&p| p == 0) {
         return Err(anyhow!("--outpaint: all four margins are 0: nothing to extend"));

@@ -188,7 +188,9 @@ fn bad_inpainting_inputs_get_one_line_and_no_file() {
     let inpaint = fixtures().join("pipelines/sd1-inpaint").display().to_string();
     let g = |f: &str| golden().join(f).display().to_string();
     let (init, mask, wide_mask) = (g("init.png"), g("mask.png"), g("wide-mask.png"));
-    let base = |model: &str| vec!["a cat".to_string(), "--model".into(), model.into(), "--steps".into(), "2".into()];
+    let base = |model: &str| {
+        vec!["a cat".to_string(), "--model".into(), model.into(), "--steps".into(), "2".into()]
+    };
     let run = |model: &str, extra: &[&str], expect: &str, code: i32| {
         let mut a = base(model);
         a.extend(extra.iter().map(|s| s.to_string()));
@@ -201,7 +203,12 @@ fn bad_inpainting_inputs_get_one_line_and_no_file() {
         2,
     );
     run(&sd1, &["--mask", &mask], "--mask: needs --init-image", 2);
-    run(&sd1, &["--init-image", &init, "--mask", "/no/such/mask.png"], "--mask /no/such/mask.png: cannot open", 2);
+    run(
+        &sd1,
+        &["--init-image", &init, "--mask", "/no/such/mask.png"],
+        "--mask /no/such/mask.png: cannot open",
+        2,
+    );
     let dir = tempfile::tempdir().unwrap();
     let text = dir.path().join("mask.png");
     std::fs::write(&text, "not a picture").unwrap();
@@ -212,10 +219,30 @@ fn bad_inpainting_inputs_get_one_line_and_no_file() {
         2,
     );
     run(&inpaint, &[], "--mask: this is an inpainting model (its U-Net takes 9 input channels)", 2);
-    run(&sd1, &["--init-image", &init, "--padding-mask-crop", "8"], "--padding-mask-crop: needs --mask", 2);
+    run(
+        &sd1,
+        &["--init-image", &init, "--padding-mask-crop", "8"],
+        "--padding-mask-crop: needs --mask",
+        2,
+    );
     run(&sd1, &["--init-image", &init, "--mask-blur", "4"], "--mask-blur: needs --mask", 2);
-    run(&sd1, &["--init-image", &init, "--mask", &mask, "--mask-blur", "-1"], "--mask-blur: must be a radius", 2);
-    run(&sd1, &["--init-image", &init, "--outpaint", "8,8"], "--outpaint: expected four pixel counts", 2);
-    run(&sd1, &["--init-image", &init, "--outpaint", "8,8,0,0", "--mask", &mask], "--outpaint: makes its own mask", 2);
+    run(
+        &sd1,
+        &["--init-image", &init, "--mask", &mask, "--mask-blur", "-1"],
+        "--mask-blur: must be a radius",
+        2,
+    );
+    run(
+        &sd1,
+        &["--init-image", &init, "--outpaint", "8,8"],
+        "--outpaint: expected four pixel counts",
+        2,
+    );
+    run(
+        &sd1,
+        &["--init-image", &init, "--outpaint", "8,8,0,0", "--mask", &mask],
+        "--outpaint: makes its own mask",
+        2,
+    );
     run(&sd1, &["--outpaint", "8,8,0,0"], "--outpaint: needs --init-image", 2);
 }

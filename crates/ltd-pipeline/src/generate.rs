@@ -536,7 +536,8 @@ impl Pipeline {
             let guided = plan.guide(scheduler.as_ref(), out, t, &latents)?;
             latents = scheduler.step(&guided, t, &latents, generator.as_mut())?;
             if let Some(state) = inpaint {
-                latents = state.blend(scheduler.as_ref(), &latents, timesteps.get(i + 1).copied())?;
+                latents =
+                    state.blend(scheduler.as_ref(), &latents, timesteps.get(i + 1).copied())?;
             }
             if counter.ends_step(i) {
                 step = (step + 1).min(*steps);

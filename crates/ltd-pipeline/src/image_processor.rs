@@ -112,7 +112,13 @@ impl Bitmap {
     }
 
     /// PIL's `resize` with the given filter.
-    fn resample(&self, width: usize, height: usize, bbox: Option<[f64; 4]>, filter: Filter) -> Bitmap {
+    fn resample(
+        &self,
+        width: usize,
+        height: usize,
+        bbox: Option<[f64; 4]>,
+        filter: Filter,
+    ) -> Bitmap {
         let bbox = bbox.unwrap_or([0.0, 0.0, self.width as f64, self.height as f64]);
         let whole = bbox == [0.0, 0.0, self.width as f64, self.height as f64];
         if (width, height) == (self.width, self.height) && whole {
@@ -178,7 +184,12 @@ impl Bitmap {
             let fill = offset(height, src_h);
             if fill > 0 {
                 let f = fill as usize;
-                let top = resized.resample(width, f, Some([0.0, 0.0, width as f64, 0.0]), Filter::Bicubic);
+                let top = resized.resample(
+                    width,
+                    f,
+                    Some([0.0, 0.0, width as f64, 0.0]),
+                    Filter::Bicubic,
+                );
                 res.paste(&top, 0, 0);
                 let bottom =
                     resized.resample(width, f, Some([0.0, rh, width as f64, rh]), Filter::Bicubic);
@@ -188,10 +199,19 @@ impl Bitmap {
             let fill = offset(width, src_w);
             if fill > 0 {
                 let f = fill as usize;
-                let left = resized.resample(f, height, Some([0.0, 0.0, 0.0, height as f64]), Filter::Bicubic);
+                let left = resized.resample(
+                    f,
+                    height,
+                    Some([0.0, 0.0, 0.0, height as f64]),
+                    Filter::Bicubic,
+                );
                 res.paste(&left, 0, 0);
-                let right =
-                    resized.resample(f, height, Some([rw, 0.0, rw, height as f64]), Filter::Bicubic);
+                let right = resized.resample(
+                    f,
+                    height,
+                    Some([rw, 0.0, rw, height as f64]),
+                    Filter::Bicubic,
+                );
                 res.paste(&right, fill + src_w as i64, 0);
             }
         }
@@ -211,7 +231,11 @@ impl Bitmap {
         let src_h = if ratio <= src_ratio { height } else { self.height * width / self.width };
         let resized = self.resize(src_w, src_h, None);
         let mut res = Bitmap::new(width, height, self.channels);
-        res.paste(&resized, (width / 2) as i64 - (src_w / 2) as i64, (height / 2) as i64 - (src_h / 2) as i64);
+        res.paste(
+            &resized,
+            (width / 2) as i64 - (src_w / 2) as i64,
+            (height / 2) as i64 - (src_h / 2) as i64,
+        );
         res
     }
 
@@ -321,8 +345,9 @@ impl Coeffs {
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).min(in_size as i64) - xmin as i64;
             let xmax = xmax.max(0) as usize;
-            let k: Vec<f64> =
-                (0..xmax).map(|x| filter.weight((x as f64 + xmin as f64 - center + 0.5) * ss)).collect();
+            let k: Vec<f64> = (0..xmax)
+                .map(|x| filter.weight((x as f64 + xmin as f64 - center + 0.5) * ss))
+                .collect();
             let ww: f64 = k.iter().sum();
             for (x, &w) in k.iter().enumerate() {
                 let w = if ww != 0.0 { w / ww } else { w };
@@ -473,26 +498,20 @@ pub fn apply_overlay(
     for i in 0..w * h {
         // The original, premultiplied by the inverted mask, then un-premultiplied (RGBa → RGBA).
         let a = 255 - mask.data[i] as u32;
-        let src: Vec<u32> = (0..3)
-            .map(|c| {
-                let p = div255(init.data[i * 3 + c] as u32 * a);
-                if a == 255 || a == 0 {
-                    p
-                } else {
-                    ((255 * p) / a).min(255)
-                }
-            })
-            .collect();
-        for c in 0..3 {
-            let dst = image.data[i * 3 + c] as u32;
-            out.data[i * 3 + c] = if a == 0 {
+        let px = i * 3..i * 3 + 3;
+        let (orig, gen) = (&init.data[px.clone()], &image.data[px.clone()]);
+        for ((o, &s), &d) in out.data[px].iter_mut().zip(orig).zip(gen) {
+            let p = div255(s as u32 * a);
+            let src = if a == 255 || a == 0 { p } else { ((255 * p) / a).min(255) };
+            let dst = d as u32;
+            *o = if a == 0 {
                 dst as u8
             } else {
                 // PIL's `ImagingAlphaComposite` over an opaque destination, 7 extra bits.
                 let outa255 = a * 255 + 255 * (255 - a);
                 let coef1 = a * 255 * 255 * (1 << 7) / outa255;
                 let coef2 = 255 * (1 << 7) - coef1;
-                let t = src[c] * coef1 + dst * coef2 + (0x80 << 7);
+                let t = src * coef1 + dst * coef2 + (0x80 << 7);
                 ((((t >> 8) + t) >> 8) >> 7) as u8
             };
         }
@@ -556,7 +575,10 @@ mod tests {
         // Original pixels sit at (left, top); the new columns repeat the edge pixels.
         assert_eq!((0..6).map(|x| at(&canvas, x, 0)).collect::<Vec<_>>(), [0, 0, 10, 20, 20, 20]);
         assert_eq!(canvas.pixels[(2 * 6 + 2) * 3 + 1], 10, "the new bottom row repeats row 1");
-        let m: Vec<u8> = (0..3).flat_map(|y| (0..6).map(move |x| (x, y))).map(|(x, y)| at(&mask, x, y)).collect();
+        let m: Vec<u8> = (0..3)
+            .flat_map(|y| (0..6).map(move |x| (x, y)))
+            .map(|(x, y)| at(&mask, x, y))
+            .collect();
         assert_eq!(
             m,
             [255, 0, 0, 0, 255, 255, 255, 0, 0, 0, 255, 255, 255, 255, 255, 255, 255, 255]

@@ -32,8 +32,8 @@ pub use ltd_scheduler::SamplerKind;
 pub use model_index::{ModelIndex, PipelineKind};
 pub use params::GenerationParams;
 pub use pipeline::{LoadOptions, Pipeline};
+pub use request::Inpaint;
 pub use request::{
     parse_sampler, DynamicThreshold, GenerateRequest, InitImage, LongPrompt, MimicGuidance, RngKind,
 };
-pub use request::Inpaint;
 pub use source::ModelSource;

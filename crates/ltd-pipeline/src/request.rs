@@ -290,7 +290,9 @@ impl GenerateRequest {
                 if v % scale_factor != 0 {
                     return Err(PipelineError::invalid(
                         field,
-                        format!("{v} is not a multiple of the model's VAE scale factor {scale_factor}"),
+                        format!(
+                            "{v} is not a multiple of the model's VAE scale factor {scale_factor}"
+                        ),
                     ));
                 }
             }
@@ -421,12 +423,10 @@ mod tests {
             })
         };
         let init = Some(InitImage { image: img(64, 48), strength: 1.0 });
-        let ok = GenerateRequest { init_image: init, inpaint: inpaint(128, 96), ..Default::default() };
+        let ok =
+            GenerateRequest { init_image: init, inpaint: inpaint(128, 96), ..Default::default() };
         ok.validate().unwrap();
-        check(
-            GenerateRequest { init_image: None, ..ok.clone() },
-            "--mask: needs --init-image",
-        );
+        check(GenerateRequest { init_image: None, ..ok.clone() }, "--mask: needs --init-image");
         check(
             GenerateRequest { inpaint: inpaint(64, 64), ..ok.clone() },
             "--mask: the mask is 64x64 but the image is 64x48: a different aspect ratio",

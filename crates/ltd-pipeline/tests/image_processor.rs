@@ -36,9 +36,12 @@ fn ops() -> Value {
 
 /// Exact equality, or the first differing byte and how many differ.
 fn check(name: &str, got: &Bitmap, want: &Bitmap) {
-    assert_eq!((got.width, got.height, got.channels), (want.width, want.height, want.channels), "{name}");
-    let diffs: Vec<usize> =
-        (0..got.data.len()).filter(|&i| got.data[i] != want.data[i]).collect();
+    assert_eq!(
+        (got.width, got.height, got.channels),
+        (want.width, want.height, want.channels),
+        "{name}"
+    );
+    let diffs: Vec<usize> = (0..got.data.len()).filter(|&i| got.data[i] != want.data[i]).collect();
     if let Some(&i) = diffs.first() {
         panic!(
             "{name}: {} of {} bytes differ; first at {i}: {} vs PIL {}",
@@ -97,12 +100,14 @@ fn fill_resize_and_overlay_match_diffusers() {
     let ops = ops();
     let src = read_png(&dir().join("wide.png"));
     let fill = &ops["fill"];
-    let c: Vec<i64> = fill["crop"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+    let c: Vec<i64> =
+        fill["crop"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
     let got = src.crop((c[0], c[1], c[2], c[3])).resize_and_fill(64, 64);
     check("fill", &got, &read_png(&dir().join("pil/fill.png")));
 
     let o = &ops["overlay"];
-    let mask = read_png(&dir().join("wide-mask.png")).gaussian_blur(o["mask_blur"].as_f64().unwrap() as f32);
+    let mask = read_png(&dir().join("wide-mask.png"))
+        .gaussian_blur(o["mask_blur"].as_f64().unwrap() as f32);
     let image = read_png(&dir().join(o["image"].as_str().unwrap()));
     let c: Vec<i64> = o["crop"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
     let got = apply_overlay(&mask, &src, &image, Some((c[0], c[1], c[2], c[3]))).unwrap();

@@ -89,7 +89,9 @@ impl InpaintState {
         let Some(o) = &self.overlay else { return Ok(images) };
         images
             .iter()
-            .map(|img| Ok(apply_overlay(&o.mask, &o.original, &Bitmap::from_rgb(img), o.crop)?.to_rgb()))
+            .map(|img| {
+                Ok(apply_overlay(&o.mask, &o.original, &Bitmap::from_rgb(img), o.crop)?.to_rgb())
+            })
             .collect()
     }
 }
@@ -168,8 +170,7 @@ impl Pipeline {
         } else {
             None
         };
-        let noise =
-            generator.randn(&[plan.batch, latent_channels, hl, wl], self.dtype, dev)?;
+        let noise = generator.randn(&[plan.batch, latent_channels, hl, wl], self.dtype, dev)?;
         let latents = match (&image_latents, at_max) {
             (Some(z), false) => {
                 let first = *timesteps.first().ok_or_else(|| {
@@ -179,8 +180,9 @@ impl Pipeline {
             }
             _ => (&noise * scheduler.init_noise_sigma())?,
         };
-        let mask_latent = Tensor::from_vec(nearest(&condition, (h, w), (hl, wl)), (1, 1, hl, wl), dev)?
-            .to_dtype(self.dtype)?;
+        let mask_latent =
+            Tensor::from_vec(nearest(&condition, (h, w), (hl, wl)), (1, 1, hl, wl), dev)?
+                .to_dtype(self.dtype)?;
         let masked_latents = self.encode_pixels(&masked, generator.as_mut(), req.vae_tiling)?;
         let masked_latents = repeat(masked_latents.to_dtype(self.dtype)?)?;
         let mask_latent = repeat(mask_latent)?;
@@ -196,11 +198,8 @@ impl Pipeline {
             }
             _ => None,
         };
-        let overlay = (crop.is_some() || inpaint.keep_unmasked).then(|| Overlay {
-            mask,
-            original,
-            crop,
-        });
+        let overlay =
+            (crop.is_some() || inpaint.keep_unmasked).then_some(Overlay { mask, original, crop });
         Ok((latents, InpaintState { condition: condition.transpose()?, blend, overlay }))
     }
 
