@@ -568,13 +568,13 @@ mod tests {
 
     #[test]
     fn outpaint_extends_the_canvas_and_masks_only_the_new_area() {
-        let img = rgb(3, 2, |x, y| [x as u8 * 10, y as u8 * 10, 7]);
+        let img = rgb(3, 2, |x, y| [x as u8 * 10 + 5, y as u8 * 10 + 5, 7]);
         let (canvas, mask) = outpaint_canvas(&img, [1, 2, 0, 1], OutpaintFill::Edge);
         assert_eq!((canvas.width, canvas.height), (6, 3));
         let at = |im: &RgbImage, x: usize, y: usize| im.pixels[(y * im.width + x) * 3];
         // Original pixels sit at (left, top); the new columns repeat the edge pixels.
-        assert_eq!((0..6).map(|x| at(&canvas, x, 0)).collect::<Vec<_>>(), [0, 0, 10, 20, 20, 20]);
-        assert_eq!(canvas.pixels[(2 * 6 + 2) * 3 + 1], 10, "the new bottom row repeats row 1");
+        assert_eq!((0..6).map(|x| at(&canvas, x, 0)).collect::<Vec<_>>(), [5, 5, 15, 25, 25, 25]);
+        assert_eq!(canvas.pixels[(2 * 6) * 3 + 1], 15, "the new bottom row repeats row 1");
         let m: Vec<u8> = (0..3)
             .flat_map(|y| (0..6).map(move |x| (x, y)))
             .map(|(x, y)| at(&mask, x, y))
