@@ -1,7 +1,7 @@
 //! Inpainting and outpainting through the binary, against diffusers' inpaint pipelines: every
 //! case of `tests/fixtures/golden/inpaint/cases.json` (9-channel SD 1.x and XL with and without
-//! `padding_mask_crop`, a blurred mask, the 4-channel sd1 model blending the known region back,
-//! an outpainting canvas) becomes an `ltd-gen` command line whose PNG must match diffusers' at
+//! `padding_mask_crop`, a blurred mask, a half-size mask, batches, the 4-channel sd1 model
+//! blending the known region back, outpainting canvases) becomes an `ltd-gen` command line whose PNG must match diffusers' at
 //! ≥ 50 dB PSNR; where diffusers pastes the picture back (`apply_overlay`: with a crop, and for
 //! outpainting) the unmasked pixels must be the input's, byte for byte. Then the bad inputs.
 
@@ -51,7 +51,13 @@ fn command_line(case: &Value, out: &Path) -> Vec<String> {
     };
     let model = fixtures().join("pipelines").join(case["pipeline"].as_str().unwrap());
     push("--model", model.display().to_string());
-    for (key, flag) in [("seed", "--seed"), ("steps", "--steps"), ("guidance", "--guidance")] {
+    let flags = [
+        ("seed", "--seed"),
+        ("steps", "--steps"),
+        ("guidance", "--guidance"),
+        ("num_images", "--num-images"),
+    ];
+    for (key, flag) in flags {
         push(flag, case[key].to_string());
     }
     push("--init-image", golden().join(case["init_image"].as_str().unwrap()).display().to_string());
@@ -128,18 +134,28 @@ fn ltd_gen_inpaints_like_diffusers() {
             ));
             continue;
         }
-        let (w1, h1, _, want) = read_png(&golden().join(case["image"].as_str().unwrap()));
-        let (w2, h2, _, got) = read_png(&out);
-        if (w1, h1) != (w2, h2) {
-            failures.push(format!("{name}: size {w2}x{h2}, diffusers {w1}x{h1}"));
-            continue;
+        let images = case["images"].as_array().unwrap();
+        let ours: Vec<PathBuf> = if images.len() == 1 {
+            vec![out.clone()]
+        } else {
+            (1..=images.len()).map(|i| dir.path().join(format!("{name}-{i}.png"))).collect()
+        };
+        for (want, got) in images.iter().zip(&ours) {
+            let (w1, h1, _, want) = read_png(&golden().join(want.as_str().unwrap()));
+            let (w2, h2, _, got) = read_png(got);
+            if (w1, h1) != (w2, h2) {
+                failures.push(format!("{name}: size {w2}x{h2}, diffusers {w1}x{h1}"));
+                continue;
+            }
+            let db = psnr(&want, &got);
+            worst = worst.min(db);
+            eprintln!("{name}: {db:.1} dB");
+            if db < 50.0 {
+                failures.push(format!("{name}: {db:.1} dB"));
+            }
         }
-        let db = psnr(&want, &got);
-        worst = worst.min(db);
-        eprintln!("{name}: {db:.1} dB");
-        if db < 50.0 {
-            failures.push(format!("{name}: {db:.1} dB"));
-        }
+        let (want, got) =
+            (read_png(&golden().join(images[0].as_str().unwrap())).3, read_png(&ours[0]).3);
         // Where diffusers keeps the input's pixels (its overlay, black mask, no blur), so must we.
         let pasted = case["padding_mask_crop"].is_u64() || case["outpaint"].is_array();
         if pasted && case["mask_blur"].is_null() {
