@@ -23,6 +23,7 @@ use super::{Plan, Sampling};
 use crate::error::{PipelineError, Result};
 use crate::image::RgbImage;
 use crate::image_processor::{apply_overlay, get_crop_region, Bitmap};
+use crate::model_index::PipelineKind;
 use crate::pipeline::Pipeline;
 use crate::request::GenerateRequest;
 
@@ -204,7 +205,9 @@ impl Pipeline {
     }
 
     /// diffusers' inpainting `_encode_vae_image`: a posterior sample of pixels in [-1, 1]
-    /// times the VAE's scaling factor.
+    /// times the VAE's scaling factor. An SDXL VAE with `latents_mean`/`latents_std` is
+    /// normalized with them, as `encode_image` and `decode_latents` do (diffusers' XL inpaint
+    /// pipeline ignores them both ways; ltd stays consistent with its own decoding).
     fn encode_pixels(
         &self,
         x: &Tensor,
@@ -215,7 +218,13 @@ impl Pipeline {
         let tiles = tiling.then(|| ltd_vae::TilingOptions::for_config(cfg));
         let x = x.to_dtype(self.vae.dtype())?;
         let z = self.vae.encode_with_tiling(&x, tiles.as_ref())?.sample(rng)?;
-        Ok(cfg.scale_latents(&z)?)
+        match (&cfg.latents_mean, &cfg.latents_std) {
+            (Some(mean), Some(std)) if self.index.kind == PipelineKind::StableDiffusionXl => {
+                let (m, s) = (self.channel_vector(mean)?, self.channel_vector(std)?);
+                Ok((z.broadcast_sub(&m)? * cfg.scaling_factor)?.broadcast_div(&s)?)
+            }
+            _ => Ok(cfg.scale_latents(&z)?),
+        }
     }
 }
 
