@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use anyhow::{anyhow, Context, Result};
 use clap::{Parser, ValueEnum};
 use ltd_pipeline::{
-    parse_sampler, DynamicThreshold, GenerateRequest, InitImage, LongPrompt, MimicGuidance,
-    RgbImage, RngKind,
+    parse_sampler, DynamicThreshold, GenerateRequest, HiresFix, HiresUpscaler, InitImage,
+    LongPrompt, MimicGuidance, RgbImage, RngKind, SeedMode, Subseed,
 };
 
 /// Generate images from text with Stable Diffusion 1.x, 2.x and XL models in diffusers format.
@@ -105,6 +105,48 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = RngArg::Cpu)]
     pub rng: RngArg,
 
+    /// One generator per image (a1111: image k of the batch gets seed SEED + k, recreatable
+    /// alone) or one generator for the whole batch (diffusers).
+    #[arg(long, value_enum, default_value_t = SeedModeArg::Diffusers)]
+    pub seed_mode: SeedModeArg,
+
+    /// AUTOMATIC1111's variation seed: the initial noise is slerped towards this seed's noise
+    /// by --subseed-strength.
+    #[arg(long, value_name = "N")]
+    pub subseed: Option<u64>,
+
+    /// How far towards --subseed's noise, in [0, 1].
+    #[arg(long, default_value_t = 0.0, value_name = "W", requires = "subseed", allow_negative_numbers = true)]
+    pub subseed_strength: f64,
+
+    /// SDXL: finish with this refiner (a folder or hub id): the model runs the first
+    /// --refiner-switch of the schedule, the refiner the rest from its latents.
+    #[arg(long, value_name = "FOLDER|REPO", conflicts_with_all = ["init_image", "hires_scale"])]
+    pub refiner: Option<String>,
+
+    /// Where the refiner takes over, as a fraction of the schedule in (0, 1)
+    /// (diffusers' denoising_end / denoising_start).
+    #[arg(long, default_value_t = 0.8, value_name = "FRACTION", requires = "refiner", allow_negative_numbers = true)]
+    pub refiner_switch: f64,
+
+    /// Hires fix (AUTOMATIC1111's): render at the model's size, upscale by this factor, then
+    /// image-to-image at the large size.
+    #[arg(long, value_name = "FACTOR", conflicts_with = "init_image", allow_negative_numbers = true)]
+    pub hires_scale: Option<f64>,
+
+    /// Hires fix: steps of the second pass's schedule. Default: --steps.
+    #[arg(long, value_name = "N", requires = "hires_scale")]
+    pub hires_steps: Option<usize>,
+
+    /// Hires fix: the second pass's image-to-image strength in (0, 1].
+    #[arg(long, default_value_t = 0.7, value_name = "S", requires = "hires_scale", allow_negative_numbers = true)]
+    pub hires_strength: f64,
+
+    /// Hires fix upscaler: latent (bilinear on the latents) or lanczos (decode, Lanczos resize,
+    /// encode).
+    #[arg(long, value_enum, default_value_t = HiresUpscalerArg::Latent, requires = "hires_scale")]
+    pub hires_upscaler: HiresUpscalerArg,
+
     /// Image-to-image: start from this picture (PNG, JPEG, WebP, BMP; its size is the output
     /// size, a multiple of the VAE's scale factor).
     #[arg(long, value_name = "FILE")]
@@ -151,6 +193,24 @@ pub enum RngArg {
     Cpu,
     /// PyTorch's CUDA generator.
     Cuda,
+}
+
+/// `--seed-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SeedModeArg {
+    /// One generator fills the batch.
+    Diffusers,
+    /// Image k gets seed + k and its own generator.
+    A1111,
+}
+
+/// `--hires-upscaler`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum HiresUpscalerArg {
+    /// Bilinear interpolation of the latents.
+    Latent,
+    /// Decode, Lanczos-3 resize, encode.
+    Lanczos,
 }
 
 /// `--long-prompt`.
@@ -239,6 +299,11 @@ impl Args {
                 RngArg::Cpu => RngKind::Cpu,
                 RngArg::Cuda => RngKind::Cuda,
             },
+            seed_mode: match self.seed_mode {
+                SeedModeArg::Diffusers => SeedMode::Diffusers,
+                SeedModeArg::A1111 => SeedMode::A1111,
+            },
+            subseed: self.subseed.map(|seed| Subseed { seed, strength: self.subseed_strength }),
             clip_skip: self.clip_skip,
             long_prompt: match self.long_prompt {
                 LongPromptArg::Truncate => LongPrompt::Truncate,
@@ -248,7 +313,26 @@ impl Args {
             vae_tiling: self.vae_tiling,
         };
         req.validate()?;
+        if self.refiner.is_some() {
+            ltd_pipeline::refiner::check_switch(self.refiner_switch)?;
+        }
+        if let Some(h) = self.hires() {
+            h.validate(req.steps)?;
+        }
         Ok(req)
+    }
+
+    /// The hires-fix settings, when `--hires-scale` asks for it.
+    pub fn hires(&self) -> Option<HiresFix> {
+        self.hires_scale.map(|scale| HiresFix {
+            scale,
+            steps: self.hires_steps,
+            strength: self.hires_strength,
+            upscaler: match self.hires_upscaler {
+                HiresUpscalerArg::Latent => HiresUpscaler::Latent,
+                HiresUpscalerArg::Lanczos => HiresUpscaler::Lanczos,
+            },
+        })
     }
 }
 

@@ -19,7 +19,10 @@ pub mod image;
 pub mod model_index;
 pub mod params;
 pub mod pipeline;
+pub mod hires;
+pub mod refiner;
 pub mod request;
+pub mod seeds;
 pub mod source;
 mod text;
 
@@ -30,7 +33,9 @@ pub use ltd_scheduler::SamplerKind;
 pub use model_index::{ModelIndex, PipelineKind};
 pub use params::GenerationParams;
 pub use pipeline::{LoadOptions, Pipeline};
+pub use hires::{HiresFix, HiresUpscaler};
 pub use request::{
     parse_sampler, DynamicThreshold, GenerateRequest, InitImage, LongPrompt, MimicGuidance, RngKind,
+    SeedMode, Subseed,
 };
 pub use source::ModelSource;
