@@ -116,7 +116,13 @@ pub struct Args {
     pub subseed: Option<u64>,
 
     /// How far towards --subseed's noise, in [0, 1].
-    #[arg(long, default_value_t = 0.0, value_name = "W", requires = "subseed", allow_negative_numbers = true)]
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        value_name = "W",
+        requires = "subseed",
+        allow_negative_numbers = true
+    )]
     pub subseed_strength: f64,
 
     /// SDXL: finish with this refiner (a folder or hub id): the model runs the first
@@ -126,12 +132,23 @@ pub struct Args {
 
     /// Where the refiner takes over, as a fraction of the schedule in (0, 1)
     /// (diffusers' denoising_end / denoising_start).
-    #[arg(long, default_value_t = 0.8, value_name = "FRACTION", requires = "refiner", allow_negative_numbers = true)]
+    #[arg(
+        long,
+        default_value_t = 0.8,
+        value_name = "FRACTION",
+        requires = "refiner",
+        allow_negative_numbers = true
+    )]
     pub refiner_switch: f64,
 
     /// Hires fix (AUTOMATIC1111's): render at the model's size, upscale by this factor, then
     /// image-to-image at the large size.
-    #[arg(long, value_name = "FACTOR", conflicts_with = "init_image", allow_negative_numbers = true)]
+    #[arg(
+        long,
+        value_name = "FACTOR",
+        conflicts_with = "init_image",
+        allow_negative_numbers = true
+    )]
     pub hires_scale: Option<f64>,
 
     /// Hires fix: steps of the second pass's schedule. Default: --steps.
@@ -139,7 +156,13 @@ pub struct Args {
     pub hires_steps: Option<usize>,
 
     /// Hires fix: the second pass's image-to-image strength in (0, 1].
-    #[arg(long, default_value_t = 0.7, value_name = "S", requires = "hires_scale", allow_negative_numbers = true)]
+    #[arg(
+        long,
+        default_value_t = 0.7,
+        value_name = "S",
+        requires = "hires_scale",
+        allow_negative_numbers = true
+    )]
     pub hires_strength: f64,
 
     /// Hires fix upscaler: latent (bilinear on the latents) or lanczos (decode, Lanczos resize,

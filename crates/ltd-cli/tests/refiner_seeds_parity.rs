@@ -62,7 +62,8 @@ fn command_line(section: &str, case: &Value, out: &Path) -> Vec<String> {
         match case["kind"].as_str().unwrap() {
             "img2img" => {
                 push("--model", pipeline("sdxl-refiner"));
-                let img = fixtures().join("golden/refiner").join(case["init_image"].as_str().unwrap());
+                let img =
+                    fixtures().join("golden/refiner").join(case["init_image"].as_str().unwrap());
                 push("--init-image", img.display().to_string());
                 push("--strength", case["strength"].to_string());
             }

@@ -466,7 +466,9 @@ impl Pipeline {
                     ],
                     0,
                 )?,
-                None => Tensor::new(pos.as_slice(), &self.device)?.unsqueeze(0)?.repeat((rows, 1))?,
+                None => {
+                    Tensor::new(pos.as_slice(), &self.device)?.unsqueeze(0)?.repeat((rows, 1))?
+                }
             };
             added.time_ids = Some(ids.to_dtype(self.dtype)?);
         }
@@ -511,7 +513,8 @@ impl Pipeline {
         let strength = plan.stage.strength.or(req.init_image.as_ref().map(|i| i.strength));
         let train_steps = self.scheduler_config.num_train_timesteps.unwrap_or(1000);
         if let Some(start) = plan.stage.denoising_start {
-            let (begin, n) = crate::refiner::start_index(&timesteps, start, train_steps, scheduler.order());
+            let (begin, n) =
+                crate::refiner::start_index(&timesteps, start, train_steps, scheduler.order());
             timesteps = timesteps[begin..].to_vec();
             scheduler.set_begin_index(begin);
             steps = n.div_ceil(scheduler.order());

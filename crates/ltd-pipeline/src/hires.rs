@@ -122,6 +122,38 @@ impl HiresFix {
 }
 
 impl Pipeline {
+    /// Image-to-image from latents `[N, C, h, w]` at the diffusion model's scale instead of a
+    /// picture: they are noised to the start of `strength` (with the request's generator) and
+    /// denoised at their own size (`req.width`/`height` are taken from them). Hires fix's
+    /// second pass with the "Latent" upscaler is exactly this.
+    pub fn generate_from_latents(
+        &self,
+        req: &GenerateRequest,
+        latents: &Tensor,
+        strength: f64,
+        on_step: &mut dyn FnMut(Progress<'_>),
+    ) -> Result<Generation> {
+        if !(strength > 0.0 && strength <= 1.0) {
+            return Err(PipelineError::invalid(
+                "strength",
+                format!("must be in (0, 1], got {strength}"),
+            ));
+        }
+        if (req.steps as f64 * strength).floor() < 1.0 {
+            return Err(PipelineError::invalid("strength", "leaves no denoising step"));
+        }
+        let f = self.vae_scale_factor();
+        let (_, _, h, w) = latents.dims4()?;
+        let req = GenerateRequest {
+            width: Some(w * f),
+            height: Some(h * f),
+            init_image: None,
+            ..req.clone()
+        };
+        let stage = Stage { latents: Some(latents), strength: Some(strength), ..Stage::default() };
+        self.run_stage(&req, stage, on_step)?.into_generation(req.num_images)
+    }
+
     /// Text-to-image with A1111's hires fix (see the module docs).
     pub fn generate_hires(
         &self,
@@ -180,9 +212,9 @@ impl Pipeline {
             out
         } else {
             let up = upscale_latents(&first.latents, th / f, tw / f)?;
-            let big =
-                GenerateRequest { width: Some(tw), height: Some(th), steps, ..req.clone() };
-            let stage = Stage { latents: Some(&up), strength: Some(hires.strength), ..Stage::default() };
+            let big = GenerateRequest { width: Some(tw), height: Some(th), steps, ..req.clone() };
+            let stage =
+                Stage { latents: Some(&up), strength: Some(hires.strength), ..Stage::default() };
             self.run_stage(&big, stage, on_step)?
         };
         out.params = first.params;
@@ -262,9 +294,8 @@ fn lanczos_coeffs(n_in: usize, n_out: usize) -> Vec<(usize, Vec<f64>)> {
             let center = (o as f64 + 0.5) * scale;
             let lo = ((center - support + 0.5).floor().max(0.0)) as usize;
             let hi = ((center + support + 0.5).floor() as usize).min(n_in);
-            let mut k: Vec<f64> = (lo..hi)
-                .map(|i| lanczos3((i as f64 - center + 0.5) / filterscale))
-                .collect();
+            let mut k: Vec<f64> =
+                (lo..hi).map(|i| lanczos3((i as f64 - center + 0.5) / filterscale)).collect();
             let sum: f64 = k.iter().sum();
             if sum != 0.0 {
                 k.iter_mut().for_each(|v| *v /= sum);
@@ -342,7 +373,8 @@ mod tests {
         }
         // A non-integer factor, 3 → 5, as torch computes it.
         let x = Tensor::new(&[[[[1f32, 1.5, 2.5]]]], &Device::Cpu).unwrap();
-        let got = upscale_latents(&x, 1, 5).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let got =
+            upscale_latents(&x, 1, 5).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for (a, b) in got.iter().zip([1.0, 1.2, 1.5, 2.1, 2.5]) {
             assert!((a - b).abs() < 1e-6, "{got:?}");
         }

@@ -15,11 +15,11 @@
 pub mod error;
 pub mod generate;
 pub mod guidance;
+pub mod hires;
 pub mod image;
 pub mod model_index;
 pub mod params;
 pub mod pipeline;
-pub mod hires;
 pub mod refiner;
 pub mod request;
 pub mod seeds;
@@ -28,14 +28,14 @@ mod text;
 
 pub use error::{PipelineError, Result};
 pub use generate::{GeneratedImage, Generation, Progress, Timings};
+pub use hires::{HiresFix, HiresUpscaler};
 pub use image::RgbImage;
 pub use ltd_scheduler::SamplerKind;
 pub use model_index::{ModelIndex, PipelineKind};
 pub use params::GenerationParams;
 pub use pipeline::{LoadOptions, Pipeline};
-pub use hires::{HiresFix, HiresUpscaler};
 pub use request::{
-    parse_sampler, DynamicThreshold, GenerateRequest, InitImage, LongPrompt, MimicGuidance, RngKind,
-    SeedMode, Subseed,
+    parse_sampler, DynamicThreshold, GenerateRequest, InitImage, LongPrompt, MimicGuidance,
+    RngKind, SeedMode, Subseed,
 };
 pub use source::ModelSource;

@@ -179,12 +179,12 @@ impl Pipeline {
                  image with --model <refiner> --init-image)",
             ));
         }
-        let base_stage = Stage { denoising_end: Some(switch), skip_decode: true, ..Stage::default() };
+        let base_stage =
+            Stage { denoising_end: Some(switch), skip_decode: true, ..Stage::default() };
         let base = self.run_stage(req, base_stage, on_step)?;
         let (_, _, h, w) = base.latents.dims4()?;
         let f = self.vae_scale_factor();
-        let refine_req =
-            GenerateRequest { width: Some(w * f), height: Some(h * f), ..req.clone() };
+        let refine_req = GenerateRequest { width: Some(w * f), height: Some(h * f), ..req.clone() };
         let stage = Stage {
             latents: Some(&base.latents),
             denoising_start: Some(switch),
