@@ -127,7 +127,7 @@ pub struct Args {
 
     /// SDXL: finish with this refiner (a folder or hub id): the model runs the first
     /// --refiner-switch of the schedule, the refiner the rest from its latents.
-    #[arg(long, value_name = "FOLDER|REPO", conflicts_with_all = ["init_image", "hires_scale"])]
+    #[arg(long, value_name = "FOLDER|REPO")]
     pub refiner: Option<String>,
 
     /// Where the refiner takes over, as a fraction of the schedule in (0, 1)
@@ -143,12 +143,7 @@ pub struct Args {
 
     /// Hires fix (AUTOMATIC1111's): render at the model's size, upscale by this factor, then
     /// image-to-image at the large size.
-    #[arg(
-        long,
-        value_name = "FACTOR",
-        conflicts_with = "init_image",
-        allow_negative_numbers = true
-    )]
+    #[arg(long, value_name = "FACTOR", allow_negative_numbers = true)]
     pub hires_scale: Option<f64>,
 
     /// Hires fix: steps of the second pass's schedule. Default: --steps.
@@ -338,6 +333,9 @@ impl Args {
         req.validate()?;
         if self.refiner.is_some() {
             ltd_pipeline::refiner::check_switch(self.refiner_switch)?;
+            if self.hires_scale.is_some() {
+                return Err(anyhow!("--hires-scale: hires fix and --refiner cannot be combined"));
+            }
         }
         if let Some(h) = self.hires() {
             h.validate(req.steps)?;
