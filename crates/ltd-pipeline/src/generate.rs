@@ -10,6 +10,9 @@
 //! 6. [`Pipeline::decode_latents`];
 //! 7. `Plan::params`: each image's parameters in AUTOMATIC1111's infotext vocabulary.
 //!
+//! A run can start from given latents and stop early ([`Stage`], used by the SDXL refiner
+//! hand-off and hires fix): `Pipeline::run_stage` is the same phases with those inputs.
+//!
 //! Progress is reported in the user's steps (`--steps`), not in model evaluations: Heun
 //! evaluates the model twice per step and PNDM once more at its start, and diffusers' progress
 //! bar counts steps all the same (`StepCounter`).
@@ -131,10 +134,15 @@ pub(crate) struct StageOutput {
     pub images: Vec<RgbImage>,
     /// Each image's parameters (also when not decoded).
     pub params: Vec<GenerationParams>,
+    /// The final latents, in the model's dtype.
     pub latents: Tensor,
+    /// As [`Generation::timings`].
     pub timings: Timings,
+    /// As [`Generation::steps`].
     pub steps: usize,
+    /// As [`Generation::evaluations`].
     pub evaluations: usize,
+    /// As [`Generation::scheduler`].
     pub scheduler: String,
 }
 

@@ -1,6 +1,8 @@
 //! Text-to-image and image-to-image generation with Stable Diffusion 1.x, 2.x and XL models
 //! in diffusers layout: model folders (local or from the hub), prompt encoding,
-//! classifier-free guidance, the denoising loop and decoding.
+//! classifier-free guidance, the denoising loop and decoding; the SDXL refiner and the
+//! base→refiner hand-off (`refiner`), AUTOMATIC1111's hires fix (`hires`) and seed
+//! conventions (`seeds`).
 //!
 //! ```no_run
 //! use ltd_pipeline::{GenerateRequest, LoadOptions, ModelSource, Pipeline};
