@@ -10,7 +10,7 @@
 //! 6. [`Pipeline::decode_latents`];
 //! 7. `Plan::params`: each image's parameters in AUTOMATIC1111's infotext vocabulary.
 //!
-//! A run can start from given latents and stop early ([`Stage`], used by the SDXL refiner
+//! A run can start from given latents and stop early (`Stage`, used by the SDXL refiner
 //! hand-off and hires fix): `Pipeline::run_stage` is the same phases with those inputs.
 //!
 //! Progress is reported in the user's steps (`--steps`), not in model evaluations: Heun

@@ -5,7 +5,7 @@
 //!   (`torch.randn([B, C, h, w], generator=g)`), for the initial noise and every sampler step;
 //!   image `i > 0` depends on the batch size and cannot be recreated alone.
 //! - `--seed-mode a1111`: image `k` of the batch (prompt-major) gets seed `seed + k` and a
-//!   generator of its own ([`ltd_nn::PerImage`], diffusers' list of generators), so
+//!   generator of its own ([`ltd_nn::rng::PerImage`], diffusers' list of generators), so
 //!   `--num-images 1 --seed <seed + k>` recreates it alone. The `parameters` chunk records each
 //!   image's own seed.
 //! - `--rng cpu` is PyTorch's CPU generator, `--rng cuda` A1111's "NV" source: its NumPy port of
