@@ -9,8 +9,9 @@ use std::path::PathBuf;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use ltd_pipeline::{
-    outpaint_canvas, parse_sampler, DynamicThreshold, GenerateRequest, InitImage, Inpaint,
-    LongPrompt, MimicGuidance, OutpaintFill, RgbImage, RngKind,
+    outpaint_canvas, parse_sampler, DynamicThreshold, GenerateRequest, HiresFix, HiresUpscaler,
+    InitImage, Inpaint, LongPrompt, MimicGuidance, OutpaintFill, RgbImage, RngKind, SeedMode,
+    Subseed,
 };
 
 /// Generate images from text with Stable Diffusion 1.x, 2.x and XL models in diffusers format.
@@ -92,7 +93,7 @@ pub struct Args {
     #[arg(short = 'H', long, value_name = "PIXELS")]
     pub height: Option<usize>,
 
-    /// Images per prompt, generated as one batch from one seed (diffusers' rule).
+    /// Images per prompt, generated as one batch (seeds: see --seed-mode).
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub num_images: usize,
 
@@ -101,9 +102,70 @@ pub struct Args {
     pub seed: Option<u64>,
 
     /// Random generator: cpu = PyTorch's CPU generator (diffusers' default, same image on any
-    /// device); cuda = PyTorch's CUDA Philox generator (AUTOMATIC1111's "NV").
+    /// device); cuda = AUTOMATIC1111's "NV" source, its NumPy port of PyTorch's CUDA Philox
+    /// generator (rng_philox.py, reproduced bit for bit; within ~3e-7 of torch on CUDA).
     #[arg(long, value_enum, default_value_t = RngArg::Cpu)]
     pub rng: RngArg,
+
+    /// One generator per image (a1111: image k of the batch gets seed SEED + k, recreatable
+    /// alone) or one generator for the whole batch (diffusers).
+    #[arg(long, value_enum, default_value_t = SeedModeArg::Diffusers)]
+    pub seed_mode: SeedModeArg,
+
+    /// AUTOMATIC1111's variation seed: the initial noise is slerped towards this seed's noise
+    /// by --subseed-strength.
+    #[arg(long, value_name = "N")]
+    pub subseed: Option<u64>,
+
+    /// How far towards --subseed's noise, in [0, 1].
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        value_name = "W",
+        requires = "subseed",
+        allow_negative_numbers = true
+    )]
+    pub subseed_strength: f64,
+
+    /// SDXL: finish with this refiner (a folder or hub id): the model runs the first
+    /// --refiner-switch of the schedule, the refiner the rest from its latents.
+    #[arg(long, value_name = "FOLDER|REPO")]
+    pub refiner: Option<String>,
+
+    /// Where the refiner takes over, as a fraction of the schedule in (0, 1)
+    /// (diffusers' denoising_end / denoising_start).
+    #[arg(
+        long,
+        default_value_t = 0.8,
+        value_name = "FRACTION",
+        requires = "refiner",
+        allow_negative_numbers = true
+    )]
+    pub refiner_switch: f64,
+
+    /// Hires fix (AUTOMATIC1111's): render at the model's size, upscale by this factor, then
+    /// image-to-image at the large size.
+    #[arg(long, value_name = "FACTOR", allow_negative_numbers = true)]
+    pub hires_scale: Option<f64>,
+
+    /// Hires fix: steps of the second pass's schedule. Default: --steps.
+    #[arg(long, value_name = "N", requires = "hires_scale")]
+    pub hires_steps: Option<usize>,
+
+    /// Hires fix: the second pass's image-to-image strength in (0, 1].
+    #[arg(
+        long,
+        default_value_t = 0.7,
+        value_name = "S",
+        requires = "hires_scale",
+        allow_negative_numbers = true
+    )]
+    pub hires_strength: f64,
+
+    /// Hires fix upscaler: latent (bilinear on the latents) or lanczos (decode, Lanczos resize,
+    /// encode).
+    #[arg(long, value_enum, default_value_t = HiresUpscalerArg::Latent, requires = "hires_scale")]
+    pub hires_upscaler: HiresUpscalerArg,
 
     /// Image-to-image: start from this picture (PNG, JPEG, WebP, BMP; its size is the output
     /// size, a multiple of the VAE's scale factor).
@@ -176,6 +238,24 @@ pub enum RngArg {
     Cpu,
     /// PyTorch's CUDA generator.
     Cuda,
+}
+
+/// `--seed-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SeedModeArg {
+    /// One generator fills the batch.
+    Diffusers,
+    /// Image k gets seed + k and its own generator.
+    A1111,
+}
+
+/// `--hires-upscaler`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum HiresUpscalerArg {
+    /// Bilinear interpolation of the latents.
+    Latent,
+    /// Decode, Lanczos-3 resize, encode.
+    Lanczos,
 }
 
 /// `--long-prompt`.
@@ -264,6 +344,11 @@ impl Args {
                 RngArg::Cpu => RngKind::Cpu,
                 RngArg::Cuda => RngKind::Cuda,
             },
+            seed_mode: match self.seed_mode {
+                SeedModeArg::Diffusers => SeedMode::Diffusers,
+                SeedModeArg::A1111 => SeedMode::A1111,
+            },
+            subseed: self.subseed.map(|seed| Subseed { seed, strength: self.subseed_strength }),
             clip_skip: self.clip_skip,
             long_prompt: match self.long_prompt {
                 LongPromptArg::Truncate => LongPrompt::Truncate,
@@ -274,7 +359,29 @@ impl Args {
             inpaint,
         };
         req.validate()?;
+        if self.refiner.is_some() {
+            ltd_pipeline::refiner::check_switch(self.refiner_switch)?;
+            if self.hires_scale.is_some() {
+                return Err(anyhow!("--hires-scale: hires fix and --refiner cannot be combined"));
+            }
+        }
+        if let Some(h) = self.hires() {
+            h.validate(req.steps)?;
+        }
         Ok(req)
+    }
+
+    /// The hires-fix settings, when `--hires-scale` asks for it.
+    pub fn hires(&self) -> Option<HiresFix> {
+        self.hires_scale.map(|scale| HiresFix {
+            scale,
+            steps: self.hires_steps,
+            strength: self.hires_strength,
+            upscaler: match self.hires_upscaler {
+                HiresUpscalerArg::Latent => HiresUpscaler::Latent,
+                HiresUpscalerArg::Lanczos => HiresUpscaler::Lanczos,
+            },
+        })
     }
 }
 

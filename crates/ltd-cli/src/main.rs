@@ -92,10 +92,25 @@ fn run(args: &Args) -> Result<()> {
     let pipeline = Pipeline::load(&source, &options)
         .with_context(|| format!("loading the model {source}"))?
         .with_name(model_name);
+    let refiner = match &args.refiner {
+        Some(r) => {
+            let source = ModelSource::parse(r);
+            let pipe = Pipeline::load(&source, &options)
+                .with_context(|| format!("loading the refiner {source}"))?
+                .with_name(r.clone());
+            Some(pipe)
+        }
+        None => None,
+    };
     let load_time = start.elapsed();
 
     let mut bar = progress::Bar::new(show_progress);
-    let generation = pipeline.generate(&request, &mut |p| bar.update(p))?;
+    let on_step: &mut dyn FnMut(ltd_pipeline::Progress<'_>) = &mut |p| bar.update(p);
+    let generation = match (&refiner, args.hires()) {
+        (Some(r), _) => pipeline.generate_refined(r, args.refiner_switch, &request, on_step)?,
+        (None, Some(hires)) => pipeline.generate_hires(&request, &hires, on_step)?,
+        (None, None) => pipeline.generate(&request, on_step)?,
+    };
     bar.finish();
 
     let paths = output::numbered_paths(&args.output, generation.images.len());

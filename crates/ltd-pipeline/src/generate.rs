@@ -13,6 +13,8 @@
 //! Inpainting (`inpaint.rs`) hooks into phases 4 to 6: its own starting latents with the
 //! mask and masked-image latents, the 9-channel U-Net input or the 4-channel blend in the loop,
 //! and the paste-back after decoding.
+//! A run can start from given latents and stop early (`Stage`, used by the SDXL refiner
+//! hand-off and hires fix): `Pipeline::run_stage` is the same phases with those inputs.
 //!
 //! Progress is reported in the user's steps (`--steps`), not in model evaluations: Heun
 //! evaluates the model twice per step and PNDM once more at its start, and diffusers' progress
@@ -21,7 +23,7 @@
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use ltd_nn::{NoiseSource, PhiloxRng, TorchRng};
+use ltd_nn::NoiseSource;
 use ltd_scheduler::{SamplerKind, SamplerOptions, Scheduler, SchedulerConfig};
 use ltd_unet::UNetConditioning;
 use ltd_vae::TilingOptions;
@@ -33,6 +35,7 @@ use crate::model_index::PipelineKind;
 use crate::params::{fmt_number, GenerationParams};
 use crate::pipeline::Pipeline;
 use crate::request::{GenerateRequest, RngKind};
+use crate::seeds::Seeds;
 use crate::text::PromptEmbeds;
 
 mod inpaint;
@@ -111,17 +114,75 @@ fn guidance_scale_embedding(w: f64, n: usize, dim: usize, device: &Device) -> Re
     Ok(Tensor::from_vec(row, (1, dim), device)?.repeat((n, 1))?)
 }
 
-/// The random generator a request asks for.
-fn noise_source(req: &GenerateRequest) -> Box<dyn NoiseSource> {
-    match req.rng {
-        RngKind::Cpu => Box::new(TorchRng::new(req.seed)),
-        RngKind::Cuda => Box::new(PhiloxRng::new(req.seed)),
+/// Where one run of the loop starts and stops beyond what the request says: the stages of the
+/// base→refiner hand-off (`crate::refiner`) and of hires fix (`crate::hires`). The default is
+/// a plain run.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Stage<'a> {
+    /// Latents `[N, C, h, w]` at the diffusion model's scale to start from, instead of noise
+    /// or the init image (diffusers' img2img `image` given as 4-channel latents).
+    pub latents: Option<&'a Tensor>,
+    /// diffusers' `denoising_start`: the given latents are already this far through the
+    /// schedule and are not noised again (the refiner's half of the hand-off).
+    pub denoising_start: Option<f64>,
+    /// diffusers' `denoising_end`: stop this far through the schedule (the base's half).
+    pub denoising_end: Option<f64>,
+    /// Noise the given latents to the image-to-image start of this strength (hires fix).
+    pub strength: Option<f64>,
+    /// Return latents only: no VAE decoding.
+    pub skip_decode: bool,
+}
+
+/// What one stage produced: [`Generation`] before the images are paired with their
+/// parameters.
+pub(crate) struct StageOutput {
+    /// Decoded images, unless the stage skipped decoding.
+    pub images: Vec<RgbImage>,
+    /// Each image's parameters (also when not decoded).
+    pub params: Vec<GenerationParams>,
+    /// The final latents, in the model's dtype.
+    pub latents: Tensor,
+    /// As [`Generation::timings`].
+    pub timings: Timings,
+    /// As [`Generation::steps`].
+    pub steps: usize,
+    /// As [`Generation::evaluations`].
+    pub evaluations: usize,
+    /// As [`Generation::scheduler`].
+    pub scheduler: String,
+}
+
+impl StageOutput {
+    /// The public result, images paired with their parameters (prompt-major).
+    pub(crate) fn into_generation(self, num_images: usize) -> Result<Generation> {
+        let images = self
+            .images
+            .into_iter()
+            .zip(self.params)
+            .enumerate()
+            .map(|(k, (image, params))| GeneratedImage {
+                image,
+                params,
+                prompt_index: k / num_images,
+                batch_index: k % num_images,
+            })
+            .collect();
+        Ok(Generation {
+            images,
+            latents: self.latents.to_dtype(DType::F32)?,
+            timings: self.timings,
+            steps: self.steps,
+            evaluations: self.evaluations,
+            scheduler: self.scheduler,
+        })
     }
 }
 
 /// What `check_inputs` settles before any model runs.
 struct Plan<'r> {
     req: &'r GenerateRequest,
+    /// Where this run starts and stops.
+    stage: Stage<'r>,
     /// Image width and height in pixels.
     width: usize,
     height: usize,
@@ -151,8 +212,8 @@ struct Sampling {
     steps: usize,
     /// The sampler's name (CLI name, or the diffusers class).
     name: String,
-    /// diffusers' `generator`.
-    generator: Box<dyn NoiseSource>,
+    /// diffusers' `generator` (or list of generators, `--seed-mode a1111`).
+    generator: Seeds,
 }
 
 /// Counts the user's steps from model evaluations, by the rule diffusers' pipelines update
@@ -266,6 +327,7 @@ impl Plan<'_> {
         if req.eta > 0.0 {
             extra.push(("Eta".into(), fmt_number(req.eta)));
         }
+        crate::seeds::push_params(req, prompt_index * req.num_images + batch_index, &mut extra);
         extra.push(("RNG".into(), if req.rng == RngKind::Cpu { "CPU" } else { "NV" }.into()));
         extra.push(("Version".into(), format!("ltd {}", env!("CARGO_PKG_VERSION"))));
         GenerationParams {
@@ -275,7 +337,7 @@ impl Plan<'_> {
             sampler: sampler.to_string(),
             schedule_type: schedule_type.map(str::to_string),
             cfg_scale: req.guidance,
-            seed: req.seed,
+            seed: crate::seeds::image_seed(req, prompt_index * req.num_images + batch_index),
             width: self.width,
             height: self.height,
             model: model.to_string(),
@@ -292,7 +354,17 @@ impl Pipeline {
         req: &GenerateRequest,
         on_step: &mut dyn FnMut(Progress<'_>),
     ) -> Result<Generation> {
-        let plan = self.check_inputs(req)?;
+        self.run_stage(req, Stage::default(), on_step)?.into_generation(req.num_images)
+    }
+
+    /// One run of diffusers' phases, starting and stopping where `stage` says.
+    pub(crate) fn run_stage(
+        &self,
+        req: &GenerateRequest,
+        stage: Stage<'_>,
+        on_step: &mut dyn FnMut(Progress<'_>),
+    ) -> Result<StageOutput> {
+        let plan = self.check_inputs(req, stage)?;
 
         let t_encode = Instant::now();
         let (uncond, cond) = self.encode_prompt(&plan)?;
@@ -313,28 +385,25 @@ impl Pipeline {
         let denoise = t_denoise.elapsed();
 
         let t_decode = Instant::now();
-        let mut images = self.decode_latents(&latents, req.vae_tiling)?;
+        let mut images = if stage.skip_decode {
+            Vec::new()
+        } else {
+            self.decode_latents(&latents, req.vae_tiling)?
+        };
         if let Some(state) = &inpaint {
             images = state.paste_back(images)?;
         }
         let decode = t_decode.elapsed();
 
-        let images = images
-            .into_iter()
-            .enumerate()
-            .map(|(k, image)| {
-                let (prompt_index, batch_index) = (k / req.num_images, k % req.num_images);
-                GeneratedImage {
-                    image,
-                    params: plan.params(&self.name, &sampling.name, prompt_index, batch_index),
-                    prompt_index,
-                    batch_index,
-                }
+        let params = (0..plan.batch)
+            .map(|k| {
+                plan.params(&self.name, &sampling.name, k / req.num_images, k % req.num_images)
             })
             .collect();
-        Ok(Generation {
+        Ok(StageOutput {
             images,
-            latents: latents.to_dtype(DType::F32)?,
+            params,
+            latents,
             timings: Timings { encode, denoise, decode },
             steps: sampling.steps,
             evaluations: sampling.timesteps.len(),
@@ -344,9 +413,10 @@ impl Pipeline {
 
     /// Phase 1: the request's own checks, then those that need the model: the image size
     /// against the VAE's scale factor, and η against the sampler the run will use.
-    fn check_inputs<'r>(&self, req: &'r GenerateRequest) -> Result<Plan<'r>> {
+    fn check_inputs<'r>(&self, req: &'r GenerateRequest, stage: Stage<'r>) -> Result<Plan<'r>> {
         req.validate()?;
         let (width, height) = req.size(self.default_size(), self.vae_scale_factor())?;
+        crate::refiner::check_stage(self, req, &stage, (width, height))?;
         let sampler = req.scheduler.or(self.default_sampler);
         // η is a property of the class that will run: the model's own scheduler may be one no
         // sampler name stands for (a DPM-Solver variant), so ask its config, not the name.
@@ -359,7 +429,7 @@ impl Pipeline {
         let do_cfg = req.guidance > 1.0 && self.unet.config().time_cond_proj_dim.is_none();
         let batch = req.prompts.len() * req.num_images;
         self.check_inpaint(req)?;
-        Ok(Plan { req, width, height, sampler, do_cfg, batch })
+        Ok(Plan { req, stage, width, height, sampler, do_cfg, batch })
     }
 
     /// Phase 2: encodes the prompts and the negative prompt: `(uncond, cond)`, each
@@ -420,10 +490,21 @@ impl Pipeline {
                 Some(u) => Tensor::cat(&[&pooled(u)?, &pooled(cond)?], 0)?,
                 None => pooled(cond)?,
             });
-            // original size, crop top-left, target size, as (height, width) pairs.
-            let (h, w) = (plan.height as f32, plan.width as f32);
-            let ids = Tensor::new(&[[h, w, 0.0, 0.0, h, w]], &self.device)?;
-            added.time_ids = Some(ids.repeat((rows, 1))?.to_dtype(self.dtype)?);
+            let n = plan.batch;
+            let (neg, pos) = crate::refiner::time_ids(&self.index, plan.width, plan.height);
+            let ids = match uncond {
+                Some(_) => Tensor::cat(
+                    &[
+                        Tensor::new(neg.as_slice(), &self.device)?.unsqueeze(0)?.repeat((n, 1))?,
+                        Tensor::new(pos.as_slice(), &self.device)?.unsqueeze(0)?.repeat((n, 1))?,
+                    ],
+                    0,
+                )?,
+                None => {
+                    Tensor::new(pos.as_slice(), &self.device)?.unsqueeze(0)?.repeat((rows, 1))?
+                }
+            };
+            added.time_ids = Some(ids.to_dtype(self.dtype)?);
         }
         if let Some(dim) = self.unet.config().time_cond_proj_dim {
             added.timestep_cond = Some(
@@ -463,17 +544,31 @@ impl Pipeline {
         scheduler.set_timesteps(req.steps)?;
         let mut timesteps = scheduler.timesteps().to_vec();
         let mut steps = req.steps;
-        if let Some(init) = &req.init_image {
-            steps = ((req.steps as f64 * init.strength) as usize).min(req.steps);
+        let strength = plan.stage.strength.or(req.init_image.as_ref().map(|i| i.strength));
+        let train_steps = self.scheduler_config.num_train_timesteps.unwrap_or(1000);
+        if let Some(start) = plan.stage.denoising_start {
+            let (begin, n) =
+                crate::refiner::start_index(&timesteps, start, train_steps, scheduler.order());
+            timesteps = timesteps[begin..].to_vec();
+            scheduler.set_begin_index(begin);
+            steps = n.div_ceil(scheduler.order());
+        } else if let Some(strength) = strength {
+            steps = ((req.steps as f64 * strength) as usize).min(req.steps);
             let begin = (req.steps - steps) * scheduler.order();
             timesteps = timesteps[begin.min(timesteps.len())..].to_vec();
             scheduler.set_begin_index(begin);
+        }
+        if let Some(end) = plan.stage.denoising_end {
+            let kept = crate::refiner::end_count(&timesteps, end, train_steps);
+            timesteps.truncate(kept);
+            steps = kept.div_ceil(scheduler.order());
         }
         let name = plan
             .sampler
             .map(|k| k.name().to_string())
             .unwrap_or_else(|| scheduler.class_name().to_string());
-        Ok(Sampling { scheduler, timesteps, steps, name, generator: noise_source(req) })
+        let generator = Seeds::new(req, plan.batch);
+        Ok(Sampling { scheduler, timesteps, steps, name, generator })
     }
 
     /// Phase 4: the starting latents: noise scaled by the sampler's `init_noise_sigma`, or for
@@ -482,6 +577,18 @@ impl Pipeline {
     fn prepare_latents(&self, plan: &Plan<'_>, sampling: &mut Sampling) -> Result<Tensor> {
         let req = plan.req;
         let Sampling { scheduler, timesteps, generator, .. } = sampling;
+        if let Some(given) = plan.stage.latents {
+            let z = given.to_dtype(self.dtype)?;
+            let z = if z.dim(0)? < plan.batch { z.repeat((plan.batch, 1, 1, 1))? } else { z };
+            if plan.stage.denoising_start.is_some() {
+                return Ok(z);
+            }
+            let noise = generator.initial_noise(z.dims(), self.dtype, &self.device)?;
+            let first = *timesteps
+                .first()
+                .ok_or_else(|| PipelineError::invalid("strength", "leaves no denoising step"))?;
+            return Ok(scheduler.add_noise(&z, &noise, first)?);
+        }
         match &req.init_image {
             None => {
                 let scale = self.vae_scale_factor();
@@ -491,13 +598,17 @@ impl Pipeline {
                     plan.height / scale,
                     plan.width / scale,
                 ];
-                let noise = generator.randn(&shape, self.dtype, &self.device)?;
+                let noise = generator.initial_noise(&shape, self.dtype, &self.device)?;
                 Ok((noise * scheduler.init_noise_sigma())?)
             }
             Some(init) => {
-                let z = self.encode_image(&init.image, generator.as_mut(), req.vae_tiling)?;
-                let z = z.to_dtype(self.dtype)?.repeat((plan.batch, 1, 1, 1))?;
-                let noise = generator.randn(z.dims(), self.dtype, &self.device)?;
+                // One generator per image (`--seed-mode a1111`) encodes each image with its own,
+                // as diffusers does with a list of generators.
+                let copies = generator.posterior_batch();
+                let z = self.encode_image(&init.image, copies, generator, req.vae_tiling)?;
+                let z = z.to_dtype(self.dtype)?;
+                let z = if z.dim(0)? < plan.batch { z.repeat((plan.batch, 1, 1, 1))? } else { z };
+                let noise = generator.initial_noise(z.dims(), self.dtype, &self.device)?;
                 let first = *timesteps.first().ok_or_else(|| {
                     PipelineError::invalid("strength", "leaves no denoising step")
                 })?;
@@ -534,7 +645,7 @@ impl Pipeline {
             let out =
                 self.unet.forward(&x_in, &t_in, &conditioning.context, &conditioning.added)?;
             let guided = plan.guide(scheduler.as_ref(), out, t, &latents)?;
-            latents = scheduler.step(&guided, t, &latents, generator.as_mut())?;
+            latents = scheduler.step(&guided, t, &latents, generator)?;
             if let Some(state) = inpaint {
                 latents =
                     state.blend(scheduler.as_ref(), &latents, timesteps.get(i + 1).copied())?;
@@ -556,13 +667,29 @@ impl Pipeline {
 
     /// VAE latents of an image scaled for the diffusion model (SDXL's `latents_mean/std` when
     /// the config has them, else `scaling_factor`), drawing the posterior sample from `rng`.
-    fn encode_image(
+    pub(crate) fn encode_image(
         &self,
         image: &RgbImage,
+        copies: usize,
         rng: &mut dyn NoiseSource,
         tiling: bool,
     ) -> Result<Tensor> {
-        let x = image.to_tensor(&self.device)?.to_dtype(self.vae.dtype())?;
+        let x = image.to_tensor(&self.device)?;
+        let x = if copies > 1 { x.repeat((copies, 1, 1, 1))? } else { x };
+        self.encode_pixels(&x, rng, tiling)
+    }
+
+    /// [`Self::encode_image`] on pixels already in `[-1, 1]`, `[N, 3, H, W]`. An SDXL VAE with
+    /// `latents_mean`/`latents_std` is normalized with them, as `decode_latents` undoes it
+    /// (diffusers' XL inpaint pipeline ignores them both ways; ltd stays consistent with its
+    /// own decoding).
+    pub(crate) fn encode_pixels(
+        &self,
+        x: &Tensor,
+        rng: &mut dyn NoiseSource,
+        tiling: bool,
+    ) -> Result<Tensor> {
+        let x = x.to_dtype(self.vae.dtype())?;
         let cfg = self.vae.config();
         let tiles = tiling.then(|| TilingOptions::for_config(cfg));
         let z = self.vae.encode_with_tiling(&x, tiles.as_ref())?.sample(rng)?;

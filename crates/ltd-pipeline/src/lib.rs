@@ -1,6 +1,8 @@
 //! Text-to-image, image-to-image and inpainting with Stable Diffusion 1.x, 2.x and XL models
 //! in diffusers layout: model folders (local or from the hub), prompt encoding,
-//! classifier-free guidance, the denoising loop and decoding.
+//! classifier-free guidance, the denoising loop and decoding; the SDXL refiner and the
+//! base→refiner hand-off (`refiner`), AUTOMATIC1111's hires fix (`hires`) and seed
+//! conventions (`seeds`).
 //!
 //! ```no_run
 //! use ltd_pipeline::{GenerateRequest, LoadOptions, ModelSource, Pipeline};
@@ -15,17 +17,21 @@
 pub mod error;
 pub mod generate;
 pub mod guidance;
+pub mod hires;
 pub mod image;
 pub mod image_processor;
 pub mod model_index;
 pub mod params;
 pub mod pipeline;
+pub mod refiner;
 pub mod request;
+pub mod seeds;
 pub mod source;
 mod text;
 
 pub use error::{PipelineError, Result};
 pub use generate::{GeneratedImage, Generation, Progress, Timings};
+pub use hires::{HiresFix, HiresUpscaler};
 pub use image::RgbImage;
 pub use image_processor::{outpaint_canvas, OutpaintFill};
 pub use ltd_scheduler::SamplerKind;
@@ -34,6 +40,7 @@ pub use params::GenerationParams;
 pub use pipeline::{LoadOptions, Pipeline};
 pub use request::Inpaint;
 pub use request::{
-    parse_sampler, DynamicThreshold, GenerateRequest, InitImage, LongPrompt, MimicGuidance, RngKind,
+    parse_sampler, DynamicThreshold, GenerateRequest, InitImage, LongPrompt, MimicGuidance,
+    RngKind, SeedMode, Subseed,
 };
 pub use source::ModelSource;

@@ -101,6 +101,25 @@ pub struct ModelIndex {
     pub components: BTreeMap<String, Option<(String, String)>>,
     /// SDXL: an absent negative prompt means zero embeddings (diffusers' default: true).
     pub force_zeros_for_empty_prompt: bool,
+    /// SDXL image-to-image: the time ids end in an aesthetic score instead of the target size
+    /// (diffusers' `requires_aesthetics_score`, default false; the refiner sets it).
+    pub requires_aesthetics_score: bool,
+    /// The SDXL refiner's layout: `text_encoder` and `tokenizer` are `[null, null]`, only the
+    /// OpenCLIP encoder (`text_encoder_2`) conditions the U-Net.
+    pub refiner: bool,
+}
+
+/// The components an SDXL refiner folder sets to `[null, null]`.
+const REFINER_ABSENT: [&str; 2] = ["text_encoder", "tokenizer"];
+
+/// Whether an SDXL index has the refiner's layout: both first-encoder components explicitly
+/// null (a folder merely missing them is broken, not a refiner).
+fn is_refiner_layout(
+    kind: PipelineKind,
+    components: &BTreeMap<String, Option<(String, String)>>,
+) -> bool {
+    kind == PipelineKind::StableDiffusionXl
+        && REFINER_ABSENT.iter().all(|name| matches!(components.get(*name), Some(None)))
 }
 
 impl ModelIndex {
@@ -147,7 +166,11 @@ impl ModelIndex {
             };
             components.insert(name.clone(), entry);
         }
+        let refiner = is_refiner_layout(kind, &components);
         for (name, want) in kind.required() {
+            if refiner && REFINER_ABSENT.contains(name) {
+                continue;
+            }
             match components.get(*name) {
                 Some(Some((lib, class))) if want.accepts(lib, class) => {}
                 Some(Some((lib, class))) => {
@@ -163,18 +186,26 @@ impl ModelIndex {
         }
         let force_zeros_for_empty_prompt =
             obj.get("force_zeros_for_empty_prompt").and_then(Value::as_bool).unwrap_or(true);
+        let requires_aesthetics_score =
+            obj.get("requires_aesthetics_score").and_then(Value::as_bool).unwrap_or(false);
         Ok(Self {
             path: path.to_path_buf(),
             class_name,
             kind,
             components,
             force_zeros_for_empty_prompt,
+            requires_aesthetics_score,
+            refiner,
         })
     }
 
     /// The components the pipeline loads, with what they are (in a stable order).
     pub fn loadable_components(&self) -> Vec<(&'static str, ComponentKind)> {
-        self.kind.required().to_vec()
+        let mut parts = self.kind.required().to_vec();
+        if self.refiner {
+            parts.retain(|(name, _)| !REFINER_ABSENT.contains(name));
+        }
+        parts
     }
 
     /// The folder the index sits in.
@@ -226,6 +257,26 @@ mod tests {
         );
         let err = parse(&SD.replace("AutoencoderKL", "AutoencoderTiny")).unwrap_err();
         assert!(err.to_string().contains("unsupported component"), "{err}");
+        let err = parse(r#"["x"]"#).unwrap_err();
+        assert!(err.to_string().contains("expected a JSON object"), "{err}");
+    }
+
+    const REFINER: &str = r#"{"_class_name": "StableDiffusionXLImg2ImgPipeline",
+        "force_zeros_for_empty_prompt": false, "requires_aesthetics_score": true,
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": [null, null],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": [null, null],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"]}"#;
+
+    #[test]
+    fn reads_the_refiner_layout() {
+        let idx = parse(REFINER).unwrap();
+        assert!(idx.refiner && idx.requires_aesthetics_score && !idx.force_zeros_for_empty_prompt);
+        let names: Vec<_> = idx.loadable_components().iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, ["scheduler", "text_encoder_2", "tokenizer_2", "unet", "vae"]);
+        // Only an explicit null makes a refiner: a missing first encoder is a broken folder.
+        let err = parse(&REFINER.replace(r#""text_encoder": [null, null],"#, "")).unwrap_err();
+        assert!(err.to_string().contains("needs a `text_encoder`"), "{err}");
         let err = parse(r#"["x"]"#).unwrap_err();
         assert!(err.to_string().contains("expected a JSON object"), "{err}");
     }

@@ -90,6 +90,7 @@ impl Pipeline {
         let text = TextEncoders::load(
             root,
             index.kind,
+            index.refiner,
             index.force_zeros_for_empty_prompt,
             variant,
             dtype,
@@ -228,14 +229,17 @@ fn check_compatible(
             )));
         };
         let pooled = text.pooled_dim().unwrap_or(0);
-        let expected = 6 * add.time_proj.num_channels + pooled;
+        // diffusers' `_get_add_time_ids`: 5 ids with an aesthetic score, else 6.
+        let ids = crate::refiner::time_id_count(index);
+        let expected = ids * add.time_proj.num_channels + pooled;
         if add.input_dim != expected {
             return Err(PipelineError::msg(format!(
-                "{}: projection_class_embeddings_input_dim is {} but 6 time ids × \
-                 addition_time_embed_dim {} + text_encoder_2 projection_dim {pooled} = {expected}",
+                "{}: projection_class_embeddings_input_dim is {} but {ids} time ids × \
+                 addition_time_embed_dim {} + text_encoder_2 projection_dim {pooled} = {expected}{}",
                 root.join("unet/config.json").display(),
                 add.input_dim,
-                add.time_proj.num_channels
+                add.time_proj.num_channels,
+                crate::refiner::aesthetics_hint(index, add.input_dim, expected, add.time_proj.num_channels),
             )));
         }
     }

@@ -31,6 +31,25 @@ pub enum RngKind {
     Cuda,
 }
 
+/// How the images of a batch get their noise (`crate::seeds`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SeedMode {
+    /// diffusers: one generator seeded `seed` fills the whole batch.
+    #[default]
+    Diffusers,
+    /// AUTOMATIC1111: image `k` gets seed `seed + k` and a generator of its own.
+    A1111,
+}
+
+/// AUTOMATIC1111's variation seed: the initial noise is slerped towards this seed's noise.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Subseed {
+    /// The variation seed (`--subseed`).
+    pub seed: u64,
+    /// How far towards its noise, in [0, 1] (`--subseed-strength`).
+    pub strength: f64,
+}
+
 /// Imagen dynamic thresholding of the predicted clean latents.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DynamicThreshold {
@@ -126,6 +145,10 @@ pub struct GenerateRequest {
     pub seed: u64,
     /// The random generator.
     pub rng: RngKind,
+    /// One generator for the batch (diffusers) or one per image (AUTOMATIC1111).
+    pub seed_mode: SeedMode,
+    /// AUTOMATIC1111's variation seed.
+    pub subseed: Option<Subseed>,
     /// Skip this many final CLIP layers (1 = penultimate).
     pub clip_skip: Option<usize>,
     /// Long-prompt handling.
@@ -155,6 +178,8 @@ impl Default for GenerateRequest {
             num_images: 1,
             seed: 0,
             rng: RngKind::Cpu,
+            seed_mode: SeedMode::Diffusers,
+            subseed: None,
             clip_skip: None,
             long_prompt: LongPrompt::Truncate,
             init_image: None,
@@ -236,6 +261,14 @@ impl GenerateRequest {
                 "clip-skip",
                 "must be at least 1 (1 = penultimate layer)",
             ));
+        }
+        if let Some(sub) = &self.subseed {
+            if !(0.0..=1.0).contains(&sub.strength) || sub.strength.is_nan() {
+                return Err(PipelineError::invalid(
+                    "subseed-strength",
+                    format!("must be in [0, 1], got {}", sub.strength),
+                ));
+            }
         }
         if let Some(init) = &self.init_image {
             let s = init.strength;

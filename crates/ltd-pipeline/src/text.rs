@@ -50,10 +50,13 @@ pub(crate) struct PromptEmbeds {
 }
 
 impl TextEncoders {
-    /// Loads the tokenizer/encoder pairs the pipeline kind needs from `root`.
+    /// Loads the tokenizer/encoder pairs the pipeline kind needs from `root`; an SDXL
+    /// `refiner` has only the second (OpenCLIP) pair.
+    #[allow(clippy::too_many_arguments)]
     pub fn load(
         root: &Path,
         kind: PipelineKind,
+        refiner: bool,
         force_zeros_for_empty_prompt: bool,
         variant: Option<&str>,
         dtype: DType,
@@ -71,13 +74,13 @@ impl TextEncoders {
             PipelineKind::StableDiffusion => vec![first()?],
             PipelineKind::StableDiffusionXl => {
                 // Loaded in folder order, so a broken model reports its first bad folder.
-                let first = first()?;
+                let first = if refiner { None } else { Some(first()?) };
                 let tokenizer_2 = tok("tokenizer_2")?;
                 let dir = root.join("text_encoder_2");
                 let model = CLIPTextModelWithProjection::from_folder(
                     &dir, variant, dtype, device, runtime,
                 )?;
-                vec![first, (tokenizer_2, Encoder::Projection(model))]
+                first.into_iter().chain([(tokenizer_2, Encoder::Projection(model))]).collect()
             }
         };
         Ok(Self { kind, parts, force_zeros_for_empty_prompt })

@@ -23,7 +23,6 @@ use super::{Plan, Sampling};
 use crate::error::{PipelineError, Result};
 use crate::image::RgbImage;
 use crate::image_processor::{apply_overlay, get_crop_region, Bitmap};
-use crate::model_index::PipelineKind;
 use crate::pipeline::Pipeline;
 use crate::request::GenerateRequest;
 
@@ -165,13 +164,20 @@ impl Pipeline {
         let (hl, wl) = (h / f, w / f);
         let Sampling { scheduler, timesteps, generator, .. } = sampling;
         let repeat = |t: Tensor| -> Result<Tensor> { Ok(t.repeat((plan.batch, 1, 1, 1))?) };
+        // One generator per image (`--seed-mode a1111`) encodes one copy per image, each with
+        // its own posterior sample, as diffusers does with a list of generators.
+        let copies = generator.posterior_batch();
+        let per_copy = |z: Tensor| -> Result<Tensor> {
+            Ok(z.to_dtype(self.dtype)?.repeat((plan.batch / copies, 1, 1, 1))?)
+        };
         let image_latents = if !nine || !at_max {
-            let z = self.encode_pixels(&picture, generator.as_mut(), req.vae_tiling)?;
-            Some(repeat(z.to_dtype(self.dtype)?)?)
+            let x = picture.repeat((copies, 1, 1, 1))?;
+            Some(per_copy(self.encode_pixels(&x, generator, req.vae_tiling)?)?)
         } else {
             None
         };
-        let noise = generator.randn(&[plan.batch, latent_channels, hl, wl], self.dtype, dev)?;
+        let noise =
+            generator.initial_noise(&[plan.batch, latent_channels, hl, wl], self.dtype, dev)?;
         let latents = match (&image_latents, at_max) {
             (Some(z), false) => {
                 let first = *timesteps.first().ok_or_else(|| {
@@ -184,8 +190,8 @@ impl Pipeline {
         let mask_latent =
             Tensor::from_vec(nearest(&condition, (h, w), (hl, wl)), (1, 1, hl, wl), dev)?
                 .to_dtype(self.dtype)?;
-        let masked_latents = self.encode_pixels(&masked, generator.as_mut(), req.vae_tiling)?;
-        let masked_latents = repeat(masked_latents.to_dtype(self.dtype)?)?;
+        let x = masked.repeat((copies, 1, 1, 1))?;
+        let masked_latents = per_copy(self.encode_pixels(&x, generator, req.vae_tiling)?)?;
         let mask_latent = repeat(mask_latent)?;
 
         let double = |t: &Tensor| -> Result<Tensor> {
@@ -202,29 +208,6 @@ impl Pipeline {
         let overlay =
             (crop.is_some() || inpaint.keep_unmasked).then_some(Overlay { mask, original, crop });
         Ok((latents, InpaintState { condition: condition.transpose()?, blend, overlay }))
-    }
-
-    /// diffusers' inpainting `_encode_vae_image`: a posterior sample of pixels in [-1, 1]
-    /// times the VAE's scaling factor. An SDXL VAE with `latents_mean`/`latents_std` is
-    /// normalized with them, as `encode_image` and `decode_latents` do (diffusers' XL inpaint
-    /// pipeline ignores them both ways; ltd stays consistent with its own decoding).
-    fn encode_pixels(
-        &self,
-        x: &Tensor,
-        rng: &mut dyn ltd_nn::NoiseSource,
-        tiling: bool,
-    ) -> Result<Tensor> {
-        let cfg = self.vae.config();
-        let tiles = tiling.then(|| ltd_vae::TilingOptions::for_config(cfg));
-        let x = x.to_dtype(self.vae.dtype())?;
-        let z = self.vae.encode_with_tiling(&x, tiles.as_ref())?.sample(rng)?;
-        match (&cfg.latents_mean, &cfg.latents_std) {
-            (Some(mean), Some(std)) if self.index.kind == PipelineKind::StableDiffusionXl => {
-                let (m, s) = (self.channel_vector(mean)?, self.channel_vector(std)?);
-                Ok((z.broadcast_sub(&m)? * cfg.scaling_factor)?.broadcast_div(&s)?)
-            }
-            _ => Ok(cfg.scale_latents(&z)?),
-        }
     }
 }
 
