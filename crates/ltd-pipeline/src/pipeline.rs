@@ -90,6 +90,7 @@ impl Pipeline {
         let text = TextEncoders::load(
             root,
             index.kind,
+            index.text_encoder_family,
             index.force_zeros_for_empty_prompt,
             variant,
             dtype,
@@ -217,6 +218,16 @@ fn check_compatible(
             root.join("unet/config.json").display(),
             u.in_channels
         )));
+    }
+    if let Some(width) = text.t5_width() {
+        if u.encoder_hidden_dim() != width {
+            return Err(PipelineError::msg(format!(
+                "{}: the U-Net takes text states {} wide (encoder_hid_dim, else \
+                 cross_attention_dim) but the T5 text encoder's d_model is {width}",
+                root.join("unet/config.json").display(),
+                u.encoder_hidden_dim()
+            )));
+        }
     }
     if index.kind == PipelineKind::StableDiffusionXl {
         let Some(add) = &u.addition_embedding else {

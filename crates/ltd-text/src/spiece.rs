@@ -66,7 +66,8 @@ pub const UNIGRAM: u64 = 1;
 impl SentencePieceModel {
     /// Reads `path`; errors name the file and what is wrong with it.
     pub fn read(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
+        let bytes =
+            std::fs::read(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
         Self::parse(&bytes).map_err(|message| {
             Error::msg(format!("{}: not a SentencePiece model: {message}", path.display()))
         })
@@ -92,8 +93,7 @@ impl SentencePieceModel {
                     let mut n = Reader::new(b);
                     while let Some((f, v)) = n.field()? {
                         if let (2, Value::Bytes(map)) = (f, v) {
-                            model.precompiled_charsmap =
-                                (!map.is_empty()).then(|| map.to_vec());
+                            model.precompiled_charsmap = (!map.is_empty()).then(|| map.to_vec());
                         }
                     }
                 }
@@ -129,7 +129,9 @@ fn piece(bytes: &[u8], index: usize) -> std::result::Result<Piece, String> {
                     other => return Err(format!("piece {index} has unknown type {other}")),
                 }
             }
-            (1..=3, _) => return Err(format!("piece {index}: field {field} has the wrong wire type")),
+            (1..=3, _) => {
+                return Err(format!("piece {index}: field {field} has the wrong wire type"))
+            }
             _ => {}
         }
     }
@@ -242,7 +244,9 @@ mod tests {
     #[test]
     fn broken_input_is_an_error() {
         assert!(SentencePieceModel::parse(&[]).unwrap_err().contains("no pieces"));
-        assert!(SentencePieceModel::parse(&[0x0a, 0x09, 0x0a]).unwrap_err().contains("past the end"));
+        assert!(SentencePieceModel::parse(&[0x0a, 0x09, 0x0a])
+            .unwrap_err()
+            .contains("past the end"));
         assert!(SentencePieceModel::parse(&[0x0b]).unwrap_err().contains("wire type 3"));
         assert!(SentencePieceModel::parse(&[0x08, 0x80]).unwrap_err().contains("truncated varint"));
         assert!(SentencePieceModel::parse(b"{\"not\": \"protobuf\"}").is_err());

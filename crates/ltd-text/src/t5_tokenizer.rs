@@ -111,14 +111,14 @@ impl T5Tokenizer {
             spm.pieces.iter().map(|p| (p.piece.clone(), f64::from(p.score))).collect();
         vocab.extend((0..extra_ids).rev().map(|i| (format!("<extra_id_{i}>"), 0.0)));
         let normalizer = match &spm.precompiled_charsmap {
-            Some(map) => Some(NormalizerWrapper::Precompiled(Precompiled::from(map).map_err(
-                |e| {
+            Some(map) => {
+                Some(NormalizerWrapper::Precompiled(Precompiled::from(map).map_err(|e| {
                     Error::msg(format!(
                         "{}: normalizer_spec.precompiled_charsmap: {e}",
                         path.display()
                     ))
-                },
-            )?)),
+                })?))
+            }
             None => None,
         };
         Self::assemble(dir, path, vocab, normalizer, folder)

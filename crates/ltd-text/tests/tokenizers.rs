@@ -187,7 +187,8 @@ fn t5_from_spiece_model_matches_transformers() {
 fn t5_layouts_agree_on_special_and_sentinel_tokens() {
     let json = T5Tokenizer::from_folder(&fixtures().join("t5/tokenizer")).unwrap();
     let spm = T5Tokenizer::from_folder(&fixtures().join("pipelines/sd_t5_spm/tokenizer")).unwrap();
-    for text in ["<extra_id_0> a </s> b <pad><unk>", "<extra_id_99>x<extra_id_57>", "ＦＵＬＬ ①"] {
+    for text in ["<extra_id_0> a </s> b <pad><unk>", "<extra_id_99>x<extra_id_57>", "ＦＵＬＬ ①"]
+    {
         assert_eq!(json.tokenize(text).unwrap(), spm.tokenize(text).unwrap(), "{text:?}");
     }
     let tmp = tempfile::tempdir().unwrap();

@@ -111,12 +111,9 @@ impl UNet2DConditionModel {
             None => None,
         };
         let encoder_hid_proj = match cfg.encoder_hid_dim {
-            Some(d) => Some(Linear::new(
-                vb.pp("encoder_hid_proj"),
-                d,
-                cfg.cross_attention_dim[0],
-                true,
-            )?),
+            Some(d) => {
+                Some(Linear::new(vb.pp("encoder_hid_proj"), d, cfg.cross_attention_dim[0], true)?)
+            }
             None => None,
         };
         let att = &opts.attention;
