@@ -87,16 +87,7 @@ impl Pipeline {
         )?;
         let default_sampler = default_sampler(&scheduler_config);
 
-        let text = TextEncoders::load(
-            root,
-            index.kind,
-            index.text_encoder_family,
-            index.force_zeros_for_empty_prompt,
-            variant,
-            dtype,
-            device,
-            runtime,
-        )?;
+        let text = TextEncoders::load(root, &index, variant, dtype, device, runtime)?;
         let unet = UNet2DConditionModel::load(&root.join("unet"), variant, dtype, device, runtime)?;
         let vae_cfg = AutoencoderKL::load_config(&root.join("vae"))?;
         let vae = AutoencoderKL::load(

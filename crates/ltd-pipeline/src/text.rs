@@ -34,7 +34,7 @@ use ltd_text::{
 };
 
 use crate::error::{PipelineError, Result};
-use crate::model_index::{PipelineKind, TextEncoderFamily};
+use crate::model_index::{ModelIndex, PipelineKind, TextEncoderFamily};
 use crate::request::LongPrompt;
 
 /// A tokenizer and the text encoder it feeds.
@@ -68,19 +68,17 @@ pub(crate) struct PromptEmbeds {
 }
 
 impl TextEncoders {
-    /// Loads the tokenizer/encoder pairs the pipeline kind needs from `root`.
-    #[allow(clippy::too_many_arguments)]
+    /// Loads the tokenizer/encoder pairs the pipeline's `model_index.json` names from `root`.
     pub fn load(
         root: &Path,
-        kind: PipelineKind,
-        family: TextEncoderFamily,
-        force_zeros_for_empty_prompt: bool,
+        index: &ModelIndex,
         variant: Option<&str>,
         dtype: DType,
         device: &Device,
         runtime: &RuntimeOptions,
     ) -> Result<Self> {
-        if family == TextEncoderFamily::T5 {
+        let (kind, force_zeros_for_empty_prompt) = (index.kind, index.force_zeros_for_empty_prompt);
+        if index.text_encoder_family == TextEncoderFamily::T5 {
             let t5 = T5Text::load(root, variant, dtype, device, runtime)?;
             return Ok(Self {
                 kind,
@@ -112,8 +110,7 @@ impl TextEncoders {
         Ok(Self { kind, parts, t5: None, force_zeros_for_empty_prompt })
     }
 
-    /// The width of the embeddings: the T5's `d_model` (CLIP widths are checked by the U-Net's
-    /// weights, as before).
+    /// A T5's `d_model`, for the load-time check against the U-Net's text width.
     pub fn t5_width(&self) -> Option<usize> {
         self.t5.as_ref().map(|t| t.model.params().d_model)
     }
@@ -257,6 +254,7 @@ impl T5Text {
         for text in texts {
             let e = self.tokenizer.encode(text, Some(self.max_length))?;
             if let Some(dropped) = &e.truncated_text {
+                // diffusers' own words, which name CLIP whatever the encoder.
                 tracing::warn!(
                     "The following part of your input was truncated because CLIP can only \
                      handle sequences up to {} tokens: {dropped}",
