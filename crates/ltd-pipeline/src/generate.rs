@@ -415,6 +415,7 @@ impl Pipeline {
     /// against the VAE's scale factor, and η against the sampler the run will use.
     fn check_inputs<'r>(&self, req: &'r GenerateRequest, stage: Stage<'r>) -> Result<Plan<'r>> {
         req.validate()?;
+        self.text.check_options(req.clip_skip, req.long_prompt)?;
         let (width, height) = req.size(self.default_size(), self.vae_scale_factor())?;
         crate::refiner::check_stage(self, req, &stage, (width, height))?;
         let sampler = req.scheduler.or(self.default_sampler);

@@ -41,8 +41,8 @@ impl PipelineKind {
         match self {
             Self::StableDiffusion => &[
                 ("scheduler", Scheduler),
-                ("text_encoder", TextEncoder),
-                ("tokenizer", ClipTokenizer),
+                ("text_encoder", ClipOrT5TextEncoder),
+                ("tokenizer", ClipOrT5Tokenizer),
                 ("unet", Unet),
                 ("vae", Vae),
             ],
@@ -68,6 +68,10 @@ pub enum ComponentKind {
     ClipTokenizer,
     /// A CLIP text encoder (with or without projection).
     TextEncoder,
+    /// A CLIP text encoder or a `T5EncoderModel` (`StableDiffusionPipeline` runs either).
+    ClipOrT5TextEncoder,
+    /// A CLIP BPE or a T5 unigram tokenizer.
+    ClipOrT5Tokenizer,
     /// `UNet2DConditionModel`.
     Unet,
     /// `AutoencoderKL`.
@@ -82,10 +86,31 @@ impl ComponentKind {
             Self::TextEncoder => {
                 matches!(class, "CLIPTextModel" | "CLIPTextModelWithProjection")
             }
+            Self::ClipOrT5TextEncoder => {
+                Self::TextEncoder.accepts(library, class) || class == T5_TEXT_ENCODER
+            }
+            Self::ClipOrT5Tokenizer => {
+                Self::ClipTokenizer.accepts(library, class) || T5_TOKENIZERS.contains(&class)
+            }
             Self::Unet => class == "UNet2DConditionModel",
             Self::Vae => class == "AutoencoderKL",
         }
     }
+}
+
+/// The class of a T5 text encoder in `model_index.json`.
+const T5_TEXT_ENCODER: &str = "T5EncoderModel";
+/// The classes of T5 tokenizers (transformers 5 made the fast one the only one; folders name
+/// either).
+const T5_TOKENIZERS: [&str; 2] = ["T5Tokenizer", "T5TokenizerFast"];
+
+/// Which text encoder family a pipeline's `text_encoder` is, as `model_index.json` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextEncoderFamily {
+    /// CLIP (`CLIPTextModel`, `CLIPTextModelWithProjection`) with a CLIP BPE tokenizer.
+    Clip,
+    /// `T5EncoderModel` with a T5 unigram tokenizer.
+    T5,
 }
 
 /// A parsed `model_index.json`.
@@ -107,6 +132,8 @@ pub struct ModelIndex {
     /// The SDXL refiner's layout: `text_encoder` and `tokenizer` are `[null, null]`, only the
     /// OpenCLIP encoder (`text_encoder_2`) conditions the U-Net.
     pub refiner: bool,
+    /// The family of `text_encoder` (and of `tokenizer`, which must match it).
+    pub text_encoder_family: TextEncoderFamily,
 }
 
 /// The components an SDXL refiner folder sets to `[null, null]`.
@@ -188,6 +215,30 @@ impl ModelIndex {
             obj.get("force_zeros_for_empty_prompt").and_then(Value::as_bool).unwrap_or(true);
         let requires_aesthetics_score =
             obj.get("requires_aesthetics_score").and_then(Value::as_bool).unwrap_or(false);
+        let class_of = |name: &str| match components.get(name) {
+            Some(Some((_, class))) => class.as_str(),
+            _ => "",
+        };
+        let text_encoder_family = if class_of("text_encoder") == T5_TEXT_ENCODER {
+            TextEncoderFamily::T5
+        } else {
+            TextEncoderFamily::Clip
+        };
+        // diffusers would feed one vocabulary's ids to the other's embedding table.
+        let tokenizer = class_of("tokenizer");
+        if T5_TOKENIZERS.contains(&tokenizer) != (text_encoder_family == TextEncoderFamily::T5) {
+            return Err(bad(
+                "tokenizer",
+                format!(
+                    "a {} text encoder needs a {} tokenizer, not {tokenizer:?}",
+                    class_of("text_encoder"),
+                    match text_encoder_family {
+                        TextEncoderFamily::T5 => "T5 (T5Tokenizer or T5TokenizerFast)",
+                        TextEncoderFamily::Clip => "CLIP (CLIPTokenizer)",
+                    }
+                ),
+            ));
+        }
         Ok(Self {
             path: path.to_path_buf(),
             class_name,
@@ -196,6 +247,7 @@ impl ModelIndex {
             force_zeros_for_empty_prompt,
             requires_aesthetics_score,
             refiner,
+            text_encoder_family,
         })
     }
 
@@ -206,6 +258,11 @@ impl ModelIndex {
             parts.retain(|(name, _)| !REFINER_ABSENT.contains(name));
         }
         parts
+    }
+
+    /// The `(library, class)` a component names, if it is not `[null, null]`.
+    pub fn class_of(&self, component: &str) -> Option<&str> {
+        self.components.get(component)?.as_ref().map(|(_, class)| class.as_str())
     }
 
     /// The folder the index sits in.
@@ -246,6 +303,19 @@ mod tests {
     }
 
     #[test]
+    fn a_t5_text_encoder_takes_a_t5_tokenizer() {
+        for tokenizer in ["T5Tokenizer", "T5TokenizerFast"] {
+            let json = SD
+                .replace("\"CLIPTextModel\"", "\"T5EncoderModel\"")
+                .replace("\"CLIPTokenizer\"", &format!("{tokenizer:?}"));
+            let idx = parse(&json).unwrap();
+            assert_eq!(idx.text_encoder_family, TextEncoderFamily::T5);
+            assert_eq!(idx.class_of("tokenizer"), Some(tokenizer));
+        }
+        assert_eq!(parse(SD).unwrap().text_encoder_family, TextEncoderFamily::Clip);
+    }
+
+    #[test]
     fn rejects_what_it_cannot_run() {
         let err = parse(&SD.replace("StableDiffusionPipeline", "KandinskyPipeline")).unwrap_err();
         assert!(err.to_string().contains("m/model_index.json: field `_class_name`: unsupported pipeline class \"KandinskyPipeline\""), "{err}");
@@ -256,6 +326,19 @@ mod tests {
             "{err}"
         );
         let err = parse(&SD.replace("AutoencoderKL", "AutoencoderTiny")).unwrap_err();
+        assert!(err.to_string().contains("unsupported component"), "{err}");
+        let err = parse(&SD.replace("\"CLIPTextModel\"", "\"T5EncoderModel\"")).unwrap_err();
+        assert!(
+            err.to_string().contains("field `tokenizer`: a T5EncoderModel text encoder needs a T5"),
+            "{err}"
+        );
+        let err = parse(&SD.replace("\"CLIPTokenizer\"", "\"T5Tokenizer\"")).unwrap_err();
+        assert!(err.to_string().contains("needs a CLIP (CLIPTokenizer) tokenizer"), "{err}");
+        let sdxl_t5 = SD
+            .replace("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+            .replace("\"CLIPTextModel\"", "\"T5EncoderModel\"")
+            .replace("\"CLIPTokenizer\"", "\"T5Tokenizer\"");
+        let err = parse(&sdxl_t5).unwrap_err();
         assert!(err.to_string().contains("unsupported component"), "{err}");
         let err = parse(r#"["x"]"#).unwrap_err();
         assert!(err.to_string().contains("expected a JSON object"), "{err}");

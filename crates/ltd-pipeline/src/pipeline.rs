@@ -87,16 +87,7 @@ impl Pipeline {
         )?;
         let default_sampler = default_sampler(&scheduler_config);
 
-        let text = TextEncoders::load(
-            root,
-            index.kind,
-            index.refiner,
-            index.force_zeros_for_empty_prompt,
-            variant,
-            dtype,
-            device,
-            runtime,
-        )?;
+        let text = TextEncoders::load(root, &index, variant, dtype, device, runtime)?;
         let unet = UNet2DConditionModel::load(&root.join("unet"), variant, dtype, device, runtime)?;
         let vae_cfg = AutoencoderKL::load_config(&root.join("vae"))?;
         let vae = AutoencoderKL::load(
@@ -220,6 +211,16 @@ fn check_compatible(
             u.in_channels,
             2 * latent + 1
         )));
+    }
+    if let Some(width) = text.t5_width() {
+        if u.encoder_hidden_dim() != width {
+            return Err(PipelineError::msg(format!(
+                "{}: the U-Net takes text states {} wide (encoder_hid_dim, else \
+                 cross_attention_dim) but the T5 text encoder's d_model is {width}",
+                root.join("unet/config.json").display(),
+                u.encoder_hidden_dim()
+            )));
+        }
     }
     if index.kind == PipelineKind::StableDiffusionXl {
         let Some(add) = &u.addition_embedding else {

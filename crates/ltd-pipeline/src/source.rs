@@ -20,7 +20,7 @@ use hf_hub::api::sync::{Api, ApiBuilder, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};
 
 use crate::error::{PipelineError, Result};
-use crate::model_index::{ComponentKind, ModelIndex};
+use crate::model_index::{ComponentKind, ModelIndex, TextEncoderFamily};
 
 /// How long the reachability probe of the hub endpoint waits.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -270,9 +270,19 @@ pub fn needed_files(
         match kind {
             ComponentKind::Scheduler => files.push(format!("{name}/scheduler_config.json")),
             ComponentKind::ClipTokenizer => files.extend(tokenizer_files(name, exists)),
-            ComponentKind::TextEncoder | ComponentKind::Unet | ComponentKind::Vae => {
+            ComponentKind::ClipOrT5Tokenizer => match index.text_encoder_family {
+                TextEncoderFamily::Clip => files.extend(tokenizer_files(name, exists)),
+                TextEncoderFamily::T5 => files.extend(t5_tokenizer_files(name, exists)),
+            },
+            ComponentKind::TextEncoder
+            | ComponentKind::ClipOrT5TextEncoder
+            | ComponentKind::Unet
+            | ComponentKind::Vae => {
                 files.push(format!("{name}/config.json"));
-                let stem = if kind == ComponentKind::TextEncoder {
+                let stem = if matches!(
+                    kind,
+                    ComponentKind::TextEncoder | ComponentKind::ClipOrT5TextEncoder
+                ) {
                     "model"
                 } else {
                     "diffusion_pytorch_model"
@@ -301,6 +311,19 @@ fn tokenizer_files(dir: &str, exists: &dyn Fn(&str) -> bool) -> Vec<String> {
         .into_iter()
         .filter(|f| exists(&path(f)));
     vocabulary.iter().copied().chain(optional).map(path).collect()
+}
+
+/// The files of a T5 tokenizer folder, following what `T5Tokenizer::from_folder` reads:
+/// `tokenizer.json` when there is one, else the SentencePiece model `spiece.model` (then
+/// required, so a folder with neither fails naming it), and the two configuration files when
+/// present.
+fn t5_tokenizer_files(dir: &str, exists: &dyn Fn(&str) -> bool) -> Vec<String> {
+    let path = |f: &str| format!("{dir}/{f}");
+    let model = if exists(&path("tokenizer.json")) { "tokenizer.json" } else { "spiece.model" };
+    let optional = ["tokenizer_config.json", "special_tokens_map.json"]
+        .into_iter()
+        .filter(|f| exists(&path(f)));
+    std::iter::once(model).chain(optional).map(path).collect()
 }
 
 fn weight_files(
@@ -426,6 +449,52 @@ mod tests {
         for f in files.iter().filter(|f| !f.ends_with("config.json")) {
             assert!(repo.contains(&f.as_str()), "{f} is not in the repository");
         }
+    }
+
+    /// A T5 pipeline's repository, as t5-v1_1 / DeepFloyd IF ship the tokenizer (spiece.model,
+    /// no tokenizer.json) or as transformers 5 saves it (tokenizer.json).
+    #[test]
+    fn needed_files_of_a_t5_pipeline() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = dir.path().join("model_index.json");
+        std::fs::write(
+            &index,
+            r#"{"_class_name": "StableDiffusionPipeline",
+                "scheduler": ["diffusers", "PNDMScheduler"],
+                "text_encoder": ["transformers", "T5EncoderModel"],
+                "tokenizer": ["transformers", "T5TokenizerFast"],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"]}"#,
+        )
+        .unwrap();
+        let index = ModelIndex::read(&index).unwrap();
+        let tokenizer = |repo: &[&str]| -> Vec<String> {
+            let files = needed_files(&index, None, &|f| repo.contains(&f)).unwrap();
+            files.into_iter().filter(|f| f.starts_with("tokenizer/")).collect()
+        };
+        let weights = [
+            "text_encoder/model.safetensors.index.json",
+            "unet/diffusion_pytorch_model.safetensors",
+            "vae/diffusion_pytorch_model.safetensors",
+        ];
+        let spm: Vec<&str> = weights
+            .iter()
+            .copied()
+            .chain(["tokenizer/spiece.model", "tokenizer/special_tokens_map.json"])
+            .collect();
+        assert_eq!(
+            tokenizer(&spm),
+            ["tokenizer/spiece.model", "tokenizer/special_tokens_map.json"]
+        );
+        let both: Vec<&str> = spm.iter().copied().chain(["tokenizer/tokenizer.json"]).collect();
+        assert_eq!(
+            tokenizer(&both),
+            ["tokenizer/tokenizer.json", "tokenizer/special_tokens_map.json"]
+        );
+        // Neither: spiece.model is asked for, so fetching fails naming it.
+        assert_eq!(tokenizer(&weights), ["tokenizer/spiece.model"]);
+        let files = needed_files(&index, None, &|f| weights.contains(&f)).unwrap();
+        assert!(files.contains(&"text_encoder/model.safetensors.index.json".to_string()));
     }
 
     #[test]

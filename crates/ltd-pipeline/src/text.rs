@@ -15,17 +15,26 @@
 //! encoded in 75-token chunks whose embeddings are concatenated (AUTOMATIC1111); a batch is
 //! padded to its longest prompt with empty chunks, and SDXL's pooled output comes from the
 //! first chunk, as there.
+//!
+//! T5 (a `StableDiffusionPipeline` whose `text_encoder` is a `T5EncoderModel`, as diffusers
+//! runs it): `tokenizer(padding="max_length", max_length=tokenizer.model_max_length,
+//! truncation=True)`, the negative prompt padded to the same length, and the encoder's
+//! `last_hidden_state`, given the tokenizer's attention mask only when the encoder's config
+//! says `use_attention_mask: true` (diffusers' `encode_prompt` checks exactly that). A folder
+//! whose tokenizer has no real `model_max_length` (transformers' "unlimited" int(1e30)) cannot
+//! be run: transformers overflows padding to it, and we say so.
 
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use ltd_nn::RuntimeOptions;
 use ltd_text::{
-    ids_tensor, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, ClipLayer, Encoded,
+    attention_mask_tensor, ids_tensor, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
+    ClipLayer, Encoded, T5EncoderModel, T5Tokenizer,
 };
 
 use crate::error::{PipelineError, Result};
-use crate::model_index::PipelineKind;
+use crate::model_index::{ModelIndex, PipelineKind, TextEncoderFamily};
 use crate::request::LongPrompt;
 
 /// A tokenizer and the text encoder it feeds.
@@ -38,7 +47,16 @@ enum Encoder {
 pub(crate) struct TextEncoders {
     kind: PipelineKind,
     parts: Vec<(CLIPTokenizer, Encoder)>,
+    /// A T5 text encoder instead of `parts`.
+    t5: Option<T5Text>,
     force_zeros_for_empty_prompt: bool,
+}
+
+/// A T5 tokenizer, its padded length and the encoder it feeds.
+struct T5Text {
+    tokenizer: T5Tokenizer,
+    max_length: usize,
+    model: T5EncoderModel,
 }
 
 /// Embeddings for a batch of prompts.
@@ -50,19 +68,25 @@ pub(crate) struct PromptEmbeds {
 }
 
 impl TextEncoders {
-    /// Loads the tokenizer/encoder pairs the pipeline kind needs from `root`; an SDXL
-    /// `refiner` has only the second (OpenCLIP) pair.
-    #[allow(clippy::too_many_arguments)]
+    /// Loads the tokenizer/encoder pairs the pipeline's `model_index.json` names from `root`.
     pub fn load(
         root: &Path,
-        kind: PipelineKind,
-        refiner: bool,
-        force_zeros_for_empty_prompt: bool,
+        index: &ModelIndex,
         variant: Option<&str>,
         dtype: DType,
         device: &Device,
         runtime: &RuntimeOptions,
     ) -> Result<Self> {
+        let (kind, force_zeros_for_empty_prompt) = (index.kind, index.force_zeros_for_empty_prompt);
+        if index.text_encoder_family == TextEncoderFamily::T5 {
+            let t5 = T5Text::load(root, variant, dtype, device, runtime)?;
+            return Ok(Self {
+                kind,
+                parts: Vec::new(),
+                t5: Some(t5),
+                force_zeros_for_empty_prompt,
+            });
+        }
         let tok = |name: &str| CLIPTokenizer::from_folder(&root.join(name));
         let first = || -> Result<(CLIPTokenizer, Encoder)> {
             let tokenizer = tok("tokenizer")?;
@@ -74,7 +98,7 @@ impl TextEncoders {
             PipelineKind::StableDiffusion => vec![first()?],
             PipelineKind::StableDiffusionXl => {
                 // Loaded in folder order, so a broken model reports its first bad folder.
-                let first = if refiner { None } else { Some(first()?) };
+                let first = if index.refiner { None } else { Some(first()?) };
                 let tokenizer_2 = tok("tokenizer_2")?;
                 let dir = root.join("text_encoder_2");
                 let model = CLIPTextModelWithProjection::from_folder(
@@ -83,7 +107,34 @@ impl TextEncoders {
                 first.into_iter().chain([(tokenizer_2, Encoder::Projection(model))]).collect()
             }
         };
-        Ok(Self { kind, parts, force_zeros_for_empty_prompt })
+        Ok(Self { kind, parts, t5: None, force_zeros_for_empty_prompt })
+    }
+
+    /// A T5's `d_model`, for the load-time check against the U-Net's text width.
+    pub fn t5_width(&self) -> Option<usize> {
+        self.t5.as_ref().map(|t| t.model.params().d_model)
+    }
+
+    /// Refuses what only CLIP encoders can do, naming the flag.
+    pub fn check_options(&self, clip_skip: Option<usize>, mode: LongPrompt) -> Result<()> {
+        if self.t5.is_none() {
+            return Ok(());
+        }
+        if clip_skip.is_some() {
+            return Err(PipelineError::invalid(
+                "clip-skip",
+                "this model's text encoder is a T5 (T5EncoderModel); clip skip applies to CLIP \
+                 text encoders only",
+            ));
+        }
+        if mode == LongPrompt::Chunk {
+            return Err(PipelineError::invalid(
+                "long-prompt",
+                "chunked long prompts are CLIP's (AUTOMATIC1111); this model's text encoder is a \
+                 T5, whose prompts are truncated at the tokenizer's model_max_length",
+            ));
+        }
+        Ok(())
     }
 
     /// The projection size of SDXL's pooled text embeddings (`text_encoder_2.projection_dim`).
@@ -114,6 +165,9 @@ impl TextEncoders {
         mode: LongPrompt,
         device: &Device,
     ) -> Result<PromptEmbeds> {
+        if let Some(t5) = &self.t5 {
+            return Ok(PromptEmbeds { hidden: t5.encode(texts, device)?, pooled: None });
+        }
         let layer = self.layer(clip_skip);
         let mut hidden_parts = Vec::with_capacity(self.parts.len());
         let mut pooled = None;
@@ -163,6 +217,59 @@ impl TextEncoders {
             return Err(PipelineError::msg("SDXL needs a text encoder with projection"));
         }
         Ok(PromptEmbeds { hidden, pooled })
+    }
+}
+
+impl T5Text {
+    fn load(
+        root: &Path,
+        variant: Option<&str>,
+        dtype: DType,
+        device: &Device,
+        runtime: &RuntimeOptions,
+    ) -> Result<Self> {
+        let dir = root.join("tokenizer");
+        let tokenizer = T5Tokenizer::from_folder(&dir)?;
+        let max_length = tokenizer.model_max_length().ok_or_else(|| {
+            PipelineError::msg(format!(
+                "{}: tokenizer_config.json sets no model_max_length (or transformers' \
+                 \"unlimited\" 1e30), and StableDiffusionPipeline pads T5 prompts to it; set it \
+                 to the length the model was trained with",
+                dir.display()
+            ))
+        })?;
+        let model = T5EncoderModel::from_folder(
+            &root.join("text_encoder"),
+            variant,
+            dtype,
+            device,
+            runtime,
+        )?;
+        Ok(Self { tokenizer, max_length, model })
+    }
+
+    /// `[N, model_max_length, d_model]` for `texts`, as diffusers' `encode_prompt` computes it.
+    fn encode(&self, texts: &[&str], device: &Device) -> Result<Tensor> {
+        let mut batch = Vec::with_capacity(texts.len());
+        for text in texts {
+            let e = self.tokenizer.encode(text, Some(self.max_length))?;
+            if let Some(dropped) = &e.truncated_text {
+                // diffusers' own words, which name CLIP whatever the encoder.
+                tracing::warn!(
+                    "The following part of your input was truncated because CLIP can only \
+                     handle sequences up to {} tokens: {dropped}",
+                    self.max_length
+                );
+            }
+            batch.push(e);
+        }
+        let ids = ids_tensor(&batch, device)?;
+        let mask = if self.model.params().use_attention_mask {
+            Some(attention_mask_tensor(&batch, device)?)
+        } else {
+            None
+        };
+        Ok(self.model.forward(&ids, mask.as_ref())?)
     }
 }
 

@@ -3,7 +3,7 @@
 //! - [`CLIPTokenizer`]: CLIP's byte-level BPE from a diffusers `tokenizer/` folder, with
 //!   either `vocab.json` + `merges.txt` or `tokenizer.json`; truncation as diffusers does it,
 //!   or AUTOMATIC1111-style chunks for long prompts ([`LongPrompt`]).
-//! - [`T5Tokenizer`]: T5's SentencePiece unigram from `tokenizer.json`.
+//! - [`T5Tokenizer`]: T5's SentencePiece unigram from `tokenizer.json` or `spiece.model`.
 //! - [`CLIPTextModel`], [`CLIPTextModelWithProjection`]: SD 1.x/2.x/XL text encoders, any
 //!   hidden layer on request ([`ClipLayer`]), pooled output and projection.
 //! - [`T5EncoderModel`]: the T5 encoder of Imagen-style models.
@@ -17,6 +17,7 @@ pub mod clip;
 pub mod clip_tokenizer;
 pub mod encoded;
 pub mod folder;
+pub mod spiece;
 pub mod t5;
 pub mod t5_tokenizer;
 mod tokenizer_config;

@@ -55,6 +55,15 @@ pub struct T5Config {
     /// `"{act}"` or `"gated-{act}"`; `"gated-gelu"` means the tanh GELU (`gelu_new`).
     #[serde(default = "defaults::feed_forward_proj")]
     pub feed_forward_proj: String,
+    /// Not a `T5Config` field but an extra attribute a config may carry: diffusers'
+    /// `StableDiffusionPipeline` passes the tokenizer's attention mask to the text encoder
+    /// only when it is there and true. `null` counts as false.
+    #[serde(default, deserialize_with = "bool_or_null")]
+    pub use_attention_mask: bool,
+}
+
+fn bool_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
 }
 
 mod defaults {
@@ -115,6 +124,8 @@ pub struct T5Params {
     pub dense_act_fn: HiddenAct,
     /// Gated feed-forward (`wi_0`, `wi_1`) instead of one `wi`.
     pub is_gated_act: bool,
+    /// The config's `use_attention_mask` (see [`T5Config::use_attention_mask`]).
+    pub use_attention_mask: bool,
 }
 
 impl TryFrom<T5Config> for T5Params {
@@ -169,6 +180,7 @@ impl TryFrom<T5Config> for T5Params {
             layer_norm_epsilon: c.layer_norm_epsilon,
             dense_act_fn: HiddenAct::parse(act, "feed_forward_proj")?,
             is_gated_act,
+            use_attention_mask: c.use_attention_mask,
         })
     }
 }

@@ -1,5 +1,6 @@
 //! T5's SentencePiece unigram tokenizer, as transformers 5.x's `T5Tokenizer` (the former
-//! `T5TokenizerFast`) builds it from a `tokenizer.json`.
+//! `T5TokenizerFast`) builds it from a `tokenizer.json` or, where a folder has none, from the
+//! SentencePiece model `spiece.model` (read by [`crate::spiece`]).
 //!
 //! transformers keeps only the unigram vocabulary and the SentencePiece normalisation table
 //! (`Precompiled` charsmap) of the file and assembles the rest itself: whitespace split, `▁`
@@ -12,12 +13,14 @@ use std::path::Path;
 use ltd_nn::{read_json, Error, Result};
 use serde_json::Value;
 use tokenizers::models::unigram::Unigram;
+use tokenizers::normalizers::Precompiled;
 use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::whitespace::WhitespaceSplit;
 use tokenizers::{NormalizerWrapper, Tokenizer};
 
 use crate::encoded::Encoded;
+use crate::spiece::{self, PieceType, SentencePieceModel};
 use crate::tokenizer_config::TokenizerFolder;
 
 /// transformers' `T5Tokenizer` puts `<unk>` at id 2 whatever the file says.
@@ -25,7 +28,7 @@ const T5_UNK_ID: usize = 2;
 /// `T5Tokenizer.__init__`'s default `extra_ids`.
 const DEFAULT_EXTRA_IDS: usize = 100;
 
-/// The T5 tokenizer of a `tokenizer/` folder with a `tokenizer.json`.
+/// The T5 tokenizer of a `tokenizer/` folder with a `tokenizer.json` or a `spiece.model`.
 #[derive(Debug, Clone)]
 pub struct T5Tokenizer {
     inner: Tokenizer,
@@ -35,20 +38,28 @@ pub struct T5Tokenizer {
 }
 
 impl T5Tokenizer {
-    /// Loads `tokenizer.json` (+ `tokenizer_config.json`, `special_tokens_map.json`).
+    /// Loads `tokenizer.json`, or where there is none `spiece.model` (the layout of
+    /// t5-v1_1, DeepFloyd IF and PixArt repos), as transformers does, plus
+    /// `tokenizer_config.json` and `special_tokens_map.json`.
     pub fn from_folder(dir: &Path) -> Result<Self> {
-        let path = dir.join("tokenizer.json");
-        if !path.is_file() {
-            let hint = if dir.join("spiece.model").is_file() {
-                " (only spiece.model is there: convert it with transformers' \
-                 `T5Tokenizer.from_pretrained(dir).save_pretrained(dir)`)"
-            } else {
-                ""
-            };
-            return Err(Error::msg(format!("{}: missing{hint}", path.display())));
+        let json_path = dir.join("tokenizer.json");
+        let spm_path = dir.join("spiece.model");
+        if json_path.is_file() {
+            Self::from_tokenizer_json(dir, &json_path)
+        } else if spm_path.is_file() {
+            Self::from_spiece_model(dir, &spm_path)
+        } else {
+            Err(Error::msg(format!(
+                "{}: no T5 tokenizer: tokenizer.json and spiece.model are both missing (a T5 \
+                 tokenizer folder needs one of them)",
+                dir.display()
+            )))
         }
-        let json: Value = read_json(&path)?;
-        let bad = |message: String| Error::Json { path: path.clone(), message };
+    }
+
+    fn from_tokenizer_json(dir: &Path, path: &Path) -> Result<Self> {
+        let json: Value = read_json(path)?;
+        let bad = |message: String| Error::Json { path: path.to_path_buf(), message };
         let model = json.get("model").ok_or_else(|| bad("no `model` section".into()))?;
         match model.get("type").and_then(Value::as_str) {
             Some("Unigram") | None => {}
@@ -61,10 +72,73 @@ impl T5Tokenizer {
         let vocab: Vec<(String, f64)> =
             serde_json::from_value(model.get("vocab").cloned().unwrap_or(Value::Null))
                 .map_err(|e| bad(format!("field `model.vocab`: {e}")))?;
-        let unigram = Unigram::from(vocab, Some(T5_UNK_ID), false)
-            .map_err(|e| bad(format!("field `model.vocab`: {e}")))?;
+        let normalizer = precompiled_normalizer(json.get("normalizer"), path)?;
+        let folder = TokenizerFolder::read(dir, json.get("added_tokens"), T5_DEFAULTS)?;
+        Self::assemble(dir, path, vocab, normalizer, folder)
+    }
+
+    /// transformers' `_convert_from_sentencepiece` for `T5Tokenizer`: the pieces with their
+    /// scores, then the sentinels `<extra_id_{n-1}>` … `<extra_id_0>` (score 0) appended to
+    /// the vocabulary (`T5Converter.convert_from_spm`); the precompiled normalisation table;
+    /// control and user-defined pieces as added tokens (`SentencePieceExtractor.extract`,
+    /// not normalized, special for control pieces).
+    fn from_spiece_model(dir: &Path, path: &Path) -> Result<Self> {
+        let spm = SentencePieceModel::read(path)?;
+        if spm.model_type != spiece::UNIGRAM {
+            return Err(Error::msg(format!(
+                "{}: trainer_spec.model_type is {} (1 = unigram): a T5 tokenizer is unigram",
+                path.display(),
+                spm.model_type
+            )));
+        }
+        let added: Vec<Value> = spm
+            .pieces
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| matches!(p.kind, PieceType::Control | PieceType::UserDefined))
+            .map(|(id, p)| {
+                serde_json::json!({
+                    "id": id,
+                    "content": p.piece,
+                    "normalized": false,
+                    "special": p.kind == PieceType::Control,
+                })
+            })
+            .collect();
+        let folder = TokenizerFolder::read(dir, Some(&Value::Array(added)), T5_DEFAULTS)?;
+        let extra_ids = folder.extra_ids.unwrap_or(DEFAULT_EXTRA_IDS);
+        let mut vocab: Vec<(String, f64)> =
+            spm.pieces.iter().map(|p| (p.piece.clone(), f64::from(p.score))).collect();
+        vocab.extend((0..extra_ids).rev().map(|i| (format!("<extra_id_{i}>"), 0.0)));
+        let normalizer = match &spm.precompiled_charsmap {
+            Some(map) => {
+                Some(NormalizerWrapper::Precompiled(Precompiled::from(map).map_err(|e| {
+                    Error::msg(format!(
+                        "{}: normalizer_spec.precompiled_charsmap: {e}",
+                        path.display()
+                    ))
+                })?))
+            }
+            None => None,
+        };
+        Self::assemble(dir, path, vocab, normalizer, folder)
+    }
+
+    /// What transformers' `T5Tokenizer.__init__` builds around a vocabulary: `<unk>` at id 2,
+    /// whitespace split and `▁` metaspace, the added tokens of the folder.
+    fn assemble(
+        dir: &Path,
+        path: &Path,
+        vocab: Vec<(String, f64)>,
+        normalizer: Option<NormalizerWrapper>,
+        mut folder: TokenizerFolder,
+    ) -> Result<Self> {
+        let unigram = Unigram::from(vocab, Some(T5_UNK_ID), false).map_err(|e| Error::Json {
+            path: path.to_path_buf(),
+            message: format!("the vocabulary: {e}"),
+        })?;
         let mut inner = Tokenizer::new(unigram);
-        if let Some(normalizer) = precompiled_normalizer(json.get("normalizer"), &path)? {
+        if let Some(normalizer) = normalizer {
             inner.with_normalizer(Some(normalizer));
         }
         let metaspace = Metaspace::new('▁', PrependScheme::Always, true);
@@ -74,7 +148,6 @@ impl T5Tokenizer {
         ])));
         inner.with_decoder(Some(metaspace));
 
-        let mut folder = TokenizerFolder::read(dir, json.get("added_tokens"), T5_DEFAULTS)?;
         let extra_ids = folder.extra_ids.unwrap_or(DEFAULT_EXTRA_IDS);
         folder.add_extra((0..extra_ids).map(|i| format!("<extra_id_{i}>")));
         inner.add_tokens(&folder.added_tokens());

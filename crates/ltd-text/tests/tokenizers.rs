@@ -169,7 +169,37 @@ struct T5Entry {
 
 #[test]
 fn t5_matches_transformers() {
-    let tok = T5Tokenizer::from_folder(&fixtures().join("t5/tokenizer")).unwrap();
+    check_t5(&fixtures().join("t5/tokenizer"));
+}
+
+/// The same SentencePiece model as `t5/tokenizer`, as `spiece.model` with no `tokenizer.json`
+/// (the `t5_pipeline` fixture section checks that transformers gives the golden ids from it).
+#[test]
+fn t5_from_spiece_model_matches_transformers() {
+    let dir = fixtures().join("pipelines/sd_t5_spm/tokenizer");
+    assert!(dir.join("spiece.model").is_file() && !dir.join("tokenizer.json").exists());
+    check_t5(&dir);
+}
+
+/// The spiece.model layout and the tokenizer.json layout agree piece for piece, sentinels
+/// included, whichever file a folder with both is read from.
+#[test]
+fn t5_layouts_agree_on_special_and_sentinel_tokens() {
+    let json = T5Tokenizer::from_folder(&fixtures().join("t5/tokenizer")).unwrap();
+    let spm = T5Tokenizer::from_folder(&fixtures().join("pipelines/sd_t5_spm/tokenizer")).unwrap();
+    for text in ["<extra_id_0> a </s> b <pad><unk>", "<extra_id_99>x<extra_id_57>", "ＦＵＬＬ ①"]
+    {
+        assert_eq!(json.tokenize(text).unwrap(), spm.tokenize(text).unwrap(), "{text:?}");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&fixtures().join("pipelines/sd_t5_spm/tokenizer"), tmp.path(), &[]);
+    std::fs::write(tmp.path().join("spiece.model"), b"not a protobuf").unwrap();
+    let err = T5Tokenizer::from_folder(tmp.path()).unwrap_err().to_string();
+    assert!(err.contains("spiece.model") && err.contains("not a SentencePiece model"), "{err}");
+}
+
+fn check_t5(dir: &std::path::Path) {
+    let tok = T5Tokenizer::from_folder(dir).unwrap();
     let golden: T5Golden = read_golden("t5_tokens.json");
     assert_eq!((tok.pad_id(), tok.eos_id()), (golden.pad_id, golden.eos_id));
     assert_eq!(tok.model_max_length(), Some(golden.max_length));

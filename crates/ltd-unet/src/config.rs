@@ -291,6 +291,10 @@ pub struct UNetConfig {
     pub addition_embedding: Option<TextTimeEmbedding>,
     /// Width of the encoder hidden states each block attends to (`cross_attention_dim`).
     pub cross_attention_dim: Vec<usize>,
+    /// `encoder_hid_dim` of `encoder_hid_dim_type: "text_proj"`: the width of the text encoder
+    /// states, which `encoder_hid_proj` (a `Linear`) maps to `cross_attention_dim` before the
+    /// blocks see them (a T5 wider than the cross-attention).
+    pub encoder_hid_dim: Option<usize>,
     /// `down_blocks.{i}`.
     pub down_blocks: Vec<DownBlockConfig>,
     /// `mid_block`, absent with `mid_block_type: null`.
@@ -302,9 +306,10 @@ pub struct UNetConfig {
 }
 
 impl UNetConfig {
-    /// Width of the text encoder states (the first block's `cross_attention_dim`).
+    /// Width of the text encoder states the model takes: `encoder_hid_dim` with a
+    /// `text_proj`, else the first block's `cross_attention_dim`.
     pub fn encoder_hidden_dim(&self) -> usize {
-        self.cross_attention_dim[0]
+        self.encoder_hid_dim.unwrap_or(self.cross_attention_dim[0])
     }
 
     /// SDXL's `addition_time_embed_dim`, when the model has added conditioning.
@@ -413,6 +418,7 @@ impl TryFrom<UNet2DConditionModelConfig> for UNetConfig {
             "attention_head_dim"
         };
         let cross = per_block(&raw.cross_attention_dim, n, "cross_attention_dim")?;
+        let encoder_hid_dim = encoder_hid_proj(&raw)?;
         let layers = per_block(&raw.layers_per_block, n, "layers_per_block")?;
         let only_cross = per_block(&raw.only_cross_attention, n, "only_cross_attention")?;
         let (down_depths, up_depths, mid_depth) = transformer_depths(&raw, &layers)?;
@@ -587,6 +593,7 @@ impl TryFrom<UNet2DConditionModelConfig> for UNetConfig {
             class_embeddings_concat: raw.class_embeddings_concat,
             addition_embedding,
             cross_attention_dim: cross,
+            encoder_hid_dim,
             down_blocks,
             mid_block,
             up_blocks,
@@ -600,12 +607,6 @@ fn unsupported_features(raw: &UNet2DConditionModelConfig) -> Result<(), ConfigEr
     if raw.time_embedding_type != "positional" {
         return Err(ConfigError::unsupported("time_embedding_type", &raw.time_embedding_type));
     }
-    if let Some(t) = &raw.encoder_hid_dim_type {
-        return Err(ConfigError::unsupported("encoder_hid_dim_type", t));
-    }
-    if let Some(d) = raw.encoder_hid_dim {
-        return Err(ConfigError::unsupported("encoder_hid_dim", d));
-    }
     if raw.attention_type != "default" {
         return Err(ConfigError::unsupported("attention_type", &raw.attention_type));
     }
@@ -613,6 +614,40 @@ fn unsupported_features(raw: &UNet2DConditionModelConfig) -> Result<(), ConfigEr
         return Err(ConfigError::unsupported("dual_cross_attention", true));
     }
     Ok(())
+}
+
+/// diffusers' `_set_encoder_hid_proj`: `encoder_hid_dim` alone means `"text_proj"`; a type
+/// needs the dimension; `text_proj` is `nn.Linear(encoder_hid_dim, cross_attention_dim)`, which
+/// takes one `cross_attention_dim` (a per-block list fails there). The image projections
+/// (`text_image_proj`, `image_proj`) belong to IP-Adapter / Kandinsky models we do not run.
+fn encoder_hid_proj(raw: &UNet2DConditionModelConfig) -> Result<Option<usize>, ConfigError> {
+    let kind = match (raw.encoder_hid_dim_type.as_deref(), raw.encoder_hid_dim) {
+        (None, None) => return Ok(None),
+        (None, Some(_)) => "text_proj",
+        (Some(t), None) => {
+            return Err(ConfigError::new(
+                "encoder_hid_dim",
+                format!("is required by encoder_hid_dim_type {t:?}"),
+            ))
+        }
+        (Some(t), Some(_)) => t,
+    };
+    if kind != "text_proj" {
+        return Err(ConfigError::unsupported("encoder_hid_dim_type", kind));
+    }
+    if let OneOrMany::Many(v) = &raw.cross_attention_dim {
+        return Err(ConfigError::new(
+            "cross_attention_dim",
+            format!(
+                "encoder_hid_dim_type \"text_proj\" projects to one cross_attention_dim, not a \
+                 per-block list {v:?}"
+            ),
+        ));
+    }
+    match raw.encoder_hid_dim {
+        Some(0) => Err(ConfigError::unsupported("encoder_hid_dim", 0)),
+        d => Ok(d),
+    }
 }
 
 fn class_embedding(

@@ -44,6 +44,8 @@ pub struct UNet2DConditionModel {
     time_embedding: TimestepEmbedding,
     class_embedding: Option<ClassEmbed>,
     add_embedding: Option<TimestepEmbedding>,
+    /// `encoder_hid_dim_type: "text_proj"`: text encoder width → `cross_attention_dim`.
+    encoder_hid_proj: Option<Linear>,
     down_blocks: Vec<DownBlock>,
     mid_block: Option<MidBlock>,
     up_blocks: Vec<UpBlock>,
@@ -108,6 +110,12 @@ impl UNet2DConditionModel {
             )?),
             None => None,
         };
+        let encoder_hid_proj = match cfg.encoder_hid_dim {
+            Some(d) => {
+                Some(Linear::new(vb.pp("encoder_hid_proj"), d, cfg.cross_attention_dim[0], true)?)
+            }
+            None => None,
+        };
         let att = &opts.attention;
         let down_blocks = cfg
             .down_blocks
@@ -134,6 +142,7 @@ impl UNet2DConditionModel {
             time_embedding,
             class_embedding,
             add_embedding,
+            encoder_hid_proj,
             down_blocks,
             mid_block,
             up_blocks,
@@ -173,8 +182,9 @@ impl UNet2DConditionModel {
 
     /// Predicts the model output for `sample: [B, in_channels, H, W]` at `timesteps` (`[B]`, or
     /// one value for the whole batch; fractional values allowed), attending to
-    /// `encoder_hidden_states: [B, L, cross_attention_dim]`. Inputs are converted to the model's
-    /// dtype; the output has it.
+    /// `encoder_hidden_states: [B, L, D]` (`D` = [`UNetConfig::encoder_hidden_dim`]: the
+    /// `cross_attention_dim`, or `encoder_hid_dim` when `encoder_hid_proj` maps it). Inputs are
+    /// converted to the model's dtype; the output has it.
     pub fn forward(
         &self,
         sample: &Tensor,
@@ -185,7 +195,11 @@ impl UNet2DConditionModel {
         let (batch, _, h, w) = sample.dims4()?;
         let dt = self.dtype;
         let mut sample = sample.to_dtype(dt)?;
-        let context = encoder_hidden_states.to_dtype(dt)?;
+        let mut context = encoder_hidden_states.to_dtype(dt)?;
+        // diffusers' `process_encoder_hidden_states` for "text_proj".
+        if let Some(proj) = &self.encoder_hid_proj {
+            context = proj.forward(&context)?;
+        }
         if self.cfg.center_input_sample {
             sample = sample.affine(2.0, -1.0)?;
         }

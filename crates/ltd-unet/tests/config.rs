@@ -59,8 +59,16 @@ fn unsupported_values_name_field_and_value() {
         ),
         (r#"{"act_fn": "tanh"}"#, r#"field `act_fn`: unsupported value "tanh""#),
         (
-            r#"{"encoder_hid_dim_type": "text_proj", "encoder_hid_dim": 8}"#,
-            r#"field `encoder_hid_dim_type`: unsupported value "text_proj""#,
+            r#"{"encoder_hid_dim_type": "image_proj", "encoder_hid_dim": 8}"#,
+            r#"field `encoder_hid_dim_type`: unsupported value "image_proj""#,
+        ),
+        (
+            r#"{"encoder_hid_dim_type": "text_proj"}"#,
+            r#"field `encoder_hid_dim`: is required by encoder_hid_dim_type "text_proj""#,
+        ),
+        (
+            r#"{"encoder_hid_dim": 8, "cross_attention_dim": [8, 8, 8, 8]}"#,
+            r#"field `cross_attention_dim`: encoder_hid_dim_type "text_proj" projects to one cross_attention_dim, not a per-block list [8, 8, 8, 8]"#,
         ),
         (
             r#"{"attention_type": "gated"}"#,
@@ -132,4 +140,17 @@ fn an_empty_config_is_the_default_and_the_default_is_diffusers() {
         ..UNet2DConditionModelConfig::default()
     };
     assert_eq!(raw, expected);
+}
+
+#[test]
+fn encoder_hid_dim_alone_means_text_proj_as_in_diffusers() {
+    let cfg = parse(r#"{"encoder_hid_dim": 4096, "cross_attention_dim": 768}"#).unwrap();
+    assert_eq!(cfg.encoder_hid_dim, Some(4096));
+    assert_eq!(cfg.encoder_hidden_dim(), 4096);
+    let cfg = parse(
+        r#"{"encoder_hid_dim": 48, "encoder_hid_dim_type": "text_proj", "cross_attention_dim": 24}"#,
+    )
+    .unwrap();
+    assert_eq!((cfg.encoder_hid_dim, cfg.cross_attention_dim[0]), (Some(48), 24));
+    assert_eq!(parse("{}").unwrap().encoder_hid_dim, None);
 }

@@ -1,0 +1,201 @@
+//! T5 as the text encoder of a latent pipeline, through the binary: every case of
+//! `tests/fixtures/golden/t5_pipeline/cases.json` (the tiny `StableDiffusionPipeline` folders
+//! `pipelines/sd_t5`, with a `text_proj` U-Net and a `tokenizer.json`, and `pipelines/sd_t5_spm`,
+//! with `spiece.model` only and `use_attention_mask`) becomes an `ltd-gen` command line whose
+//! PNG must match the one diffusers wrote at ≥ 50 dB PSNR (as `parity.rs` does for the CLIP
+//! pipelines); and the bad inputs peculiar to T5 folders get one clear line and no file.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ltd_test_support::{copy_dir, fixtures};
+use serde_json::Value;
+
+fn read_png(path: &Path) -> (usize, usize, Vec<u8>) {
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    ));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let (w, h) = (info.width as usize, info.height as usize);
+    let rgb = match info.color_type {
+        png::ColorType::Rgb => buf[..w * h * 3].to_vec(),
+        png::ColorType::Rgba => {
+            buf[..w * h * 4].chunks(4).flat_map(|p| [p[0], p[1], p[2]]).collect()
+        }
+        other => panic!("{}: unexpected colour type {other:?}", path.display()),
+    };
+    (w, h, rgb)
+}
+
+fn psnr(a: &[u8], b: &[u8]) -> f64 {
+    let mse =
+        a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum::<f64>() / a.len() as f64;
+    if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (255.0f64.powi(2) / mse).log10()
+    }
+}
+
+/// The command line a user would type for a case (the fields these cases use).
+fn command_line(case: &Value, out: &Path) -> Vec<String> {
+    let mut args: Vec<String> = vec![case["prompt"].as_str().unwrap().into()];
+    let mut push = |flag: &str, v: String| {
+        args.push(flag.into());
+        args.push(v);
+    };
+    let model = fixtures().join("pipelines").join(case["pipeline"].as_str().unwrap());
+    push("--model", model.display().to_string());
+    push("--seed", case["seed"].to_string());
+    push("--steps", case["steps"].to_string());
+    push("--guidance", case["guidance"].to_string());
+    if let Some(n) = case["negative"].as_str() {
+        push("--negative", n.into());
+    }
+    if let Some(s) = case["scheduler"].as_str() {
+        push("--scheduler", s.into());
+    }
+    push("--num-images", case["num_images"].to_string());
+    push("--output", out.display().to_string());
+    args.push("--quiet".into());
+    args
+}
+
+#[test]
+fn ltd_gen_matches_diffusers_on_t5_pipelines() {
+    let dir_golden = fixtures().join("golden/t5_pipeline");
+    let cases: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir_golden.join("cases.json")).unwrap())
+            .unwrap();
+    assert!(cases.len() >= 6);
+    for case in &cases {
+        // The fields this test does not pass on must be at their defaults.
+        for key in ["dynamic_threshold", "width", "height", "clip_skip", "init_image"] {
+            assert!(case[key].is_null(), "{}: {key} is set", case["name"]);
+        }
+        assert_eq!(case["guidance_rescale"].as_f64(), Some(0.0));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut failures = Vec::new();
+    let mut worst = f64::INFINITY;
+    for case in &cases {
+        let name = case["name"].as_str().unwrap();
+        let out = dir.path().join(format!("{name}.png"));
+        let args = command_line(case, &out);
+        let run = Command::new(env!("CARGO_BIN_EXE_ltd-gen")).args(&args).output().unwrap();
+        if !run.status.success() {
+            failures.push(format!(
+                "{name}: ltd-gen {args:?} failed: {}",
+                String::from_utf8_lossy(&run.stderr)
+            ));
+            continue;
+        }
+        let images = case["images"].as_array().unwrap();
+        let ours: Vec<PathBuf> = if images.len() == 1 {
+            vec![out.clone()]
+        } else {
+            (1..=images.len()).map(|i| dir.path().join(format!("{name}-{i}.png"))).collect()
+        };
+        for (want, got) in images.iter().zip(&ours) {
+            let (w1, h1, a) = read_png(&dir_golden.join(want.as_str().unwrap()));
+            let (w2, h2, b) = read_png(got);
+            if (w1, h1) != (w2, h2) {
+                failures.push(format!("{name}: size {w2}x{h2}, diffusers {w1}x{h1}"));
+                continue;
+            }
+            let db = psnr(&a, &b);
+            eprintln!("{name}: {db:.1} dB");
+            worst = worst.min(db);
+            if db < 50.0 {
+                failures.push(format!("{name}: {} at {db:.1} dB", got.display()));
+            }
+        }
+    }
+    eprintln!("worst PSNR over {} cases: {worst:.1} dB", cases.len());
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Runs ltd-gen; checks the failure contract (one `error:` line containing `expect`, exit
+/// `code`, no file written) .
+fn fails(args: &[&str], expect: &str, code: i32) {
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("out.png");
+    let run = Command::new(env!("CARGO_BIN_EXE_ltd-gen"))
+        .args(args)
+        .args(["--steps", "2", "--output", out.to_str().unwrap(), "--quiet"])
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(code), "{args:?}: exit {:?}, stderr: {stderr}", run.status);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{args:?}: {stderr}");
+    assert!(lines[0].contains(expect), "{args:?}: expected {expect:?} in: {stderr}");
+    let left: Vec<_> = std::fs::read_dir(out_dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "{args:?}: files were written: {left:?}");
+}
+
+#[test]
+fn bad_t5_folders_and_flags_get_one_clear_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["sd_t5", "sd_t5_spm"] {
+        let m = tmp.path().join(name);
+        copy_dir(&fixtures().join("pipelines").join(name), &m);
+        let model = m.to_str().unwrap();
+        // No tokenizer.json and no spiece.model: the folder is named.
+        for f in ["tokenizer.json", "spiece.model"] {
+            let _ = std::fs::remove_file(m.join("tokenizer").join(f));
+        }
+        let tokenizer = m.join("tokenizer");
+        fails(
+            &["a cat", "--model", model],
+            &format!(
+                "{}: no T5 tokenizer: tokenizer.json and spiece.model are both missing",
+                tokenizer.display()
+            ),
+            1,
+        );
+    }
+
+    let m = tmp.path().join("sd_t5_spm");
+    copy_dir(&fixtures().join("pipelines/sd_t5_spm/tokenizer"), &m.join("tokenizer"));
+    let model = m.to_str().unwrap();
+    fails(
+        &["a cat", "--model", model, "--clip-skip", "2"],
+        "--clip-skip: this model's text encoder is a T5",
+        2,
+    );
+    fails(
+        &["a cat", "--model", model, "--long-prompt", "chunk"],
+        "--long-prompt: chunked long prompts are CLIP's",
+        2,
+    );
+
+    // An "unlimited" model_max_length: diffusers cannot pad to it either.
+    let cfg_path = m.join("tokenizer/tokenizer_config.json");
+    let cfg = std::fs::read_to_string(&cfg_path).unwrap();
+    std::fs::write(
+        &cfg_path,
+        cfg.replace(
+            "\"model_max_length\": 32",
+            "\"model_max_length\": 1000000000000000019884624838656",
+        ),
+    )
+    .unwrap();
+    fails(&["a cat", "--model", model], "sets no model_max_length", 1);
+    std::fs::write(&cfg_path, &cfg).unwrap();
+
+    // A CLIP tokenizer declared for a T5 text encoder.
+    let index_path = m.join("model_index.json");
+    let index = std::fs::read_to_string(&index_path).unwrap();
+    std::fs::write(&index_path, index.replace("T5TokenizerFast", "CLIPTokenizer")).unwrap();
+    fails(
+        &["a cat", "--model", model],
+        "field `tokenizer`: a T5EncoderModel text encoder needs a T5",
+        1,
+    );
+    std::fs::write(&index_path, &index).unwrap();
+}
