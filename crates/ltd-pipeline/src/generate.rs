@@ -14,6 +14,7 @@
 //! evaluates the model twice per step and PNDM once more at its start, and diffusers' progress
 //! bar counts steps all the same (`StepCounter`).
 
+use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
@@ -46,8 +47,19 @@ pub struct Progress<'a> {
     pub evaluations: usize,
     /// The timestep just evaluated.
     pub timestep: f64,
-    /// The latents after the sampler step (for previews: `Pipeline::decode_latents`).
+    /// The latents after the sampler step (for previews: `Pipeline::preview`).
     pub latents: &'a Tensor,
+    /// Set by [`Progress::cancel`]; the loop reads it after the callback returns.
+    cancel: &'a Cell<bool>,
+}
+
+impl Progress<'_> {
+    /// Stops the generation here: [`Pipeline::generate`] returns
+    /// [`PipelineError::Cancelled`] instead of running the next step (a server's interrupt,
+    /// a client gone).
+    pub fn cancel(&self) {
+        self.cancel.set(true);
+    }
 }
 
 /// One image of a generation.
@@ -494,6 +506,7 @@ impl Pipeline {
         let counter = StepCounter::new(evaluations, *steps, scheduler.order());
         let rows = conditioning.context.dim(0)?;
         let mut step = 0;
+        let cancel = Cell::new(false);
         for (i, &t) in timesteps.iter().enumerate() {
             let _span = tracing::debug_span!("step", i, t).entered();
             let x_in =
@@ -514,7 +527,11 @@ impl Pipeline {
                 evaluations,
                 timestep: t,
                 latents: &latents,
+                cancel: &cancel,
             });
+            if cancel.get() {
+                return Err(PipelineError::Cancelled { step, total: *steps });
+            }
         }
         Ok(latents)
     }

@@ -19,6 +19,7 @@ pub mod image;
 pub mod model_index;
 pub mod params;
 pub mod pipeline;
+mod preview;
 pub mod request;
 pub mod source;
 mod text;
