@@ -2,7 +2,6 @@
 //! parameters in a `parameters` text chunk in AUTOMATIC1111's format.
 
 use std::fs::File;
-use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -79,19 +78,7 @@ impl Drop for Staged {
 }
 
 fn encode_png(image: &RgbImage, parameters: &str, path: &Path) -> Result<()> {
-    let file = File::create(path)?;
-    let mut enc = png::Encoder::new(BufWriter::new(file), image.width as u32, image.height as u32);
-    enc.set_color(png::ColorType::Rgb);
-    enc.set_depth(png::BitDepth::Eight);
-    // PIL (and so A1111) writes tEXt when the text is Latin-1 and iTXt (UTF-8) otherwise.
-    if parameters.chars().all(|c| (c as u32) < 256) {
-        enc.add_text_chunk("parameters".into(), parameters.into())?;
-    } else {
-        enc.add_itxt_chunk("parameters".into(), parameters.into())?;
-    }
-    let mut writer = enc.write_header()?;
-    writer.write_image_data(&image.pixels)?;
-    writer.finish()?;
+    std::fs::write(path, ltd_cli::encode_png(image, parameters)?)?;
     Ok(())
 }
 
