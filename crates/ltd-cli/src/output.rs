@@ -1,7 +1,6 @@
 //! Writing PNGs: atomically (a temporary file renamed into place), with the generation
 //! parameters in a `parameters` text chunk in AUTOMATIC1111's format.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -84,6 +83,8 @@ fn encode_png(image: &RgbImage, parameters: &str, path: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::fs::File;
+
     use super::*;
 
     /// Reads the `parameters` text of a PNG written by ltd-gen (or A1111).

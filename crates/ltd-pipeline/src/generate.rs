@@ -445,7 +445,10 @@ impl Pipeline {
     fn prepare_timesteps(&self, plan: &Plan<'_>) -> Result<Sampling> {
         let req = plan.req;
         let mut scheduler = self.scheduler_for(req)?;
-        scheduler.set_timesteps(req.steps)?;
+        // The step count is the user's: a count the schedule cannot take is bad input.
+        scheduler
+            .set_timesteps(req.steps)
+            .map_err(|e| PipelineError::invalid("steps", e.to_string()))?;
         let mut timesteps = scheduler.timesteps().to_vec();
         let mut steps = req.steps;
         if let Some(init) = &req.init_image {

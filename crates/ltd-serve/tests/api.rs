@@ -112,7 +112,9 @@ fn lists_models_samplers_and_switches_models() {
 
 #[test]
 fn bad_input_is_a_4xx_naming_the_field_and_the_server_goes_on() {
-    let server = Server::start(&["--max-body-mib", "8"]);
+    // The SD 1.x fixture, whose VAE scale factor is 8.
+    let model = sd1().display().to_string();
+    let server = Server::start(&["--model", &model, "--max-body-mib", "8"]);
     let check = |path: &str, body: Vec<u8>, status: u16, detail: &str| {
         let (got, v) = server.send_raw(path, "application/json", body, None);
         let msg = v["detail"].as_str().or(v["error"]["message"].as_str()).unwrap_or_default().to_string();

@@ -62,12 +62,13 @@ impl Browser {
         let port = browser_ws.trim_start_matches("ws://").split(['/', ':']).nth(1).unwrap().to_string();
         let page_ws = (0..100)
             .find_map(|_| {
-                let list: Value = ureq::get(format!("http://127.0.0.1:{port}/json/list"))
+                let text = ureq::get(format!("http://127.0.0.1:{port}/json/list"))
                     .call()
                     .ok()?
                     .body_mut()
-                    .read_json()
+                    .read_to_string()
                     .ok()?;
+                let list: Value = serde_json::from_str(&text).ok()?;
                 let page = list.as_array()?.iter().find(|t| t["type"] == "page")?;
                 Some(page["webSocketDebuggerUrl"].as_str()?.to_string())
             })
@@ -157,10 +158,10 @@ fn the_page_generates_an_image_and_shows_errors() {
 
     // An invalid size: the server's message appears.
     browser.eval(
-        "document.getElementById('width').value = '60';
+        "document.getElementById('width').value = '30';
          document.getElementById('generate').click(); true",
     );
     browser.wait_for("document.getElementById('error').textContent.length > 0", "the error message");
     let error = browser.eval("document.getElementById('error').textContent");
-    assert_eq!(error, json!("width: 60 is not a multiple of the model's VAE scale factor 8"));
+    assert_eq!(error, json!("width: 30 is not a multiple of the model's VAE scale factor 4"));
 }

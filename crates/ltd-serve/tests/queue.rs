@@ -31,7 +31,7 @@ fn wait_running(server: &Server) {
 
 /// A job long enough to interrupt (the default model's steps take milliseconds).
 fn long_job() -> Value {
-    json!({"prompt": "long", "steps": 5000, "seed": 1})
+    json!({"prompt": "long", "steps": 1000, "seed": 1})
 }
 
 #[test]

@@ -72,8 +72,12 @@ fn start_server(exe: &Path) -> Result<(Server, String)> {
 fn request(agent: &ureq::Agent, url: &str, seed: usize) -> Result<f64> {
     let start = Instant::now();
     let body = json!({"prompt": "a red circle on a blue background", "seed": seed, "steps": STEPS});
-    let mut res = agent.post(format!("{url}/sdapi/v1/txt2img")).send_json(&body)?;
-    let v: serde_json::Value = res.body_mut().with_config().limit(1 << 30).read_json()?;
+    let mut res = agent
+        .post(format!("{url}/sdapi/v1/txt2img"))
+        .header("Content-Type", "application/json")
+        .send(body.to_string())?;
+    let text = res.body_mut().with_config().limit(1 << 30).read_to_string()?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
     if v["images"].as_array().map_or(0, Vec::len) != 1 {
         bail!("the server gave no image: {v}");
     }
