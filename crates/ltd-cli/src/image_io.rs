@@ -48,7 +48,8 @@ pub fn random_seed() -> u64 {
     // SplitMix64 of time, pid and a call counter (a server draws many in one nanosecond),
     // kept below 2^32 so it is easy to retype.
     let calls = CALLS.fetch_add(1, Ordering::Relaxed);
-    let mut z = nanos ^ ((std::process::id() as u64) << 32) ^ calls.wrapping_mul(0x9e3779b97f4a7c15);
+    let mut z =
+        nanos ^ ((std::process::id() as u64) << 32) ^ calls.wrapping_mul(0x9e3779b97f4a7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
     (z ^ (z >> 31)) & 0xffff_ffff

@@ -183,7 +183,8 @@ pub fn sampler(name: &str, schedule: Option<&str>) -> Result<Option<SamplerKind>
         )));
     }
     let found = SamplerKind::ALL.iter().copied().find(|k| {
-        k.a1111_name().eq_ignore_ascii_case(base) && (k.a1111_schedule_type() == Some("Karras")) == karras
+        k.a1111_name().eq_ignore_ascii_case(base)
+            && (k.a1111_schedule_type() == Some("Karras")) == karras
     });
     match found {
         Some(k) => Ok(Some(k)),
@@ -388,8 +389,7 @@ mod tests {
         .unwrap();
         let p = req.parse(false, &model).unwrap();
         assert_eq!(p.unsupported, ["restore_faces", "eta", "override_settings.sd_vae"]);
-        let bad: A1111Request =
-            serde_json::from_value(json!({"width": 60, "steps": 2})).unwrap();
+        let bad: A1111Request = serde_json::from_value(json!({"width": 60, "steps": 2})).unwrap();
         let e = bad.parse(false, &model).unwrap_err().message;
         assert_eq!(e, "width: 60 is not a multiple of the model's VAE scale factor 8");
         let clip: A1111Request = serde_json::from_value(json!({"clip_skip": 2})).unwrap();

@@ -102,6 +102,9 @@ pub enum JobError {
     Failed(String),
 }
 
+/// Where a job's answer arrives.
+pub type Answer = oneshot::Receiver<Result<Output, JobError>>;
+
 /// A job in the queue.
 #[derive(Debug)]
 pub struct Job {
@@ -190,18 +193,10 @@ impl Queue {
     }
 
     /// Puts a job at the end of the queue; its answer arrives on the receiver.
-    pub fn submit(
-        &self,
-        id: u64,
-        kind: JobKind,
-    ) -> Result<(Arc<Job>, oneshot::Receiver<Result<Output, JobError>>), Refused> {
+    pub fn submit(&self, id: u64, kind: JobKind) -> Result<(Arc<Job>, Answer), Refused> {
         let (tx, rx) = oneshot::channel();
-        let job = Arc::new(Job {
-            id,
-            kind,
-            cancel: AtomicBool::new(false),
-            reply: Mutex::new(Some(tx)),
-        });
+        let job =
+            Arc::new(Job { id, kind, cancel: AtomicBool::new(false), reply: Mutex::new(Some(tx)) });
         let mut w = lock(&self.waiting);
         if w.shutdown {
             return Err(Refused::ShuttingDown);

@@ -74,7 +74,11 @@ async fn log_requests(State(state): State<AppState>, mut req: Request, next: Nex
     let start = Instant::now();
     let res = tracing::Instrument::instrument(next.run(req), span.clone()).await;
     let _e = span.enter();
-    tracing::info!(status = res.status().as_u16(), ms = start.elapsed().as_millis() as u64, "answered");
+    tracing::info!(
+        status = res.status().as_u16(),
+        ms = start.elapsed().as_millis() as u64,
+        "answered"
+    );
     res
 }
 
@@ -140,9 +144,7 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     if total > limit {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "request body: over the limit of {limit} bytes (the server's --max-body-mib)"
-            ),
+            format!("request body: over the limit of {limit} bytes (the server's --max-body-mib)"),
         ));
     }
     Ok(Bytes::from(buf))
@@ -205,12 +207,12 @@ fn job_error(e: JobError, field: fn(&str) -> &str) -> ApiError {
         JobError::UnknownModel(m) => ApiError::unprocessable(format!(
             "sd_model_checkpoint: unknown model {m:?} (GET /sdapi/v1/sd-models lists them)"
         )),
-        JobError::Interrupted { step, total } => ApiError::new(
-            StatusCode::CONFLICT,
-            format!("interrupted after step {step} of {total}"),
-        ),
+        JobError::Interrupted { step, total } => {
+            ApiError::new(StatusCode::CONFLICT, format!("interrupted after step {step} of {total}"))
+        }
         JobError::ShuttingDown => {
-            let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down");
+            let mut e =
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down");
             e.retry_after = Some(5);
             e
         }
@@ -273,7 +275,8 @@ async fn a1111_generate(
         Ok(out) => (out, None),
         // A1111 answers an interrupted job normally, with what it has (here: nothing).
         Err(JobError::Interrupted { step, total }) => {
-            let out = Output { images: Vec::new(), model: state.queue.loaded().title, seconds: 0.0 };
+            let out =
+                Output { images: Vec::new(), model: state.queue.loaded().title, seconds: 0.0 };
             (out, Some(format!("interrupted after step {step} of {total}")))
         }
         Err(e) => return Err(job_error(e, a1111::field_name)),
@@ -313,7 +316,9 @@ async fn samplers() -> Json<Value> {
     for kind in ltd_pipeline::SamplerKind::ALL {
         let name = kind.a1111_name();
         match list.iter_mut().find(|v| v["name"] == name) {
-            Some(v) => v["aliases"].as_array_mut().into_iter().for_each(|a| a.push(json!(kind.name()))),
+            Some(v) => {
+                v["aliases"].as_array_mut().into_iter().for_each(|a| a.push(json!(kind.name())))
+            }
             None => list.push(json!({"name": name, "aliases": [kind.name()], "options": {}})),
         }
     }
@@ -362,10 +367,7 @@ struct ProgressQuery {
     skip_current_image: bool,
 }
 
-async fn progress(
-    State(state): State<AppState>,
-    Query(q): Query<ProgressQuery>,
-) -> Json<Value> {
+async fn progress(State(state): State<AppState>, Query(q): Query<ProgressQuery>) -> Json<Value> {
     let s = state.queue.status(!q.skip_current_image);
     let fraction = if s.steps == 0 || s.batches == 0 {
         0.0

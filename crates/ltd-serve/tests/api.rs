@@ -28,11 +28,27 @@ fn txt2img_and_img2img_give_ltd_gens_png_bytes() {
     assert_eq!(status, 200, "{v}");
     let want = run_ltd_gen(
         dir.path(),
-        &["a red circle", "-m", &model, "-n", "blue", "--seed", "7", "--steps", "3", "-g", "5.5",
-          "--num-images", "2", "--scheduler", "dpm++2m-karras"],
+        &[
+            "a red circle",
+            "-m",
+            &model,
+            "-n",
+            "blue",
+            "--seed",
+            "7",
+            "--steps",
+            "3",
+            "-g",
+            "5.5",
+            "--num-images",
+            "2",
+            "--scheduler",
+            "dpm++2m-karras",
+        ],
         2,
     );
-    let got: Vec<Vec<u8>> = v["images"].as_array().unwrap().iter().map(|s| b64(s.as_str().unwrap())).collect();
+    let got: Vec<Vec<u8>> =
+        v["images"].as_array().unwrap().iter().map(|s| b64(s.as_str().unwrap())).collect();
     assert_eq!(got.len(), 2);
     assert!(got == want, "the server's PNGs differ from ltd-gen's");
     let i = info(&v);
@@ -40,7 +56,10 @@ fn txt2img_and_img2img_give_ltd_gens_png_bytes() {
     assert_eq!(i["seed"], json!(7));
     assert_eq!(i["sampler_name"], json!("DPM++ 2M"));
     assert_eq!(i["unsupported"], json!(["restore_faces"]));
-    assert!(i["infotexts"][0].as_str().unwrap().starts_with("a red circle\nNegative prompt: blue\nSteps: 3"));
+    assert!(i["infotexts"][0]
+        .as_str()
+        .unwrap()
+        .starts_with("a red circle\nNegative prompt: blue\nSteps: 3"));
     assert_eq!(v["parameters"]["prompt"], json!("a red circle"));
 
     // img2img from ltd-gen's first picture, by file and by base64.
@@ -55,8 +74,21 @@ fn txt2img_and_img2img_give_ltd_gens_png_bytes() {
     assert_eq!(status, 200, "{v}");
     let want = run_ltd_gen(
         dir.path(),
-        &["a cat", "-m", &model, "--seed", "3", "--steps", "4", "--guidance", "7",
-          "--init-image", init.to_str().unwrap(), "--strength", "0.5"],
+        &[
+            "a cat",
+            "-m",
+            &model,
+            "--seed",
+            "3",
+            "--steps",
+            "4",
+            "--guidance",
+            "7",
+            "--init-image",
+            init.to_str().unwrap(),
+            "--strength",
+            "0.5",
+        ],
         1,
     );
     assert!(b64(v["images"][0].as_str().unwrap()) == want[0], "img2img PNG differs from ltd-gen's");
@@ -68,7 +100,11 @@ fn txt2img_and_img2img_give_ltd_gens_png_bytes() {
         &json!({"prompt": "a square", "n": 1, "size": "64x64", "seed": 11, "response_format": "b64_json"}),
     );
     assert_eq!(status, 200, "{v}");
-    let want = run_ltd_gen(dir.path(), &["a square", "-m", &model, "--seed", "11", "-W", "64", "-H", "64"], 1);
+    let want = run_ltd_gen(
+        dir.path(),
+        &["a square", "-m", &model, "--seed", "11", "-W", "64", "-H", "64"],
+        1,
+    );
     assert!(b64(v["data"][0]["b64_json"].as_str().unwrap()) == want[0], "OpenAI PNG differs");
 }
 
@@ -77,11 +113,16 @@ fn lists_models_samplers_and_switches_models() {
     let model = sd1().display().to_string();
     let server = Server::start(&["--model", &model]);
     let (_, models) = server.get("/sdapi/v1/sd-models");
-    let titles: Vec<&str> = models.as_array().unwrap().iter().map(|m| m["title"].as_str().unwrap()).collect();
+    let titles: Vec<&str> =
+        models.as_array().unwrap().iter().map(|m| m["title"].as_str().unwrap()).collect();
     assert_eq!(titles[0], model);
     assert_eq!(titles.len(), 2, "the embedded default model is offered too: {titles:?}");
     let (_, samplers) = server.get("/sdapi/v1/samplers");
-    assert!(samplers.as_array().unwrap().iter().any(|s| s["name"] == "Euler a" && s["aliases"][0] == "euler-a"));
+    assert!(samplers
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["name"] == "Euler a" && s["aliases"][0] == "euler-a"));
     let (_, schedulers) = server.get("/sdapi/v1/schedulers");
     assert_eq!(schedulers[1]["label"], "Karras");
     assert_eq!(server.get("/sdapi/v1/options").1["sd_model_checkpoint"], json!(model));
@@ -89,7 +130,8 @@ fn lists_models_samplers_and_switches_models() {
     let (status, v) = server.post("/sdapi/v1/options", &json!({"sd_model_checkpoint": titles[1]}));
     assert_eq!(status, 200, "{v}");
     assert_eq!(server.get("/sdapi/v1/options").1["sd_model_checkpoint"], json!(titles[1]));
-    let (status, v) = server.post("/sdapi/v1/txt2img", &json!({"prompt": "x", "steps": 1, "seed": 1}));
+    let (status, v) =
+        server.post("/sdapi/v1/txt2img", &json!({"prompt": "x", "steps": 1, "seed": 1}));
     assert_eq!(status, 200, "{v}");
     assert_eq!(info(&v)["sd_model_name"], json!(titles[1]));
     // A per-request override switches back.
@@ -100,7 +142,11 @@ fn lists_models_samplers_and_switches_models() {
     assert_eq!(status, 200, "{v}");
     assert_eq!(info(&v)["sd_model_name"], json!(model));
     let (status, v) = server.post("/sdapi/v1/options", &json!({"sd_model_checkpoint": "nope"}));
-    assert_eq!((status, v["detail"].as_str().unwrap().starts_with("sd_model_checkpoint: unknown model")), (422, true), "{v}");
+    assert_eq!(
+        (status, v["detail"].as_str().unwrap().starts_with("sd_model_checkpoint: unknown model")),
+        (422, true),
+        "{v}"
+    );
 
     let (status, page) = server.get_text("/");
     assert_eq!(status, 200);
@@ -117,7 +163,8 @@ fn bad_input_is_a_4xx_naming_the_field_and_the_server_goes_on() {
     let server = Server::start(&["--model", &model, "--max-body-mib", "8"]);
     let check = |path: &str, body: Vec<u8>, status: u16, detail: &str| {
         let (got, v) = server.send_raw(path, "application/json", body, None);
-        let msg = v["detail"].as_str().or(v["error"]["message"].as_str()).unwrap_or_default().to_string();
+        let msg =
+            v["detail"].as_str().or(v["error"]["message"].as_str()).unwrap_or_default().to_string();
         assert_eq!(got, status, "{path}: {v}");
         assert!(msg.contains(detail), "{path}: expected {detail:?} in {msg:?}");
     };
@@ -125,15 +172,35 @@ fn bad_input_is_a_4xx_naming_the_field_and_the_server_goes_on() {
     check(t2i, b"{\"prompt\": ".to_vec(), 400, "request body is not valid JSON");
     check(t2i, b"[1, 2]".to_vec(), 422, "expected a JSON object");
     check(t2i, br#"{"steps": "many"}"#.to_vec(), 422, "steps: invalid type: string \"many\"");
-    check(t2i, br#"{"width": 60}"#.to_vec(), 422, "width: 60 is not a multiple of the model's VAE scale factor 8");
+    check(
+        t2i,
+        br#"{"width": 60}"#.to_vec(),
+        422,
+        "width: 60 is not a multiple of the model's VAE scale factor 8",
+    );
     check(t2i, br#"{"steps": 0}"#.to_vec(), 422, "steps: must be at least 1");
     check(t2i, br#"{"cfg_scale": -1}"#.to_vec(), 422, "cfg_scale: must be at least 0");
     check(t2i, br#"{"sampler_name": "Euler b"}"#.to_vec(), 422, "sampler_name: unknown sampler");
     check(t2i, br#"{"seed": -5}"#.to_vec(), 422, "seed: must be -1");
     check("/sdapi/v1/img2img", br#"{"steps": 2}"#.to_vec(), 422, "init_images: img2img needs");
-    check("/sdapi/v1/img2img", br#"{"init_images": ["aGVsbG8="]}"#.to_vec(), 422, "init_images[0]: not a readable image");
-    check("/v1/images/generations", br#"{"prompt": "a", "size": "60x64"}"#.to_vec(), 400, "size: 60 is not a multiple");
-    check("/v1/images/generations", br#"{"prompt": "a", "response_format": "url"}"#.to_vec(), 400, "only b64_json");
+    check(
+        "/sdapi/v1/img2img",
+        br#"{"init_images": ["aGVsbG8="]}"#.to_vec(),
+        422,
+        "init_images[0]: not a readable image",
+    );
+    check(
+        "/v1/images/generations",
+        br#"{"prompt": "a", "size": "60x64"}"#.to_vec(),
+        400,
+        "size: 60 is not a multiple",
+    );
+    check(
+        "/v1/images/generations",
+        br#"{"prompt": "a", "response_format": "url"}"#.to_vec(),
+        400,
+        "only b64_json",
+    );
     check("/v1/images/generations", br#"{"n": 1}"#.to_vec(), 422, "missing field `prompt`");
     // 50 MB: refused with a message, not a reset connection.
     let mut big = b"{\"prompt\": \"".to_vec();
@@ -154,7 +221,10 @@ fn the_api_key_is_required_when_set() {
     let t2i = "/sdapi/v1/txt2img";
     assert_eq!(server.send_raw(t2i, "application/json", body.clone(), None).0, 401);
     assert_eq!(server.send_raw(t2i, "application/json", body.clone(), Some("Bearer nope")).0, 401);
-    assert_eq!(server.send_raw(t2i, "application/json", body.clone(), Some("Bearer s3cret")).0, 200);
+    assert_eq!(
+        server.send_raw(t2i, "application/json", body.clone(), Some("Bearer s3cret")).0,
+        200
+    );
     let basic = format!("Basic {}", to_b64(b"anyone:s3cret"));
     assert_eq!(server.send_raw(t2i, "application/json", body, Some(&basic)).0, 200);
     assert_eq!(server.get("/sdapi/v1/options").0, 401);

@@ -17,7 +17,8 @@ use support::Server;
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
 
-const BROWSERS: &[&str] = &["/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"];
+const BROWSERS: &[&str] =
+    &["/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"];
 
 /// A headless Chromium, killed when dropped.
 struct Browser {
@@ -58,8 +59,10 @@ impl Browser {
                 }
             }
         });
-        let browser_ws = rx.recv_timeout(Duration::from_secs(60)).expect("chromium's DevTools socket");
-        let port = browser_ws.trim_start_matches("ws://").split(['/', ':']).nth(1).unwrap().to_string();
+        let browser_ws =
+            rx.recv_timeout(Duration::from_secs(60)).expect("chromium's DevTools socket");
+        let port =
+            browser_ws.trim_start_matches("ws://").split(['/', ':']).nth(1).unwrap().to_string();
         let page_ws = (0..100)
             .find_map(|_| {
                 let text = ureq::get(format!("http://127.0.0.1:{port}/json/list"))
@@ -152,7 +155,11 @@ fn the_page_generates_an_image_and_shows_errors() {
     let params = browser.eval("document.getElementById('params').textContent");
     assert!(params.as_str().unwrap().starts_with("a red circle\nSteps: 25"), "{params}");
     assert!(params.as_str().unwrap().contains("Seed: 5,"), "{params}");
-    assert_eq!(browser.eval("document.getElementById('download').href.startsWith('data:image/png;base64,')"), json!(true));
+    assert_eq!(
+        browser
+            .eval("document.getElementById('download').href.startsWith('data:image/png;base64,')"),
+        json!(true)
+    );
     assert_eq!(browser.eval("document.querySelectorAll('#history img').length"), json!(1));
     assert_eq!(browser.eval("document.getElementById('error').textContent"), json!(""));
 
@@ -161,7 +168,8 @@ fn the_page_generates_an_image_and_shows_errors() {
         "document.getElementById('width').value = '30';
          document.getElementById('generate').click(); true",
     );
-    browser.wait_for("document.getElementById('error').textContent.length > 0", "the error message");
+    browser
+        .wait_for("document.getElementById('error').textContent.length > 0", "the error message");
     let error = browser.eval("document.getElementById('error').textContent");
     assert_eq!(error, json!("width: 30 is not a multiple of the model's VAE scale factor 4"));
 }

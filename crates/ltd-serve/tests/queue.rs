@@ -136,7 +136,8 @@ fn a_client_that_disconnects_frees_its_place() {
             assert!(Instant::now() < end, "the disconnected client kept its place");
             std::thread::sleep(Duration::from_millis(20));
         }
-        let waiting = s.spawn(|| server.post("/sdapi/v1/txt2img", &json!({"prompt": "next", "steps": 1})));
+        let waiting =
+            s.spawn(|| server.post("/sdapi/v1/txt2img", &json!({"prompt": "next", "steps": 1})));
         std::thread::sleep(Duration::from_millis(200));
         server.post("/sdapi/v1/interrupt", &json!({}));
         assert_eq!(running.join().unwrap().0, 200);

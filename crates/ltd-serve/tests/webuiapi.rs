@@ -16,7 +16,9 @@ fn the_webuiapi_package_talks_to_the_server() {
         .output()
         .is_ok_and(|o| o.status.success());
     if !has {
-        eprintln!("SKIPPED: python3 cannot import webuiapi; `pip install webuiapi` to run this test");
+        eprintln!(
+            "SKIPPED: python3 cannot import webuiapi; `pip install webuiapi` to run this test"
+        );
         return;
     }
     let server = Server::start(&["--api-key", "k3y"]);

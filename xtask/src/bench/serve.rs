@@ -114,10 +114,8 @@ pub fn run(root: &Path, runs: usize) -> Result<()> {
     let start = Instant::now();
     let (_server, url) = start_server(&serve)?;
     let startup = start.elapsed().as_secs_f64();
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(600)))
-        .build()
-        .into();
+    let agent: ureq::Agent =
+        ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(600))).build().into();
     request(&agent, &url, 0)?;
     let sequential: Vec<f64> =
         (1..=runs).map(|k| request(&agent, &url, k)).collect::<Result<_>>()?;
@@ -140,8 +138,14 @@ pub fn run(root: &Path, runs: usize) -> Result<()> {
     let gen_latency = median(&per_process);
     let seq_latency = median(&sequential);
     println!("serve: default model, txt2img at its size, {STEPS} steps, {runs} runs (median)");
-    println!("  ltd-gen, one process per image:  {gen_latency:.3} s/image, {:.2} images/s", 1.0 / gen_latency);
-    println!("  ltd-serve, one client:           {seq_latency:.3} s/request, {:.2} requests/s", 1.0 / seq_latency);
+    println!(
+        "  ltd-gen, one process per image:  {gen_latency:.3} s/image, {:.2} images/s",
+        1.0 / gen_latency
+    );
+    println!(
+        "  ltd-serve, one client:           {seq_latency:.3} s/request, {:.2} requests/s",
+        1.0 / seq_latency
+    );
     println!(
         "  ltd-serve, {CLIENTS} clients at once:     {:.3} s/request latency, {:.2} requests/s",
         median(&concurrent),

@@ -92,9 +92,8 @@ impl Server {
         body: Vec<u8>,
         auth: Option<&str>,
     ) -> (u16, Value) {
-        let mut req = agent()
-            .post(format!("{}{path}", self.url))
-            .header("Content-Type", content_type);
+        let mut req =
+            agent().post(format!("{}{path}", self.url)).header("Content-Type", content_type);
         if let Some(a) = auth {
             req = req.header("Authorization", a);
         }
