@@ -291,7 +291,9 @@ pub fn run(args: &Args, root: &Path) -> Result<()> {
     }
     machine.load_average_end = load_average();
 
-    print!("{}", table(&rows, python.is_some()));
+    if !rows.is_empty() {
+        print!("{}", table(&rows, python.is_some()));
+    }
     println!("machine: {}", machine.describe());
     println!(
         "median of {} timed run(s) after {} warm-up run(s); ratio = ltd / diffusers \

@@ -1,8 +1,8 @@
 //! The `serve` item: what keeping the model loaded saves. The default model's txt2img at its
 //! own size, timed end to end as a user sees it: `ltd-gen` as one process per image (start,
 //! model load, generation, PNG), against `ltd-serve` answering HTTP requests (one client
-//! after another, then several clients at once, which its queue serialises). Both release
-//! binaries are built first; the server listens on a free localhost port.
+//! after another, then several clients at once, which its queue serialises). Both binaries
+//! are built first, in xtask's profile; the server listens on a free localhost port.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -23,18 +23,21 @@ fn median(v: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// Builds `ltd-gen` and `ltd-serve` in release; their paths.
+/// Builds `ltd-gen` and `ltd-serve` in xtask's own profile (release, unless xtask runs
+/// unoptimised under `LTD_XTASK_NO_RELEASE`); their paths.
 fn build(root: &Path) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--release", "-p", "ltd-cli", "-p", "ltd-serve", "--bins"])
-        .current_dir(root)
-        .status()
-        .context("running cargo build")?;
+    let release = !cfg!(debug_assertions);
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "-p", "ltd-cli", "-p", "ltd-serve", "--bins"]);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.current_dir(root).status().context("running cargo build")?;
     if !status.success() {
         bail!("building ltd-gen and ltd-serve failed");
     }
-    let dir = root.join("target/release");
+    let dir = root.join(if release { "target/release" } else { "target/debug" });
     Ok((dir.join("ltd-gen"), dir.join("ltd-serve")))
 }
 
