@@ -88,9 +88,21 @@ fn interrupt_stops_the_running_job() {
     std::thread::scope(|s| {
         let job = s.spawn(|| server.post("/sdapi/v1/txt2img", &long_job()));
         wait_running(&server);
-        let (_, p) = server.get("/sdapi/v1/progress");
+        // The first poll asks for a preview, decoded at the next step; a later poll has it.
+        let end = Instant::now() + Duration::from_secs(30);
+        let p = loop {
+            let (_, p) = server.get("/sdapi/v1/progress");
+            if p["current_image"].is_string() {
+                break p;
+            }
+            assert!(Instant::now() < end, "no preview: {p}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
         assert!(p["progress"].as_f64().unwrap() > 0.0, "{p}");
-        assert!(p["current_image"].is_string() || p["current_image"].is_null());
+        assert!(p["eta_relative"].as_f64().unwrap() > 0.0, "{p}");
+        assert_eq!(p["state"]["sampling_steps"], json!(1000));
+        let png = support::b64(p["current_image"].as_str().unwrap());
+        assert_eq!(&png[1..4], b"PNG", "the preview is a PNG");
         assert_eq!(server.post("/sdapi/v1/interrupt", &json!({})).0, 200);
         let start = Instant::now();
         let (status, v) = job.join().unwrap();
@@ -101,7 +113,7 @@ fn interrupt_stops_the_running_job() {
         assert_eq!(i["interrupted"], json!(true));
         assert!(i["detail"].as_str().unwrap().starts_with("interrupted after step"), "{i}");
     });
-    // The preview was asked for above; the next job runs normally.
+    // The next job runs normally.
     let (status, v) = server.post("/sdapi/v1/txt2img", &json!({"prompt": "after", "steps": 2}));
     assert_eq!((status, v["images"].as_array().unwrap().len()), (200, 1));
 }
