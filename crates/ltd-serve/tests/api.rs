@@ -179,6 +179,12 @@ fn bad_input_is_a_4xx_naming_the_field_and_the_server_goes_on() {
         "width: 60 is not a multiple of the model's VAE scale factor 8",
     );
     check(t2i, br#"{"steps": 0}"#.to_vec(), 422, "steps: must be at least 1");
+    check(
+        t2i,
+        br#"{"steps": 5000}"#.to_vec(),
+        422,
+        "steps: num_inference_steps 5000 is more than this scheduler can take (1000)",
+    );
     check(t2i, br#"{"cfg_scale": -1}"#.to_vec(), 422, "cfg_scale: must be at least 0");
     check(t2i, br#"{"sampler_name": "Euler b"}"#.to_vec(), 422, "sampler_name: unknown sampler");
     check(t2i, br#"{"seed": -5}"#.to_vec(), 422, "seed: must be -1");
