@@ -60,6 +60,7 @@ pub fn router(state: AppState) -> Router {
         .route("/sdapi/v1/scripts", get(|| async { Json(json!({"txt2img": [], "img2img": []})) }))
         .route("/v1/images/generations", post(openai_generations))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .layer(middleware::from_fn(json_only))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(middleware::from_fn_with_state(state.clone(), log_requests))
         .with_state(state)
@@ -120,6 +121,32 @@ async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Respon
         }
         _ => next.run(req).await,
     }
+}
+
+/// Refuses a POST body that is not declared JSON (415). Browsers send other pages' form and
+/// `text/plain` posts without asking first, but a JSON one only after a CORS preflight, which
+/// this server never grants: so no web page can make a visitor's browser drive a local
+/// server. Bodiless POSTs (`/interrupt`, as clients send it) pass.
+async fn json_only(req: Request, next: Next) -> Response {
+    let headers = req.headers();
+    let has_body = headers.contains_key(header::CONTENT_TYPE)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() != "0")
+        || headers.contains_key(header::TRANSFER_ENCODING);
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("application/json"));
+    if req.method() == axum::http::Method::POST && has_body && !json {
+        let e = ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "send the body as JSON, with Content-Type: application/json",
+        );
+        return if req.uri().path().starts_with("/v1/") { e.openai() } else { e }.into_response();
+    }
+    next.run(req).await
 }
 
 /// Reads the body, refusing one over the limit with 413. An oversized body is still read (and

@@ -214,6 +214,10 @@ fn bad_input_is_a_4xx_naming_the_field_and_the_server_goes_on() {
     big.extend_from_slice(b"\"}");
     check(t2i, big, 413, "over the limit");
     check("/sdapi/v1/nothing", b"{}".to_vec(), 404, "no such endpoint");
+    // A form or text post (which any web page can make a browser send) is refused.
+    let (status, v) = server.send_raw(t2i, "text/plain", br#"{"prompt": "x"}"#.to_vec(), None);
+    assert_eq!(status, 415, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("Content-Type: application/json"));
     // And the server still works.
     let (status, v) = server.post(t2i, &json!({"prompt": "still here", "steps": 1}));
     assert_eq!(status, 200, "{v}");
