@@ -9,7 +9,9 @@
 //! - `vae`: an SD 1.5 VAE decode to 512×512, batch 1, likewise;
 //! - `load`: loading a random SD 1.5 U-Net checkpoint (3.4 GB, written once to
 //!   `target/bench/sd15-unet/`) with `UNet2DConditionModel::load` and with diffusers'
-//!   `from_pretrained`: peak memory against the file's size.
+//!   `from_pretrained`: peak memory against the file's size;
+//! - `serve`: requests/s and latency of the default model through `ltd-serve` against
+//!   `ltd-gen` run once per image (`bench/serve.rs`; its own table, no diffusers side).
 //!
 //! Every item runs in a child process of its own (this binary with the hidden `--child` flag,
 //! and `xtask/bench/reference.py` for the reference), so each peak resident set belongs to one
@@ -24,6 +26,7 @@
 //! `--no-reference`) only ltd is measured, and the table says so.
 
 mod measure;
+mod serve;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -52,10 +55,12 @@ pub enum Item {
     Vae,
     /// Loading a 3.4 GB SD 1.5 U-Net checkpoint.
     Load,
+    /// The default model through ltd-serve against ltd-gen per process.
+    Serve,
 }
 
 impl Item {
-    const ALL: [Item; 4] = [Item::Matmul, Item::Unet, Item::Vae, Item::Load];
+    const ALL: [Item; 5] = [Item::Matmul, Item::Unet, Item::Vae, Item::Load, Item::Serve];
 
     fn name(self) -> &'static str {
         match self {
@@ -63,6 +68,7 @@ impl Item {
             Item::Unet => "unet",
             Item::Vae => "vae",
             Item::Load => "load",
+            Item::Serve => "serve",
         }
     }
 
@@ -72,7 +78,7 @@ impl Item {
             Item::Matmul => Some(2.0 * (MATMUL_N as f64).powi(3) / 1e9),
             Item::Unet => Some(UNET_GFLOP),
             Item::Vae => Some(VAE_GFLOP),
-            Item::Load => None,
+            Item::Load | Item::Serve => None,
         }
     }
 }
@@ -259,6 +265,10 @@ pub fn run(args: &Args, root: &Path) -> Result<()> {
 
     let mut rows = Vec::new();
     for item in items {
+        if item == Item::Serve {
+            serve::run(root, args.steps)?;
+            continue;
+        }
         if item == Item::Load {
             ensure_checkpoint(args, root)?;
         }
@@ -281,7 +291,9 @@ pub fn run(args: &Args, root: &Path) -> Result<()> {
     }
     machine.load_average_end = load_average();
 
-    print!("{}", table(&rows, python.is_some()));
+    if !rows.is_empty() {
+        print!("{}", table(&rows, python.is_some()));
+    }
     println!("machine: {}", machine.describe());
     println!(
         "median of {} timed run(s) after {} warm-up run(s); ratio = ltd / diffusers \
@@ -341,7 +353,7 @@ fn run_reference(python: &Path, item: Item, args: &Args, root: &Path) -> Result<
         Item::Unet => cmd.arg("--config").arg(root.join(measure::UNET_CONFIG)),
         Item::Vae => cmd.arg("--config").arg(root.join(measure::VAE_CONFIG)),
         Item::Load => cmd.arg("--model-dir").arg(load_dir(root)),
-        Item::Matmul => &mut cmd,
+        Item::Matmul | Item::Serve => &mut cmd,
     };
     run_json(cmd)
 }
@@ -390,7 +402,7 @@ fn lines_of(row: &Row) -> Vec<Line<'_>> {
             let per_file = move |m: &Measurement| m.peak_rss_mib.zip(file_mib).map(|(p, f)| p / f);
             lines.push(("peak RSS / file size".into(), Box::new(per_file), 2));
         }
-        Item::Matmul => {}
+        Item::Matmul | Item::Serve => {}
     }
     lines
 }

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
+use ltd_cli::{decode_image, DeviceArgs, ModelArgs};
 use ltd_pipeline::{
     outpaint_canvas, parse_sampler, DynamicThreshold, GenerateRequest, HiresFix, HiresUpscaler,
     InitImage, Inpaint, LongPrompt, MimicGuidance, OutpaintFill, RgbImage, RngKind, SeedMode,
@@ -31,15 +32,9 @@ pub struct Args {
     #[arg(required = true, value_name = "PROMPT")]
     pub prompts: Vec<String>,
 
-    /// Model: a local diffusers folder, or a Hugging Face hub repo id (owner/name[@revision]),
-    /// fetched into the hub cache (honours HF_HOME, HF_HUB_OFFLINE, HF_TOKEN, HF_ENDPOINT).
-    /// Default: the embedded default model.
-    #[arg(short, long, value_name = "FOLDER|REPO")]
-    pub model: Option<String>,
-
-    /// Weights variant to load, e.g. fp16 (reads *.fp16.safetensors where present).
-    #[arg(long, value_name = "NAME")]
-    pub variant: Option<String>,
+    /// `--model`, `--variant` (shared with ltd-serve).
+    #[command(flatten)]
+    pub model: ModelArgs,
 
     /// Negative prompt: what the image should not show.
     #[arg(short, long, value_name = "TEXT")]
@@ -206,13 +201,9 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = LongPromptArg::Truncate)]
     pub long_prompt: LongPromptArg,
 
-    /// Device: auto, cpu, cuda, cuda:N, metal.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-
-    /// Compute dtype: f32, f16, bf16. Default: f16 on a GPU, f32 on the CPU.
-    #[arg(long)]
-    pub dtype: Option<String>,
+    /// `--device`, `--dtype` (shared with ltd-serve).
+    #[command(flatten)]
+    pub device: DeviceArgs,
 
     /// Decode the VAE in overlapping tiles (bounded memory for large images).
     #[arg(long)]
@@ -295,15 +286,9 @@ pub fn read_init_image(path: &std::path::Path) -> Result<RgbImage> {
 
 /// Reads the image a flag names into RGB bytes; any failure names the flag and the file.
 fn read_image(flag: &str, path: &std::path::Path) -> Result<RgbImage> {
-    let img = image::ImageReader::open(path)
-        .with_context(|| format!("--{flag} {}: cannot open", path.display()))?
-        .with_guessed_format()
-        .with_context(|| format!("--{flag} {}: cannot read", path.display()))?
-        .decode()
-        .map_err(|e| anyhow!("--{flag} {}: not a readable image ({e})", path.display()))?
-        .to_rgb8();
-    let (w, h) = img.dimensions();
-    Ok(RgbImage::new(w as usize, h as usize, img.into_raw())?)
+    let bytes =
+        std::fs::read(path).with_context(|| format!("--{flag} {}: cannot open", path.display()))?;
+    decode_image(&bytes, &format!("--{flag} {}", path.display()))
 }
 
 impl Args {

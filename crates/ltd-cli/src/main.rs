@@ -4,7 +4,6 @@
 //! Errors are one line on stderr; no output file is left behind on failure.
 
 mod args;
-mod default_model;
 mod output;
 mod progress;
 
@@ -15,8 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use ltd_nn::{default_dtype, parse_dtype, DeviceChoice};
-use ltd_pipeline::{LoadOptions, ModelSource, Pipeline, PipelineError};
+use ltd_pipeline::{ModelSource, Pipeline, PipelineError};
 
 use crate::args::Args;
 use crate::output::Staged;
@@ -51,47 +49,18 @@ fn init_tracing() {
         .try_init();
 }
 
-/// A seed when none is given: different on every run, recorded in the PNG.
-fn random_seed() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    // SplitMix64 of time and pid, kept below 2^32 so it is easy to retype.
-    let mut z = nanos ^ ((std::process::id() as u64) << 32);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-    (z ^ (z >> 31)) & 0xffff_ffff
-}
-
 fn secs(d: Duration) -> f64 {
     (d.as_secs_f64() * 1000.0).round() / 1000.0
 }
 
 fn run(args: &Args) -> Result<()> {
     output::check_output(&args.output)?;
-    let seed = args.seed.unwrap_or_else(random_seed);
+    let seed = args.seed.unwrap_or_else(ltd_cli::random_seed);
     let request = args.request(seed)?;
-    let device = args.device.parse::<DeviceChoice>().context("--device")?.open()?;
-    let dtype = match &args.dtype {
-        Some(d) => parse_dtype(d).context("--dtype")?,
-        None => default_dtype(&device),
-    };
-    let (source, model_name) = match &args.model {
-        Some(m) => (ModelSource::parse(m), m.clone()),
-        None => (
-            ModelSource::Local(default_model::folder()?),
-            default_model::name().unwrap_or_default().to_string(),
-        ),
-    };
-
     let show_progress = !args.quiet && std::io::stderr().is_terminal();
     let start = Instant::now();
-    let options =
-        LoadOptions { device, dtype, variant: args.variant.clone(), ..Default::default() };
-    let pipeline = Pipeline::load(&source, &options)
-        .with_context(|| format!("loading the model {source}"))?
-        .with_name(model_name);
+    let options = args.device.load_options(args.model.variant.clone())?;
+    let pipeline = args.model.load_with(&options)?;
     let refiner = match &args.refiner {
         Some(r) => {
             let source = ModelSource::parse(r);

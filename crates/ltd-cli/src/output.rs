@@ -1,8 +1,6 @@
 //! Writing PNGs: atomically (a temporary file renamed into place), with the generation
 //! parameters in a `parameters` text chunk in AUTOMATIC1111's format.
 
-use std::fs::File;
-use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -79,24 +77,14 @@ impl Drop for Staged {
 }
 
 fn encode_png(image: &RgbImage, parameters: &str, path: &Path) -> Result<()> {
-    let file = File::create(path)?;
-    let mut enc = png::Encoder::new(BufWriter::new(file), image.width as u32, image.height as u32);
-    enc.set_color(png::ColorType::Rgb);
-    enc.set_depth(png::BitDepth::Eight);
-    // PIL (and so A1111) writes tEXt when the text is Latin-1 and iTXt (UTF-8) otherwise.
-    if parameters.chars().all(|c| (c as u32) < 256) {
-        enc.add_text_chunk("parameters".into(), parameters.into())?;
-    } else {
-        enc.add_itxt_chunk("parameters".into(), parameters.into())?;
-    }
-    let mut writer = enc.write_header()?;
-    writer.write_image_data(&image.pixels)?;
-    writer.finish()?;
+    std::fs::write(path, ltd_cli::encode_png(image, parameters)?)?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+    use std::fs::File;
+
     use super::*;
 
     /// Reads the `parameters` text of a PNG written by ltd-gen (or A1111).

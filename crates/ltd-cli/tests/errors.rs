@@ -46,6 +46,11 @@ fn bad_request_values_name_the_flag() {
         base.iter().copied().chain(extra.iter().copied()).collect()
     };
     fails(&["a cat", "--model", &m, "--steps", "0"], "--steps: must be at least 1", 2);
+    fails(
+        &["a cat", "--model", &m, "--steps", "5000"],
+        "--steps: num_inference_steps 5000 is more than this scheduler can take (1000)",
+        2,
+    );
     fails(&with(&["--guidance", "NaN"]), "--guidance: must be a finite number, got NaN", 2);
     fails(&with(&["--guidance", "-1"]), "--guidance: must be at least 0", 2);
     fails(

@@ -34,6 +34,14 @@ pub enum PipelineError {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// The step callback asked to stop ([`crate::Progress::cancel`]).
+    #[error("cancelled after step {step} of {total}")]
+    Cancelled {
+        /// Steps done.
+        step: usize,
+        /// Steps the run had.
+        total: usize,
+    },
     /// Anything else, already phrased for the user.
     #[error("{0}")]
     Msg(String),

@@ -20,6 +20,7 @@
 //! evaluates the model twice per step and PNDM once more at its start, and diffusers' progress
 //! bar counts steps all the same (`StepCounter`).
 
+use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
@@ -56,8 +57,19 @@ pub struct Progress<'a> {
     pub evaluations: usize,
     /// The timestep just evaluated.
     pub timestep: f64,
-    /// The latents after the sampler step (for previews: `Pipeline::decode_latents`).
+    /// The latents after the sampler step (for previews: `Pipeline::preview`).
     pub latents: &'a Tensor,
+    /// Set by [`Progress::cancel`]; the loop reads it after the callback returns.
+    cancel: &'a Cell<bool>,
+}
+
+impl Progress<'_> {
+    /// Stops the generation here: [`Pipeline::generate`] returns
+    /// [`PipelineError::Cancelled`] instead of running the next step (a server's interrupt,
+    /// a client gone).
+    pub fn cancel(&self) {
+        self.cancel.set(true);
+    }
 }
 
 /// One image of a generation.
@@ -542,7 +554,10 @@ impl Pipeline {
     fn prepare_timesteps(&self, plan: &Plan<'_>) -> Result<Sampling> {
         let req = plan.req;
         let mut scheduler = self.scheduler_for(req)?;
-        scheduler.set_timesteps(req.steps)?;
+        // The step count is the user's: a count the schedule cannot take is bad input.
+        scheduler
+            .set_timesteps(req.steps)
+            .map_err(|e| PipelineError::invalid("steps", e.to_string()))?;
         let mut timesteps = scheduler.timesteps().to_vec();
         let mut steps = req.steps;
         let strength = plan.stage.strength.or(req.init_image.as_ref().map(|i| i.strength));
@@ -634,6 +649,7 @@ impl Pipeline {
         let counter = StepCounter::new(evaluations, *steps, scheduler.order());
         let rows = conditioning.context.dim(0)?;
         let mut step = 0;
+        let cancel = Cell::new(false);
         for (i, &t) in timesteps.iter().enumerate() {
             let _span = tracing::debug_span!("step", i, t).entered();
             let x_in =
@@ -661,7 +677,11 @@ impl Pipeline {
                 evaluations,
                 timestep: t,
                 latents: &latents,
+                cancel: &cancel,
             });
+            if cancel.get() {
+                return Err(PipelineError::Cancelled { step, total: *steps });
+            }
         }
         Ok(latents)
     }

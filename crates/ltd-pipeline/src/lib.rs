@@ -23,6 +23,7 @@ pub mod image_processor;
 pub mod model_index;
 pub mod params;
 pub mod pipeline;
+mod preview;
 pub mod refiner;
 pub mod request;
 pub mod seeds;
