@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use anyhow::{anyhow, Context, Result};
 use clap::{Parser, ValueEnum};
 use ltd_pipeline::{
-    parse_sampler, DynamicThreshold, GenerateRequest, InitImage, LongPrompt, MimicGuidance,
-    RgbImage, RngKind,
+    extract_lora_tags, parse_sampler, DynamicThreshold, GenerateRequest, InitImage, LongPrompt,
+    LoraSpec, MimicGuidance, RgbImage, RngKind,
 };
 
 /// Generate images from text with Stable Diffusion 1.x, 2.x and XL models in diffusers format.
@@ -119,6 +119,16 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = LongPromptArg::Truncate)]
     pub long_prompt: LongPromptArg,
 
+    /// LoRA to merge into the model at load: a kohya/A1111 or diffusers/PEFT .safetensors file,
+    /// with an optional strength (default 1). Repeatable; several LoRAs add.
+    #[arg(long, value_name = "FILE[:SCALE]")]
+    pub lora: Vec<String>,
+
+    /// Folder in which A1111 prompt tags <lora:NAME:SCALE> find NAME.safetensors (the tag is
+    /// removed from the prompt before encoding, as A1111 does).
+    #[arg(long, value_name = "DIR")]
+    pub lora_dir: Option<PathBuf>,
+
     /// Device: auto, cpu, cuda, cuda:N, metal.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -197,6 +207,41 @@ pub fn read_init_image(path: &std::path::Path) -> Result<RgbImage> {
 }
 
 impl Args {
+    /// The LoRAs to merge: every `--lora`, then each `<lora:NAME:SCALE>` tag of the prompts
+    /// whose name no `--lora` file has, found as `--lora-dir/NAME.safetensors`.
+    pub fn loras(&self) -> Result<Vec<LoraSpec>> {
+        let mut specs = Vec::new();
+        for arg in &self.lora {
+            let spec = LoraSpec::parse(arg)?;
+            if !spec.path.is_file() {
+                return Err(anyhow!("--lora {}: no such file", spec.path.display()));
+            }
+            specs.push(spec);
+        }
+        for text in self.prompts.iter().chain(&self.negative) {
+            for (name, scale) in extract_lora_tags(text)?.1 {
+                if specs.iter().any(|s| s.name() == name) {
+                    continue;
+                }
+                let Some(dir) = &self.lora_dir else {
+                    return Err(anyhow!(
+                        "--lora-dir: the prompt's <lora:{name}> tag needs a folder to find \
+                         {name}.safetensors in"
+                    ));
+                };
+                let path = dir.join(format!("{name}.safetensors"));
+                if !path.is_file() {
+                    return Err(anyhow!(
+                        "--lora-dir {}: no {name}.safetensors for the prompt's <lora:{name}> tag",
+                        dir.display()
+                    ));
+                }
+                specs.push(LoraSpec { path, scale });
+            }
+        }
+        Ok(specs)
+    }
+
     /// The request these arguments describe (not yet checked against a model).
     pub fn request(&self, seed: u64) -> Result<GenerateRequest> {
         let dynamic_threshold = self

@@ -87,8 +87,13 @@ fn run(args: &Args) -> Result<()> {
 
     let show_progress = !args.quiet && std::io::stderr().is_terminal();
     let start = Instant::now();
-    let options =
-        LoadOptions { device, dtype, variant: args.variant.clone(), ..Default::default() };
+    let options = LoadOptions {
+        device,
+        dtype,
+        variant: args.variant.clone(),
+        loras: args.loras()?,
+        ..Default::default()
+    };
     let pipeline = Pipeline::load(&source, &options)
         .with_context(|| format!("loading the model {source}"))?
         .with_name(model_name);

@@ -16,15 +16,18 @@
 //! padded to its longest prompt with empty chunks, and SDXL's pooled output comes from the
 //! first chunk, as there.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use ltd_nn::RuntimeOptions;
+use ltd_nn::{RuntimeOptions, WeightPatches};
 use ltd_text::{
     ids_tensor, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, ClipLayer, Encoded,
 };
 
 use crate::error::{PipelineError, Result};
+use crate::lora::Component;
 use crate::model_index::PipelineKind;
 use crate::request::LongPrompt;
 
@@ -51,6 +54,7 @@ pub(crate) struct PromptEmbeds {
 
 impl TextEncoders {
     /// Loads the tokenizer/encoder pairs the pipeline kind needs from `root`.
+    #[allow(clippy::too_many_arguments)]
     pub fn load(
         root: &Path,
         kind: PipelineKind,
@@ -59,12 +63,16 @@ impl TextEncoders {
         dtype: DType,
         device: &Device,
         runtime: &RuntimeOptions,
+        patches: &mut HashMap<Component, WeightPatches>,
     ) -> Result<Self> {
         let tok = |name: &str| CLIPTokenizer::from_folder(&root.join(name));
+        let patch_1 = patches.remove(&Component::TextEncoder).map(Arc::new);
+        let patch_2 = patches.remove(&Component::TextEncoder2).map(Arc::new);
         let first = || -> Result<(CLIPTokenizer, Encoder)> {
             let tokenizer = tok("tokenizer")?;
             let dir = root.join("text_encoder");
-            let model = CLIPTextModel::from_folder(&dir, variant, dtype, device, runtime)?;
+            let model =
+                CLIPTextModel::from_folder_patched(&dir, variant, dtype, device, runtime, patch_1)?;
             Ok((tokenizer, Encoder::Plain(model)))
         };
         let parts = match kind {
@@ -74,8 +82,8 @@ impl TextEncoders {
                 let first = first()?;
                 let tokenizer_2 = tok("tokenizer_2")?;
                 let dir = root.join("text_encoder_2");
-                let model = CLIPTextModelWithProjection::from_folder(
-                    &dir, variant, dtype, device, runtime,
+                let model = CLIPTextModelWithProjection::from_folder_patched(
+                    &dir, variant, dtype, device, runtime, patch_2,
                 )?;
                 vec![first, (tokenizer_2, Encoder::Projection(model))]
             }
