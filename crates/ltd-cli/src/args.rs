@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use anyhow::{anyhow, Context, Result};
 use clap::{Parser, ValueEnum};
 use ltd_pipeline::{
-    extract_lora_tags, parse_sampler, DynamicThreshold, GenerateRequest, InitImage, LongPrompt,
+    extract_lora_tags, parse_sampler, DynamicThreshold, Emphasis, GenerateRequest, InitImage, LongPrompt,
     LoraSpec, MimicGuidance, RgbImage, RngKind,
 };
 
@@ -119,6 +119,13 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = LongPromptArg::Truncate)]
     pub long_prompt: LongPromptArg,
 
+    /// Prompt emphasis: a1111 parses AUTOMATIC1111's syntax — (word) ×1.1, ((word)) ×1.21,
+    /// [word] ÷1.1, (word:1.3), \( for a literal parenthesis, BREAK for a new 75-token chunk;
+    /// none takes prompts literally (diffusers). Prompts without the syntax encode the same
+    /// either way.
+    #[arg(long, value_enum, default_value_t = EmphasisArg::A1111)]
+    pub emphasis: EmphasisArg,
+
     /// LoRA to merge into the model at load: a kohya/A1111 or diffusers/PEFT .safetensors file,
     /// with an optional strength (default 1). Repeatable; several LoRAs add.
     #[arg(long, value_name = "FILE[:SCALE]")]
@@ -161,6 +168,15 @@ pub enum RngArg {
     Cpu,
     /// PyTorch's CUDA generator.
     Cuda,
+}
+
+/// `--emphasis`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EmphasisArg {
+    /// AUTOMATIC1111's emphasis syntax.
+    A1111,
+    /// Literal prompts.
+    None,
 }
 
 /// `--long-prompt`.
@@ -288,6 +304,10 @@ impl Args {
             long_prompt: match self.long_prompt {
                 LongPromptArg::Truncate => LongPrompt::Truncate,
                 LongPromptArg::Chunk => LongPrompt::Chunk,
+            },
+            emphasis: match self.emphasis {
+                EmphasisArg::A1111 => Emphasis::A1111,
+                EmphasisArg::None => Emphasis::None,
             },
             init_image,
             vae_tiling: self.vae_tiling,

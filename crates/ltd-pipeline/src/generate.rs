@@ -407,11 +407,11 @@ impl Pipeline {
         let prompts: Vec<&str> = stripped.iter().map(String::as_str).collect();
         let n = req.num_images;
         if !plan.do_cfg {
-            let cond = self.text.encode(&prompts, req.clip_skip, req.long_prompt, &self.device)?;
+            let cond = self.text.encode(&prompts, req.clip_skip, req.long_prompt, req.emphasis, &self.device)?;
             return Ok((None, cond.repeat_rows(n)?));
         }
         if req.negative.is_none() && self.text.zeros_for_absent_negative() {
-            let cond = self.text.encode(&prompts, req.clip_skip, req.long_prompt, &self.device)?;
+            let cond = self.text.encode(&prompts, req.clip_skip, req.long_prompt, req.emphasis, &self.device)?;
             let uncond = cond.zeros_like()?;
             return Ok((Some(uncond.repeat_rows(n)?), cond.repeat_rows(n)?));
         }
@@ -420,7 +420,7 @@ impl Pipeline {
         let negative = negative.as_str();
         let mut texts = vec![negative; prompts.len()];
         texts.extend(&prompts);
-        let both = self.text.encode(&texts, req.clip_skip, req.long_prompt, &self.device)?;
+        let both = self.text.encode(&texts, req.clip_skip, req.long_prompt, req.emphasis, &self.device)?;
         let p = prompts.len();
         let split = |t: &Tensor, start: usize| -> Result<Tensor> { Ok(t.narrow(0, start, p)?) };
         let uncond = PromptEmbeds {

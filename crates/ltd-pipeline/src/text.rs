@@ -23,13 +23,14 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use ltd_nn::{RuntimeOptions, WeightPatches};
 use ltd_text::{
-    ids_tensor, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, ClipLayer, Encoded,
+    emphasize, ids_tensor, is_plain, parse_prompt_attention, CLIPTextModel,
+    CLIPTextModelWithProjection, CLIPTokenizer, ClipLayer, Encoded,
 };
 
 use crate::error::{PipelineError, Result};
 use crate::lora::Component;
 use crate::model_index::PipelineKind;
-use crate::request::LongPrompt;
+use crate::request::{Emphasis, LongPrompt};
 
 /// A tokenizer and the text encoder it feeds.
 enum Encoder {
@@ -111,29 +112,51 @@ impl TextEncoders {
         }
     }
 
-    /// Encodes `texts` (one row each), every row padded to the same number of chunks.
+    /// Encodes `texts` (one row each), every row padded to the same number of chunks; with
+    /// [`Emphasis::A1111`], prompts using the emphasis syntax get their tokens' weights applied
+    /// to each chunk's embeddings (mean restored per prompt and chunk: A1111 restores it over
+    /// its whole batch, the same for one prompt). A `BREAK` makes its prompt chunked whatever
+    /// `mode` says.
     pub fn encode(
         &self,
         texts: &[&str],
         clip_skip: Option<usize>,
         mode: LongPrompt,
+        emphasis: Emphasis,
         device: &Device,
     ) -> Result<PromptEmbeds> {
         let layer = self.layer(clip_skip);
         let mut hidden_parts = Vec::with_capacity(self.parts.len());
         let mut pooled = None;
+        let long = match mode {
+            LongPrompt::Truncate => ltd_text::LongPrompt::Truncate,
+            LongPrompt::Chunk => {
+                ltd_text::LongPrompt::Chunks { comma_backtrack: ltd_text::A1111_COMMA_BACKTRACK }
+            }
+        };
         for (tokenizer, encoder) in &self.parts {
             let mut rows: Vec<Vec<Encoded>> = Vec::with_capacity(texts.len());
+            // Per row and chunk, the tokens' weights (None: all 1).
+            let mut weights: Vec<Vec<Option<Vec<f64>>>> = Vec::with_capacity(texts.len());
             for text in texts {
+                let parsed = match emphasis {
+                    Emphasis::A1111 => Some(parse_prompt_attention(text)),
+                    Emphasis::None => None,
+                };
+                if let Some(parsed) = parsed.filter(|p| !is_plain(p, text)) {
+                    let chunks = tokenizer.encode_weighted(&parsed, long)?;
+                    if let Some(dropped) = chunks[0].encoded.truncated_text.as_ref() {
+                        warn_truncated(tokenizer, dropped);
+                    }
+                    weights.push(chunks.iter().map(|c| Some(c.multipliers.clone())).collect());
+                    rows.push(chunks.into_iter().map(|c| c.encoded).collect());
+                    continue;
+                }
                 let chunks = match mode {
                     LongPrompt::Truncate => {
                         let e = tokenizer.encode(text)?;
                         if let Some(dropped) = &e.truncated_text {
-                            tracing::warn!(
-                                "The following part of your input was truncated because CLIP can \
-                                 only handle sequences up to {} tokens: {dropped}",
-                                tokenizer.model_max_length()
-                            );
+                            warn_truncated(tokenizer, dropped);
                         }
                         vec![e]
                     }
@@ -141,11 +164,13 @@ impl TextEncoders {
                         tokenizer.encode_chunks(text, ltd_text::A1111_COMMA_BACKTRACK)?
                     }
                 };
+                weights.push(vec![None; chunks.len()]);
                 rows.push(chunks);
             }
             let chunks = rows.iter().map(Vec::len).max().unwrap_or(1);
-            for row in &mut rows {
+            for (row, w) in rows.iter_mut().zip(&mut weights) {
                 row.resize(chunks, tokenizer.empty_chunk());
+                w.resize(chunks, None);
             }
             // Chunk c of every row forms one encoder batch; concatenate along the sequence.
             let mut per_chunk = Vec::with_capacity(chunks);
@@ -159,7 +184,23 @@ impl TextEncoders {
                 if c == 0 && out.text_embeds.is_some() {
                     pooled = out.text_embeds.clone();
                 }
-                per_chunk.push(out.hidden);
+                let hidden = if weights.iter().any(|w| w[c].is_some()) {
+                    let rows = weights
+                        .iter()
+                        .enumerate()
+                        .map(|(r, w)| {
+                            let z = out.hidden.get(r)?;
+                            Ok(match &w[c] {
+                                Some(m) => emphasize(&z, m)?,
+                                None => z,
+                            })
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    Tensor::stack(&rows, 0)?
+                } else {
+                    out.hidden
+                };
+                per_chunk.push(hidden);
             }
             hidden_parts.push(Tensor::cat(&per_chunk, 1)?);
         }
@@ -169,6 +210,15 @@ impl TextEncoders {
         }
         Ok(PromptEmbeds { hidden, pooled })
     }
+}
+
+/// diffusers' truncation warning.
+fn warn_truncated(tokenizer: &CLIPTokenizer, dropped: &str) {
+    tracing::warn!(
+        "The following part of your input was truncated because CLIP can only handle sequences \
+         up to {} tokens: {dropped}",
+        tokenizer.model_max_length()
+    );
 }
 
 impl PromptEmbeds {

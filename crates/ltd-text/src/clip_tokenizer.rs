@@ -176,6 +176,11 @@ impl CLIPTokenizer {
         self.pad_id
     }
 
+    /// The id of `,</w>` (where long prompts prefer to be cut).
+    pub(crate) fn comma_id(&self) -> Option<u32> {
+        self.comma_id
+    }
+
     /// The id of a token of the vocabulary or an added token.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
@@ -202,7 +207,7 @@ impl CLIPTokenizer {
     }
 
     /// `[BOS] + content + [EOS]` padded to `model_max_length`; `content` must fit.
-    fn wrap(&self, content: &[u32]) -> Encoded {
+    pub(crate) fn wrap(&self, content: &[u32]) -> Encoded {
         let mut ids = Vec::with_capacity(self.model_max_length);
         ids.push(self.bos_id);
         ids.extend_from_slice(content);
