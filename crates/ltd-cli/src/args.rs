@@ -126,6 +126,12 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = EmphasisArg::A1111)]
     pub emphasis: EmphasisArg,
 
+    /// Textual-inversion embedding (.safetensors: AUTOMATIC1111's emb_params, diffusers' one
+    /// tensor named by its token, or SDXL's clip_l + clip_g). Its token is the file stem (the
+    /// tensor's name for diffusers files); use it in the prompt. Repeatable.
+    #[arg(long, value_name = "FILE")]
+    pub embedding: Vec<PathBuf>,
+
     /// LoRA to merge into the model at load: a kohya/A1111 or diffusers/PEFT .safetensors file,
     /// with an optional strength (default 1). Repeatable; several LoRAs add.
     #[arg(long, value_name = "FILE[:SCALE]")]

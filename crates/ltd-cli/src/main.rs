@@ -92,6 +92,7 @@ fn run(args: &Args) -> Result<()> {
         dtype,
         variant: args.variant.clone(),
         loras: args.loras()?,
+        embeddings: args.embedding.clone(),
         ..Default::default()
     };
     let pipeline = Pipeline::load(&source, &options)

@@ -296,7 +296,7 @@ impl Pipeline {
         let images = self.decode_latents(&latents, req.vae_tiling)?;
         let decode = t_decode.elapsed();
 
-        let networks = self.network_params();
+        let networks = self.network_params(req);
         let images = images
             .into_iter()
             .enumerate()
@@ -328,10 +328,21 @@ impl Pipeline {
         })
     }
 
-    /// What the images' parameters record of the LoRAs merged at load: A1111's
+    /// What the images' parameters record of the embeddings and LoRAs: A1111's
+    /// `TI hashes: "token: hash, …"` (embeddings the prompts use) and
     /// `Lora hashes: "name: hash, …"` (names without `:` and `,`, as A1111 writes them).
-    fn network_params(&self) -> Vec<(String, String)> {
+    fn network_params(&self, req: &GenerateRequest) -> Vec<(String, String)> {
         let mut out = Vec::new();
+        // A1111 lists the embeddings the prompts use: `TI hashes: "token: hash, …"`.
+        let used: Vec<String> = self
+            .embeddings
+            .iter()
+            .filter(|e| req.prompts.iter().chain(&req.negative).any(|p| p.contains(&e.token)))
+            .map(|e| format!("{}: {}", e.token.replace([':', ','], ""), e.hash))
+            .collect();
+        if !used.is_empty() {
+            out.push(("TI hashes".to_string(), used.join(", ")));
+        }
         if !self.loras.is_empty() {
             let hashes: Vec<String> = self
                 .loras

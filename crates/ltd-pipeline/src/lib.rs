@@ -23,6 +23,7 @@ pub mod pipeline;
 pub mod request;
 pub mod source;
 mod text;
+pub mod textual_inversion;
 
 pub use error::{PipelineError, Result};
 pub use generate::{GeneratedImage, Generation, Progress, Timings};
@@ -36,3 +37,4 @@ pub use request::{
     parse_sampler, DynamicThreshold, Emphasis, GenerateRequest, InitImage, LongPrompt, MimicGuidance, RngKind,
 };
 pub use source::ModelSource;
+pub use textual_inversion::LoadedEmbedding;

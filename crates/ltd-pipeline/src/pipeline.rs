@@ -12,6 +12,7 @@ use ltd_vae::AutoencoderKL;
 
 use crate::error::{PipelineError, Result};
 use crate::lora::{build_patches, Component, LoadedLora, LoraSpec, Target};
+use crate::textual_inversion::{read_embedding, LoadedEmbedding};
 use crate::model_index::{ModelIndex, PipelineKind};
 use crate::source::ModelSource;
 use crate::text::TextEncoders;
@@ -30,6 +31,8 @@ pub struct LoadOptions {
     pub runtime: RuntimeOptions,
     /// LoRAs merged into the weights as they load, in order.
     pub loras: Vec<LoraSpec>,
+    /// Textual-inversion embeddings added to the tokenizers and text encoders, in order.
+    pub embeddings: Vec<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -40,6 +43,7 @@ impl Default for LoadOptions {
             variant: None,
             runtime: Default::default(),
             loras: Vec::new(),
+            embeddings: Vec::new(),
         }
     }
 }
@@ -58,6 +62,8 @@ pub struct Pipeline {
     pub(crate) dtype: DType,
     /// The LoRAs merged into the weights.
     pub(crate) loras: Vec<LoadedLora>,
+    /// The textual-inversion embeddings added.
+    pub(crate) embeddings: Vec<LoadedEmbedding>,
 }
 
 impl Pipeline {
@@ -101,7 +107,7 @@ impl Pipeline {
         let default_sampler = default_sampler(&scheduler_config);
 
         let (mut patches, loras) = lora_patches(root, index.kind, &options.loras, variant)?;
-        let text = TextEncoders::load(
+        let mut text = TextEncoders::load(
             root,
             index.kind,
             index.force_zeros_for_empty_prompt,
@@ -111,6 +117,12 @@ impl Pipeline {
             runtime,
             &mut patches,
         )?;
+        let mut embeddings = Vec::with_capacity(options.embeddings.len());
+        for path in &options.embeddings {
+            let file = read_embedding(path, index.kind)?;
+            text.add_embedding(&file, path)?;
+            embeddings.push(file.loaded);
+        }
         let unet = UNet2DConditionModel::load_patched(
             &root.join("unet"),
             variant,
@@ -140,6 +152,7 @@ impl Pipeline {
             device: device.clone(),
             dtype,
             loras,
+            embeddings,
         })
     }
 
@@ -192,6 +205,11 @@ impl Pipeline {
     /// The compute dtype.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The textual-inversion embeddings added, in the order given.
+    pub fn embeddings(&self) -> &[LoadedEmbedding] {
+        &self.embeddings
     }
 
     /// The LoRAs merged into the weights, in the order given.

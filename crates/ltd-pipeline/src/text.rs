@@ -31,6 +31,7 @@ use crate::error::{PipelineError, Result};
 use crate::lora::Component;
 use crate::model_index::PipelineKind;
 use crate::request::{Emphasis, LongPrompt};
+use crate::textual_inversion::{tokens, EmbeddingFile};
 
 /// A tokenizer and the text encoder it feeds.
 enum Encoder {
@@ -43,6 +44,8 @@ pub(crate) struct TextEncoders {
     kind: PipelineKind,
     parts: Vec<(CLIPTokenizer, Encoder)>,
     force_zeros_for_empty_prompt: bool,
+    /// Multi-vector textual-inversion tokens and what a prompt's token becomes.
+    expansions: Vec<(String, String)>,
 }
 
 /// Embeddings for a batch of prompts.
@@ -89,7 +92,7 @@ impl TextEncoders {
                 vec![first, (tokenizer_2, Encoder::Projection(model))]
             }
         };
-        Ok(Self { kind, parts, force_zeros_for_empty_prompt })
+        Ok(Self { kind, parts, force_zeros_for_empty_prompt, expansions: Vec::new() })
     }
 
     /// The projection size of SDXL's pooled text embeddings (`text_encoder_2.projection_dim`).
@@ -98,6 +101,48 @@ impl TextEncoders {
             Encoder::Projection(m) => m.text_model().params().projection_dim,
             Encoder::Plain(_) => None,
         })
+    }
+
+    /// Adds a textual-inversion embedding (one `[n, D]` tensor per text encoder) as diffusers'
+    /// `load_textual_inversion` does.
+    pub fn add_embedding(&mut self, file: &EmbeddingFile, path: &Path) -> Result<()> {
+        let names = tokens(&file.token, file.loaded.vectors);
+        for ((tokenizer, encoder), vectors) in self.parts.iter_mut().zip(&file.vectors) {
+            let model = match encoder {
+                Encoder::Plain(m) => m,
+                Encoder::Projection(m) => m.text_model_mut(),
+            };
+            let width = model.params().hidden_size;
+            if vectors.dim(1)? != width {
+                return Err(PipelineError::msg(format!(
+                    "--embedding {}: vectors of width {}, but this model's text encoder takes \
+                     {width} (an embedding for another model?)",
+                    path.display(),
+                    vectors.dim(1)?
+                )));
+            }
+            let mut first = None;
+            for name in &names {
+                let id = tokenizer.add_token(name).map_err(|e| {
+                    PipelineError::msg(format!("--embedding {}: {e}", path.display()))
+                })?;
+                first.get_or_insert(id);
+            }
+            model.add_token_embeddings(first.unwrap_or_default() as usize, vectors)?;
+        }
+        if names.len() > 1 {
+            self.expansions.push((file.token.clone(), names.join(" ")));
+        }
+        Ok(())
+    }
+
+    /// diffusers' `maybe_convert_prompt`: each multi-vector token spelled out.
+    fn expand(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for (token, expanded) in &self.expansions {
+            out = out.replace(token.as_str(), expanded);
+        }
+        out
     }
 
     /// Whether an absent negative prompt means zero embeddings.
@@ -139,6 +184,8 @@ impl TextEncoders {
             // Per row and chunk, the tokens' weights (None: all 1).
             let mut weights: Vec<Vec<Option<Vec<f64>>>> = Vec::with_capacity(texts.len());
             for text in texts {
+                let expanded = self.expand(text);
+                let text = &expanded.as_str();
                 let parsed = match emphasis {
                     Emphasis::A1111 => Some(parse_prompt_attention(text)),
                     Emphasis::None => None,
