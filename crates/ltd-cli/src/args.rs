@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use anyhow::{anyhow, Context, Result};
 use clap::{Parser, ValueEnum};
 use ltd_pipeline::{
-    extract_lora_tags, parse_sampler, DynamicThreshold, Emphasis, GenerateRequest, InitImage, LongPrompt,
-    LoraSpec, MimicGuidance, RgbImage, RngKind,
+    extract_lora_tags, parse_sampler, DynamicThreshold, Emphasis, GenerateRequest, InitImage,
+    LongPrompt, LoraSpec, MimicGuidance, RgbImage, RngKind,
 };
 
 /// Generate images from text with Stable Diffusion 1.x, 2.x and XL models in diffusers format.

@@ -69,7 +69,10 @@ fn command_line(case: &Value, out: &Path) -> Vec<String> {
             prompt.push_str(&format!(" <lora:{stem}:{}>", l["scale"]));
             args.extend(["--lora-dir".to_string(), golden().display().to_string()]);
         } else {
-            args.extend(["--lora".to_string(), format!("{}:{}", golden().join(file).display(), l["scale"])]);
+            args.extend([
+                "--lora".to_string(),
+                format!("{}:{}", golden().join(file).display(), l["scale"]),
+            ]);
         }
     }
     let mut all = vec![prompt, "--model".into(), model.display().to_string()];
@@ -110,7 +113,8 @@ fn ltd_gen_matches_diffusers_fused_loras() {
         // A1111's infotext: each LoRA as a prompt tag and in `Lora hashes`.
         for l in case["loras"].as_array().unwrap() {
             let stem = l["file"].as_str().unwrap().trim_end_matches(".safetensors");
-            if !params.contains(&format!("<lora:{stem}:")) || !params.contains(&format!("{stem}: ")) {
+            if !params.contains(&format!("<lora:{stem}:")) || !params.contains(&format!("{stem}: "))
+            {
                 failures.push(format!("{name}: the parameters do not record {stem}: {params}"));
             }
         }
@@ -173,36 +177,60 @@ fn loras_that_do_not_fit_are_one_clear_line() {
     let g = golden();
     let sdxl = g.join("sdxl_lora_kohya.safetensors").display().to_string();
     // An SDXL LoRA on SD 1.5: the first key at fault is named.
-    fails(&["--lora", &sdxl], &["--lora ", "sdxl_lora_kohya.safetensors", "key `lora_unet_", "another architecture"]);
+    fails(
+        &["--lora", &sdxl],
+        &["--lora ", "sdxl_lora_kohya.safetensors", "key `lora_unet_", "another architecture"],
+    );
     let sdxl_te = g.join("sdxl_te_only_kohya.safetensors").display().to_string();
     fails(&["--lora", &sdxl_te], &["key `lora_te1_", "another architecture"]);
 
     let dir = tempfile::tempdir().unwrap();
     let te2 = dir.path().join("te2.safetensors");
-    write_lora(&te2, &[
-        ("lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", &[4, 32]),
-        ("lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight", &[37, 4]),
-    ]);
-    fails(&["--lora", te2.to_str().unwrap()], &["key `lora_te2_text_model_encoder_layers_0_mlp_fc1", "text_encoder_2", "SDXL"]);
+    write_lora(
+        &te2,
+        &[
+            ("lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", &[4, 32]),
+            ("lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight", &[37, 4]),
+        ],
+    );
+    fails(
+        &["--lora", te2.to_str().unwrap()],
+        &["key `lora_te2_text_model_encoder_layers_0_mlp_fc1", "text_encoder_2", "SDXL"],
+    );
 
     let rank = dir.path().join("rank.safetensors");
-    write_lora(&rank, &[
-        ("lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", &[4, 32]),
-        ("lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight", &[37, 3]),
-    ]);
-    fails(&["--lora", rank.to_str().unwrap()], &["rank.safetensors", "lora_te_text_model_encoder_layers_0_mlp_fc1", "rank 3", "rank 4"]);
+    write_lora(
+        &rank,
+        &[
+            ("lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", &[4, 32]),
+            ("lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight", &[37, 3]),
+        ],
+    );
+    fails(
+        &["--lora", rank.to_str().unwrap()],
+        &["rank.safetensors", "lora_te_text_model_encoder_layers_0_mlp_fc1", "rank 3", "rank 4"],
+    );
 
     let unknown = dir.path().join("loha.safetensors");
-    write_lora(&unknown, &[
-        ("lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a", &[4, 4]),
-        ("lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_b", &[4, 4]),
-    ]);
-    fails(&["--lora", unknown.to_str().unwrap()], &["2 key(s) in neither", "hada_w1_a", "hada_w1_b"]);
+    write_lora(
+        &unknown,
+        &[
+            ("lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a", &[4, 4]),
+            ("lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_b", &[4, 4]),
+        ],
+    );
+    fails(
+        &["--lora", unknown.to_str().unwrap()],
+        &["2 key(s) in neither", "hada_w1_a", "hada_w1_b"],
+    );
 
     let pickle = dir.path().join("old.pt");
     std::fs::write(&pickle, b"PK\x03\x04").unwrap();
     fails(&["--lora", pickle.to_str().unwrap()], &["old.pt", "refusing to load a pickle"]);
-    fails(&["--lora", "/nonexistent/x.safetensors:0.5"], &["--lora /nonexistent/x.safetensors: no such file"]);
+    fails(
+        &["--lora", "/nonexistent/x.safetensors:0.5"],
+        &["--lora /nonexistent/x.safetensors: no such file"],
+    );
     fails(&["a <lora:nothing:0.5>"], &["--lora-dir", "<lora:nothing>"]);
     fails(
         &["a <lora:nothing:0.5>", "--lora-dir", dir.path().to_str().unwrap()],

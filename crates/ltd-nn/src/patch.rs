@@ -178,7 +178,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("f: k") && err.contains("rank 2") && err.contains("rank 1"), "{err}");
-        let d = LowRankDelta::new(&t(&[1.; 2], &[2, 1]), &t(&[1.; 3], &[1, 3]), 1.0, "f: k").unwrap();
+        let d =
+            LowRankDelta::new(&t(&[1.; 2], &[2, 1]), &t(&[1.; 3], &[1, 3]), 1.0, "f: k").unwrap();
         assert!(d.check(&[2, 3]).is_ok());
         let msg = d.check(&[3, 2]).unwrap_err();
         assert!(msg.contains("[3, 2]"), "{msg}");

@@ -71,12 +71,8 @@ impl SafetensorsFiles {
     /// Maps the files and reads their headers. Truncated or malformed files, pickles and
     /// tensor names present in two files are errors naming the file.
     pub fn open<P: AsRef<Path>>(paths: &[P]) -> Result<Self> {
-        let mut out = Self {
-            paths: Vec::new(),
-            mmaps: Vec::new(),
-            entries: HashMap::new(),
-            patches: None,
-        };
+        let mut out =
+            Self { paths: Vec::new(), mmaps: Vec::new(), entries: HashMap::new(), patches: None };
         for path in paths {
             let path = path.as_ref();
             refuse_pickle(path)?;

@@ -302,20 +302,10 @@ impl Pipeline {
             .enumerate()
             .map(|(k, image)| {
                 let (prompt_index, batch_index) = (k / req.num_images, k % req.num_images);
-                let mut params = plan.params(
-                    &self.name,
-                    &sampling.name,
-                    prompt_index,
-                    batch_index,
-                    &networks,
-                );
+                let mut params =
+                    plan.params(&self.name, &sampling.name, prompt_index, batch_index, &networks);
                 params.prompt = self.with_lora_tags(&params.prompt);
-                GeneratedImage {
-                    image,
-                    params,
-                    prompt_index,
-                    batch_index,
-                }
+                GeneratedImage { image, params, prompt_index, batch_index }
             })
             .collect();
         Ok(Generation {
@@ -418,11 +408,23 @@ impl Pipeline {
         let prompts: Vec<&str> = stripped.iter().map(String::as_str).collect();
         let n = req.num_images;
         if !plan.do_cfg {
-            let cond = self.text.encode(&prompts, req.clip_skip, req.long_prompt, req.emphasis, &self.device)?;
+            let cond = self.text.encode(
+                &prompts,
+                req.clip_skip,
+                req.long_prompt,
+                req.emphasis,
+                &self.device,
+            )?;
             return Ok((None, cond.repeat_rows(n)?));
         }
         if req.negative.is_none() && self.text.zeros_for_absent_negative() {
-            let cond = self.text.encode(&prompts, req.clip_skip, req.long_prompt, req.emphasis, &self.device)?;
+            let cond = self.text.encode(
+                &prompts,
+                req.clip_skip,
+                req.long_prompt,
+                req.emphasis,
+                &self.device,
+            )?;
             let uncond = cond.zeros_like()?;
             return Ok((Some(uncond.repeat_rows(n)?), cond.repeat_rows(n)?));
         }
@@ -431,7 +433,8 @@ impl Pipeline {
         let negative = negative.as_str();
         let mut texts = vec![negative; prompts.len()];
         texts.extend(&prompts);
-        let both = self.text.encode(&texts, req.clip_skip, req.long_prompt, req.emphasis, &self.device)?;
+        let both =
+            self.text.encode(&texts, req.clip_skip, req.long_prompt, req.emphasis, &self.device)?;
         let p = prompts.len();
         let split = |t: &Tensor, start: usize| -> Result<Tensor> { Ok(t.narrow(0, start, p)?) };
         let uncond = PromptEmbeds {

@@ -34,7 +34,8 @@ pub use model_index::{ModelIndex, PipelineKind};
 pub use params::GenerationParams;
 pub use pipeline::{LoadOptions, Pipeline};
 pub use request::{
-    parse_sampler, DynamicThreshold, Emphasis, GenerateRequest, InitImage, LongPrompt, MimicGuidance, RngKind,
+    parse_sampler, DynamicThreshold, Emphasis, GenerateRequest, InitImage, LongPrompt,
+    MimicGuidance, RngKind,
 };
 pub use source::ModelSource;
 pub use textual_inversion::LoadedEmbedding;

@@ -129,7 +129,8 @@ impl Target {
         stems: &[&str],
         variant: Option<&str>,
     ) -> Result<Self> {
-        let files = SafetensorsFiles::open(&ltd_nn::weights::component_weights(dir, stems, variant)?)?;
+        let files =
+            SafetensorsFiles::open(&ltd_nn::weights::component_weights(dir, stems, variant)?)?;
         let shapes = files
             .names()
             .into_iter()
@@ -390,8 +391,11 @@ fn read_lora(
     }
     if !unknown.is_empty() {
         let shown: Vec<&str> = unknown.iter().take(8).map(String::as_str).collect();
-        let more =
-            if unknown.len() > 8 { format!(" and {} more", unknown.len() - 8) } else { String::new() };
+        let more = if unknown.len() > 8 {
+            format!(" and {} more", unknown.len() - 8)
+        } else {
+            String::new()
+        };
         return Err(PipelineError::msg(format!(
             "--lora {file}: {} key(s) in neither the kohya (lora_unet_…/lora_te…_) nor the \
              diffusers/PEFT (unet.…lora_A/lora_B) LoRA layout (LoHa, LoKr and DoRA files are \
@@ -434,7 +438,9 @@ fn read_lora(
         let rank = down_t.dims().first().copied().unwrap_or(0);
         let alpha = match &pair.alpha {
             Some(a) => scalar(&files, a)?,
-            None if !kohya => metadata_alpha(meta.as_ref(), *component, module).unwrap_or(rank as f64),
+            None if !kohya => {
+                metadata_alpha(meta.as_ref(), *component, module).unwrap_or(rank as f64)
+            }
             None => rank as f64,
         };
         if rank == 0 {
@@ -492,7 +498,10 @@ mod tests {
     #[test]
     fn parses_file_and_scale() {
         let p = LoraSpec::parse("styles/ink.safetensors:0.6").unwrap();
-        assert_eq!((p.path.to_str().unwrap(), p.scale, p.name().as_str()), ("styles/ink.safetensors", 0.6, "ink"));
+        assert_eq!(
+            (p.path.to_str().unwrap(), p.scale, p.name().as_str()),
+            ("styles/ink.safetensors", 0.6, "ink")
+        );
         let p = LoraSpec::parse("C:\\loras\\ink.safetensors").unwrap();
         assert_eq!((p.path.to_str().unwrap(), p.scale), ("C:\\loras\\ink.safetensors", 1.0));
         assert!(LoraSpec::parse("a.safetensors:inf").is_err());
@@ -513,7 +522,10 @@ mod tests {
     #[test]
     fn maps_sgm_block_names() {
         let check = |sgm: &str, want: &str| assert_eq!(sgm_to_diffusers(sgm, 2), want, "{sgm}");
-        check("input_blocks_4_1_transformer_blocks_0_attn1_to_q", "down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q");
+        check(
+            "input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+            "down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
+        );
         check("input_blocks_5_0_in_layers_2", "down_blocks_1_resnets_1_conv1");
         check("input_blocks_3_0_op", "down_blocks_0_downsamplers_0_conv");
         check("input_blocks_0_0", "conv_in");
@@ -530,10 +542,15 @@ mod tests {
 
     #[test]
     fn classifies_both_layouts() {
-        let c = |k: &str| classify(k).map(|(c, m, p, kohya)| (c, m, p, kohya));
+        let c = classify;
         assert_eq!(
             c("lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha"),
-            Some((Component::TextEncoder2, "text_model_encoder_layers_0_mlp_fc1".into(), Part::Alpha, true))
+            Some((
+                Component::TextEncoder2,
+                "text_model_encoder_layers_0_mlp_fc1".into(),
+                Part::Alpha,
+                true
+            ))
         );
         assert_eq!(
             c("unet.down_blocks.0.attentions.0.proj_in.lora_B.weight"),

@@ -12,10 +12,10 @@ use ltd_vae::AutoencoderKL;
 
 use crate::error::{PipelineError, Result};
 use crate::lora::{build_patches, Component, LoadedLora, LoraSpec, Target};
-use crate::textual_inversion::{read_embedding, LoadedEmbedding};
 use crate::model_index::{ModelIndex, PipelineKind};
 use crate::source::ModelSource;
 use crate::text::TextEncoders;
+use crate::textual_inversion::{read_embedding, LoadedEmbedding};
 
 /// How to load a pipeline.
 #[derive(Debug, Clone)]
@@ -230,8 +230,18 @@ fn lora_patches(
         return Ok(Default::default());
     }
     let mut targets = vec![
-        Target::from_folder(Component::Unet, &root.join("unet"), &["diffusion_pytorch_model"], variant)?,
-        Target::from_folder(Component::TextEncoder, &root.join("text_encoder"), &["model"], variant)?,
+        Target::from_folder(
+            Component::Unet,
+            &root.join("unet"),
+            &["diffusion_pytorch_model"],
+            variant,
+        )?,
+        Target::from_folder(
+            Component::TextEncoder,
+            &root.join("text_encoder"),
+            &["model"],
+            variant,
+        )?,
     ];
     let model = match kind {
         PipelineKind::StableDiffusion => "this SD 1.x/2.x model",

@@ -63,7 +63,7 @@ pub(crate) fn read_embedding(path: &Path, kind: PipelineKind) -> Result<Embeddin
     let (token, vectors) = if names.contains(&"clip_l") && names.contains(&"clip_g") {
         if !sdxl {
             return Err(bad(
-                "an SDXL embedding (clip_l and clip_g) on an SD 1.x/2.x model".to_string(),
+                "an SDXL embedding (clip_l and clip_g) on an SD 1.x/2.x model".to_string()
             ));
         }
         (stem, vec![load("clip_l")?, load("clip_g")?])

@@ -181,7 +181,9 @@ impl CLIPTokenizer {
     /// its id, the vocabulary's next one. A token already known is an error.
     pub fn add_token(&mut self, token: &str) -> Result<u32> {
         if self.inner.token_to_id(token).is_some() {
-            return Err(Error::msg(format!("token {token:?} is already in the tokenizer's vocabulary")));
+            return Err(Error::msg(format!(
+                "token {token:?} is already in the tokenizer's vocabulary"
+            )));
         }
         self.inner.add_tokens(&[tokenizers::AddedToken::from(token.to_string(), false)]);
         self.inner

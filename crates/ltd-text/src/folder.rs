@@ -67,7 +67,8 @@ impl CLIPTextModel {
         runtime: &RuntimeOptions,
         patches: Option<Arc<WeightPatches>>,
     ) -> Result<Self> {
-        let (params, files) = open_patched::<CLIPTextConfig, ClipTextParams>(dir, variant, patches)?;
+        let (params, files) =
+            open_patched::<CLIPTextConfig, ClipTextParams>(dir, variant, patches)?;
         let legacy = files.contains("text_model.embeddings.token_embedding.weight");
         load_checked(files, dtype, device, |vb| {
             let vb = if legacy { vb.pp("text_model") } else { vb };
@@ -98,7 +99,8 @@ impl CLIPTextModelWithProjection {
         runtime: &RuntimeOptions,
         patches: Option<Arc<WeightPatches>>,
     ) -> Result<Self> {
-        let (params, files) = open_patched::<CLIPTextConfig, ClipTextParams>(dir, variant, patches)?;
+        let (params, files) =
+            open_patched::<CLIPTextConfig, ClipTextParams>(dir, variant, patches)?;
         if params.projection_dim.is_none() {
             return Err(ltd_nn::Error::Config {
                 path: dir.join("config.json"),

@@ -251,7 +251,9 @@ impl CLIPTokenizer {
                 if Some(token) == comma {
                     last_comma = Some(chunk.len());
                 } else if let Some(c) = last_comma {
-                    if comma_backtrack != 0 && chunk.len() == n && chunk.len() - c <= comma_backtrack
+                    if comma_backtrack != 0
+                        && chunk.len() == n
+                        && chunk.len() - c <= comma_backtrack
                     {
                         let moved = chunk.split_off(c + 1);
                         close(&mut chunk, &mut chunks);
@@ -349,6 +351,9 @@ mod tests {
         // weighted [[1,2],[6,8]], mean 4.25; original mean 2.5.
         let r = 2.5f32 / 4.25;
         assert_eq!(v, [[r, 2. * r], [6. * r, 8. * r]]);
-        assert_eq!(emphasize(&z, &[1.0, 1.0]).unwrap().to_vec2::<f32>().unwrap(), z.to_vec2::<f32>().unwrap());
+        assert_eq!(
+            emphasize(&z, &[1.0, 1.0]).unwrap().to_vec2::<f32>().unwrap(),
+            z.to_vec2::<f32>().unwrap()
+        );
     }
 }

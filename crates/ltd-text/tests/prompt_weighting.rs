@@ -40,4 +40,3 @@ fn emphasis_arithmetic_matches_a1111() {
     let err = max_abs_diff(&got, &t["emphasized"]);
     assert!(err < 1e-6, "max abs error {err}");
 }
-
