@@ -73,6 +73,9 @@ fn ltd_gen_matches_diffusers_textual_inversion() {
         let bytes = std::fs::read(&out).unwrap();
         let text = String::from_utf8_lossy(&bytes);
         assert!(text.contains("TI hashes: \""), "{name}: no TI hashes");
+        for hash in case["hashes"].as_object().unwrap().values() {
+            assert!(text.contains(hash.as_str().unwrap()), "{name}: no {hash} in the parameters");
+        }
     }
 }
 

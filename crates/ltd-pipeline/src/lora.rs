@@ -71,7 +71,8 @@ pub struct LoadedLora {
     /// The multiplier it was merged with.
     pub scale: f64,
     /// A1111's short hash: the first 12 hex digits of the "addnet" SHA-256 (of the file after
-    /// its safetensors header, so editing the metadata keeps it).
+    /// its safetensors header, so editing the metadata keeps it), or of the `sshs_model_hash`
+    /// the header carries, which A1111 prefers.
     pub hash: String,
 }
 
@@ -279,8 +280,8 @@ fn sgm_to_diffusers(name: &str, layers_per_block: usize) -> String {
     mapped
 }
 
-/// The `lora_adapter_metadata` JSON of a diffusers LoRA file's header, if any.
-fn adapter_metadata(path: &Path) -> Result<Option<Value>> {
+/// A string of a safetensors file's `__metadata__` header, if any.
+fn header_metadata(path: &Path, key: &str) -> Result<Option<String>> {
     let io = |e: std::io::Error| PipelineError::from(ltd_nn::Error::io(path, e));
     let mut file = std::fs::File::open(path).map_err(io)?;
     let mut len = [0u8; 8];
@@ -290,8 +291,22 @@ fn adapter_metadata(path: &Path) -> Result<Option<Value>> {
     file.read_exact(&mut header).map_err(io)?;
     let header: Value = serde_json::from_slice(&header)
         .map_err(|e| PipelineError::msg(format!("{}: bad header: {e}", path.display())))?;
-    let raw = header.get("__metadata__").and_then(|m| m.get("lora_adapter_metadata"));
-    Ok(raw.and_then(Value::as_str).and_then(|s| serde_json::from_str(s).ok()))
+    let raw = header.get("__metadata__").and_then(|m| m.get(key));
+    Ok(raw.and_then(Value::as_str).map(str::to_string))
+}
+
+/// The `lora_adapter_metadata` JSON of a diffusers LoRA file's header, if any.
+fn adapter_metadata(path: &Path) -> Result<Option<Value>> {
+    Ok(header_metadata(path, "lora_adapter_metadata")?.and_then(|s| serde_json::from_str(&s).ok()))
+}
+
+/// The short hash A1111 records for a LoRA: the `sshs_model_hash` kohya's trainer writes in
+/// the header when there is one (A1111 prefers it), else [`addnet_short_hash`].
+fn lora_short_hash(path: &Path) -> Result<String> {
+    match header_metadata(path, "sshs_model_hash")? {
+        Some(h) if !h.is_empty() => Ok(h.chars().take(12).collect()),
+        _ => addnet_short_hash(path),
+    }
 }
 
 /// A1111's short "addnet" hash of a safetensors file: SHA-256 of everything after the header.
@@ -352,7 +367,7 @@ pub(crate) fn build_patches(
         loaded.push(LoadedLora {
             name: spec.name(),
             scale: spec.scale,
-            hash: addnet_short_hash(&spec.path)?,
+            hash: lora_short_hash(&spec.path)?,
         });
     }
     Ok((patches, loaded))
