@@ -574,4 +574,65 @@ mod tests {
         assert_eq!(c("lora_unet_x.hada_w1_a"), None);
         assert_eq!(c("vae.decoder.lora_A.weight"), None);
     }
+
+    /// Module names of real kohya files (sd-scripts' SDXL trainer writes sgm block names; its
+    /// SD 1.x trainer diffusers' names) resolve against the full-size models' tensor names.
+    #[test]
+    fn resolves_real_kohya_names_on_full_size_models() {
+        let fullsize = ltd_test_support::fixtures().join("fullsize");
+        let target = |c: Component, file: &str| {
+            Target::new(c, ltd_test_support::read_shapes(&fullsize.join(file)))
+        };
+        let resolve = |t: &Target, kohya_module: &str| {
+            let wanted = match t.component {
+                Component::Unet => sgm_to_diffusers(kohya_module, t.layers_per_block),
+                c => normalise(c, kohya_module),
+            };
+            t.modules.get(&wanted).cloned().unwrap_or_else(|| panic!("{kohya_module} → {wanted}"))
+        };
+        let xl = target(Component::Unet, "sdxl/unet.txt");
+        assert_eq!(xl.layers_per_block, 2);
+        for (module, weight) in [
+            ("input_blocks_0_0", "conv_in.weight"),
+            ("input_blocks_1_0_in_layers_2", "down_blocks.0.resnets.0.conv1.weight"),
+            ("input_blocks_3_0_op", "down_blocks.0.downsamplers.0.conv.weight"),
+            ("input_blocks_4_0_emb_layers_1", "down_blocks.1.resnets.0.time_emb_proj.weight"),
+            ("input_blocks_4_0_skip_connection", "down_blocks.1.resnets.0.conv_shortcut.weight"),
+            ("input_blocks_4_1_proj_in", "down_blocks.1.attentions.0.proj_in.weight"),
+            (
+                "input_blocks_8_1_transformer_blocks_9_ff_net_2",
+                "down_blocks.2.attentions.1.transformer_blocks.9.ff.net.2.weight",
+            ),
+            (
+                "middle_block_1_transformer_blocks_9_attn2_to_out_0",
+                "mid_block.attentions.0.transformer_blocks.9.attn2.to_out.0.weight",
+            ),
+            ("middle_block_2_out_layers_3", "mid_block.resnets.1.conv2.weight"),
+            (
+                "output_blocks_0_1_transformer_blocks_0_attn1_to_q",
+                "up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight",
+            ),
+            ("output_blocks_2_2_conv", "up_blocks.0.upsamplers.0.conv.weight"),
+            ("output_blocks_5_2_conv", "up_blocks.1.upsamplers.0.conv.weight"),
+            ("output_blocks_8_0_skip_connection", "up_blocks.2.resnets.2.conv_shortcut.weight"),
+            ("time_embed_0", "time_embedding.linear_1.weight"),
+            ("label_emb_0_2", "add_embedding.linear_2.weight"),
+            ("out_2", "conv_out.weight"),
+        ] {
+            assert_eq!(resolve(&xl, module), weight, "{module}");
+        }
+        let sd15 = target(Component::Unet, "sd15/unet.txt");
+        for module in [
+            "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+            "up_blocks_3_attentions_2_proj_out",
+            "mid_block_resnets_1_conv2",
+        ] {
+            resolve(&sd15, module);
+        }
+        let te = target(Component::TextEncoder, "sd15/text_encoder.txt");
+        resolve(&te, "text_model_encoder_layers_11_mlp_fc2");
+        let te2 = target(Component::TextEncoder2, "sdxl/text_encoder_2.txt");
+        resolve(&te2, "text_model_encoder_layers_31_self_attn_out_proj");
+        resolve(&te2, "text_projection");
+    }
 }
