@@ -10,9 +10,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use ltd_cli::{decode_image, DeviceArgs, ModelArgs};
 use ltd_pipeline::{
-    outpaint_canvas, parse_sampler, DynamicThreshold, GenerateRequest, HiresFix, HiresUpscaler,
-    InitImage, Inpaint, LongPrompt, MimicGuidance, OutpaintFill, RgbImage, RngKind, SeedMode,
-    Subseed,
+    extract_lora_tags, outpaint_canvas, parse_sampler, DynamicThreshold, Emphasis, GenerateRequest,
+    HiresFix, HiresUpscaler, InitImage, Inpaint, LongPrompt, LoraSpec, MimicGuidance, OutpaintFill,
+    RgbImage, RngKind, SeedMode, Subseed,
 };
 
 /// Generate images from text with Stable Diffusion 1.x, 2.x and XL models in diffusers format.
@@ -201,6 +201,29 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = LongPromptArg::Truncate)]
     pub long_prompt: LongPromptArg,
 
+    /// Prompt emphasis: a1111 parses AUTOMATIC1111's syntax — (word) ×1.1, ((word)) ×1.21,
+    /// [word] ÷1.1, (word:1.3), \( for a literal parenthesis, BREAK for a new 75-token chunk;
+    /// none takes prompts literally (diffusers). Prompts without the syntax encode the same
+    /// either way.
+    #[arg(long, value_enum, default_value_t = EmphasisArg::A1111)]
+    pub emphasis: EmphasisArg,
+
+    /// Textual-inversion embedding (.safetensors: AUTOMATIC1111's emb_params, diffusers' one
+    /// tensor named by its token, or SDXL's clip_l + clip_g). Its token is the file stem (the
+    /// tensor's name for diffusers files); use it in the prompt. Repeatable.
+    #[arg(long, value_name = "FILE")]
+    pub embedding: Vec<PathBuf>,
+
+    /// LoRA to merge into the model at load: a kohya/A1111 or diffusers/PEFT .safetensors file,
+    /// with an optional strength (default 1). Repeatable; several LoRAs add.
+    #[arg(long, value_name = "FILE[:SCALE]")]
+    pub lora: Vec<String>,
+
+    /// Folder in which A1111 prompt tags <lora:NAME:SCALE> find NAME.safetensors (the tag is
+    /// removed from the prompt before encoding, as A1111 does).
+    #[arg(long, value_name = "DIR")]
+    pub lora_dir: Option<PathBuf>,
+
     /// `--device`, `--dtype` (shared with ltd-serve).
     #[command(flatten)]
     pub device: DeviceArgs,
@@ -249,6 +272,15 @@ pub enum HiresUpscalerArg {
     Lanczos,
 }
 
+/// `--emphasis`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EmphasisArg {
+    /// AUTOMATIC1111's emphasis syntax.
+    A1111,
+    /// Literal prompts.
+    None,
+}
+
 /// `--long-prompt`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LongPromptArg {
@@ -292,6 +324,41 @@ fn read_image(flag: &str, path: &std::path::Path) -> Result<RgbImage> {
 }
 
 impl Args {
+    /// The LoRAs to merge: every `--lora`, then each `<lora:NAME:SCALE>` tag of the prompts
+    /// whose name no `--lora` file has, found as `--lora-dir/NAME.safetensors`.
+    pub fn loras(&self) -> Result<Vec<LoraSpec>> {
+        let mut specs = Vec::new();
+        for arg in &self.lora {
+            let spec = LoraSpec::parse(arg)?;
+            if !spec.path.is_file() {
+                return Err(anyhow!("--lora {}: no such file", spec.path.display()));
+            }
+            specs.push(spec);
+        }
+        for text in self.prompts.iter().chain(&self.negative) {
+            for (name, scale) in extract_lora_tags(text)?.1 {
+                if specs.iter().any(|s| s.name() == name) {
+                    continue;
+                }
+                let Some(dir) = &self.lora_dir else {
+                    return Err(anyhow!(
+                        "--lora-dir: the prompt's <lora:{name}> tag needs a folder to find \
+                         {name}.safetensors in"
+                    ));
+                };
+                let path = dir.join(format!("{name}.safetensors"));
+                if !path.is_file() {
+                    return Err(anyhow!(
+                        "--lora-dir {}: no {name}.safetensors for the prompt's <lora:{name}> tag",
+                        dir.display()
+                    ));
+                }
+                specs.push(LoraSpec { path, scale });
+            }
+        }
+        Ok(specs)
+    }
+
     /// The request these arguments describe (not yet checked against a model).
     pub fn request(&self, seed: u64) -> Result<GenerateRequest> {
         let dynamic_threshold = self
@@ -338,6 +405,10 @@ impl Args {
             long_prompt: match self.long_prompt {
                 LongPromptArg::Truncate => LongPrompt::Truncate,
                 LongPromptArg::Chunk => LongPrompt::Chunk,
+            },
+            emphasis: match self.emphasis {
+                EmphasisArg::A1111 => Emphasis::A1111,
+                EmphasisArg::None => Emphasis::None,
             },
             init_image,
             vae_tiling: self.vae_tiling,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use ltd_pipeline::{ModelSource, Pipeline, PipelineError};
+use ltd_pipeline::{LoadOptions, ModelSource, Pipeline, PipelineError};
 
 use crate::args::Args;
 use crate::output::Staged;
@@ -59,12 +59,19 @@ fn run(args: &Args) -> Result<()> {
     let request = args.request(seed)?;
     let show_progress = !args.quiet && std::io::stderr().is_terminal();
     let start = Instant::now();
-    let options = args.device.load_options(args.model.variant.clone())?;
+    let base_options = args.device.load_options(args.model.variant.clone())?;
+    let options = LoadOptions {
+        loras: args.loras()?,
+        embeddings: args.embedding.clone(),
+        ..base_options.clone()
+    };
     let pipeline = args.model.load_with(&options)?;
+    // The refiner shares the device but not the LoRAs and embeddings, which name the base
+    // model's layers and text encoders.
     let refiner = match &args.refiner {
         Some(r) => {
             let source = ModelSource::parse(r);
-            let pipe = Pipeline::load(&source, &options)
+            let pipe = Pipeline::load(&source, &base_options)
                 .with_context(|| format!("loading the refiner {source}"))?
                 .with_name(r.clone());
             Some(pipe)

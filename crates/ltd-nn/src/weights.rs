@@ -24,6 +24,7 @@ use safetensors::tensor::Dtype as StDtype;
 
 use crate::config::read_json;
 use crate::error::{Error, LoadReport, Mismatch, Result};
+use crate::patch::WeightPatches;
 
 /// File extensions of pickle-based checkpoints, which we refuse to open.
 const PICKLE_EXTENSIONS: &[&str] = &["bin", "ckpt", "pt", "pth", "pkl", "pickle"];
@@ -44,6 +45,8 @@ pub struct SafetensorsFiles {
     paths: Vec<PathBuf>,
     mmaps: Vec<Mmap>,
     entries: HashMap<String, TensorEntry>,
+    /// Deltas added to tensors as they load (LoRA).
+    patches: Option<Arc<WeightPatches>>,
 }
 
 impl fmt::Debug for SafetensorsFiles {
@@ -68,7 +71,8 @@ impl SafetensorsFiles {
     /// Maps the files and reads their headers. Truncated or malformed files, pickles and
     /// tensor names present in two files are errors naming the file.
     pub fn open<P: AsRef<Path>>(paths: &[P]) -> Result<Self> {
-        let mut out = Self { paths: Vec::new(), mmaps: Vec::new(), entries: HashMap::new() };
+        let mut out =
+            Self { paths: Vec::new(), mmaps: Vec::new(), entries: HashMap::new(), patches: None };
         for path in paths {
             let path = path.as_ref();
             refuse_pickle(path)?;
@@ -111,6 +115,12 @@ impl SafetensorsFiles {
             out.mmaps.push(mmap);
         }
         Ok(out)
+    }
+
+    /// The files with `patches` added to their tensors as they load (LoRA merged at load).
+    pub fn with_patches(mut self, patches: Arc<WeightPatches>) -> Self {
+        self.patches = if patches.is_empty() { None } else { Some(patches) };
+        self
     }
 
     /// The files, in the order given.
@@ -165,8 +175,13 @@ impl SafetensorsFiles {
         let mmap = &self.mmaps[entry.file];
         let bytes = &mmap[entry.start..entry.end];
         let tensor = Tensor::from_raw_buffer(bytes, stored, &entry.shape, device)?;
-        let tensor = if stored == dtype { tensor } else { tensor.to_dtype(dtype)? };
         release_pages(mmap, entry.start, entry.end);
+        let tensor = match &self.patches {
+            // Patched in float32 and then cast, as peft merges into the loaded weights.
+            Some(p) if p.contains(name) => p.apply(name, tensor.to_dtype(DType::F32)?)?,
+            _ => tensor,
+        };
+        let tensor = if tensor.dtype() == dtype { tensor } else { tensor.to_dtype(dtype)? };
         Ok(tensor)
     }
 
@@ -530,6 +545,26 @@ mod tests {
         for name in names {
             assert!(msg.contains(name), "the error does not name {name}: {msg}");
         }
+    }
+
+    /// Patches are added to the tensors they name as those load, in float32, before the cast
+    /// to the requested dtype; other tensors load untouched.
+    #[test]
+    fn adds_patches_as_tensors_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut patches = WeightPatches::default();
+        let up = Tensor::ones((2, 1), DType::F32, &Device::Cpu).unwrap();
+        let down = Tensor::ones((1, 3), DType::F32, &Device::Cpu).unwrap();
+        patches.add("m.a", crate::patch::LowRankDelta::new(&up, &down, 2.0, "lora").unwrap());
+        let files = SafetensorsFiles::open(&[write_file(dir.path())]).unwrap();
+        let files = Arc::new(files.with_patches(Arc::new(patches)));
+        let (a, b) = load_checked(files, DType::F32, &Device::Cpu, |vb| {
+            let vb = vb.pp("m");
+            Ok((vb.get((2, 3), "a")?, vb.get(4, "b")?))
+        })
+        .unwrap();
+        assert_eq!(a.to_vec2::<f32>().unwrap(), [[2., 3., 4.], [5., 6., 7.]]);
+        assert_eq!(b.to_vec1::<f32>().unwrap(), [1.; 4]);
     }
 
     #[test]

@@ -32,6 +32,7 @@ use ltd_vae::TilingOptions;
 use crate::error::{PipelineError, Result};
 use crate::guidance;
 use crate::image::{tensor_to_images, RgbImage};
+use crate::lora::extract_lora_tags;
 use crate::model_index::PipelineKind;
 use crate::params::{fmt_number, GenerationParams};
 use crate::pipeline::Pipeline;
@@ -294,6 +295,7 @@ impl Plan<'_> {
         sampler_name: &str,
         prompt_index: usize,
         batch_index: usize,
+        networks: &[(String, String)],
     ) -> GenerationParams {
         let req = self.req;
         let (sampler, schedule_type) = match self.sampler {
@@ -340,6 +342,7 @@ impl Plan<'_> {
             extra.push(("Eta".into(), fmt_number(req.eta)));
         }
         crate::seeds::push_params(req, prompt_index * req.num_images + batch_index, &mut extra);
+        extra.extend(networks.iter().cloned());
         extra.push(("RNG".into(), if req.rng == RngKind::Cpu { "CPU" } else { "NV" }.into()));
         extra.push(("Version".into(), format!("ltd {}", env!("CARGO_PKG_VERSION"))));
         GenerationParams {
@@ -407,9 +410,14 @@ impl Pipeline {
         }
         let decode = t_decode.elapsed();
 
+        let networks = self.network_params(req);
         let params = (0..plan.batch)
             .map(|k| {
-                plan.params(&self.name, &sampling.name, k / req.num_images, k % req.num_images)
+                let (prompt_index, batch_index) = (k / req.num_images, k % req.num_images);
+                let mut params =
+                    plan.params(&self.name, &sampling.name, prompt_index, batch_index, &networks);
+                params.prompt = self.with_lora_tags(&params.prompt);
+                params
             })
             .collect();
         Ok(StageOutput {
@@ -421,6 +429,45 @@ impl Pipeline {
             evaluations: sampling.timesteps.len(),
             scheduler: sampling.name,
         })
+    }
+
+    /// What the images' parameters record of the embeddings and LoRAs: A1111's
+    /// `TI hashes: "token: hash, …"` (embeddings the prompts use) and
+    /// `Lora hashes: "name: hash, …"` (names without `:` and `,`, as A1111 writes them).
+    fn network_params(&self, req: &GenerateRequest) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        // A1111 lists the embeddings the prompts use: `TI hashes: "token: hash, …"`.
+        let used: Vec<String> = self
+            .embeddings
+            .iter()
+            .filter(|e| req.prompts.iter().chain(&req.negative).any(|p| p.contains(&e.token)))
+            .map(|e| format!("{}: {}", e.token.replace([':', ','], ""), e.hash))
+            .collect();
+        if !used.is_empty() {
+            out.push(("TI hashes".to_string(), used.join(", ")));
+        }
+        if !self.loras.is_empty() {
+            let hashes: Vec<String> = self
+                .loras
+                .iter()
+                .map(|l| format!("{}: {}", l.name.replace([':', ','], ""), l.hash))
+                .collect();
+            out.push(("Lora hashes".to_string(), hashes.join(", ")));
+        }
+        out
+    }
+
+    /// The prompt as A1111 would need it to recreate the image: with a `<lora:NAME:SCALE>` tag
+    /// appended for each merged LoRA the prompt does not already name.
+    fn with_lora_tags(&self, prompt: &str) -> String {
+        let tagged = extract_lora_tags(prompt).map(|(_, t)| t).unwrap_or_default();
+        let mut out = prompt.to_string();
+        for l in &self.loras {
+            if !tagged.iter().any(|(name, _)| *name == l.name) {
+                out.push_str(&format!(" <lora:{}:{}>", l.name, fmt_number(l.scale)));
+            }
+        }
+        out
     }
 
     /// Phase 1: the request's own checks, then those that need the model: the image size
@@ -442,29 +489,68 @@ impl Pipeline {
         let do_cfg = req.guidance > 1.0 && self.unet.config().time_cond_proj_dim.is_none();
         let batch = req.prompts.len() * req.num_images;
         self.check_inpaint(req)?;
+        self.check_lora_tags(req)?;
         Ok(Plan { req, stage, width, height, sampler, do_cfg, batch })
+    }
+
+    /// Every `<lora:NAME>` tag of the prompts must name a LoRA merged at load (LoRAs are merged
+    /// into the weights once, so a request cannot bring new ones).
+    fn check_lora_tags(&self, req: &GenerateRequest) -> Result<()> {
+        for text in req.prompts.iter().chain(&req.negative) {
+            for (name, _) in extract_lora_tags(text)?.1 {
+                if !self.loras.iter().any(|l| l.name == name) {
+                    let loaded: Vec<&str> = self.loras.iter().map(|l| l.name.as_str()).collect();
+                    return Err(PipelineError::invalid(
+                        "prompt",
+                        format!(
+                            "<lora:{name}> names no LoRA merged into this pipeline (merged: {}); \
+                             LoRAs load with the model (ltd-gen: --lora or --lora-dir)",
+                            if loaded.is_empty() { "none".into() } else { loaded.join(", ") }
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Phase 2: encodes the prompts and the negative prompt: `(uncond, cond)`, each
     /// `[N, L, D]` with `N` the batch; `uncond` is `None` without classifier-free guidance.
     fn encode_prompt(&self, plan: &Plan<'_>) -> Result<(Option<PromptEmbeds>, PromptEmbeds)> {
         let req = plan.req;
-        let prompts: Vec<&str> = req.prompts.iter().map(String::as_str).collect();
+        // A1111's `<lora:…>` tags were applied at load; they are removed before encoding.
+        let stripped: Vec<String> =
+            req.prompts.iter().map(|p| Ok(extract_lora_tags(p)?.0)).collect::<Result<_>>()?;
+        let prompts: Vec<&str> = stripped.iter().map(String::as_str).collect();
         let n = req.num_images;
         if !plan.do_cfg {
-            let cond = self.text.encode(&prompts, req.clip_skip, req.long_prompt, &self.device)?;
+            let cond = self.text.encode(
+                &prompts,
+                req.clip_skip,
+                req.long_prompt,
+                req.emphasis,
+                &self.device,
+            )?;
             return Ok((None, cond.repeat_rows(n)?));
         }
         if req.negative.is_none() && self.text.zeros_for_absent_negative() {
-            let cond = self.text.encode(&prompts, req.clip_skip, req.long_prompt, &self.device)?;
+            let cond = self.text.encode(
+                &prompts,
+                req.clip_skip,
+                req.long_prompt,
+                req.emphasis,
+                &self.device,
+            )?;
             let uncond = cond.zeros_like()?;
             return Ok((Some(uncond.repeat_rows(n)?), cond.repeat_rows(n)?));
         }
         // Negative and positive prompts in one encoder batch, so long-prompt chunks line up.
-        let negative = req.negative.as_deref().unwrap_or("");
+        let negative = extract_lora_tags(req.negative.as_deref().unwrap_or(""))?.0;
+        let negative = negative.as_str();
         let mut texts = vec![negative; prompts.len()];
         texts.extend(&prompts);
-        let both = self.text.encode(&texts, req.clip_skip, req.long_prompt, &self.device)?;
+        let both =
+            self.text.encode(&texts, req.clip_skip, req.long_prompt, req.emphasis, &self.device)?;
         let p = prompts.len();
         let split = |t: &Tensor, start: usize| -> Result<Tensor> { Ok(t.narrow(0, start, p)?) };
         let uncond = PromptEmbeds {

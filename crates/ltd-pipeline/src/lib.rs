@@ -20,6 +20,7 @@ pub mod guidance;
 pub mod hires;
 pub mod image;
 pub mod image_processor;
+pub mod lora;
 pub mod model_index;
 pub mod params;
 pub mod pipeline;
@@ -29,19 +30,22 @@ pub mod request;
 pub mod seeds;
 pub mod source;
 mod text;
+pub mod textual_inversion;
 
 pub use error::{PipelineError, Result};
 pub use generate::{GeneratedImage, Generation, Progress, Timings};
 pub use hires::{HiresFix, HiresUpscaler};
 pub use image::RgbImage;
 pub use image_processor::{outpaint_canvas, OutpaintFill};
+pub use lora::{extract_lora_tags, LoadedLora, LoraSpec};
 pub use ltd_scheduler::SamplerKind;
 pub use model_index::{ModelIndex, PipelineKind};
 pub use params::GenerationParams;
 pub use pipeline::{LoadOptions, Pipeline};
 pub use request::Inpaint;
 pub use request::{
-    parse_sampler, DynamicThreshold, GenerateRequest, InitImage, LongPrompt, MimicGuidance,
-    RngKind, SeedMode, Subseed,
+    parse_sampler, DynamicThreshold, Emphasis, GenerateRequest, InitImage, LongPrompt,
+    MimicGuidance, RngKind, SeedMode, Subseed,
 };
 pub use source::ModelSource;
+pub use textual_inversion::LoadedEmbedding;

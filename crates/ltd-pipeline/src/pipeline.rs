@@ -1,17 +1,21 @@
 //! A loaded pipeline: the components of a model folder, ready to generate many times.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device};
-use ltd_nn::RuntimeOptions;
+use ltd_nn::{RuntimeOptions, WeightPatches};
 use ltd_scheduler::{SamplerKind, SchedulerConfig};
 use ltd_unet::UNet2DConditionModel;
 use ltd_vae::AutoencoderKL;
 
 use crate::error::{PipelineError, Result};
+use crate::lora::{build_patches, Component, LoadedLora, LoraSpec, Target};
 use crate::model_index::{ModelIndex, PipelineKind};
 use crate::source::ModelSource;
 use crate::text::TextEncoders;
+use crate::textual_inversion::{read_embedding, LoadedEmbedding};
 
 /// How to load a pipeline.
 #[derive(Debug, Clone)]
@@ -25,11 +29,22 @@ pub struct LoadOptions {
     pub variant: Option<String>,
     /// Attention implementation and memory budget.
     pub runtime: RuntimeOptions,
+    /// LoRAs merged into the weights as they load, in order.
+    pub loras: Vec<LoraSpec>,
+    /// Textual-inversion embeddings added to the tokenizers and text encoders, in order.
+    pub embeddings: Vec<PathBuf>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, dtype: DType::F32, variant: None, runtime: Default::default() }
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            variant: None,
+            runtime: Default::default(),
+            loras: Vec::new(),
+            embeddings: Vec::new(),
+        }
     }
 }
 
@@ -45,6 +60,10 @@ pub struct Pipeline {
     pub(crate) default_sampler: Option<SamplerKind>,
     pub(crate) device: Device,
     pub(crate) dtype: DType,
+    /// The LoRAs merged into the weights.
+    pub(crate) loras: Vec<LoadedLora>,
+    /// The textual-inversion embeddings added.
+    pub(crate) embeddings: Vec<LoadedEmbedding>,
 }
 
 impl Pipeline {
@@ -87,8 +106,23 @@ impl Pipeline {
         )?;
         let default_sampler = default_sampler(&scheduler_config);
 
-        let text = TextEncoders::load(root, &index, variant, dtype, device, runtime)?;
-        let unet = UNet2DConditionModel::load(&root.join("unet"), variant, dtype, device, runtime)?;
+        let (mut patches, loras) = lora_patches(root, index.kind, &options.loras, variant)?;
+        let mut text =
+            TextEncoders::load(root, &index, variant, dtype, device, runtime, &mut patches)?;
+        let mut embeddings = Vec::with_capacity(options.embeddings.len());
+        for path in &options.embeddings {
+            let file = read_embedding(path, index.kind)?;
+            text.add_embedding(&file, path)?;
+            embeddings.push(file.loaded);
+        }
+        let unet = UNet2DConditionModel::load_patched(
+            &root.join("unet"),
+            variant,
+            dtype,
+            device,
+            runtime,
+            patches.remove(&Component::Unet).map(Arc::new),
+        )?;
         let vae_cfg = AutoencoderKL::load_config(&root.join("vae"))?;
         let vae = AutoencoderKL::load(
             &root.join("vae"),
@@ -109,6 +143,8 @@ impl Pipeline {
             default_sampler,
             device: device.clone(),
             dtype,
+            loras,
+            embeddings,
         })
     }
 
@@ -162,6 +198,56 @@ impl Pipeline {
     pub fn dtype(&self) -> DType {
         self.dtype
     }
+
+    /// The textual-inversion embeddings added, in the order given.
+    pub fn embeddings(&self) -> &[LoadedEmbedding] {
+        &self.embeddings
+    }
+
+    /// The LoRAs merged into the weights, in the order given.
+    pub fn loras(&self) -> &[LoadedLora] {
+        &self.loras
+    }
+}
+
+/// The LoRA deltas of every model (resolved against the tensor names of the model's files,
+/// before anything loads), and what the images' parameters record of the LoRAs.
+fn lora_patches(
+    root: &Path,
+    kind: PipelineKind,
+    loras: &[LoraSpec],
+    variant: Option<&str>,
+) -> Result<(HashMap<Component, WeightPatches>, Vec<LoadedLora>)> {
+    if loras.is_empty() {
+        return Ok(Default::default());
+    }
+    let mut targets = vec![
+        Target::from_folder(
+            Component::Unet,
+            &root.join("unet"),
+            &["diffusion_pytorch_model"],
+            variant,
+        )?,
+        Target::from_folder(
+            Component::TextEncoder,
+            &root.join("text_encoder"),
+            &["model"],
+            variant,
+        )?,
+    ];
+    let model = match kind {
+        PipelineKind::StableDiffusion => "this SD 1.x/2.x model",
+        PipelineKind::StableDiffusionXl => {
+            targets.push(Target::from_folder(
+                Component::TextEncoder2,
+                &root.join("text_encoder_2"),
+                &["model"],
+                variant,
+            )?);
+            "this SDXL model"
+        }
+    };
+    build_patches(loras, &targets, model)
 }
 
 /// What `StableDiffusionPipeline.__init__` rewrites in outdated scheduler configs.

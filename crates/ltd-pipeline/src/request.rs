@@ -20,6 +20,17 @@ pub enum LongPrompt {
     Chunk,
 }
 
+/// Whether prompts use AUTOMATIC1111's emphasis syntax (`(word:1.2)`, `[word]`, `BREAK`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Emphasis {
+    /// Parsed as A1111 does, weights applied to the text embeddings with the mean restored.
+    /// Prompts without the syntax encode exactly as with [`Emphasis::None`].
+    #[default]
+    A1111,
+    /// Prompts taken literally, as diffusers takes them.
+    None,
+}
+
 /// Which random generator draws the noise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RngKind {
@@ -153,6 +164,8 @@ pub struct GenerateRequest {
     pub clip_skip: Option<usize>,
     /// Long-prompt handling.
     pub long_prompt: LongPrompt,
+    /// Prompt emphasis syntax.
+    pub emphasis: Emphasis,
     /// Image-to-image input.
     pub init_image: Option<InitImage>,
     /// Decode (and encode) the VAE in tiles, for large images in bounded memory.
@@ -182,6 +195,7 @@ impl Default for GenerateRequest {
             subseed: None,
             clip_skip: None,
             long_prompt: LongPrompt::Truncate,
+            emphasis: Emphasis::A1111,
             init_image: None,
             vae_tiling: false,
             inpaint: None,

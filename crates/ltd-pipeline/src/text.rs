@@ -24,18 +24,22 @@
 //! whose tokenizer has no real `model_max_length` (transformers' "unlimited" int(1e30)) cannot
 //! be run: transformers overflows padding to it, and we say so.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use ltd_nn::RuntimeOptions;
+use ltd_nn::{RuntimeOptions, WeightPatches};
 use ltd_text::{
-    attention_mask_tensor, ids_tensor, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
-    ClipLayer, Encoded, T5EncoderModel, T5Tokenizer,
+    attention_mask_tensor, emphasize, ids_tensor, is_plain, parse_prompt_attention, CLIPTextModel,
+    CLIPTextModelWithProjection, CLIPTokenizer, ClipLayer, Encoded, T5EncoderModel, T5Tokenizer,
 };
 
 use crate::error::{PipelineError, Result};
+use crate::lora::Component;
 use crate::model_index::{ModelIndex, PipelineKind, TextEncoderFamily};
-use crate::request::LongPrompt;
+use crate::request::{Emphasis, LongPrompt};
+use crate::textual_inversion::{tokens, EmbeddingFile};
 
 /// A tokenizer and the text encoder it feeds.
 enum Encoder {
@@ -50,6 +54,8 @@ pub(crate) struct TextEncoders {
     /// A T5 text encoder instead of `parts`.
     t5: Option<T5Text>,
     force_zeros_for_empty_prompt: bool,
+    /// Multi-vector textual-inversion tokens and what a prompt's token becomes.
+    expansions: Vec<(String, String)>,
 }
 
 /// A T5 tokenizer, its padded length and the encoder it feeds.
@@ -68,7 +74,8 @@ pub(crate) struct PromptEmbeds {
 }
 
 impl TextEncoders {
-    /// Loads the tokenizer/encoder pairs the pipeline's `model_index.json` names from `root`.
+    /// Loads the tokenizer/encoder pairs the pipeline's `model_index.json` names from `root`,
+    /// with the LoRA `patches` of their components merged in.
     pub fn load(
         root: &Path,
         index: &ModelIndex,
@@ -76,22 +83,38 @@ impl TextEncoders {
         dtype: DType,
         device: &Device,
         runtime: &RuntimeOptions,
+        patches: &mut HashMap<Component, WeightPatches>,
     ) -> Result<Self> {
         let (kind, force_zeros_for_empty_prompt) = (index.kind, index.force_zeros_for_empty_prompt);
         if index.text_encoder_family == TextEncoderFamily::T5 {
+            // LoRA text-encoder keys are CLIP's (kohya's `lora_te_`, diffusers' `text_encoder.`
+            // on CLIP module names): refuse rather than drop them.
+            if patches.contains_key(&Component::TextEncoder)
+                || patches.contains_key(&Component::TextEncoder2)
+            {
+                return Err(PipelineError::invalid(
+                    "lora",
+                    "the LoRA has text-encoder weights, but this model's text encoder is a T5 \
+                     (T5EncoderModel); LoRA text-encoder layers are supported for CLIP only",
+                ));
+            }
             let t5 = T5Text::load(root, variant, dtype, device, runtime)?;
             return Ok(Self {
                 kind,
                 parts: Vec::new(),
                 t5: Some(t5),
                 force_zeros_for_empty_prompt,
+                expansions: Vec::new(),
             });
         }
         let tok = |name: &str| CLIPTokenizer::from_folder(&root.join(name));
+        let patch_1 = patches.remove(&Component::TextEncoder).map(Arc::new);
+        let patch_2 = patches.remove(&Component::TextEncoder2).map(Arc::new);
         let first = || -> Result<(CLIPTokenizer, Encoder)> {
             let tokenizer = tok("tokenizer")?;
             let dir = root.join("text_encoder");
-            let model = CLIPTextModel::from_folder(&dir, variant, dtype, device, runtime)?;
+            let model =
+                CLIPTextModel::from_folder_patched(&dir, variant, dtype, device, runtime, patch_1)?;
             Ok((tokenizer, Encoder::Plain(model)))
         };
         let parts = match kind {
@@ -101,13 +124,13 @@ impl TextEncoders {
                 let first = if index.refiner { None } else { Some(first()?) };
                 let tokenizer_2 = tok("tokenizer_2")?;
                 let dir = root.join("text_encoder_2");
-                let model = CLIPTextModelWithProjection::from_folder(
-                    &dir, variant, dtype, device, runtime,
+                let model = CLIPTextModelWithProjection::from_folder_patched(
+                    &dir, variant, dtype, device, runtime, patch_2,
                 )?;
                 first.into_iter().chain([(tokenizer_2, Encoder::Projection(model))]).collect()
             }
         };
-        Ok(Self { kind, parts, t5: None, force_zeros_for_empty_prompt })
+        Ok(Self { kind, parts, t5: None, force_zeros_for_empty_prompt, expansions: Vec::new() })
     }
 
     /// A T5's `d_model`, for the load-time check against the U-Net's text width.
@@ -145,6 +168,55 @@ impl TextEncoders {
         })
     }
 
+    /// Adds a textual-inversion embedding (one `[n, D]` tensor per text encoder) as diffusers'
+    /// `load_textual_inversion` does.
+    pub fn add_embedding(&mut self, file: &EmbeddingFile, path: &Path) -> Result<()> {
+        if self.t5.is_some() {
+            return Err(PipelineError::msg(format!(
+                "--embedding {}: textual inversion adds tokens to CLIP text encoders; this \
+                 model's text encoder is a T5 (T5EncoderModel)",
+                path.display()
+            )));
+        }
+        let names = tokens(&file.token, file.loaded.vectors);
+        for ((tokenizer, encoder), vectors) in self.parts.iter_mut().zip(&file.vectors) {
+            let model = match encoder {
+                Encoder::Plain(m) => m,
+                Encoder::Projection(m) => m.text_model_mut(),
+            };
+            let width = model.params().hidden_size;
+            if vectors.dim(1)? != width {
+                return Err(PipelineError::msg(format!(
+                    "--embedding {}: vectors of width {}, but this model's text encoder takes \
+                     {width} (an embedding for another model?)",
+                    path.display(),
+                    vectors.dim(1)?
+                )));
+            }
+            let mut first = None;
+            for name in &names {
+                let id = tokenizer.add_token(name).map_err(|e| {
+                    PipelineError::msg(format!("--embedding {}: {e}", path.display()))
+                })?;
+                first.get_or_insert(id);
+            }
+            model.add_token_embeddings(first.unwrap_or_default() as usize, vectors)?;
+        }
+        if names.len() > 1 {
+            self.expansions.push((file.token.clone(), names.join(" ")));
+        }
+        Ok(())
+    }
+
+    /// diffusers' `maybe_convert_prompt`: each multi-vector token spelled out.
+    fn expand(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for (token, expanded) in &self.expansions {
+            out = out.replace(token.as_str(), expanded);
+        }
+        out
+    }
+
     /// Whether an absent negative prompt means zero embeddings.
     pub fn zeros_for_absent_negative(&self) -> bool {
         self.kind == PipelineKind::StableDiffusionXl && self.force_zeros_for_empty_prompt
@@ -157,12 +229,17 @@ impl TextEncoders {
         }
     }
 
-    /// Encodes `texts` (one row each), every row padded to the same number of chunks.
+    /// Encodes `texts` (one row each), every row padded to the same number of chunks; with
+    /// [`Emphasis::A1111`], prompts using the emphasis syntax get their tokens' weights applied
+    /// to each chunk's embeddings (mean restored per prompt and chunk: A1111 restores it over
+    /// its whole batch, the same for one prompt). A `BREAK` makes its prompt chunked whatever
+    /// `mode` says.
     pub fn encode(
         &self,
         texts: &[&str],
         clip_skip: Option<usize>,
         mode: LongPrompt,
+        emphasis: Emphasis,
         device: &Device,
     ) -> Result<PromptEmbeds> {
         if let Some(t5) = &self.t5 {
@@ -171,18 +248,37 @@ impl TextEncoders {
         let layer = self.layer(clip_skip);
         let mut hidden_parts = Vec::with_capacity(self.parts.len());
         let mut pooled = None;
+        let long = match mode {
+            LongPrompt::Truncate => ltd_text::LongPrompt::Truncate,
+            LongPrompt::Chunk => {
+                ltd_text::LongPrompt::Chunks { comma_backtrack: ltd_text::A1111_COMMA_BACKTRACK }
+            }
+        };
         for (tokenizer, encoder) in &self.parts {
             let mut rows: Vec<Vec<Encoded>> = Vec::with_capacity(texts.len());
+            // Per row and chunk, the tokens' weights (None: all 1).
+            let mut weights: Vec<Vec<Option<Vec<f64>>>> = Vec::with_capacity(texts.len());
             for text in texts {
+                let expanded = self.expand(text);
+                let text = &expanded.as_str();
+                let parsed = match emphasis {
+                    Emphasis::A1111 => Some(parse_prompt_attention(text)),
+                    Emphasis::None => None,
+                };
+                if let Some(parsed) = parsed.filter(|p| !is_plain(p, text)) {
+                    let chunks = tokenizer.encode_weighted(&parsed, long)?;
+                    if let Some(dropped) = chunks[0].encoded.truncated_text.as_ref() {
+                        warn_truncated(tokenizer, dropped);
+                    }
+                    weights.push(chunks.iter().map(|c| Some(c.multipliers.clone())).collect());
+                    rows.push(chunks.into_iter().map(|c| c.encoded).collect());
+                    continue;
+                }
                 let chunks = match mode {
                     LongPrompt::Truncate => {
                         let e = tokenizer.encode(text)?;
                         if let Some(dropped) = &e.truncated_text {
-                            tracing::warn!(
-                                "The following part of your input was truncated because CLIP can \
-                                 only handle sequences up to {} tokens: {dropped}",
-                                tokenizer.model_max_length()
-                            );
+                            warn_truncated(tokenizer, dropped);
                         }
                         vec![e]
                     }
@@ -190,11 +286,13 @@ impl TextEncoders {
                         tokenizer.encode_chunks(text, ltd_text::A1111_COMMA_BACKTRACK)?
                     }
                 };
+                weights.push(vec![None; chunks.len()]);
                 rows.push(chunks);
             }
             let chunks = rows.iter().map(Vec::len).max().unwrap_or(1);
-            for row in &mut rows {
+            for (row, w) in rows.iter_mut().zip(&mut weights) {
                 row.resize(chunks, tokenizer.empty_chunk());
+                w.resize(chunks, None);
             }
             // Chunk c of every row forms one encoder batch; concatenate along the sequence.
             let mut per_chunk = Vec::with_capacity(chunks);
@@ -208,7 +306,23 @@ impl TextEncoders {
                 if c == 0 && out.text_embeds.is_some() {
                     pooled = out.text_embeds.clone();
                 }
-                per_chunk.push(out.hidden);
+                let hidden = if weights.iter().any(|w| w[c].is_some()) {
+                    let rows = weights
+                        .iter()
+                        .enumerate()
+                        .map(|(r, w)| {
+                            let z = out.hidden.get(r)?;
+                            Ok(match &w[c] {
+                                Some(m) => emphasize(&z, m)?,
+                                None => z,
+                            })
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    Tensor::stack(&rows, 0)?
+                } else {
+                    out.hidden
+                };
+                per_chunk.push(hidden);
             }
             hidden_parts.push(Tensor::cat(&per_chunk, 1)?);
         }
@@ -271,6 +385,15 @@ impl T5Text {
         };
         Ok(self.model.forward(&ids, mask.as_ref())?)
     }
+}
+
+/// diffusers' truncation warning.
+fn warn_truncated(tokenizer: &CLIPTokenizer, dropped: &str) {
+    tracing::warn!(
+        "The following part of your input was truncated because CLIP can only handle sequences \
+         up to {} tokens: {dropped}",
+        tokenizer.model_max_length()
+    );
 }
 
 impl PromptEmbeds {

@@ -340,6 +340,29 @@ impl CLIPTextModel {
         &self.params
     }
 
+    /// Textual inversion: `rows` `[n, hidden_size]` become the embeddings of ids
+    /// `first_id..first_id + n`, the table cut or grown (with zeros) to `first_id` rows first,
+    /// as diffusers' `load_textual_inversion` resizes it to the tokenizer's length.
+    pub fn add_token_embeddings(&mut self, first_id: usize, rows: &Tensor) -> Result<()> {
+        let d = self.params.hidden_size;
+        let (_, width) = rows.dims2()?;
+        if width != d {
+            candle_core::bail!("embedding vectors of width {width}, the text encoder takes {d}")
+        }
+        let table = self.token_embedding.embeddings();
+        let have = table.dim(0)?;
+        let head = if have >= first_id {
+            table.narrow(0, 0, first_id)?
+        } else {
+            let pad = Tensor::zeros((first_id - have, d), table.dtype(), table.device())?;
+            Tensor::cat(&[table, &pad], 0)?
+        };
+        let rows = rows.to_dtype(table.dtype())?.to_device(table.device())?;
+        let table = Tensor::cat(&[&head, &rows], 0)?;
+        self.token_embedding = Embedding::new(table, d);
+        Ok(())
+    }
+
     /// The dtype of the weights.
     pub fn dtype(&self) -> DType {
         self.token_embedding.embeddings().dtype()
@@ -476,6 +499,11 @@ impl CLIPTextModelWithProjection {
     /// The text model underneath.
     pub fn text_model(&self) -> &CLIPTextModel {
         &self.text_model
+    }
+
+    /// The text model underneath, to add textual-inversion embeddings to.
+    pub fn text_model_mut(&mut self) -> &mut CLIPTextModel {
+        &mut self.text_model
     }
 
     /// The `layer` states, the pooled output and `text_embeds` (always: they need the whole

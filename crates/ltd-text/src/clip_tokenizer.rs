@@ -176,6 +176,26 @@ impl CLIPTokenizer {
         self.pad_id
     }
 
+    /// Adds `token` as transformers' `add_tokens` does (a normal added token, matched in the
+    /// normalised text before BPE; what diffusers' `load_textual_inversion` adds) and returns
+    /// its id, the vocabulary's next one. A token already known is an error.
+    pub fn add_token(&mut self, token: &str) -> Result<u32> {
+        if self.inner.token_to_id(token).is_some() {
+            return Err(Error::msg(format!(
+                "token {token:?} is already in the tokenizer's vocabulary"
+            )));
+        }
+        self.inner.add_tokens(&[tokenizers::AddedToken::from(token.to_string(), false)]);
+        self.inner
+            .token_to_id(token)
+            .ok_or_else(|| Error::msg(format!("token {token:?} could not be added")))
+    }
+
+    /// The id of `,</w>` (where long prompts prefer to be cut).
+    pub(crate) fn comma_id(&self) -> Option<u32> {
+        self.comma_id
+    }
+
     /// The id of a token of the vocabulary or an added token.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
@@ -202,7 +222,7 @@ impl CLIPTokenizer {
     }
 
     /// `[BOS] + content + [EOS]` padded to `model_max_length`; `content` must fit.
-    fn wrap(&self, content: &[u32]) -> Encoded {
+    pub(crate) fn wrap(&self, content: &[u32]) -> Encoded {
         let mut ids = Vec::with_capacity(self.model_max_length);
         ids.push(self.bos_id);
         ids.extend_from_slice(content);

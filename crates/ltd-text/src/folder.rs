@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use ltd_nn::weights::component_weights;
-use ltd_nn::{load_checked, load_config, Result, RuntimeOptions, SafetensorsFiles};
+use ltd_nn::{load_checked, load_config, Result, RuntimeOptions, SafetensorsFiles, WeightPatches};
 
 use crate::clip::{CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, ClipTextParams};
 use crate::t5::{T5Config, T5EncoderModel, T5Params};
@@ -23,8 +23,24 @@ where
     R: serde::de::DeserializeOwned,
     P: TryFrom<R, Error = ltd_nn::ConfigError>,
 {
+    open_patched(dir, variant, None)
+}
+
+/// [`open`] with LoRA deltas (keyed by checkpoint key) added to the weights as they load.
+fn open_patched<R, P>(
+    dir: &Path,
+    variant: Option<&str>,
+    patches: Option<Arc<WeightPatches>>,
+) -> Result<(P, Arc<SafetensorsFiles>)>
+where
+    R: serde::de::DeserializeOwned,
+    P: TryFrom<R, Error = ltd_nn::ConfigError>,
+{
     let params = load_config::<R, P>(&dir.join("config.json"))?;
-    let files = SafetensorsFiles::open(&component_weights(dir, &["model"], variant)?)?;
+    let mut files = SafetensorsFiles::open(&component_weights(dir, &["model"], variant)?)?;
+    if let Some(patches) = patches {
+        files = files.with_patches(patches);
+    }
     Ok((params, Arc::new(files)))
 }
 
@@ -38,7 +54,21 @@ impl CLIPTextModel {
         device: &Device,
         runtime: &RuntimeOptions,
     ) -> Result<Self> {
-        let (params, files) = open::<CLIPTextConfig, ClipTextParams>(dir, variant)?;
+        Self::from_folder_patched(dir, variant, dtype, device, runtime, None)
+    }
+
+    /// [`CLIPTextModel::from_folder`] with `patches` (LoRA deltas, keyed by checkpoint key)
+    /// added to the weights as they load.
+    pub fn from_folder_patched(
+        dir: &Path,
+        variant: Option<&str>,
+        dtype: DType,
+        device: &Device,
+        runtime: &RuntimeOptions,
+        patches: Option<Arc<WeightPatches>>,
+    ) -> Result<Self> {
+        let (params, files) =
+            open_patched::<CLIPTextConfig, ClipTextParams>(dir, variant, patches)?;
         let legacy = files.contains("text_model.embeddings.token_embedding.weight");
         load_checked(files, dtype, device, |vb| {
             let vb = if legacy { vb.pp("text_model") } else { vb };
@@ -56,7 +86,21 @@ impl CLIPTextModelWithProjection {
         device: &Device,
         runtime: &RuntimeOptions,
     ) -> Result<Self> {
-        let (params, files) = open::<CLIPTextConfig, ClipTextParams>(dir, variant)?;
+        Self::from_folder_patched(dir, variant, dtype, device, runtime, None)
+    }
+
+    /// [`CLIPTextModelWithProjection::from_folder`] with `patches` (LoRA deltas, keyed by
+    /// checkpoint key) added to the weights as they load.
+    pub fn from_folder_patched(
+        dir: &Path,
+        variant: Option<&str>,
+        dtype: DType,
+        device: &Device,
+        runtime: &RuntimeOptions,
+        patches: Option<Arc<WeightPatches>>,
+    ) -> Result<Self> {
+        let (params, files) =
+            open_patched::<CLIPTextConfig, ClipTextParams>(dir, variant, patches)?;
         if params.projection_dim.is_none() {
             return Err(ltd_nn::Error::Config {
                 path: dir.join("config.json"),

@@ -17,6 +17,7 @@ pub mod clip;
 pub mod clip_tokenizer;
 pub mod encoded;
 pub mod folder;
+pub mod prompt_weighting;
 pub mod spiece;
 pub mod t5;
 pub mod t5_tokenizer;
@@ -29,5 +30,6 @@ pub use clip::{
 };
 pub use clip_tokenizer::{CLIPTokenizer, LongPrompt, A1111_COMMA_BACKTRACK};
 pub use encoded::{attention_mask_tensor, ids_tensor, Encoded};
+pub use prompt_weighting::{emphasize, is_plain, parse_prompt_attention, WeightedChunk};
 pub use t5::{T5Config, T5EncoderModel, T5Params};
 pub use t5_tokenizer::T5Tokenizer;

@@ -270,3 +270,18 @@ fn tokenizer_errors_name_the_file() {
     let err = T5Tokenizer::from_folder(tmp.path()).unwrap_err().to_string();
     assert!(err.contains("tokenizer.json") && err.contains("missing"), "{err}");
 }
+
+/// Textual-inversion tokens join the vocabulary as transformers' `add_tokens` adds them:
+/// the next ids, matched in the (lower-cased) text before BPE, whatever their case.
+#[test]
+fn added_tokens_take_the_next_ids() {
+    let mut tok =
+        ltd_text::CLIPTokenizer::from_folder(&fixtures().join("pipelines/sd1/tokenizer")).unwrap();
+    let id = tok.add_token("EasyNegative").unwrap();
+    let next = tok.add_token("EasyNegative_1").unwrap();
+    assert_eq!(next, id + 1);
+    let ids = tok.tokenize("easynegative, EasyNegative EasyNegative_1").unwrap();
+    assert_eq!(ids.iter().filter(|&&i| i == id).count(), 2, "{ids:?}");
+    assert!(ids.contains(&next), "{ids:?}");
+    assert!(tok.add_token("EasyNegative").unwrap_err().to_string().contains("already"));
+}

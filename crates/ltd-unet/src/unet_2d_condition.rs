@@ -162,12 +162,28 @@ impl UNet2DConditionModel {
         device: &Device,
         opts: &RuntimeOptions,
     ) -> ltd_nn::Result<Self> {
+        Self::load_patched(dir, variant, dtype, device, opts, None)
+    }
+
+    /// [`UNet2DConditionModel::load`] with `patches` (LoRA deltas, keyed by checkpoint key)
+    /// added to the weights as they load.
+    pub fn load_patched(
+        dir: &Path,
+        variant: Option<&str>,
+        dtype: DType,
+        device: &Device,
+        opts: &RuntimeOptions,
+        patches: Option<Arc<ltd_nn::WeightPatches>>,
+    ) -> ltd_nn::Result<Self> {
         let cfg: UNetConfig = ltd_nn::load_config::<UNet2DConditionModelConfig, UNetConfig>(
             &dir.join("config.json"),
         )?;
         let files = ltd_nn::weights::component_weights(dir, &["diffusion_pytorch_model"], variant)?;
-        let files = Arc::new(SafetensorsFiles::open(&files)?);
-        ltd_nn::load_checked(files, dtype, device, |vb| Self::new(vb, &cfg, opts))
+        let mut files = SafetensorsFiles::open(&files)?;
+        if let Some(patches) = patches {
+            files = files.with_patches(patches);
+        }
+        ltd_nn::load_checked(Arc::new(files), dtype, device, |vb| Self::new(vb, &cfg, opts))
     }
 
     /// The validated architecture.
