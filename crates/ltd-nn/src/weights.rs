@@ -514,7 +514,15 @@ mod tests {
         let writer = buffer.clone();
         let subscriber =
             tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
-        tracing::subscriber::with_default(subscriber, f);
+        // tracing caches each callsite's interest globally. While only one dispatcher is
+        // registered, a callsite first hit on another test's thread takes that thread's
+        // (no-op) default's interest, "never", and our events are dropped. A second registered
+        // dispatcher makes tracing combine all of them instead.
+        let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::callsite::rebuild_interest_cache();
+            f()
+        });
         let bytes = buffer.0.lock().unwrap().clone();
         String::from_utf8(bytes).unwrap()
     }

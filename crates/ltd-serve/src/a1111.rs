@@ -12,7 +12,7 @@
 
 use ltd_cli::{decode_image, random_seed};
 use ltd_pipeline::{
-    parse_sampler, GenerateRequest, GeneratedImage, InitImage, PipelineError, SamplerKind,
+    parse_sampler, GenerateRequest, GeneratedImage, InitImage, Inpaint, PipelineError, SamplerKind,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -55,9 +55,19 @@ pub struct A1111Request {
     /// Image-to-image input pictures, base64 (a `data:` URL prefix is allowed).
     #[serde(skip_serializing)]
     pub init_images: Option<Vec<String>>,
-    /// Inpainting mask: not supported by the pipeline yet (reported in `info`).
+    /// Inpainting mask, base64 (white repaints), as `ltd-gen --mask`.
     #[serde(skip_serializing)]
     pub mask: Option<String>,
+    /// Gaussian blur radius of the mask (A1111's default 4), as `--mask-blur`.
+    pub mask_blur: Option<f64>,
+    /// A1111's "only masked" (default true): inpaint the mask's bounding box grown by
+    /// `inpaint_full_res_padding` pixels at the full size, then paste it back, as
+    /// `--padding-mask-crop`.
+    pub inpaint_full_res: Option<bool>,
+    /// The padding of "only masked" (A1111's default 0).
+    pub inpaint_full_res_padding: Option<usize>,
+    /// 1 repaints the black part instead of the white.
+    pub inpainting_mask_invert: Option<u8>,
     /// 1 = last layer, 2 = penultimate, …
     pub clip_skip: Option<usize>,
     /// `sd_model_checkpoint` (switches model) and `CLIP_stop_at_last_layers` are read.
@@ -87,6 +97,10 @@ impl Default for A1111Request {
             eta: None,
             init_images: None,
             mask: None,
+            mask_blur: None,
+            inpaint_full_res: None,
+            inpaint_full_res_padding: None,
+            inpainting_mask_invert: None,
             clip_skip: None,
             override_settings: Map::new(),
             rest: Map::new(),
@@ -147,6 +161,8 @@ pub fn field_name(flag: &str) -> &str {
         "clip-skip" => "clip_skip",
         "scheduler" => "sampler_name",
         "negative" => "negative_prompt",
+        "mask-blur" => "mask_blur",
+        "padding-mask-crop" => "inpaint_full_res_padding",
         other => other,
     }
 }
@@ -269,9 +285,40 @@ impl A1111Request {
         } else {
             None
         };
-        if img2img && self.mask.as_deref().is_some_and(|m| !m.is_empty()) {
-            unsupported.push("mask".into());
-        }
+        let inpaint = match self.mask.as_deref().filter(|m| img2img && !m.is_empty()) {
+            Some(m) => {
+                let mut mask = decode_b64_image(m, "mask")?;
+                if self.inpainting_mask_invert.unwrap_or(0) != 0 {
+                    mask = ltd_pipeline::RgbImage::new(
+                        mask.width,
+                        mask.height,
+                        mask.pixels.iter().map(|v| 255 - v).collect(),
+                    )
+                    .map_err(invalid)?;
+                }
+                // A1111's fill modes other than "original" (1) start the masked area from
+                // something else; ltd starts it from the noised picture, as diffusers does.
+                if self.rest.get("inpainting_fill").is_some_and(|v| v.as_i64() != Some(1)) {
+                    unsupported.push("inpainting_fill".into());
+                }
+                let mask_blur = self.mask_blur.unwrap_or(4.0);
+                if !(0.0..=1000.0).contains(&mask_blur) {
+                    return Err(ApiError::unprocessable(format!(
+                        "mask_blur: must be between 0 and 1000, got {mask_blur}"
+                    )));
+                }
+                Some(Inpaint {
+                    mask,
+                    mask_blur: mask_blur as f32,
+                    padding_mask_crop: self
+                        .inpaint_full_res
+                        .unwrap_or(true)
+                        .then(|| self.inpaint_full_res_padding.unwrap_or(0)),
+                    keep_unmasked: false,
+                })
+            }
+            None => None,
+        };
         if self.n_iter == 0 {
             return Err(ApiError::unprocessable("n_iter: must be at least 1"));
         }
@@ -292,6 +339,7 @@ impl A1111Request {
             // A1111 counts the last layer as 1; ltd-gen's --clip-skip 1 is the penultimate.
             clip_skip: clip_skip.and_then(|k| k.checked_sub(1)).filter(|&k| k > 0),
             init_image,
+            inpaint,
             ..GenerateRequest::default()
         };
         base.validate().map_err(invalid)?;

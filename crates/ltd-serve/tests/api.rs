@@ -68,8 +68,7 @@ fn txt2img_and_img2img_give_ltd_gens_png_bytes() {
     let (status, v) = server.post(
         "/sdapi/v1/img2img",
         &json!({"prompt": "a cat", "seed": 3, "steps": 4, "denoising_strength": 0.5,
-                "init_images": [format!("data:image/png;base64,{}", to_b64(&want[0]))],
-                "mask": to_b64(&want[1])}),
+                "init_images": [format!("data:image/png;base64,{}", to_b64(&want[0]))]}),
     );
     assert_eq!(status, 200, "{v}");
     let want = run_ltd_gen(
@@ -92,7 +91,64 @@ fn txt2img_and_img2img_give_ltd_gens_png_bytes() {
         1,
     );
     assert!(b64(v["images"][0].as_str().unwrap()) == want[0], "img2img PNG differs from ltd-gen's");
-    assert_eq!(info(&v)["unsupported"], json!(["mask"]));
+    assert_eq!(info(&v)["unsupported"], json!([]));
+
+    // Inpainting: A1111's mask fields map to ltd-gen's flags (mask_blur → --mask-blur,
+    // "only masked" with its padding → --padding-mask-crop, mask_invert → the inverted mask).
+    let mask: Vec<u8> = (0..64 * 64)
+        .flat_map(|i| {
+            let (x, y) = (i % 64, i / 64);
+            let v = if (16..40).contains(&x) && (8..48).contains(&y) { 255 } else { 0 };
+            [v, v, v]
+        })
+        .collect();
+    let mask_png = dir.path().join("mask.png");
+    let png = |pixels: Vec<u8>| {
+        ltd_cli::encode_png(&ltd_pipeline::RgbImage::new(64, 64, pixels).unwrap(), "").unwrap()
+    };
+    std::fs::write(&mask_png, png(mask.clone())).unwrap();
+    let inverted: Vec<u8> = mask.iter().map(|v| 255 - v).collect();
+    let inverted_png = dir.path().join("inverted.png");
+    std::fs::write(&inverted_png, png(inverted)).unwrap();
+    let (status, v) = server.post(
+        "/sdapi/v1/img2img",
+        &json!({"prompt": "a cat", "seed": 3, "steps": 4, "denoising_strength": 0.9,
+                "init_images": [to_b64(&std::fs::read(&init).unwrap())],
+                "mask": to_b64(&std::fs::read(&inverted_png).unwrap()),
+                "inpainting_mask_invert": 1, "mask_blur": 2,
+                "inpaint_full_res_padding": 8}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let inpainted = run_ltd_gen(
+        dir.path(),
+        &[
+            "a cat",
+            "-m",
+            &model,
+            "--seed",
+            "3",
+            "--steps",
+            "4",
+            "--guidance",
+            "7",
+            "--init-image",
+            init.to_str().unwrap(),
+            "--strength",
+            "0.9",
+            "--mask",
+            mask_png.to_str().unwrap(),
+            "--mask-blur",
+            "2",
+            "--padding-mask-crop",
+            "8",
+        ],
+        1,
+    );
+    assert!(
+        b64(v["images"][0].as_str().unwrap()) == inpainted[0],
+        "inpainting PNG differs from ltd-gen's: {}",
+        info(&v)["infotexts"][0]
+    );
 
     // OpenAI's endpoint, with ltd-gen's defaults.
     let (status, v) = server.post(
