@@ -30,11 +30,28 @@ pub struct Args {
     #[arg(required = true, value_name = "PROMPT")]
     pub prompts: Vec<String>,
 
-    /// Model: a local diffusers folder, or a Hugging Face hub repo id (owner/name[@revision]),
-    /// fetched into the hub cache (honours HF_HOME, HF_HUB_OFFLINE, HF_TOKEN, HF_ENDPOINT).
-    /// Default: the embedded default model.
-    #[arg(short, long, value_name = "FOLDER|REPO")]
+    /// Model: a local diffusers folder, a single-file checkpoint (.safetensors in the original
+    /// layout of A1111/ComfyUI/civitai: SD 1.x, 2.x or XL, recognised from its keys), or a
+    /// Hugging Face hub repo id (owner/name[@revision]), fetched into the hub cache (honours
+    /// HF_HOME, HF_HUB_OFFLINE, HF_TOKEN, HF_ENDPOINT). Default: the embedded default model.
+    #[arg(short, long, value_name = "FOLDER|FILE|REPO")]
     pub model: Option<String>,
+
+    /// For a single-file --model: a diffusers folder whose configs and tokenizers to use
+    /// (diffusers' from_single_file(config=...)), for fine-tunes of unusual shape. Default: the
+    /// official configs of the checkpoint's family.
+    #[arg(long, value_name = "FOLDER")]
+    pub config: Option<PathBuf>,
+
+    /// Replace the model's VAE: a diffusers vae/ folder, or a single .safetensors VAE (original
+    /// or diffusers layout) of the model's VAE architecture.
+    #[arg(long, value_name = "FOLDER|FILE")]
+    pub vae: Option<PathBuf>,
+
+    /// Override the scheduler's prediction type: epsilon, v_prediction or sample (e.g. for a
+    /// 512-pixel SD 2.x epsilon checkpoint, which is indistinguishable from 2.1 768-v by keys).
+    #[arg(long, value_name = "TYPE")]
+    pub prediction_type: Option<String>,
 
     /// Weights variant to load, e.g. fp16 (reads *.fp16.safetensors where present).
     #[arg(long, value_name = "NAME")]

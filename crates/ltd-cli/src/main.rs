@@ -78,6 +78,11 @@ fn run(args: &Args) -> Result<()> {
         None => default_dtype(&device),
     };
     let (source, model_name) = match &args.model {
+        // A checkpoint file is named by its stem, as A1111 names it (`Model: dreamshaper_8`).
+        Some(m) if std::path::Path::new(m).is_file() => {
+            let stem = std::path::Path::new(m).file_stem().map(|s| s.to_string_lossy().into_owned());
+            (ModelSource::parse(m), stem.unwrap_or_else(|| m.clone()))
+        }
         Some(m) => (ModelSource::parse(m), m.clone()),
         None => (
             ModelSource::Local(default_model::folder()?),
@@ -87,8 +92,23 @@ fn run(args: &Args) -> Result<()> {
 
     let show_progress = !args.quiet && std::io::stderr().is_terminal();
     let start = Instant::now();
-    let options =
-        LoadOptions { device, dtype, variant: args.variant.clone(), ..Default::default() };
+    // A single-file checkpoint without --config takes the CLIP vocabulary of the embedded model.
+    let vocabulary = match (&source, &args.config) {
+        (ModelSource::Local(p), None) if p.is_file() && default_model::name().is_some() => {
+            Some(default_model::folder()?.join("tokenizer"))
+        }
+        _ => None,
+    };
+    let options = LoadOptions {
+        device,
+        dtype,
+        variant: args.variant.clone(),
+        config: args.config.clone(),
+        vae: args.vae.clone(),
+        prediction_type: args.prediction_type.clone(),
+        vocabulary,
+        ..Default::default()
+    };
     let pipeline = Pipeline::load(&source, &options)
         .with_context(|| format!("loading the model {source}"))?
         .with_name(model_name);

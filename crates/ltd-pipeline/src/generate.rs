@@ -263,6 +263,7 @@ impl Plan<'_> {
             width: self.width,
             height: self.height,
             model: model.to_string(),
+            model_hash: None,
             extra,
         }
     }
@@ -300,7 +301,10 @@ impl Pipeline {
                 let (prompt_index, batch_index) = (k / req.num_images, k % req.num_images);
                 GeneratedImage {
                     image,
-                    params: plan.params(&self.name, &sampling.name, prompt_index, batch_index),
+                    params: GenerationParams {
+                        model_hash: self.model_hash.clone(),
+                        ..plan.params(&self.name, &sampling.name, prompt_index, batch_index)
+                    },
                     prompt_index,
                     batch_index,
                 }

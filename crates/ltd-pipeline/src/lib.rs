@@ -20,6 +20,7 @@ pub mod model_index;
 pub mod params;
 pub mod pipeline;
 pub mod request;
+pub mod single_file;
 pub mod source;
 mod text;
 

@@ -25,11 +25,30 @@ pub struct LoadOptions {
     pub variant: Option<String>,
     /// Attention implementation and memory budget.
     pub runtime: RuntimeOptions,
+    /// A single-file checkpoint's configs and tokenizers: a diffusers folder (diffusers'
+    /// `from_single_file(config=…)`); by default the built-in official configs of its family.
+    pub config: Option<PathBuf>,
+    /// Replaces the model's VAE: a diffusers `vae/` folder or a single VAE file.
+    pub vae: Option<PathBuf>,
+    /// Overrides the scheduler's `prediction_type` (`epsilon`, `v_prediction`, `sample`).
+    pub prediction_type: Option<String>,
+    /// A tokenizer folder with the CLIP vocabulary (`vocab.json`, `merges.txt`) for a
+    /// single-file checkpoint loaded with the built-in configs, which hold no vocabulary.
+    pub vocabulary: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, dtype: DType::F32, variant: None, runtime: Default::default() }
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            variant: None,
+            runtime: Default::default(),
+            config: None,
+            vae: None,
+            prediction_type: None,
+            vocabulary: None,
+        }
     }
 }
 
@@ -45,11 +64,18 @@ pub struct Pipeline {
     pub(crate) default_sampler: Option<SamplerKind>,
     pub(crate) device: Device,
     pub(crate) dtype: DType,
+    /// A1111's short hash of a single-file checkpoint (`Model hash`).
+    pub(crate) model_hash: Option<String>,
 }
 
 impl Pipeline {
     /// Loads every component of the model at `source` (fetching hub files first).
     pub fn load(source: &ModelSource, options: &LoadOptions) -> Result<Self> {
+        if let ModelSource::Local(path) = source {
+            if crate::single_file::is_single_file(path) {
+                return Self::load_single_file(path, options);
+            }
+        }
         let root = source.resolve(options.variant.as_deref())?;
         let mut pipe = Self::load_folder(&root, options)?;
         pipe.name = source.to_string();
@@ -85,6 +111,10 @@ impl Pipeline {
                 other => other,
             },
         )?;
+        if let Some(p) = &options.prediction_type {
+            crate::single_file::check_prediction_type(p)?;
+            scheduler_config.prediction_type = Some(p.clone());
+        }
         let default_sampler = default_sampler(&scheduler_config);
 
         let text = TextEncoders::load(
@@ -97,14 +127,15 @@ impl Pipeline {
             runtime,
         )?;
         let unet = UNet2DConditionModel::load(&root.join("unet"), variant, dtype, device, runtime)?;
-        let vae_cfg = AutoencoderKL::load_config(&root.join("vae"))?;
-        let vae = AutoencoderKL::load(
-            &root.join("vae"),
-            variant,
-            vae_cfg.compute_dtype(dtype),
-            device,
-            runtime,
-        )?;
+        let vae = crate::single_file::load_vae(&root.join("vae"), options, |vae_cfg| {
+            Ok(AutoencoderKL::load(
+                &root.join("vae"),
+                variant,
+                vae_cfg.compute_dtype(dtype),
+                device,
+                runtime,
+            )?)
+        })?;
         check_compatible(root, &index, &text, &unet, &vae)?;
         Ok(Self {
             name: root.display().to_string(),
@@ -117,6 +148,7 @@ impl Pipeline {
             default_sampler,
             device: device.clone(),
             dtype,
+            model_hash: None,
         })
     }
 
@@ -134,7 +166,12 @@ impl Pipeline {
         &self.name
     }
 
-    /// The model folder.
+    /// A1111's short hash of the checkpoint file (`Model hash`), for single-file models.
+    pub fn model_hash(&self) -> Option<&str> {
+        self.model_hash.as_deref()
+    }
+
+    /// The model folder (for a single-file checkpoint, the folder of its configs).
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -173,7 +210,7 @@ impl Pipeline {
 }
 
 /// What `StableDiffusionPipeline.__init__` rewrites in outdated scheduler configs.
-fn legacy_scheduler_fixes(cfg: &mut SchedulerConfig) {
+pub(crate) fn legacy_scheduler_fixes(cfg: &mut SchedulerConfig) {
     if cfg.steps_offset.is_some_and(|o| o != 1) {
         tracing::warn!("scheduler config has steps_offset != 1; using 1, as diffusers does");
         cfg.steps_offset = Some(1);
@@ -185,7 +222,7 @@ fn legacy_scheduler_fixes(cfg: &mut SchedulerConfig) {
 }
 
 /// The CLI name of the sampler a config describes, where one matches it exactly.
-fn default_sampler(cfg: &SchedulerConfig) -> Option<SamplerKind> {
+pub(crate) fn default_sampler(cfg: &SchedulerConfig) -> Option<SamplerKind> {
     let class = cfg.scheduler_class().ok()?;
     let karras = cfg.use_karras_sigmas.unwrap_or(false);
     let algorithm = cfg.algorithm_type.as_deref().unwrap_or("dpmsolver++");
@@ -201,7 +238,7 @@ fn default_sampler(cfg: &SchedulerConfig) -> Option<SamplerKind> {
 }
 
 /// Cross-component checks diffusers would only trip over mid-generation.
-fn check_compatible(
+pub(crate) fn check_compatible(
     root: &Path,
     index: &ModelIndex,
     text: &TextEncoders,
