@@ -602,6 +602,47 @@ mod tests {
         }
     }
 
+    /// A renamed view reads rows, reshapes and transposes straight from the mapping.
+    #[test]
+    fn views_rename_split_reshape_and_transpose() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ckpt.safetensors");
+        let qkv = Tensor::arange(0f32, 12., &Device::Cpu).unwrap().reshape((6, 2)).unwrap();
+        let conv = Tensor::arange(0f32, 4., &Device::Cpu).unwrap().reshape((2, 2, 1, 1)).unwrap();
+        let proj = Tensor::arange(0f32, 6., &Device::Cpu).unwrap().reshape((2, 3)).unwrap();
+        candle_core::safetensors::save(
+            &HashMap::from([("qkv".to_string(), qkv), ("conv".into(), conv), ("proj".into(), proj)]),
+            &path,
+        )
+        .unwrap();
+        let alias = |source: &str, rows, shape: &[usize], transpose| Alias {
+            source: source.into(),
+            rows,
+            shape: shape.to_vec(),
+            transpose,
+        };
+        let files = SafetensorsFiles::open(&[&path]).unwrap();
+        let view = files
+            .view(vec![
+                ("k".into(), alias("qkv", Some((2, 4)), &[2, 2], false)),
+                ("linear".into(), alias("conv", None, &[2, 2], false)),
+                ("proj_t".into(), alias("proj", None, &[3, 2], true)),
+            ])
+            .unwrap();
+        assert_eq!(view.names(), ["k", "linear", "proj_t"]);
+        let load = |n: &str| view.load(n, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(load("k").to_vec2::<f32>().unwrap(), [[4., 5.], [6., 7.]]);
+        assert_eq!(load("linear").to_vec2::<f32>().unwrap(), [[0., 1.], [2., 3.]]);
+        assert_eq!(load("proj_t").to_vec2::<f32>().unwrap(), [[0., 3.], [1., 4.], [2., 5.]]);
+
+        let files = SafetensorsFiles::open(&[&path]).unwrap();
+        let err = files.view(vec![("x".into(), alias("qkv", Some((4, 8)), &[4, 2], false))]);
+        assert!(err.unwrap_err().to_string().contains("rows 4..8 of `qkv`"));
+        let files = SafetensorsFiles::open(&[&path]).unwrap();
+        let err = files.view(vec![("x".into(), alias("nope", None, &[1], false))]);
+        assert!(err.unwrap_err().to_string().contains("no tensor `nope`"));
+    }
+
     #[test]
     fn records_shapes_without_weights() {
         let (t, shapes) =

@@ -142,66 +142,111 @@ fn load_part<M>(
     Ok(load_checked(Arc::new(view), dtype, device, build)?)
 }
 
+/// How each component of a checkpoint with these tensor `names` is laid out, for the
+/// pipeline `kind` whose configs are in `config`: `(component folder, spec)` for the text
+/// encoder(s), the U-Net and the VAE, in that order. A missing text encoder or VAE is an error
+/// naming the prefix looked for.
+pub fn component_specs(
+    config: &Path,
+    kind: PipelineKind,
+    names: &[&str],
+    path: &Path,
+) -> Result<Vec<(&'static str, Spec)>> {
+    let has = |prefix: &str| names.iter().any(|n| n.starts_with(prefix));
+    let missing = |what: &str, prefixes: &str| {
+        PipelineError::msg(format!("{}: no {what} in the checkpoint (no `{prefixes}` tensors)", path.display()))
+    };
+    let layers = |dir: &str| -> Result<usize> {
+        let path = config.join(dir).join("config.json");
+        Ok(load_config::<CLIPTextConfig, ClipTextParams>(&path)?.num_hidden_layers)
+    };
+    let mut specs = Vec::new();
+    match kind {
+        PipelineKind::StableDiffusion => {
+            let spec = if has(keymap::SD1_CLIP_PREFIX) {
+                Spec::Clip { prefix: keymap::SD1_CLIP_PREFIX.into() }
+            } else if has(keymap::SD2_OPEN_CLIP_PREFIX) {
+                Spec::OpenClip {
+                    prefix: keymap::SD2_OPEN_CLIP_PREFIX.into(),
+                    layers: layers("text_encoder")?,
+                    projection: false,
+                }
+            } else {
+                return Err(missing(
+                    "text encoder",
+                    &format!("{}*` or `{}*", keymap::SD1_CLIP_PREFIX, keymap::SD2_OPEN_CLIP_PREFIX),
+                ));
+            };
+            specs.push(("text_encoder", spec));
+        }
+        PipelineKind::StableDiffusionXl => {
+            if !has(keymap::XL_CLIP_PREFIX) {
+                return Err(missing("first text encoder", &format!("{}*", keymap::XL_CLIP_PREFIX)));
+            }
+            if !has(keymap::XL_OPEN_CLIP_PREFIX) {
+                return Err(missing("second text encoder", &format!("{}*", keymap::XL_OPEN_CLIP_PREFIX)));
+            }
+            specs.push(("text_encoder", Spec::Clip { prefix: keymap::XL_CLIP_PREFIX.into() }));
+            specs.push((
+                "text_encoder_2",
+                Spec::OpenClip {
+                    prefix: keymap::XL_OPEN_CLIP_PREFIX.into(),
+                    layers: layers("text_encoder_2")?,
+                    projection: true,
+                },
+            ));
+        }
+    }
+    let unet_cfg: UNetConfig =
+        load_config::<UNet2DConditionModelConfig, UNetConfig>(&config.join("unet/config.json"))?;
+    specs.push(("unet", Spec::Unet(UnetLayout::from_config(&unet_cfg))));
+    let Some(prefix) = keymap::VAE_PREFIXES.iter().find(|p| has(p)) else {
+        return Err(missing("VAE", "first_stage_model.*` or `vae.*"));
+    };
+    let vae_cfg = AutoencoderKL::load_config(&config.join("vae"))?;
+    specs.push((
+        "vae",
+        Spec::Vae { prefix: prefix.to_string(), up_blocks: vae_cfg.block_out_channels.len() },
+    ));
+    Ok(specs)
+}
+
 /// The text encoders of a checkpoint, with the tokenizers of the config folder.
 fn load_text(
     path: &Path,
     config: &Path,
     index: &ModelIndex,
-    files: &SafetensorsFiles,
+    specs: &[(&'static str, Spec)],
     options: &LoadOptions,
 ) -> Result<TextEncoders> {
     let (dtype, device, runtime) = (options.dtype, &options.device, &options.runtime);
     let params = |dir: &str| {
         load_config::<CLIPTextConfig, ClipTextParams>(&config.join(dir).join("config.json"))
     };
-    let first_prefix = |xl: bool| -> Result<Spec> {
-        let clip = if xl { keymap::XL_CLIP_PREFIX } else { keymap::SD1_CLIP_PREFIX };
-        if files.names().iter().any(|n| n.starts_with(clip)) {
-            return Ok(Spec::Clip { prefix: clip.into() });
-        }
-        if !xl && files.names().iter().any(|n| n.starts_with(keymap::SD2_OPEN_CLIP_PREFIX)) {
-            let layers = params("text_encoder")?.num_hidden_layers;
-            return Ok(Spec::OpenClip {
-                prefix: keymap::SD2_OPEN_CLIP_PREFIX.into(),
-                layers,
-                projection: false,
-            });
-        }
-        Err(PipelineError::msg(format!(
-            "{}: no text encoder (`{clip}*`{})",
-            path.display(),
-            if xl { "" } else { " or `cond_stage_model.model.*`" }
-        )))
-    };
-    let xl = index.kind == PipelineKind::StableDiffusionXl;
+    let spec = |dir: &str| specs.iter().find(|(d, _)| *d == dir).map(|(_, s)| s);
     let te = params("text_encoder")?;
     let tokenizer = CLIPTokenizer::from_folder(&config.join("tokenizer"))?;
-    let model = load_part(path, &first_prefix(xl)?, dtype, device, |vb| {
-        CLIPTextModel::new(vb, &te, runtime)
-    })?;
-    let second = if xl {
-        let te2 = params("text_encoder_2")?;
-        if !files.names().iter().any(|n| n.starts_with(keymap::XL_OPEN_CLIP_PREFIX)) {
-            return Err(PipelineError::msg(format!(
-                "{}: no second text encoder (`{}*`)",
-                path.display(),
-                keymap::XL_OPEN_CLIP_PREFIX
-            )));
-        }
-        let spec = Spec::OpenClip {
-            prefix: keymap::XL_OPEN_CLIP_PREFIX.into(),
-            layers: te2.num_hidden_layers,
-            projection: true,
-        };
-        let tokenizer_2 = CLIPTokenizer::from_folder(&config.join("tokenizer_2"))?;
-        let model = load_part(path, &spec, dtype, device, |vb| {
-            CLIPTextModelWithProjection::new(vb, &te2, runtime)
-        })?;
-        Some((tokenizer_2, model))
-    } else {
-        None
+    let Some(first) = spec("text_encoder") else {
+        return Err(PipelineError::msg(format!("{}: no text encoder", path.display())));
     };
-    Ok(TextEncoders::from_models(index.kind, index.force_zeros_for_empty_prompt, (tokenizer, model), second))
+    let model = load_part(path, first, dtype, device, |vb| CLIPTextModel::new(vb, &te, runtime))?;
+    let second = match spec("text_encoder_2") {
+        Some(spec) => {
+            let te2 = params("text_encoder_2")?;
+            let tokenizer_2 = CLIPTokenizer::from_folder(&config.join("tokenizer_2"))?;
+            let model = load_part(path, spec, dtype, device, |vb| {
+                CLIPTextModelWithProjection::new(vb, &te2, runtime)
+            })?;
+            Some((tokenizer_2, model))
+        }
+        None => None,
+    };
+    Ok(TextEncoders::from_models(
+        index.kind,
+        index.force_zeros_for_empty_prompt,
+        (tokenizer, model),
+        second,
+    ))
 }
 
 /// The VAE prefix of a checkpoint (diffusers' `LDM_VAE_KEYS`), `""` for a VAE file in the LDM
@@ -318,13 +363,16 @@ impl Pipeline {
         }
         let default_sampler = default_sampler(&scheduler_config);
 
-        let text = load_text(path, &config, &index, &files, options)?;
+        let specs = component_specs(&config, index.kind, &files.names(), path)?;
         drop(files);
+        let text = load_text(path, &config, &index, &specs, options)?;
         let unet_cfg: UNetConfig = load_config::<UNet2DConditionModelConfig, UNetConfig>(
             &config.join("unet/config.json"),
         )?;
-        let spec = Spec::Unet(UnetLayout::from_config(&unet_cfg));
-        let unet = load_part(path, &spec, dtype, device, |vb| {
+        let Some((_, unet_spec)) = specs.iter().find(|(d, _)| *d == "unet") else {
+            return Err(PipelineError::msg(format!("{}: no U-Net", path.display())));
+        };
+        let unet = load_part(path, unet_spec, dtype, device, |vb| {
             UNet2DConditionModel::new(vb, &unet_cfg, runtime)
         })?;
         let vae = load_vae(&config.join("vae"), options, |cfg| {
@@ -348,5 +396,50 @@ impl Pipeline {
             dtype,
             model_hash: Some(model_hash(path)?),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vocabulary() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/shapes-32/tokenizer")
+    }
+
+    /// The built-in configs of every family are a loadable diffusers config folder once the
+    /// vocabulary is beside them; without one the error says what to pass.
+    #[test]
+    fn built_in_configs_load_as_a_folder() {
+        for (family, kind) in [
+            (Family::Sd1, PipelineKind::StableDiffusion),
+            (Family::Sd2, PipelineKind::StableDiffusion),
+            (Family::Xl, PipelineKind::StableDiffusionXl),
+        ] {
+            let dir = builtin::config_folder(family, Some(&vocabulary())).unwrap();
+            let index = ModelIndex::read(&dir.join("model_index.json")).unwrap();
+            assert_eq!(index.kind, kind, "{family:?}");
+            CLIPTokenizer::from_folder(&dir.join("tokenizer")).unwrap();
+            if kind == PipelineKind::StableDiffusionXl {
+                CLIPTokenizer::from_folder(&dir.join("tokenizer_2")).unwrap();
+            }
+            let scheduler =
+                ltd_scheduler::SchedulerConfig::load(&dir.join("scheduler/scheduler_config.json"))
+                    .unwrap();
+            // diffusers' default for any 2.x checkpoint is 2.1's v-prediction.
+            let v = scheduler.prediction_type.as_deref() == Some("v_prediction");
+            assert_eq!(v, family == Family::Sd2, "{family:?}");
+        }
+        let err = builtin::config_folder(Family::Sd1, None).unwrap_err().to_string();
+        assert!(err.contains("pass --config"), "{err}");
+    }
+
+    #[test]
+    fn checks_prediction_types() {
+        for p in PREDICTION_TYPES {
+            check_prediction_type(p).unwrap();
+        }
+        let err = check_prediction_type("v").unwrap_err().to_string();
+        assert!(err.starts_with("--prediction-type: `v` is not one of epsilon"), "{err}");
     }
 }
