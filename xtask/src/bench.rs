@@ -369,7 +369,10 @@ fn run_reference(python: &Path, item: Item, args: &Args, root: &Path) -> Result<
 /// file's measurement with the folder's beside it.
 fn single_file_item(args: &Args, root: &Path) -> Result<Measurement> {
     let dir = single_file::bench_dir();
-    eprintln!("single-file: writing a zero-filled SD 1.5 checkpoint and folder to {}", dir.display());
+    eprintln!(
+        "single-file: writing a zero-filled SD 1.5 checkpoint and folder to {}",
+        dir.display()
+    );
     let written = single_file::write_files(root, &dir);
     let load = |child: &str| -> Result<Measurement> {
         let exe = std::env::current_exe().context("finding the xtask binary")?;
@@ -439,11 +442,16 @@ fn lines_of(row: &Row) -> Vec<Line<'_>> {
             lines.push(("peak RSS / file size".into(), Box::new(per_file), 2));
         }
         Item::SingleFile => {
-            let get = |key: &'static str| move |m: &Measurement| m.extra.get(key).and_then(Value::as_f64);
+            let get =
+                |key: &'static str| move |m: &Measurement| m.extra.get(key).and_then(Value::as_f64);
             lines.push(("file MiB".into(), Box::new(get("file_mib")), 0));
             lines.push(("as a folder: s (wall)".into(), Box::new(get("folder_wall_s")), 2));
             lines.push(("as a folder: CPU-s".into(), Box::new(get("folder_cpu_s")), 2));
-            lines.push(("as a folder: peak RSS MiB".into(), Box::new(get("folder_peak_rss_mib")), 0));
+            lines.push((
+                "as a folder: peak RSS MiB".into(),
+                Box::new(get("folder_peak_rss_mib")),
+                0,
+            ));
         }
         Item::Matmul => {}
     }

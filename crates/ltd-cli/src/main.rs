@@ -80,7 +80,8 @@ fn run(args: &Args) -> Result<()> {
     let (source, model_name) = match &args.model {
         // A checkpoint file is named by its stem, as A1111 names it (`Model: dreamshaper_8`).
         Some(m) if std::path::Path::new(m).is_file() => {
-            let stem = std::path::Path::new(m).file_stem().map(|s| s.to_string_lossy().into_owned());
+            let stem =
+                std::path::Path::new(m).file_stem().map(|s| s.to_string_lossy().into_owned());
             (ModelSource::parse(m), stem.unwrap_or_else(|| m.clone()))
         }
         Some(m) => (ModelSource::parse(m), m.clone()),

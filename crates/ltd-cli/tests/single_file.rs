@@ -27,8 +27,12 @@ fn components(pipeline: &str) -> BTreeMap<String, Vec<u8>> {
         .iter()
         .filter(|c| root.join(c).is_dir())
         .map(|c| {
-            let stem = if c.starts_with("text_encoder") { "model" } else { "diffusion_pytorch_model" };
-            (c.to_string(), std::fs::read(root.join(c).join(format!("{stem}.safetensors"))).unwrap())
+            let stem =
+                if c.starts_with("text_encoder") { "model" } else { "diffusion_pytorch_model" };
+            (
+                c.to_string(),
+                std::fs::read(root.join(c).join(format!("{stem}.safetensors"))).unwrap(),
+            )
         })
         .collect()
 }
@@ -69,8 +73,11 @@ fn build(case: &Value, dest: &Path) {
     for (i, line) in keys.lines().enumerate() {
         let f: Vec<&str> = line.split('\t').collect();
         let (key, dtype, shape, op) = (f[0], f[1], f[2], f[3]);
-        let dims: Vec<usize> =
-            if shape.is_empty() { vec![] } else { shape.split(',').map(|d| d.parse().unwrap()).collect() };
+        let dims: Vec<usize> = if shape.is_empty() {
+            vec![]
+        } else {
+            shape.split(',').map(|d| d.parse().unwrap()).collect()
+        };
         let sources: Vec<(String, Vec<usize>, Vec<u8>)> = f[4]
             .split_whitespace()
             .map(|s| {
@@ -302,7 +309,10 @@ fn bad_checkpoint_files_get_one_clear_line() {
     let config = fixtures().join("pipelines/sd1");
     let cfg = config.to_str().unwrap();
     let run = |path: &Path, expect: &str| {
-        fails(&["a cat", "--model", path.to_str().unwrap(), "--config", cfg, "--steps", "1"], expect)
+        fails(
+            &["a cat", "--model", path.to_str().unwrap(), "--config", cfg, "--steps", "1"],
+            expect,
+        )
     };
 
     // Truncated: the header promises more bytes than the file has.

@@ -611,7 +611,11 @@ mod tests {
         let conv = Tensor::arange(0f32, 4., &Device::Cpu).unwrap().reshape((2, 2, 1, 1)).unwrap();
         let proj = Tensor::arange(0f32, 6., &Device::Cpu).unwrap().reshape((2, 3)).unwrap();
         candle_core::safetensors::save(
-            &HashMap::from([("qkv".to_string(), qkv), ("conv".into(), conv), ("proj".into(), proj)]),
+            &HashMap::from([
+                ("qkv".to_string(), qkv),
+                ("conv".into(), conv),
+                ("proj".into(), proj),
+            ]),
             &path,
         )
         .unwrap();

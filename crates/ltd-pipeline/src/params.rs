@@ -138,7 +138,8 @@ mod tests {
             extra: vec![],
         };
         assert!(
-            p.to_infotext().ends_with("Size: 512x512, Model hash: 879db523c3, Model: dreamshaper_8"),
+            p.to_infotext()
+                .ends_with("Size: 512x512, Model hash: 879db523c3, Model: dreamshaper_8"),
             "{}",
             p.to_infotext()
         );

@@ -13,8 +13,9 @@ use ltd_test_support::{assert_same_shapes, fixtures, read_shapes, workspace_root
 /// What diffusers drops on purpose from a full-size checkpoint of each model.
 fn expected_ignored(model: &str, keys: &BTreeMap<String, Vec<usize>>) -> BTreeSet<String> {
     match model {
-        "sd15" => ["cond_stage_model.transformer.text_model.embeddings.position_ids".to_string()]
-            .into(),
+        "sd15" => {
+            ["cond_stage_model.transformer.text_model.embeddings.position_ids".to_string()].into()
+        }
         // SD 2.x: OpenCLIP's 24th layer (diffusers' config has 23), its text projection and
         // logit scale: diffusers' SD_2_TEXT_ENCODER_KEYS_TO_IGNORE.
         "sd21" => keys
@@ -83,7 +84,8 @@ fn sdxl_checkpoint_keys_map_completely() {
 fn infers_the_family_of_full_size_checkpoints() {
     let dir = tempfile::tempdir().unwrap();
     for (model, family) in [("sd15", Family::Sd1), ("sd21", Family::Sd2), ("sdxl", Family::Xl)] {
-        let keys = read_shapes(&fixtures().join(format!("golden/single_file/fullsize/{model}.txt")));
+        let keys =
+            read_shapes(&fixtures().join(format!("golden/single_file/fullsize/{model}.txt")));
         // Only the keys the rules look at, as 1-element-per-dim-product placeholders would
         // be gigabytes: the rules read names and the shapes of two keys.
         let path = dir.path().join(format!("{model}.safetensors"));

@@ -95,7 +95,12 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
-pub(super) fn measurement(item: &str, wall: Vec<f64>, cpu: Vec<f64>, base: Option<f64>) -> Measurement {
+pub(super) fn measurement(
+    item: &str,
+    wall: Vec<f64>,
+    cpu: Vec<f64>,
+    base: Option<f64>,
+) -> Measurement {
     let mut extra = serde_json::Map::new();
     extra.insert("candle".into(), "0.11.1".into());
     Measurement {

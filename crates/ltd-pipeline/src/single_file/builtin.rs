@@ -55,9 +55,8 @@ pub(crate) fn config_folder(family: Family, vocabulary: Option<&Path>) -> Result
             family.description()
         )));
     };
-    let dir = std::env::temp_dir()
-        .join(format!("ltd-configs-{:016x}", fingerprint(files)))
-        .join(name);
+    let dir =
+        std::env::temp_dir().join(format!("ltd-configs-{:016x}", fingerprint(files))).join(name);
     if dir.join(".complete").is_file() {
         return Ok(dir);
     }
@@ -85,7 +84,10 @@ pub(crate) fn config_folder(family: Family, vocabulary: Option<&Path>) -> Result
         // Another process won the race (or left a folder behind): use its copy.
         let _ = std::fs::remove_dir_all(&staging);
         if !dir.join(".complete").is_file() {
-            return Err(PipelineError::msg(format!("{}: could not write the configs", dir.display())));
+            return Err(PipelineError::msg(format!(
+                "{}: could not write the configs",
+                dir.display()
+            )));
         }
     }
     Ok(dir)

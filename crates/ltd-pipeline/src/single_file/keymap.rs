@@ -268,8 +268,13 @@ fn vae_key(rest: &str, key: &str, shape: &[usize], up_blocks: usize) -> Mapped {
                 // `conv_attn_to_linear`: LDM's 1×1 convolutions are diffusers' linear layers.
                 let squeezed: Vec<usize> =
                     if shape.len() > 2 { shape[..2].to_vec() } else { shape.to_vec() };
-                return plain(format!("{side}.mid_block.attentions.0.{ours}.{param}"), key, &squeezed);
-            } else if let (Some((i, r)), "encoder") = (tail.strip_prefix("down.").and_then(number), side)
+                return plain(
+                    format!("{side}.mid_block.attentions.0.{ours}.{param}"),
+                    key,
+                    &squeezed,
+                );
+            } else if let (Some((i, r)), "encoder") =
+                (tail.strip_prefix("down.").and_then(number), side)
             {
                 if let Some((j, p)) = r.strip_prefix("block.").and_then(number) {
                     format!("encoder.down_blocks.{i}.resnets.{j}.{}", vae_resnet(p))
@@ -278,7 +283,8 @@ fn vae_key(rest: &str, key: &str, shape: &[usize], up_blocks: usize) -> Mapped {
                 } else {
                     return Mapped::Unknown;
                 }
-            } else if let (Some((i, r)), "decoder") = (tail.strip_prefix("up.").and_then(number), side)
+            } else if let (Some((i, r)), "decoder") =
+                (tail.strip_prefix("up.").and_then(number), side)
             {
                 if i >= up_blocks {
                     return Mapped::Unknown;
@@ -310,7 +316,13 @@ fn clip_key(rest: &str, key: &str, shape: &[usize]) -> Mapped {
     plain(name.to_string(), key, shape)
 }
 
-fn open_clip_key(rest: &str, key: &str, shape: &[usize], layers: usize, projection: bool) -> Mapped {
+fn open_clip_key(
+    rest: &str,
+    key: &str,
+    shape: &[usize],
+    layers: usize,
+    projection: bool,
+) -> Mapped {
     let p = if projection { "text_model." } else { "" };
     let name = match rest {
         "positional_embedding" => format!("{p}embeddings.position_embedding.weight"),
@@ -411,7 +423,10 @@ mod tests {
             ("input_blocks.3.0.op.weight", "down_blocks.0.downsamplers.0.conv.weight"),
             ("input_blocks.4.0.in_layers.2.weight", "down_blocks.1.resnets.0.conv1.weight"),
             ("input_blocks.5.1.proj_in.weight", "down_blocks.1.attentions.1.proj_in.weight"),
-            ("input_blocks.11.0.skip_connection.bias", "down_blocks.3.resnets.1.conv_shortcut.bias"),
+            (
+                "input_blocks.11.0.skip_connection.bias",
+                "down_blocks.3.resnets.1.conv_shortcut.bias",
+            ),
             ("middle_block.2.emb_layers.1.weight", "mid_block.resnets.1.time_emb_proj.weight"),
             ("middle_block.1.norm.weight", "mid_block.attentions.0.norm.weight"),
             ("output_blocks.2.1.conv.weight", "up_blocks.0.upsamplers.0.conv.weight"),
@@ -439,7 +454,8 @@ mod tests {
 
     #[test]
     fn splits_open_clip_qkv_into_row_ranges() {
-        let spec = Spec::OpenClip { prefix: XL_OPEN_CLIP_PREFIX.into(), layers: 32, projection: true };
+        let spec =
+            Spec::OpenClip { prefix: XL_OPEN_CLIP_PREFIX.into(), layers: 32, projection: true };
         let key = format!("{XL_OPEN_CLIP_PREFIX}transformer.resblocks.3.attn.in_proj_weight");
         let got = one(&spec, &key, &[3840, 1280]);
         let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
@@ -454,7 +470,8 @@ mod tests {
         assert_eq!(got[2].1.rows, Some((2560, 3840)));
         let got = one(&spec, &format!("{XL_OPEN_CLIP_PREFIX}text_projection"), &[1280, 1280]);
         assert!(got[0].1.transpose);
-        let sd2 = Spec::OpenClip { prefix: SD2_OPEN_CLIP_PREFIX.into(), layers: 23, projection: false };
+        let sd2 =
+            Spec::OpenClip { prefix: SD2_OPEN_CLIP_PREFIX.into(), layers: 23, projection: false };
         let m = sd2.map([(
             "cond_stage_model.model.transformer.resblocks.23.ln_1.bias",
             [1024usize].as_slice(),

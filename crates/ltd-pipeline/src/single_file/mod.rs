@@ -24,13 +24,17 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 use ltd_nn::weights::refuse_pickle;
 use ltd_nn::{load_checked, load_config, RuntimeOptions, SafetensorsFiles};
-use ltd_text::{CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, ClipTextParams};
+use ltd_text::{
+    CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, ClipTextParams,
+};
 use ltd_unet::{UNet2DConditionModel, UNet2DConditionModelConfig, UNetConfig};
 use ltd_vae::{AutoencoderKL, VaeConfig};
 
 use crate::error::{PipelineError, Result};
 use crate::model_index::{ModelIndex, PipelineKind};
-use crate::pipeline::{check_compatible, default_sampler, legacy_scheduler_fixes, LoadOptions, Pipeline};
+use crate::pipeline::{
+    check_compatible, default_sampler, legacy_scheduler_fixes, LoadOptions, Pipeline,
+};
 use crate::text::TextEncoders;
 use keymap::{Spec, UnetLayout};
 
@@ -57,9 +61,11 @@ impl Family {
 }
 
 /// diffusers' `CHECKPOINT_KEY_NAMES` that tell the families apart.
-const V2_KEY: &str = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight";
+const V2_KEY: &str =
+    "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight";
 const XL_BASE_KEY: &str = "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias";
-const XL_REFINER_KEY: &str = "conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias";
+const XL_REFINER_KEY: &str =
+    "conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias";
 const INPAINTING_KEY: &str = "model.diffusion_model.input_blocks.0.0.weight";
 
 /// The family of a checkpoint, by diffusers' `infer_diffusers_model_type` rules; files that
@@ -154,7 +160,10 @@ pub fn component_specs(
 ) -> Result<Vec<(&'static str, Spec)>> {
     let has = |prefix: &str| names.iter().any(|n| n.starts_with(prefix));
     let missing = |what: &str, prefixes: &str| {
-        PipelineError::msg(format!("{}: no {what} in the checkpoint (no `{prefixes}` tensors)", path.display()))
+        PipelineError::msg(format!(
+            "{}: no {what} in the checkpoint (no `{prefixes}` tensors)",
+            path.display()
+        ))
     };
     let layers = |dir: &str| -> Result<usize> {
         let path = config.join(dir).join("config.json");
@@ -184,7 +193,10 @@ pub fn component_specs(
                 return Err(missing("first text encoder", &format!("{}*", keymap::XL_CLIP_PREFIX)));
             }
             if !has(keymap::XL_OPEN_CLIP_PREFIX) {
-                return Err(missing("second text encoder", &format!("{}*", keymap::XL_OPEN_CLIP_PREFIX)));
+                return Err(missing(
+                    "second text encoder",
+                    &format!("{}*", keymap::XL_OPEN_CLIP_PREFIX),
+                ));
             }
             specs.push(("text_encoder", Spec::Clip { prefix: keymap::XL_CLIP_PREFIX.into() }));
             specs.push((
@@ -337,6 +349,11 @@ impl Pipeline {
         refuse_pickle(path)?;
         let files = SafetensorsFiles::open(&[path])?;
         let family = infer_family(&files)?;
+        // Hashing reads the whole file once: beside the loading, on a thread of its own.
+        let hashing = {
+            let path = path.to_path_buf();
+            std::thread::spawn(move || model_hash(&path))
+        };
         let config: PathBuf = match &options.config {
             Some(dir) => {
                 if !dir.join("model_index.json").is_file() {
@@ -379,10 +396,12 @@ impl Pipeline {
             load_vae_file(path, cfg, cfg.compute_dtype(dtype), device, runtime)
         })?;
         check_compatible(&config, &index, &text, &unet, &vae)?;
-        let name = path.file_stem().map_or_else(
-            || path.display().to_string(),
-            |s| s.to_string_lossy().into_owned(),
-        );
+        let model_hash = hashing
+            .join()
+            .map_err(|_| PipelineError::msg(format!("{}: hashing failed", path.display())))??;
+        let name = path
+            .file_stem()
+            .map_or_else(|| path.display().to_string(), |s| s.to_string_lossy().into_owned());
         Ok(Self {
             name,
             root: config,
@@ -394,7 +413,7 @@ impl Pipeline {
             default_sampler,
             device: device.clone(),
             dtype,
-            model_hash: Some(model_hash(path)?),
+            model_hash: Some(model_hash),
         })
     }
 }
