@@ -336,6 +336,13 @@ fn bad_checkpoint_files_get_one_clear_line() {
     std::fs::copy(config.join("vae/diffusion_pytorch_model.safetensors"), &vae).unwrap();
     run(&vae, "lora.safetensors: not a Stable Diffusion checkpoint");
 
+    // A checkpoint that does not fit the built-in configs of its family (here a tiny SD 1.x
+    // one without --config): the error says which configs and what to pass.
+    fails(
+        &["a cat", "--model", file.to_str().unwrap(), "--steps", "1"],
+        "do not fit the official SD 1.x configs; for a model of another shape pass --config",
+    );
+
     // A bad --prediction-type and a missing --vae.
     let m = file.to_str().unwrap();
     fails(&["a cat", "--model", m, "--config", cfg, "--prediction-type", "x"], "--prediction-type");

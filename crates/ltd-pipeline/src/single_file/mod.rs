@@ -51,6 +51,15 @@ pub enum Family {
 }
 
 impl Family {
+    /// The family's name in messages.
+    pub fn short_name(self) -> &'static str {
+        match self {
+            Self::Sd1 => "SD 1.x",
+            Self::Sd2 => "SD 2.x",
+            Self::Xl => "SDXL",
+        }
+    }
+
     fn description(self) -> &'static str {
         match self {
             Self::Sd1 => "a Stable Diffusion 1.x checkpoint",
@@ -382,7 +391,17 @@ impl Pipeline {
 
         let specs = component_specs(&config, index.kind, &files.names(), path)?;
         drop(files);
-        let text = load_text(path, &config, &index, &specs, options)?;
+        // Weights that do not fit the built-in official configs are a fine-tune of another
+        // shape: say which configs were used and what to pass.
+        let hint = |e: PipelineError| match (&e, &options.config) {
+            (PipelineError::Model(ltd_nn::Error::Load(_)), None) => PipelineError::msg(format!(
+                "{e} (the weights do not fit the official {} configs; for a model of another \
+                 shape pass --config with its diffusers folder)",
+                family.short_name()
+            )),
+            _ => e,
+        };
+        let text = load_text(path, &config, &index, &specs, options).map_err(hint)?;
         let unet_cfg: UNetConfig = load_config::<UNet2DConditionModelConfig, UNetConfig>(
             &config.join("unet/config.json"),
         )?;
@@ -391,10 +410,12 @@ impl Pipeline {
         };
         let unet = load_part(path, unet_spec, dtype, device, |vb| {
             UNet2DConditionModel::new(vb, &unet_cfg, runtime)
-        })?;
+        })
+        .map_err(hint)?;
         let vae = load_vae(&config.join("vae"), options, |cfg| {
             load_vae_file(path, cfg, cfg.compute_dtype(dtype), device, runtime)
-        })?;
+        })
+        .map_err(hint)?;
         check_compatible(&config, &index, &text, &unet, &vae)?;
         let model_hash = hashing
             .join()
