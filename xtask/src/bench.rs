@@ -12,6 +12,9 @@
 //!   `from_pretrained`: peak memory against the file's size;
 //! - `serve`: requests/s and latency of the default model through `ltd-serve` against
 //!   `ltd-gen` run once per image (`bench/serve.rs`; its own table, no diffusers side).
+//! - `single-file`: loading a full-size SD 1.5 single-file checkpoint (zero-filled f16, of the
+//!   real original-layout key list) with `Pipeline::load`, against the same weights as a
+//!   diffusers folder: load time and peak memory, ltd only (see `bench/single_file.rs`).
 //!
 //! Every item runs in a child process of its own (this binary with the hidden `--child` flag,
 //! and `xtask/bench/reference.py` for the reference), so each peak resident set belongs to one
@@ -27,6 +30,7 @@
 
 mod measure;
 mod serve;
+mod single_file;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -57,10 +61,13 @@ pub enum Item {
     Load,
     /// The default model through ltd-serve against ltd-gen per process.
     Serve,
+    /// Loading a full-size SD 1.5 single-file checkpoint, against the same as a folder.
+    SingleFile,
 }
 
 impl Item {
-    const ALL: [Item; 5] = [Item::Matmul, Item::Unet, Item::Vae, Item::Load, Item::Serve];
+    const ALL: [Item; 6] =
+        [Item::Matmul, Item::Unet, Item::Vae, Item::Load, Item::Serve, Item::SingleFile];
 
     fn name(self) -> &'static str {
         match self {
@@ -69,6 +76,7 @@ impl Item {
             Item::Vae => "vae",
             Item::Load => "load",
             Item::Serve => "serve",
+            Item::SingleFile => "single-file",
         }
     }
 
@@ -78,7 +86,7 @@ impl Item {
             Item::Matmul => Some(2.0 * (MATMUL_N as f64).powi(3) / 1e9),
             Item::Unet => Some(UNET_GFLOP),
             Item::Vae => Some(VAE_GFLOP),
-            Item::Load | Item::Serve => None,
+            Item::Load | Item::Serve | Item::SingleFile => None,
         }
     }
 }
@@ -92,6 +100,10 @@ pub enum Child {
     Load,
     /// Writes the random checkpoint the `load` item reads.
     WriteUnet,
+    /// Loads the `single-file` item's checkpoint.
+    LoadSingleFile,
+    /// Loads the `single-file` item's diffusers folder.
+    LoadFolder,
 }
 
 /// Arguments of `cargo xtask bench`.
@@ -115,6 +127,9 @@ pub struct Args {
     /// Run one item in this process and print its measurement as JSON (used by the bench).
     #[arg(long, value_enum, hide = true)]
     pub child: Option<Child>,
+    /// The folder of the `single-file` item's files (passed to its children).
+    #[arg(long, hide = true)]
+    pub bench_dir: Option<PathBuf>,
 }
 
 /// One side's measurement of one item (the reference script prints the same fields).
@@ -269,6 +284,11 @@ pub fn run(args: &Args, root: &Path) -> Result<()> {
             serve::run(root, args.steps)?;
             continue;
         }
+        if item == Item::SingleFile {
+            let ltd = single_file_item(args, root)?;
+            rows.push(Row { item, gflop: None, ltd, diffusers: None, reference_error: None });
+            continue;
+        }
         if item == Item::Load {
             ensure_checkpoint(args, root)?;
         }
@@ -353,9 +373,41 @@ fn run_reference(python: &Path, item: Item, args: &Args, root: &Path) -> Result<
         Item::Unet => cmd.arg("--config").arg(root.join(measure::UNET_CONFIG)),
         Item::Vae => cmd.arg("--config").arg(root.join(measure::VAE_CONFIG)),
         Item::Load => cmd.arg("--model-dir").arg(load_dir(root)),
-        Item::Matmul | Item::Serve => &mut cmd,
+        Item::Matmul | Item::Serve | Item::SingleFile => &mut cmd,
     };
     run_json(cmd)
+}
+
+/// The `single-file` item: writes the files, loads each in a child, removes them; the single
+/// file's measurement with the folder's beside it.
+fn single_file_item(args: &Args, root: &Path) -> Result<Measurement> {
+    let dir = single_file::bench_dir();
+    eprintln!(
+        "single-file: writing a zero-filled SD 1.5 checkpoint and folder to {}",
+        dir.display()
+    );
+    let written = single_file::write_files(root, &dir);
+    let load = |child: &str| -> Result<Measurement> {
+        let exe = std::env::current_exe().context("finding the xtask binary")?;
+        let mut cmd = Command::new(exe);
+        cmd.args(["bench", "--child", child]).args(child_args(args)).arg("--bench-dir").arg(&dir);
+        run_json(cmd)
+    };
+    let result = written.and_then(|(file, folder)| {
+        eprintln!("single-file: ltd, the checkpoint …");
+        let mut single = load("load-single-file")?;
+        eprintln!("single-file: ltd, the diffusers folder …");
+        let folder_m = load("load-folder")?;
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        single.extra.insert("file_mib".into(), mib(file).into());
+        single.extra.insert("folder_mib".into(), mib(folder).into());
+        single.extra.insert("folder_wall_s".into(), folder_m.median_wall_s.into());
+        single.extra.insert("folder_cpu_s".into(), folder_m.median_cpu_s.into());
+        single.extra.insert("folder_peak_rss_mib".into(), folder_m.peak_rss_mib.into());
+        Ok(single)
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
 /// Writes the random checkpoint of the `load` item unless a complete one is there.
@@ -401,6 +453,18 @@ fn lines_of(row: &Row) -> Vec<Line<'_>> {
             lines.push(("file MiB".into(), Box::new(move |_| file_mib), 0));
             let per_file = move |m: &Measurement| m.peak_rss_mib.zip(file_mib).map(|(p, f)| p / f);
             lines.push(("peak RSS / file size".into(), Box::new(per_file), 2));
+        }
+        Item::SingleFile => {
+            let get =
+                |key: &'static str| move |m: &Measurement| m.extra.get(key).and_then(Value::as_f64);
+            lines.push(("file MiB".into(), Box::new(get("file_mib")), 0));
+            lines.push(("as a folder: s (wall)".into(), Box::new(get("folder_wall_s")), 2));
+            lines.push(("as a folder: CPU-s".into(), Box::new(get("folder_cpu_s")), 2));
+            lines.push((
+                "as a folder: peak RSS MiB".into(),
+                Box::new(get("folder_peak_rss_mib")),
+                0,
+            ));
         }
         Item::Matmul | Item::Serve => {}
     }

@@ -25,6 +25,8 @@ use ltd_pipeline::{
 ///   ltd-gen "a cat in a hat" --model stable-diffusion-v1-5/stable-diffusion-v1-5 --guidance 7.5
 ///
 ///   ltd-gen "a castle at dusk" -m ./sdxl --scheduler dpm++2m-karras --steps 25 --seed 7 -o castle.png
+///
+///   ltd-gen "a knight" -m ./dreamshaper_8.safetensors --vae ./vae-ft-mse-840000-ema-pruned.safetensors
 #[derive(Debug, Parser)]
 #[command(name = "ltd-gen", version, verbatim_doc_comment, max_term_width = 100)]
 pub struct Args {

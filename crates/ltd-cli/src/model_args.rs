@@ -4,6 +4,8 @@
 //! Two groups rather than one so that `ltd-gen --help` keeps its order: the model near the
 //! top, the device at the end.
 
+use std::path::{Path, PathBuf};
+
 use anyhow::{Context, Result};
 use clap::Args;
 use ltd_nn::{default_dtype, parse_dtype, DeviceChoice};
@@ -11,14 +13,31 @@ use ltd_pipeline::{LoadOptions, ModelSource, Pipeline};
 
 use crate::default_model;
 
-/// `--model`, `--variant`.
+/// `--model`, `--config`, `--vae`, `--prediction-type`, `--variant`.
 #[derive(Debug, Clone, Default, Args)]
 pub struct ModelArgs {
-    /// Model: a local diffusers folder, or a Hugging Face hub repo id (owner/name[@revision]),
-    /// fetched into the hub cache (honours HF_HOME, HF_HUB_OFFLINE, HF_TOKEN, HF_ENDPOINT).
-    /// Default: the embedded default model.
-    #[arg(short, long, value_name = "FOLDER|REPO")]
+    /// Model: a local diffusers folder, a single-file checkpoint (.safetensors in the original
+    /// layout of A1111/ComfyUI/civitai: SD 1.x, 2.x or XL, recognised from its keys), or a
+    /// Hugging Face hub repo id (owner/name[@revision]), fetched into the hub cache (honours
+    /// HF_HOME, HF_HUB_OFFLINE, HF_TOKEN, HF_ENDPOINT). Default: the embedded default model.
+    #[arg(short, long, value_name = "FOLDER|FILE|REPO")]
     pub model: Option<String>,
+
+    /// For a single-file --model: a diffusers folder whose configs and tokenizers to use
+    /// (diffusers' from_single_file(config=...)), for fine-tunes of unusual shape. Default: the
+    /// official configs of the checkpoint's family.
+    #[arg(long, value_name = "FOLDER")]
+    pub config: Option<PathBuf>,
+
+    /// Replace the model's VAE: a diffusers vae/ folder, or a single .safetensors VAE (original
+    /// or diffusers layout) of the model's VAE architecture.
+    #[arg(long, value_name = "FOLDER|FILE")]
+    pub vae: Option<PathBuf>,
+
+    /// Override the scheduler's prediction type: epsilon, v_prediction or sample (e.g. for a
+    /// 512-pixel SD 2.x epsilon checkpoint, which is indistinguishable from 2.1 768-v by keys).
+    #[arg(long, value_name = "TYPE")]
+    pub prediction_type: Option<String>,
 
     /// Weights variant to load, e.g. fp16 (reads *.fp16.safetensors where present).
     #[arg(long, value_name = "NAME")]
@@ -60,6 +79,11 @@ impl ModelArgs {
     /// `--model` value, or the embedded default model (extracted on first use).
     pub fn source(&self) -> Result<(ModelSource, String)> {
         Ok(match &self.model {
+            // A checkpoint file is named by its stem, as A1111 names it (`Model: dreamshaper_8`).
+            Some(m) if Path::new(m).is_file() => {
+                let stem = Path::new(m).file_stem().map(|s| s.to_string_lossy().into_owned());
+                (ModelSource::parse(m), stem.unwrap_or_else(|| m.clone()))
+            }
             Some(m) => (ModelSource::parse(m), m.clone()),
             None => (
                 ModelSource::Local(default_model::folder()?),
@@ -74,10 +98,26 @@ impl ModelArgs {
     }
 
     /// Loads the model these flags name with `options` (shared with other pipelines of the
-    /// same run, such as an SDXL refiner, so that all of them are on one device).
+    /// same run, such as an SDXL refiner, so that all of them are on one device) and these
+    /// flags' single-file settings.
     pub fn load_with(&self, options: &LoadOptions) -> Result<Pipeline> {
         let (source, name) = self.source()?;
-        Ok(Pipeline::load(&source, options)
+        // A single-file checkpoint without --config takes the CLIP vocabulary of the embedded
+        // model (the built-in official configs hold none).
+        let vocabulary = match (&source, &self.config) {
+            (ModelSource::Local(p), None) if p.is_file() && default_model::name().is_some() => {
+                Some(default_model::folder()?.join("tokenizer"))
+            }
+            _ => None,
+        };
+        let options = LoadOptions {
+            config: self.config.clone(),
+            vae: self.vae.clone(),
+            prediction_type: self.prediction_type.clone(),
+            vocabulary,
+            ..options.clone()
+        };
+        Ok(Pipeline::load(&source, &options)
             .with_context(|| format!("loading the model {source}"))?
             .with_name(name))
     }

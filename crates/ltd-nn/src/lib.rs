@@ -21,4 +21,4 @@ pub use kernels::Data as CpuData;
 pub use patch::{LowRankDelta, WeightPatches};
 pub use rng::{NoiseSource, PhiloxRng, TorchRng};
 pub use runtime::{pin_cpu_threads, RuntimeOptions};
-pub use weights::{load_checked, record_shapes, SafetensorsFiles};
+pub use weights::{load_checked, record_shapes, Alias, SafetensorsFiles};

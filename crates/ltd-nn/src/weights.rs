@@ -38,6 +38,25 @@ struct TensorEntry {
     /// Byte range inside the mapping (header already skipped).
     start: usize,
     end: usize,
+    /// The stored matrix is the transpose of `shape` (a renamed view's `Alias::transpose`).
+    transpose: bool,
+}
+
+/// Where a tensor of a renamed view ([`SafetensorsFiles::view`]) comes from: a stored tensor,
+/// or rows of one, seen under another name and shape without copying anything at open time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alias {
+    /// The stored tensor's name.
+    pub source: String,
+    /// Rows `start..end` of the stored tensor's first axis (one of a fused q/k/v projection);
+    /// `None` for all of it.
+    pub rows: Option<(usize, usize)>,
+    /// The shape the view presents: the stored shape (after `rows`) reshaped, e.g. a 1×1
+    /// convolution `[o, i, 1, 1]` seen as the linear layer `[o, i]`.
+    pub shape: Vec<usize>,
+    /// The stored 2-D tensor is the transpose of the one presented (open_clip keeps its text
+    /// projection as `x @ W`, transformers as `W x`): one small copy when loaded.
+    pub transpose: bool,
 }
 
 /// One or more memory-mapped safetensors files seen as one set of named tensors.
@@ -103,6 +122,7 @@ impl SafetensorsFiles {
                     shape: info.shape.clone(),
                     start: data_start + info.data_offsets.0,
                     end: data_start + info.data_offsets.1,
+                    transpose: false,
                 };
                 if let Some(prev) = out.entries.insert(name.clone(), entry) {
                     return Err(bad(format!(
@@ -174,7 +194,12 @@ impl SafetensorsFiles {
         }
         let mmap = &self.mmaps[entry.file];
         let bytes = &mmap[entry.start..entry.end];
-        let tensor = Tensor::from_raw_buffer(bytes, stored, &entry.shape, device)?;
+        let tensor = if entry.transpose {
+            let rev: Vec<usize> = entry.shape.iter().rev().copied().collect();
+            Tensor::from_raw_buffer(bytes, stored, &rev, device)?.t()?.contiguous()?
+        } else {
+            Tensor::from_raw_buffer(bytes, stored, &entry.shape, device)?
+        };
         release_pages(mmap, entry.start, entry.end);
         let tensor = match &self.patches {
             // Patched in float32 and then cast, as peft merges into the loaded weights.
@@ -183,6 +208,51 @@ impl SafetensorsFiles {
         };
         let tensor = if tensor.dtype() == dtype { tensor } else { tensor.to_dtype(dtype)? };
         Ok(tensor)
+    }
+
+    /// The same mapped files seen under other names: only the `aliases` exist in the view,
+    /// each reading its bytes straight from the mapping of its source (a row range is a byte
+    /// range, a reshape is the same bytes), so a checkpoint in another key layout loads with
+    /// no conversion and no extra copy. An alias whose source is missing or whose shape does
+    /// not fit is an error naming both.
+    pub fn view(self, aliases: Vec<(String, Alias)>) -> Result<Self> {
+        let mut entries = HashMap::with_capacity(aliases.len());
+        for (name, alias) in aliases {
+            let bad = |message: String| Error::msg(format!("{}: {message}", self.describe()));
+            let src = self
+                .entries
+                .get(&alias.source)
+                .ok_or_else(|| bad(format!("no tensor `{}` (for `{name}`)", alias.source)))?;
+            let mut entry = src.clone();
+            let total_rows = src.shape.first().copied().unwrap_or(1);
+            let elements: usize = src.shape.iter().product();
+            let mut stored_elements = elements;
+            if let Some((a, b)) = alias.rows {
+                if a > b || b > total_rows || elements == 0 {
+                    return Err(bad(format!(
+                        "rows {a}..{b} of `{}` {:?} (for `{name}`)",
+                        alias.source, src.shape
+                    )));
+                }
+                let row_bytes = (src.end - src.start) / total_rows;
+                entry.start = src.start + a * row_bytes;
+                entry.end = src.start + b * row_bytes;
+                stored_elements = elements / total_rows * (b - a);
+            }
+            let wanted: usize = alias.shape.iter().product();
+            if wanted != stored_elements || (alias.transpose && alias.shape.len() != 2) {
+                return Err(bad(format!(
+                    "`{}` {:?} cannot be seen as `{name}` {:?}",
+                    alias.source, src.shape, alias.shape
+                )));
+            }
+            entry.shape = alias.shape;
+            entry.transpose = alias.transpose;
+            if entries.insert(name.clone(), entry).is_some() {
+                return Err(bad(format!("two tensors map to `{name}`")));
+            }
+        }
+        Ok(Self { paths: self.paths, mmaps: self.mmaps, entries, patches: self.patches })
     }
 
     /// A short description of the files for messages.
@@ -573,6 +643,51 @@ mod tests {
         .unwrap();
         assert_eq!(a.to_vec2::<f32>().unwrap(), [[2., 3., 4.], [5., 6., 7.]]);
         assert_eq!(b.to_vec1::<f32>().unwrap(), [1.; 4]);
+    }
+
+    /// A renamed view reads rows, reshapes and transposes straight from the mapping.
+    #[test]
+    fn views_rename_split_reshape_and_transpose() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ckpt.safetensors");
+        let qkv = Tensor::arange(0f32, 12., &Device::Cpu).unwrap().reshape((6, 2)).unwrap();
+        let conv = Tensor::arange(0f32, 4., &Device::Cpu).unwrap().reshape((2, 2, 1, 1)).unwrap();
+        let proj = Tensor::arange(0f32, 6., &Device::Cpu).unwrap().reshape((2, 3)).unwrap();
+        candle_core::safetensors::save(
+            &HashMap::from([
+                ("qkv".to_string(), qkv),
+                ("conv".into(), conv),
+                ("proj".into(), proj),
+            ]),
+            &path,
+        )
+        .unwrap();
+        let alias = |source: &str, rows, shape: &[usize], transpose| Alias {
+            source: source.into(),
+            rows,
+            shape: shape.to_vec(),
+            transpose,
+        };
+        let files = SafetensorsFiles::open(&[&path]).unwrap();
+        let view = files
+            .view(vec![
+                ("k".into(), alias("qkv", Some((2, 4)), &[2, 2], false)),
+                ("linear".into(), alias("conv", None, &[2, 2], false)),
+                ("proj_t".into(), alias("proj", None, &[3, 2], true)),
+            ])
+            .unwrap();
+        assert_eq!(view.names(), ["k", "linear", "proj_t"]);
+        let load = |n: &str| view.load(n, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(load("k").to_vec2::<f32>().unwrap(), [[4., 5.], [6., 7.]]);
+        assert_eq!(load("linear").to_vec2::<f32>().unwrap(), [[0., 1.], [2., 3.]]);
+        assert_eq!(load("proj_t").to_vec2::<f32>().unwrap(), [[0., 3.], [1., 4.], [2., 5.]]);
+
+        let files = SafetensorsFiles::open(&[&path]).unwrap();
+        let err = files.view(vec![("x".into(), alias("qkv", Some((4, 8)), &[4, 2], false))]);
+        assert!(err.unwrap_err().to_string().contains("rows 4..8 of `qkv`"));
+        let files = SafetensorsFiles::open(&[&path]).unwrap();
+        let err = files.view(vec![("x".into(), alias("nope", None, &[1], false))]);
+        assert!(err.unwrap_err().to_string().contains("no tensor `nope`"));
     }
 
     #[test]

@@ -356,6 +356,7 @@ impl Plan<'_> {
             width: self.width,
             height: self.height,
             model: model.to_string(),
+            model_hash: None,
             extra,
         }
     }
@@ -414,8 +415,10 @@ impl Pipeline {
         let params = (0..plan.batch)
             .map(|k| {
                 let (prompt_index, batch_index) = (k / req.num_images, k % req.num_images);
-                let mut params =
-                    plan.params(&self.name, &sampling.name, prompt_index, batch_index, &networks);
+                let mut params = GenerationParams {
+                    model_hash: self.model_hash.clone(),
+                    ..plan.params(&self.name, &sampling.name, prompt_index, batch_index, &networks)
+                };
                 params.prompt = self.with_lora_tags(&params.prompt);
                 params
             })

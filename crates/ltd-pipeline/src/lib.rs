@@ -28,6 +28,7 @@ mod preview;
 pub mod refiner;
 pub mod request;
 pub mod seeds;
+pub mod single_file;
 pub mod source;
 mod text;
 pub mod textual_inversion;

@@ -30,6 +30,8 @@ pub struct GenerationParams {
     pub height: usize,
     /// The model (folder name or hub id).
     pub model: String,
+    /// A1111's `Model hash` of a single-file checkpoint (ten hex digits of its SHA-256).
+    pub model_hash: Option<String>,
     /// Further `Key: value` pairs in order (`Denoising strength`, `Clip skip`, `Batch size`…).
     pub extra: Vec<(String, String)>,
 }
@@ -70,6 +72,9 @@ impl GenerationParams {
         pairs.push(("CFG scale".into(), fmt_number(self.cfg_scale)));
         pairs.push(("Seed".into(), self.seed.to_string()));
         pairs.push(("Size".into(), format!("{}x{}", self.width, self.height)));
+        if let Some(hash) = &self.model_hash {
+            pairs.push(("Model hash".into(), hash.clone()));
+        }
         pairs.push(("Model".into(), self.model.clone()));
         pairs.extend(self.extra.iter().cloned());
         let line: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}: {}", quote(v))).collect();
@@ -96,6 +101,7 @@ mod tests {
             width: 512,
             height: 768,
             model: "stable-diffusion-v1-5/stable-diffusion-v1-5".into(),
+            model_hash: None,
             extra: vec![("Clip skip".into(), "2".into()), ("Note".into(), "a, b".into())],
         };
         expect_test::expect![[r#"
@@ -112,5 +118,30 @@ mod tests {
         };
         assert!(p.to_infotext().ends_with("CFG scale: 7, Seed: 42, Size: 512x768, Model: stable-diffusion-v1-5/stable-diffusion-v1-5"));
         assert!(!p.to_infotext().contains("Negative"));
+    }
+
+    /// A single-file checkpoint's hash comes before its name, as A1111 writes them.
+    #[test]
+    fn writes_the_model_hash_before_the_model() {
+        let p = GenerationParams {
+            prompt: "a cat".into(),
+            negative: None,
+            steps: 20,
+            sampler: "Euler".into(),
+            schedule_type: None,
+            cfg_scale: 7.0,
+            seed: 1,
+            width: 512,
+            height: 512,
+            model: "dreamshaper_8".into(),
+            model_hash: Some("879db523c3".into()),
+            extra: vec![],
+        };
+        assert!(
+            p.to_infotext()
+                .ends_with("Size: 512x512, Model hash: 879db523c3, Model: dreamshaper_8"),
+            "{}",
+            p.to_infotext()
+        );
     }
 }

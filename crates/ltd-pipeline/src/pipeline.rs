@@ -33,6 +33,16 @@ pub struct LoadOptions {
     pub loras: Vec<LoraSpec>,
     /// Textual-inversion embeddings added to the tokenizers and text encoders, in order.
     pub embeddings: Vec<PathBuf>,
+    /// A single-file checkpoint's configs and tokenizers: a diffusers folder (diffusers'
+    /// `from_single_file(config=…)`); by default the built-in official configs of its family.
+    pub config: Option<PathBuf>,
+    /// Replaces the model's VAE: a diffusers `vae/` folder or a single VAE file.
+    pub vae: Option<PathBuf>,
+    /// Overrides the scheduler's `prediction_type` (`epsilon`, `v_prediction`, `sample`).
+    pub prediction_type: Option<String>,
+    /// A tokenizer folder with the CLIP vocabulary (`vocab.json`, `merges.txt`) for a
+    /// single-file checkpoint loaded with the built-in configs, which hold no vocabulary.
+    pub vocabulary: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -44,6 +54,10 @@ impl Default for LoadOptions {
             runtime: Default::default(),
             loras: Vec::new(),
             embeddings: Vec::new(),
+            config: None,
+            vae: None,
+            prediction_type: None,
+            vocabulary: None,
         }
     }
 }
@@ -64,11 +78,18 @@ pub struct Pipeline {
     pub(crate) loras: Vec<LoadedLora>,
     /// The textual-inversion embeddings added.
     pub(crate) embeddings: Vec<LoadedEmbedding>,
+    /// A1111's short hash of a single-file checkpoint (`Model hash`).
+    pub(crate) model_hash: Option<String>,
 }
 
 impl Pipeline {
     /// Loads every component of the model at `source` (fetching hub files first).
     pub fn load(source: &ModelSource, options: &LoadOptions) -> Result<Self> {
+        if let ModelSource::Local(path) = source {
+            if crate::single_file::is_single_file(path) {
+                return Self::load_single_file(path, options);
+            }
+        }
         let root = source.resolve(options.variant.as_deref())?;
         let mut pipe = Self::load_folder(&root, options)?;
         pipe.name = source.to_string();
@@ -104,6 +125,10 @@ impl Pipeline {
                 other => other,
             },
         )?;
+        if let Some(p) = &options.prediction_type {
+            crate::single_file::check_prediction_type(p)?;
+            scheduler_config.prediction_type = Some(p.clone());
+        }
         let default_sampler = default_sampler(&scheduler_config);
 
         let (mut patches, loras) = lora_patches(root, index.kind, &options.loras, variant)?;
@@ -123,14 +148,15 @@ impl Pipeline {
             runtime,
             patches.remove(&Component::Unet).map(Arc::new),
         )?;
-        let vae_cfg = AutoencoderKL::load_config(&root.join("vae"))?;
-        let vae = AutoencoderKL::load(
-            &root.join("vae"),
-            variant,
-            vae_cfg.compute_dtype(dtype),
-            device,
-            runtime,
-        )?;
+        let vae = crate::single_file::load_vae(&root.join("vae"), options, |vae_cfg| {
+            Ok(AutoencoderKL::load(
+                &root.join("vae"),
+                variant,
+                vae_cfg.compute_dtype(dtype),
+                device,
+                runtime,
+            )?)
+        })?;
         check_compatible(root, &index, &text, &unet, &vae)?;
         Ok(Self {
             name: root.display().to_string(),
@@ -145,6 +171,7 @@ impl Pipeline {
             dtype,
             loras,
             embeddings,
+            model_hash: None,
         })
     }
 
@@ -162,7 +189,12 @@ impl Pipeline {
         &self.name
     }
 
-    /// The model folder.
+    /// A1111's short hash of the checkpoint file (`Model hash`), for single-file models.
+    pub fn model_hash(&self) -> Option<&str> {
+        self.model_hash.as_deref()
+    }
+
+    /// The model folder (for a single-file checkpoint, the folder of its configs).
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -251,7 +283,7 @@ fn lora_patches(
 }
 
 /// What `StableDiffusionPipeline.__init__` rewrites in outdated scheduler configs.
-fn legacy_scheduler_fixes(cfg: &mut SchedulerConfig) {
+pub(crate) fn legacy_scheduler_fixes(cfg: &mut SchedulerConfig) {
     if cfg.steps_offset.is_some_and(|o| o != 1) {
         tracing::warn!("scheduler config has steps_offset != 1; using 1, as diffusers does");
         cfg.steps_offset = Some(1);
@@ -263,7 +295,7 @@ fn legacy_scheduler_fixes(cfg: &mut SchedulerConfig) {
 }
 
 /// The CLI name of the sampler a config describes, where one matches it exactly.
-fn default_sampler(cfg: &SchedulerConfig) -> Option<SamplerKind> {
+pub(crate) fn default_sampler(cfg: &SchedulerConfig) -> Option<SamplerKind> {
     let class = cfg.scheduler_class().ok()?;
     let karras = cfg.use_karras_sigmas.unwrap_or(false);
     let algorithm = cfg.algorithm_type.as_deref().unwrap_or("dpmsolver++");
@@ -279,7 +311,7 @@ fn default_sampler(cfg: &SchedulerConfig) -> Option<SamplerKind> {
 }
 
 /// Cross-component checks diffusers would only trip over mid-generation.
-fn check_compatible(
+pub(crate) fn check_compatible(
     root: &Path,
     index: &ModelIndex,
     text: &TextEncoders,

@@ -160,6 +160,18 @@ impl TextEncoders {
         Ok(())
     }
 
+    /// The encoders of a single-file checkpoint, already loaded.
+    pub fn from_models(
+        kind: PipelineKind,
+        force_zeros_for_empty_prompt: bool,
+        first: (CLIPTokenizer, CLIPTextModel),
+        second: Option<(CLIPTokenizer, CLIPTextModelWithProjection)>,
+    ) -> Self {
+        let mut parts = vec![(first.0, Encoder::Plain(first.1))];
+        parts.extend(second.map(|(t, m)| (t, Encoder::Projection(m))));
+        Self { kind, parts, t5: None, force_zeros_for_empty_prompt, expansions: Vec::new() }
+    }
+
     /// The projection size of SDXL's pooled text embeddings (`text_encoder_2.projection_dim`).
     pub fn pooled_dim(&self) -> Option<usize> {
         self.parts.iter().find_map(|(_, e)| match e {

@@ -31,6 +31,10 @@ pub fn run_child(child: Child, args: &Args, root: &Path) -> Result<()> {
         Child::Vae => vae(args, root)?,
         Child::Load => load(root)?,
         Child::WriteUnet => return write_unet(root),
+        Child::LoadSingleFile | Child::LoadFolder => {
+            let dir = args.bench_dir.as_deref().context("--bench-dir is missing")?;
+            super::single_file::load(root, dir, child == Child::LoadSingleFile)?
+        }
     };
     println!("{}", serde_json::to_string(&m)?);
     Ok(())
@@ -43,18 +47,18 @@ fn status_kib(field: &str) -> Option<f64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-fn rss_mib(field: &str) -> Option<f64> {
+pub(super) fn rss_mib(field: &str) -> Option<f64> {
     status_kib(field).map(|k| k / 1024.0)
 }
 
 /// Resets the peak resident set (`VmHWM`) to the current one (Linux).
-fn reset_peak() {
+pub(super) fn reset_peak() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 /// User + system CPU seconds of this process, all threads (from /proc/self/stat, in the
 /// kernel's fixed 100 Hz `USER_HZ` ticks).
-fn cpu_seconds() -> f64 {
+pub(super) fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     // Fields after the command name, which is in parentheses and may hold spaces.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
@@ -91,7 +95,12 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
-fn measurement(item: &str, wall: Vec<f64>, cpu: Vec<f64>, base: Option<f64>) -> Measurement {
+pub(super) fn measurement(
+    item: &str,
+    wall: Vec<f64>,
+    cpu: Vec<f64>,
+    base: Option<f64>,
+) -> Measurement {
     let mut extra = serde_json::Map::new();
     extra.insert("candle".into(), "0.11.1".into());
     Measurement {
