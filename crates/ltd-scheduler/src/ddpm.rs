@@ -116,6 +116,10 @@ impl Scheduler for DDPMScheduler {
         "DDPMScheduler"
     }
 
+    fn takes_learned_variance(&self) -> bool {
+        matches!(self.variance_type, DdpmVarianceType::Learned | DdpmVarianceType::LearnedRange)
+    }
+
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
         let num_train = self.alphas_cumprod.len();
         check_steps(n, num_train)?;

@@ -176,6 +176,10 @@ impl Scheduler for DPMSolverSinglestepScheduler {
         "DPMSolverSinglestepScheduler"
     }
 
+    fn takes_learned_variance(&self) -> bool {
+        self.learned_variance
+    }
+
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
         check_steps(n, usize::MAX)?;
         let num_train = self.schedule.alphas_cumprod.len();

@@ -92,6 +92,9 @@ fn run_case(case: &serde_json::Value) -> Result<f64, String> {
     let var_kind = case["variance"].as_str().unwrap();
 
     let mut s = build_case(case);
+    if !s.takes_learned_variance() {
+        return Err(err("does not take the variance channels".into()));
+    }
     if s.class_name() != case["class_name"].as_str().unwrap() {
         return Err(err(format!("built {} not {}", s.class_name(), case["class_name"])));
     }
@@ -173,6 +176,8 @@ fn if_configs_load_and_goldens_cover_them() {
     {
         let s = load_scheduler(&configs_dir().join(dir).join("scheduler_config.json")).unwrap();
         assert_eq!(s.class_name(), "DDPMScheduler", "{dir}");
+        // The image-noising scheduler only adds noise: a fixed variance.
+        assert_eq!(s.takes_learned_variance(), !dir.contains("noising"), "{dir}");
     }
     let names: Vec<&str> = golden().cases.iter().map(|c| c["name"].as_str().unwrap()).collect();
     for prefix in ["ddpm-if1-", "ddpm-if1-clip-", "ddpm-if1-noclip-", "ddpm-if2-", "dpm2m-sde-if1-"]
@@ -194,6 +199,23 @@ fn image_noising_scheduler_add_noise_matches_diffusers() {
         let diff = max_abs_diff_f64(&ours, &g.tensors[&format!("noising/{level}")]);
         println!("noise_level {level:>3}: max |Δ| {diff:.2e}");
         assert!(diff <= ADD_NOISE_TOL, "noise_level {level}: off by {diff:.3e}");
+    }
+}
+
+/// Samplers other than DDPM and the DPM-Solvers, swapped in from IF's config, take the
+/// prediction half only (the pipeline splits for them).
+#[test]
+fn other_samplers_do_not_take_the_variance_channels() {
+    let path = configs_dir().join("IF-I-XL-v1.0/scheduler/scheduler_config.json");
+    let cfg = SchedulerConfig::load(&path).unwrap();
+    for kind in SamplerKind::ALL {
+        let s = build_scheduler(*kind, &cfg).unwrap();
+        let takes = s.takes_learned_variance();
+        let expected = matches!(
+            s.class_name(),
+            "DDPMScheduler" | "DPMSolverMultistepScheduler" | "DPMSolverSinglestepScheduler"
+        );
+        assert_eq!(takes, expected, "{kind}");
     }
 }
 
