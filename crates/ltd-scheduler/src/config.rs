@@ -140,6 +140,12 @@ config_enum! {
         FixedSmallLog => "fixed_small_log",
         /// βₜ.
         FixedLarge => "fixed_large",
+        /// The model predicts the variance itself (its output has twice the sample's
+        /// channels; the second half is the variance).
+        Learned => "learned",
+        /// The model predicts v ∈ [−1, 1] interpolating the log variance between β̃ₜ and βₜ
+        /// (Nichol & Dhariwal 2021, eq. 15), in the second half of its channels.
+        LearnedRange => "learned_range",
     }
 }
 

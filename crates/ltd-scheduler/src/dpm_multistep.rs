@@ -12,7 +12,8 @@
 //! | `d0, d1, d2`       | the divided differences of algorithm 2 / eq. (5)-(6) |
 //!
 //! Step:
-//! 1. Convert the model output to x₀ (then threshold it if configured).
+//! 1. Convert the model output to x₀ (then threshold it if configured); with a learned
+//!    `variance_type` and ε prediction, only the first 3 channels (diffusers' `[:, :3]`).
 //! 2. Shift it into the history; draw z for the SDE variant.
 //! 3. Take the highest-order update the history allows: first order on the first step, at the
 //!    final step (when `euler_at_final`, when `final_sigmas_type` is `zero`, or when
@@ -47,17 +48,41 @@ pub(crate) struct DpmFormula {
     pub solver_type: DpmSolverType,
 }
 
-/// `solver_order` (1–3, default 2) of the DPM-Solvers, after rejecting `variance_type`: the
-/// learned variances need a model with twice the output channels.
+/// `solver_order` (1–3, default 2) of the DPM-Solvers.
 pub(crate) fn read_solver_order(cfg: &SchedulerConfig) -> std::result::Result<usize, ConfigError> {
-    if let Some(v) = cfg.variance_type.as_deref() {
-        return Err(ConfigError::unsupported("variance_type", v));
-    }
     let solver_order = cfg.solver_order.unwrap_or(2);
     if !(1..=3).contains(&solver_order) {
         return Err(ConfigError::unsupported("solver_order", solver_order));
     }
     Ok(solver_order)
+}
+
+/// `variance_type` as the DPM-Solvers read it: `learned` / `learned_range` (a model that also
+/// predicts its variance, DeepFloyd IF) means an ε prediction keeps only `model_output[:, :3]`;
+/// DDPM's fixed variances (a DDPM config swapped in) mean nothing to them, as in diffusers.
+pub(crate) fn read_learned_variance(
+    cfg: &SchedulerConfig,
+) -> std::result::Result<bool, ConfigError> {
+    match cfg.variance_type.as_deref() {
+        None | Some("fixed_small" | "fixed_small_log" | "fixed_large" | "fixed_large_log") => {
+            Ok(false)
+        }
+        Some("learned" | "learned_range") => Ok(true),
+        Some(other) => Err(ConfigError::unsupported("variance_type", other)),
+    }
+}
+
+/// diffusers' `model_output[:, :3]` for a learned variance under ε prediction: DPM-Solver
+/// needs only the mean. diffusers hardcodes the 3 pixel channels of DeepFloyd IF.
+pub(crate) fn mean_output(
+    out: Tensor,
+    learned_variance: bool,
+    prediction: PredictionType,
+) -> Result<Tensor> {
+    if learned_variance && prediction == PredictionType::Epsilon {
+        return Ok(out.narrow(1, 0, 3)?);
+    }
+    Ok(out)
 }
 
 /// αₜ, σₜ and λₜ for a k-sigma, in float32 as torch computes them.
@@ -188,6 +213,8 @@ pub struct DPMSolverMultistepScheduler {
     formula: DpmFormula,
     solver_order: usize,
     prediction: PredictionType,
+    /// `variance_type` is learned: the model output carries the variance after the mean.
+    learned_variance: bool,
     clamp: SampleClamp,
     lower_order_final: bool,
     euler_at_final: bool,
@@ -219,6 +246,7 @@ impl DPMSolverMultistepScheduler {
             formula: DpmFormula::read(cfg)?,
             solver_order,
             prediction: cfg.prediction_type()?,
+            learned_variance: read_learned_variance(cfg)?,
             clamp: SampleClamp::read(cfg, None)?,
             lower_order_final: cfg.lower_order_final.unwrap_or(true),
             euler_at_final: cfg.euler_at_final.unwrap_or(false),
@@ -249,6 +277,10 @@ impl Scheduler for DPMSolverMultistepScheduler {
         "DPMSolverMultistepScheduler"
     }
 
+    fn takes_learned_variance(&self) -> bool {
+        self.learned_variance
+    }
+
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
         check_steps(n, usize::MAX)?;
         let num_train = self.schedule.alphas_cumprod.len();
@@ -273,13 +305,15 @@ impl Scheduler for DPMSolverMultistepScheduler {
 
         // 1.
         let (alpha, sigma) = vp_alpha_sigma(sigmas[i]);
+        let out = mean_output(out, self.learned_variance, self.prediction)?;
         let x0 = vp_x0(self.prediction, &out, &x, alpha, sigma)?;
         let x0 = self.clamp.apply(&x0)?;
 
         // 2.
         self.model_outputs.push(x0.clone());
         let order = self.solver_order;
-        let z = if self.formula.sde() { Some(noise.float32()?) } else { None };
+        // diffusers draws in the shape of the converted output, x₀.
+        let z = if self.formula.sde() { Some(noise.float32_shaped(x0.dims())?) } else { None };
 
         // 3.
         let (sigma_t, sigma_s0) = (sigmas[i + 1], sigmas[i]);

@@ -7,7 +7,9 @@
 //! the model outputs at the group's intermediate timesteps. One model evaluation per timestep.
 //!
 //! Step:
-//! 1. Convert the model output to x₀ (then threshold); push it into the history.
+//! 1. Convert the model output to x₀ (then threshold); push it into the history. With a
+//!    learned `variance_type` and ε prediction only the first 3 channels count (diffusers'
+//!    `[:, :3]`, see [`crate::DPMSolverMultistepScheduler`]).
 //! 2. The order is the order list's entry (lowered while the history is short, e.g. when
 //!    starting part-way for image-to-image); at order 1 the group's start sample is stored.
 //! 3. 1st order: eq. 5 from x_s. 2nd order (2S): from x_s at σₛ₁ with D0 = m1,
@@ -23,7 +25,9 @@ use ltd_nn::{ConfigError, Error, Result};
 use crate::config::{
     DpmSolverType, FinalSigmasType, PredictionType, SchedulerConfig, Unimplemented,
 };
-use crate::dpm_multistep::{clipped_timesteps, read_solver_order, vp_lambda, DpmFormula};
+use crate::dpm_multistep::{
+    clipped_timesteps, mean_output, read_learned_variance, read_solver_order, vp_lambda, DpmFormula,
+};
 use crate::ops::{div, lincomb, scale, History};
 use crate::prediction::vp_x0;
 use crate::schedule::{
@@ -39,6 +43,8 @@ pub struct DPMSolverSinglestepScheduler {
     formula: DpmFormula,
     solver_order: usize,
     prediction: PredictionType,
+    /// `variance_type` is learned: the model output carries the variance after the mean.
+    learned_variance: bool,
     clamp: SampleClamp,
     lower_order_final: bool,
     schedule: SolverSchedule,
@@ -60,6 +66,7 @@ impl DPMSolverSinglestepScheduler {
             formula: DpmFormula::read(cfg)?,
             solver_order,
             prediction: cfg.prediction_type()?,
+            learned_variance: read_learned_variance(cfg)?,
             clamp: SampleClamp::read(cfg, None)?,
             lower_order_final: cfg.lower_order_final.unwrap_or(false),
             clipped: clipped_timesteps(cfg, &alphas_cumprod),
@@ -169,6 +176,10 @@ impl Scheduler for DPMSolverSinglestepScheduler {
         "DPMSolverSinglestepScheduler"
     }
 
+    fn takes_learned_variance(&self) -> bool {
+        self.learned_variance
+    }
+
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
         check_steps(n, usize::MAX)?;
         let num_train = self.schedule.alphas_cumprod.len();
@@ -196,10 +207,16 @@ impl Scheduler for DPMSolverSinglestepScheduler {
         let i = self.schedule.begin_step(self.class_name(), timestep)?;
         // 1.
         let (alpha, sigma) = vp_alpha_sigma(self.schedule.sigmas[i]);
+        let out = mean_output(out, self.learned_variance, self.prediction)?;
         let x0 = vp_x0(self.prediction, &out, &x, alpha, sigma)?;
         let x0 = self.clamp.apply(&x0)?;
+        // diffusers draws in the shape of the converted output, x₀.
+        let z = if self.formula.sde() {
+            Some(noise.like_model_output_shaped(x0.dims())?)
+        } else {
+            None
+        };
         self.model_outputs.push(x0);
-        let z = if self.formula.sde() { Some(noise.like_model_output()?) } else { None };
         // 2.
         let mut order = self.order_list.get(i).copied().unwrap_or(1);
         while order > 1 && !self.model_outputs.has(order - 1) {

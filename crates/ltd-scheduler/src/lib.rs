@@ -191,6 +191,14 @@ pub trait Scheduler: Send {
     fn sigmas(&self) -> Option<&[f32]> {
         self.noise_levels().sigmas()
     }
+    /// Whether `step` takes a model output that also carries the predicted variance (twice
+    /// the sample's channels, as DeepFloyd IF's U-Nets output): DDPM with a learned
+    /// `variance_type` (it reads the variance) and the DPM-Solvers with one (they keep the
+    /// first 3 channels). Every other sampler needs the pipeline to pass the prediction half
+    /// only (diffusers' IF pipelines split when the config's `variance_type` is not learned).
+    fn takes_learned_variance(&self) -> bool {
+        false
+    }
 }
 
 /// Sampling options that are call arguments in diffusers rather than config fields.

@@ -57,4 +57,18 @@ impl StepNoise<'_> {
         let like = self.like;
         upcast(&self.source.randn(like.dims(), DType::F32, like.device())?)
     }
+
+    /// `randn_tensor(shape, dtype=model_output.dtype)` for a `shape` other than the model
+    /// output's: a model that also predicts its variance (DeepFloyd IF) outputs twice the
+    /// sample's channels, and diffusers draws in the shape of the part it keeps.
+    pub fn like_model_output_shaped(&mut self, shape: &[usize]) -> Result<Tensor> {
+        let like = self.like;
+        upcast(&self.source.randn(shape, like.dtype(), like.device())?)
+    }
+
+    /// A float32 draw of `shape` (DPM-Solver multistep's SDE noise, in the shape of the
+    /// converted model output).
+    pub fn float32_shaped(&mut self, shape: &[usize]) -> Result<Tensor> {
+        upcast(&self.source.randn(shape, DType::F32, self.like.device())?)
+    }
 }

@@ -71,8 +71,12 @@ fn config_errors_name_the_field_and_value() {
             "`variance_type`: unsupported value \"fixed_large_log\"",
         ),
         (
-            r#"{"_class_name": "DDPMScheduler", "variance_type": "learned_range"}"#,
-            "`variance_type`: unsupported value \"learned_range\"",
+            r#"{"_class_name": "DDPMScheduler", "variance_type": "learned_rang"}"#,
+            "`variance_type`: unsupported value \"learned_rang\"",
+        ),
+        (
+            r#"{"_class_name": "DPMSolverMultistepScheduler", "variance_type": "fixed_medium"}"#,
+            "`variance_type`: unsupported value \"fixed_medium\"",
         ),
         (
             r#"{"_class_name": "PNDMScheduler", "prediction_type": "sample"}"#,
