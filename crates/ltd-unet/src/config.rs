@@ -598,7 +598,13 @@ impl TryFrom<UNet2DConditionModelConfig> for UNetConfig {
                 Vec::new()
             };
             let downsample = (i + 1 < n).then_some((cout, raw.downsample_padding));
-            down_blocks.push(DownBlockConfig { kind, resnets, attentions, downsample, simple: None });
+            down_blocks.push(DownBlockConfig {
+                kind,
+                resnets,
+                attentions,
+                downsample,
+                simple: None,
+            });
         }
 
         let last = channels[n - 1];
@@ -626,10 +632,11 @@ impl TryFrom<UNet2DConditionModelConfig> for UNetConfig {
                 attention_head_dim: None,
             })),
             Some("UNetMidBlock2DSimpleCrossAttn") => {
-                let oca = raw.mid_block_only_cross_attention.unwrap_or(match raw.only_cross_attention {
-                    OneOrMany::One(b) => b,
-                    OneOrMany::Many(_) => false,
-                });
+                let oca =
+                    raw.mid_block_only_cross_attention.unwrap_or(match raw.only_cross_attention {
+                        OneOrMany::One(b) => b,
+                        OneOrMany::Many(_) => false,
+                    });
                 Some(MidBlockConfig::SimpleCrossAttn {
                     resnets: vec![
                         ResnetBlock2DConfig {
@@ -666,9 +673,7 @@ impl TryFrom<UNet2DConditionModelConfig> for UNetConfig {
                 let attentions = if block_type(ty).starts_with("SimpleCrossAttn") {
                     // diffusers passes `attention_head_dim[i]` here, not reversed.
                     (0..num_layers)
-                        .map(|_| {
-                            added_kv(i, cout, head_dims[i], rev_cross[i], rev_only_cross[i])
-                        })
+                        .map(|_| added_kv(i, cout, head_dims[i], rev_cross[i], rev_only_cross[i]))
                         .collect::<Result<Vec<_>, _>>()?
                 } else {
                     Vec::new()

@@ -118,7 +118,11 @@ impl AttentionPooling {
     pub fn new(vb: VarBuilder, num_heads: usize, embed_dim: usize) -> Result<Self> {
         let init = candle_nn::Init::Randn { mean: 0.0, stdev: 1.0 / (embed_dim as f64).sqrt() };
         Ok(Self {
-            positional_embedding: vb.get_with_hints((1, embed_dim), "positional_embedding", init)?,
+            positional_embedding: vb.get_with_hints(
+                (1, embed_dim),
+                "positional_embedding",
+                init,
+            )?,
             q_proj: Linear::new(vb.pp("q_proj"), embed_dim, embed_dim, true)?,
             k_proj: Linear::new(vb.pp("k_proj"), embed_dim, embed_dim, true)?,
             v_proj: Linear::new(vb.pp("v_proj"), embed_dim, embed_dim, true)?,

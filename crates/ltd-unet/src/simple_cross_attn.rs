@@ -102,7 +102,8 @@ impl ResnetBlock2DUpDown {
         let h = self.conv1.forward(&h)?;
         let t = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(temb)) => {
-                let temb = if self.cfg.skip_time_act { temb.clone() } else { b.act.forward(temb)? };
+                let temb =
+                    if self.cfg.skip_time_act { temb.clone() } else { b.act.forward(temb)? };
                 Some(proj.forward(&temb)?.unsqueeze(2)?.unsqueeze(3)?)
             }
             _ => None,
