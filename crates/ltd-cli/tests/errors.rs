@@ -176,7 +176,7 @@ fn bad_model_folders_name_the_file() {
     // A config value we do not support.
     std::fs::write(
         &cfg_path,
-        cfg.replace("\"CrossAttnDownBlock2D\"", "\"SimpleCrossAttnDownBlock2D\""),
+        cfg.replace("\"CrossAttnDownBlock2D\"", "\"AttnDownBlock2D\""),
     )
     .unwrap();
     fails(&args, "unet/config.json: field `down_block_types[0]`", 1);

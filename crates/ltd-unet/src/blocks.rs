@@ -1,40 +1,128 @@
 //! The U-Net's down, mid and up blocks: diffusers' `CrossAttnDownBlock2D` / `DownBlock2D`,
-//! `UNetMidBlock2DCrossAttn` / `UNetMidBlock2D` and `CrossAttnUpBlock2D` / `UpBlock2D`. A block
-//! with and without cross-attention differ only in whether each ResNet block is followed by a
-//! transformer, so each pair is one type here.
+//! `UNetMidBlock2DCrossAttn` / `UNetMidBlock2D` and `CrossAttnUpBlock2D` / `UpBlock2D`, and
+//! DeepFloyd IF's `SimpleCrossAttnDownBlock2D` / `ResnetDownsampleBlock2D`,
+//! `UNetMidBlock2DSimpleCrossAttn` and `SimpleCrossAttnUpBlock2D` / `ResnetUpsampleBlock2D`. A
+//! block with and without cross-attention differ only in whether each ResNet block is followed
+//! by an attention layer, and IF's blocks only in their ResNet (which may skip the time
+//! activation), attention and resampling layers, so all down blocks are one type here, and all
+//! up blocks another.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use ltd_nn::attention::AttentionOptions;
 use ltd_nn::layers::{Downsample2D, ResnetBlock2D, UNetMidBlock2D, Upsample2D};
 
-use crate::config::{DownBlockConfig, MidBlockConfig, UpBlockConfig};
+use crate::config::{DownBlockConfig, MidBlockConfig, SimpleBlockConfig, UpBlockConfig};
+use crate::simple_cross_attn::{
+    AddedKVAttention, AddedKVAttentionConfig, Resample, ResnetBlock2DUpDown, ResnetUpDownConfig,
+};
 use crate::transformer_2d::{Transformer2DConfig, Transformer2DModel};
+
+/// A ResNet block: the shared one, or IF's (which may skip the time activation).
+#[derive(Debug, Clone)]
+pub enum Resnet {
+    /// `ltd_nn`'s `ResnetBlock2D`.
+    Shared(ResnetBlock2D),
+    /// IF's blocks' ResNet.
+    Simple(ResnetBlock2DUpDown),
+}
+
+impl Resnet {
+    fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Shared(r) => r.forward(x, Some(temb)),
+            Self::Simple(r) => r.forward(x, Some(temb)),
+        }
+    }
+}
+
+/// The layer after a ResNet block: a transformer, or IF's added-key/value attention.
+#[derive(Debug, Clone)]
+pub enum Attn {
+    /// `Transformer2DModel`.
+    Transformer(Transformer2DModel),
+    /// IF's `Attention(added_kv_proj_dim=…)`.
+    AddedKV(AddedKVAttention),
+}
+
+impl Attn {
+    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Transformer(t) => t.forward(x, context),
+            Self::AddedKV(a) => a.forward(x, context),
+        }
+    }
+}
 
 fn resnets(
     vb: &VarBuilder,
     cfgs: &[ltd_nn::layers::ResnetBlock2DConfig],
-) -> Result<Vec<ResnetBlock2D>> {
-    cfgs.iter().enumerate().map(|(j, c)| ResnetBlock2D::new(vb.pp("resnets").pp(j), c)).collect()
+    simple: Option<&SimpleBlockConfig>,
+) -> Result<Vec<Resnet>> {
+    let simple_time_act = simple.map(|s| s.skip_time_act);
+    cfgs.iter()
+        .enumerate()
+        .map(|(j, c)| {
+            let vb = vb.pp("resnets").pp(j);
+            Ok(match simple_time_act {
+                None => Resnet::Shared(ResnetBlock2D::new(vb, c)?),
+                Some(skip_time_act) => Resnet::Simple(ResnetBlock2DUpDown::new(
+                    vb,
+                    &ResnetUpDownConfig { base: *c, skip_time_act, resample: Resample::None },
+                )?),
+            })
+        })
+        .collect()
 }
 
 fn transformers(
     vb: &VarBuilder,
     cfgs: &[Transformer2DConfig],
+    simple: Option<&SimpleBlockConfig>,
     opts: &AttentionOptions,
-) -> Result<Vec<Transformer2DModel>> {
+) -> Result<Vec<Attn>> {
+    match simple {
+        Some(s) => added_kv(vb, &s.attentions, opts),
+        None => cfgs
+            .iter()
+            .enumerate()
+            .map(|(j, c)| {
+                Ok(Attn::Transformer(Transformer2DModel::new(vb.pp("attentions").pp(j), c, opts)?))
+            })
+            .collect(),
+    }
+}
+
+fn added_kv(
+    vb: &VarBuilder,
+    cfgs: &[AddedKVAttentionConfig],
+    opts: &AttentionOptions,
+) -> Result<Vec<Attn>> {
     cfgs.iter()
         .enumerate()
-        .map(|(j, c)| Transformer2DModel::new(vb.pp("attentions").pp(j), c, opts))
+        .map(|(j, c)| Ok(Attn::AddedKV(AddedKVAttention::new(vb.pp("attentions").pp(j), c, opts)?)))
         .collect()
+}
+
+/// IF's resampling ResNet block at `{prefix}.0`, if the block has one.
+fn resnet_sampler(
+    vb: &VarBuilder,
+    prefix: &str,
+    simple: Option<&SimpleBlockConfig>,
+) -> Result<Option<ResnetBlock2DUpDown>> {
+    match simple.and_then(|s| s.sampler.as_ref()) {
+        Some(c) => Ok(Some(ResnetBlock2DUpDown::new(vb.pp(prefix).pp(0), c)?)),
+        None => Ok(None),
+    }
 }
 
 /// `down_blocks.{i}`.
 #[derive(Debug, Clone)]
 pub struct DownBlock {
-    resnets: Vec<ResnetBlock2D>,
-    attentions: Vec<Transformer2DModel>,
+    resnets: Vec<Resnet>,
+    attentions: Vec<Attn>,
     downsampler: Option<Downsample2D>,
+    resnet_downsampler: Option<ResnetBlock2DUpDown>,
 }
 
 impl DownBlock {
@@ -46,10 +134,12 @@ impl DownBlock {
             }
             None => None,
         };
+        let simple = cfg.simple.as_ref();
         Ok(Self {
-            resnets: resnets(&vb, &cfg.resnets)?,
-            attentions: transformers(&vb, &cfg.attentions, opts)?,
+            resnets: resnets(&vb, &cfg.resnets, simple)?,
+            attentions: transformers(&vb, &cfg.attentions, simple, opts)?,
             downsampler,
+            resnet_downsampler: resnet_sampler(&vb, "downsamplers", simple)?,
         })
     }
 
@@ -64,7 +154,7 @@ impl DownBlock {
     ) -> Result<Tensor> {
         let mut h = x.clone();
         for (j, resnet) in self.resnets.iter().enumerate() {
-            h = resnet.forward(&h, Some(temb))?;
+            h = resnet.forward(&h, temb)?;
             if let Some(attn) = self.attentions.get(j) {
                 h = attn.forward(&h, context)?;
             }
@@ -74,6 +164,10 @@ impl DownBlock {
             h = down.forward(&h)?;
             skips.push(h.clone());
         }
+        if let Some(down) = &self.resnet_downsampler {
+            h = down.forward(&h, Some(temb))?;
+            skips.push(h.clone());
+        }
         Ok(h)
     }
 }
@@ -81,12 +175,12 @@ impl DownBlock {
 /// `mid_block`.
 #[derive(Debug, Clone)]
 pub enum MidBlock {
-    /// `UNetMidBlock2DCrossAttn`.
+    /// `UNetMidBlock2DCrossAttn` and IF's `UNetMidBlock2DSimpleCrossAttn`.
     CrossAttn {
         /// `resnets.0`, `resnets.1`.
-        resnets: Vec<ResnetBlock2D>,
+        resnets: Vec<Resnet>,
         /// `attentions.0`.
-        attentions: Vec<Transformer2DModel>,
+        attentions: Vec<Attn>,
     },
     /// `UNetMidBlock2D`.
     Plain(UNetMidBlock2D),
@@ -97,9 +191,20 @@ impl MidBlock {
     pub fn new(vb: VarBuilder, cfg: &MidBlockConfig, opts: &AttentionOptions) -> Result<Self> {
         Ok(match cfg {
             MidBlockConfig::CrossAttn { resnets: r, attentions: a } => Self::CrossAttn {
-                resnets: resnets(&vb, r)?,
-                attentions: transformers(&vb, a, opts)?,
+                resnets: resnets(&vb, r, None)?,
+                attentions: transformers(&vb, a, None, opts)?,
             },
+            MidBlockConfig::SimpleCrossAttn { resnets: r, attentions: a, skip_time_act } => {
+                let simple = SimpleBlockConfig {
+                    skip_time_act: *skip_time_act,
+                    attentions: a.clone(),
+                    sampler: None,
+                };
+                Self::CrossAttn {
+                    resnets: resnets(&vb, r, Some(&simple))?,
+                    attentions: added_kv(&vb, a, opts)?,
+                }
+            }
             MidBlockConfig::Plain(c) => Self::Plain(UNetMidBlock2D::new(vb, c, opts)?),
         })
     }
@@ -108,10 +213,10 @@ impl MidBlock {
     pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
         match self {
             Self::CrossAttn { resnets, attentions } => {
-                let mut h = resnets[0].forward(x, Some(temb))?;
+                let mut h = resnets[0].forward(x, temb)?;
                 for (attn, resnet) in attentions.iter().zip(&resnets[1..]) {
                     h = attn.forward(&h, context)?;
-                    h = resnet.forward(&h, Some(temb))?;
+                    h = resnet.forward(&h, temb)?;
                 }
                 Ok(h)
             }
@@ -123,9 +228,10 @@ impl MidBlock {
 /// `up_blocks.{i}`.
 #[derive(Debug, Clone)]
 pub struct UpBlock {
-    resnets: Vec<ResnetBlock2D>,
-    attentions: Vec<Transformer2DModel>,
+    resnets: Vec<Resnet>,
+    attentions: Vec<Attn>,
     upsampler: Option<Upsample2D>,
+    resnet_upsampler: Option<ResnetBlock2DUpDown>,
 }
 
 impl UpBlock {
@@ -135,10 +241,12 @@ impl UpBlock {
             Some(c) => Some(Upsample2D::new(vb.pp("upsamplers").pp(0), c, c)?),
             None => None,
         };
+        let simple = cfg.simple.as_ref();
         Ok(Self {
-            resnets: resnets(&vb, &cfg.resnets)?,
-            attentions: transformers(&vb, &cfg.attentions, opts)?,
+            resnets: resnets(&vb, &cfg.resnets, simple)?,
+            attentions: transformers(&vb, &cfg.attentions, simple, opts)?,
             upsampler,
+            resnet_upsampler: resnet_sampler(&vb, "upsamplers", simple)?,
         })
     }
 
@@ -148,7 +256,7 @@ impl UpBlock {
     }
 
     /// Consumes skip connections from the end of `skips`; upsamples to `upsample_size` when
-    /// given, else ×2.
+    /// given, else ×2 (IF's ResNet upsampler always ×2, as in diffusers).
     pub fn forward(
         &self,
         x: &Tensor,
@@ -162,14 +270,15 @@ impl UpBlock {
             let skip = skips.pop().ok_or_else(|| {
                 candle_core::Error::Msg("U-Net up block ran out of skip connections".into())
             })?;
-            h = resnet.forward(&Tensor::cat(&[&h, &skip], 1)?, Some(temb))?;
+            h = resnet.forward(&Tensor::cat(&[&h, &skip], 1)?, temb)?;
             if let Some(attn) = self.attentions.get(j) {
                 h = attn.forward(&h, context)?;
             }
         }
-        match &self.upsampler {
-            Some(up) => up.forward(&h, upsample_size),
-            None => Ok(h),
+        match (&self.upsampler, &self.resnet_upsampler) {
+            (Some(up), _) => up.forward(&h, upsample_size),
+            (None, Some(up)) => up.forward(&h, Some(temb)),
+            (None, None) => Ok(h),
         }
     }
 }

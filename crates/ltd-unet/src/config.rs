@@ -8,16 +8,21 @@
 //! channels divided by its heads. (diffusers 0.42 refuses `num_attention_heads` outright; we
 //! read it as what its name says.)
 //!
-//! Fields that only configure block types we reject (`resnet_skip_time_act`,
-//! `resnet_out_scale_factor`, `mid_block_only_cross_attention`, `cross_attention_norm`,
-//! `addition_embed_type_num_heads`) are read and, exactly as in diffusers for the supported
-//! blocks, have no effect. `dropout` is kept in [`UNetConfig`] but not applied.
+//! DeepFloyd IF's blocks (`ResnetDownsampleBlock2D`, `SimpleCrossAttnDownBlock2D`,
+//! `UNetMidBlock2DSimpleCrossAttn`, `SimpleCrossAttnUpBlock2D`, `ResnetUpsampleBlock2D`) read
+//! `resnet_skip_time_act`, `resnet_out_scale_factor`, `cross_attention_norm` and
+//! `mid_block_only_cross_attention`, and read `attention_head_dim` as the width of a head (as
+//! diffusers does for them, and with its up-block quirk: not reversed);
+//! `addition_embed_type_num_heads` belongs to `addition_embed_type: "text"`. As in diffusers,
+//! these fields have no effect on the other blocks. `dropout` is kept in [`UNetConfig`] but
+//! not applied.
 
 use ltd_nn::layers::{Activation, ResnetBlock2DConfig, TimeEmbeddingNorm, UNetMidBlock2DConfig};
 use ltd_nn::{ConfigError, OneOrMany};
 use serde::{Deserialize, Deserializer};
 
 use crate::embeddings::Timesteps;
+use crate::simple_cross_attn::{AddedKVAttentionConfig, Resample, ResnetUpDownConfig};
 use crate::transformer_2d::Transformer2DConfig;
 
 /// A boolean that may be `null` in a config; diffusers treats `None` as false.
@@ -208,32 +213,64 @@ pub struct TextTimeEmbedding {
     pub input_dim: usize,
 }
 
+/// `addition_embed_type: "text"` (DeepFloyd IF): the text states, attention-pooled and
+/// projected by `add_embedding` (diffusers' `TextTimeEmbedding`), added to the time embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TextAdditionEmbedding {
+    /// Width of the text states it pools (`encoder_hid_dim`, else `cross_attention_dim`): the
+    /// states before `encoder_hid_proj`.
+    pub encoder_dim: usize,
+    /// `addition_embed_type_num_heads`.
+    pub num_heads: usize,
+}
+
+/// DeepFloyd IF's block family (`ResnetDownsampleBlock2D`, `SimpleCrossAttnDownBlock2D` and
+/// their up and mid counterparts): ResNet blocks that resample themselves, and added-key/value
+/// attention instead of transformers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimpleBlockConfig {
+    /// `resnet_skip_time_act`.
+    pub skip_time_act: bool,
+    /// `attentions.{j}` of the `SimpleCrossAttn…` blocks (empty for the `Resnet…sample…` ones).
+    pub attentions: Vec<AddedKVAttentionConfig>,
+    /// `downsamplers.0` / `upsamplers.0`: a ResNet block with `down=True` / `up=True`.
+    pub sampler: Option<ResnetUpDownConfig>,
+}
+
 /// A down block: ResNet blocks, each followed by a transformer in `CrossAttnDownBlock2D`,
 /// then an optional stride-2 convolution.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DownBlockConfig {
-    /// The diffusers class name (`CrossAttnDownBlock2D` or `DownBlock2D`).
+    /// The diffusers class name (`CrossAttnDownBlock2D`, `DownBlock2D`,
+    /// `SimpleCrossAttnDownBlock2D` or `ResnetDownsampleBlock2D`).
     pub kind: &'static str,
     /// `resnets.{j}`.
     pub resnets: Vec<ResnetBlock2DConfig>,
-    /// `attentions.{j}`, one per ResNet block (empty for `DownBlock2D`).
+    /// `attentions.{j}`, one per ResNet block (empty for `DownBlock2D` and IF's blocks).
     pub attentions: Vec<Transformer2DConfig>,
-    /// `downsamplers.0`: (channels, padding), absent in the last block.
+    /// `downsamplers.0`: (channels, padding), absent in the last block and in IF's blocks.
     pub downsample: Option<(usize, usize)>,
+    /// IF's blocks: their attention and ResNet downsampler (then `attentions` and
+    /// `downsample` are empty).
+    pub simple: Option<SimpleBlockConfig>,
 }
 
 /// An up block: ResNet blocks over the features concatenated with the skip connections, each
 /// followed by a transformer in `CrossAttnUpBlock2D`, then an optional ×2 upsampling.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpBlockConfig {
-    /// The diffusers class name (`CrossAttnUpBlock2D` or `UpBlock2D`).
+    /// The diffusers class name (`CrossAttnUpBlock2D`, `UpBlock2D`, `SimpleCrossAttnUpBlock2D`
+    /// or `ResnetUpsampleBlock2D`).
     pub kind: &'static str,
     /// `resnets.{j}`; each consumes one skip connection.
     pub resnets: Vec<ResnetBlock2DConfig>,
-    /// `attentions.{j}`, one per ResNet block (empty for `UpBlock2D`).
+    /// `attentions.{j}`, one per ResNet block (empty for `UpBlock2D` and IF's blocks).
     pub attentions: Vec<Transformer2DConfig>,
-    /// `upsamplers.0` over this many channels, absent in the last block.
+    /// `upsamplers.0` over this many channels, absent in the last block (in IF's blocks too;
+    /// their upsampler is `simple.sampler`).
     pub upsample: Option<usize>,
+    /// IF's blocks: their attention and ResNet upsampler.
+    pub simple: Option<SimpleBlockConfig>,
 }
 
 /// The middle block.
@@ -248,6 +285,15 @@ pub enum MidBlockConfig {
     },
     /// `UNetMidBlock2D` as the U-Net builds it: a single ResNet block.
     Plain(UNetMidBlock2DConfig),
+    /// `UNetMidBlock2DSimpleCrossAttn` (DeepFloyd IF): ResNet, (added-KV attention, ResNet)×1.
+    SimpleCrossAttn {
+        /// `resnets.0`, `resnets.1`.
+        resnets: Vec<ResnetBlock2DConfig>,
+        /// `attentions.0`.
+        attentions: Vec<AddedKVAttentionConfig>,
+        /// `resnet_skip_time_act`.
+        skip_time_act: bool,
+    },
 }
 
 /// A validated `UNet2DConditionModel` architecture, every per-block value resolved.
@@ -289,6 +335,8 @@ pub struct UNetConfig {
     pub class_embeddings_concat: bool,
     /// SDXL's added conditioning.
     pub addition_embedding: Option<TextTimeEmbedding>,
+    /// DeepFloyd IF's added conditioning (`addition_embed_type: "text"`).
+    pub text_addition_embedding: Option<TextAdditionEmbedding>,
     /// Width of the encoder hidden states each block attends to (`cross_attention_dim`).
     pub cross_attention_dim: Vec<usize>,
     /// `encoder_hid_dim` of `encoder_hid_dim_type: "text_proj"`: the width of the text encoder
@@ -325,7 +373,10 @@ impl UNetConfig {
 
     /// Total downsampling factor of the down blocks (`2^(number of downsamplers)`).
     pub fn downsampling_factor(&self) -> usize {
-        1 << self.down_blocks.iter().filter(|b| b.downsample.is_some()).count()
+        let has = |b: &DownBlockConfig| {
+            b.downsample.is_some() || b.simple.as_ref().is_some_and(|s| s.sampler.is_some())
+        };
+        1 << self.down_blocks.iter().filter(|b| has(b)).count()
     }
 }
 
@@ -406,6 +457,7 @@ impl TryFrom<UNet2DConditionModelConfig> for UNetConfig {
         let blocks_temb =
             if raw.class_embeddings_concat { 2 * time_embed_dim } else { time_embed_dim };
         let addition_embedding = addition_embedding(&raw)?;
+        let text_addition_embedding = text_addition_embedding(&raw)?;
 
         // Per-block values. The historical misnomer: `attention_head_dim` counts heads.
         let heads = match &raw.num_attention_heads {
@@ -422,6 +474,46 @@ impl TryFrom<UNet2DConditionModelConfig> for UNetConfig {
         let layers = per_block(&raw.layers_per_block, n, "layers_per_block")?;
         let only_cross = per_block(&raw.only_cross_attention, n, "only_cross_attention")?;
         let (down_depths, up_depths, mid_depth) = transformer_depths(&raw, &layers)?;
+        // IF's blocks read `attention_head_dim` as the width of a head.
+        let head_dims = per_block(&raw.attention_head_dim, n, "attention_head_dim")?;
+        let cross_norm = || match raw.cross_attention_norm.as_deref() {
+            None => Ok(false),
+            Some("group_norm") => Ok(true),
+            Some(other) => Err(ConfigError::unsupported("cross_attention_norm", other)),
+        };
+        let added_kv = |i: usize, channels: usize, head_dim: usize, kv: usize, oca: bool| {
+            if head_dim == 0 || channels / head_dim == 0 {
+                return Err(ConfigError::new(
+                    format!("attention_head_dim[{i}]"),
+                    format!("heads of {head_dim} channels do not fit {channels} channels"),
+                ));
+            }
+            Ok(AddedKVAttentionConfig {
+                channels,
+                heads: channels / head_dim,
+                dim_head: head_dim,
+                added_kv_proj_dim: kv,
+                norm_num_groups: groups,
+                only_cross_attention: oca,
+                cross_attention_norm: cross_norm()?,
+            })
+        };
+        let simple_resnet = |cin: usize, cout: usize| ResnetBlock2DConfig {
+            in_channels: cin,
+            out_channels: cout,
+            temb_channels: Some(blocks_temb),
+            groups,
+            groups_out: groups,
+            eps: raw.norm_eps,
+            act: act_fn,
+            time_embedding_norm: time_norm,
+            output_scale_factor: raw.resnet_out_scale_factor,
+        };
+        let sampler = |c: usize, resample| ResnetUpDownConfig {
+            base: simple_resnet(c, c),
+            skip_time_act: raw.resnet_skip_time_act,
+            resample,
+        };
 
         let resnet = |cin: usize, cout: usize| ResnetBlock2DConfig {
             in_channels: cin,
@@ -461,6 +553,35 @@ impl TryFrom<UNet2DConditionModelConfig> for UNetConfig {
             let (kind, cross_attn) = match block_type(ty) {
                 "CrossAttnDownBlock2D" => ("CrossAttnDownBlock2D", true),
                 "DownBlock2D" => ("DownBlock2D", false),
+                "SimpleCrossAttnDownBlock2D" | "ResnetDownsampleBlock2D" => {
+                    let cin = if i == 0 { channels[0] } else { channels[i - 1] };
+                    let cout = channels[i];
+                    let attentions = if block_type(ty).starts_with("SimpleCrossAttn") {
+                        (0..layers[i])
+                            .map(|_| added_kv(i, cout, head_dims[i], cross[i], only_cross[i]))
+                            .collect::<Result<Vec<_>, _>>()?
+                    } else {
+                        Vec::new()
+                    };
+                    down_blocks.push(DownBlockConfig {
+                        kind: if attentions.is_empty() {
+                            "ResnetDownsampleBlock2D"
+                        } else {
+                            "SimpleCrossAttnDownBlock2D"
+                        },
+                        resnets: (0..layers[i])
+                            .map(|j| simple_resnet(if j == 0 { cin } else { cout }, cout))
+                            .collect(),
+                        attentions: Vec::new(),
+                        downsample: None,
+                        simple: Some(SimpleBlockConfig {
+                            skip_time_act: raw.resnet_skip_time_act,
+                            attentions,
+                            sampler: (i + 1 < n).then(|| sampler(cout, Resample::Down)),
+                        }),
+                    });
+                    continue;
+                }
                 _ => return Err(ConfigError::unsupported(field, ty)),
             };
             let cin = if i == 0 { channels[0] } else { channels[i - 1] };
@@ -477,7 +598,13 @@ impl TryFrom<UNet2DConditionModelConfig> for UNetConfig {
                 Vec::new()
             };
             let downsample = (i + 1 < n).then_some((cout, raw.downsample_padding));
-            down_blocks.push(DownBlockConfig { kind, resnets, attentions, downsample });
+            down_blocks.push(DownBlockConfig {
+                kind,
+                resnets,
+                attentions,
+                downsample,
+                simple: None,
+            });
         }
 
         let last = channels[n - 1];
@@ -504,6 +631,24 @@ impl TryFrom<UNet2DConditionModelConfig> for UNetConfig {
                 num_layers: 0,
                 attention_head_dim: None,
             })),
+            Some("UNetMidBlock2DSimpleCrossAttn") => {
+                let oca =
+                    raw.mid_block_only_cross_attention.unwrap_or(match raw.only_cross_attention {
+                        OneOrMany::One(b) => b,
+                        OneOrMany::Many(_) => false,
+                    });
+                Some(MidBlockConfig::SimpleCrossAttn {
+                    resnets: vec![
+                        ResnetBlock2DConfig {
+                            output_scale_factor: raw.mid_block_scale_factor,
+                            ..simple_resnet(last, last)
+                        };
+                        2
+                    ],
+                    attentions: vec![added_kv(n - 1, last, head_dims[n - 1], cross[n - 1], oca)?],
+                    skip_time_act: raw.resnet_skip_time_act,
+                })
+            }
             Some(other) => return Err(ConfigError::unsupported("mid_block_type", other)),
         };
 
@@ -518,11 +663,45 @@ impl TryFrom<UNet2DConditionModelConfig> for UNetConfig {
             let (kind, cross_attn) = match block_type(ty) {
                 "CrossAttnUpBlock2D" => ("CrossAttnUpBlock2D", true),
                 "UpBlock2D" => ("UpBlock2D", false),
+                "SimpleCrossAttnUpBlock2D" | "ResnetUpsampleBlock2D" => ("", false),
                 _ => return Err(ConfigError::unsupported(field, ty)),
             };
             let cout = rev_channels[i];
             let cin = rev_channels[(i + 1).min(n - 1)];
             let num_layers = rev_layers[i] + 1;
+            if kind.is_empty() {
+                let attentions = if block_type(ty).starts_with("SimpleCrossAttn") {
+                    // diffusers passes `attention_head_dim[i]` here, not reversed.
+                    (0..num_layers)
+                        .map(|_| added_kv(i, cout, head_dims[i], rev_cross[i], rev_only_cross[i]))
+                        .collect::<Result<Vec<_>, _>>()?
+                } else {
+                    Vec::new()
+                };
+                up_blocks.push(UpBlockConfig {
+                    kind: if attentions.is_empty() {
+                        "ResnetUpsampleBlock2D"
+                    } else {
+                        "SimpleCrossAttnUpBlock2D"
+                    },
+                    resnets: (0..num_layers)
+                        .map(|j| {
+                            let skip = if j == num_layers - 1 { cin } else { cout };
+                            let res_in = if j == 0 { prev_out } else { cout };
+                            simple_resnet(res_in + skip, cout)
+                        })
+                        .collect(),
+                    attentions: Vec::new(),
+                    upsample: None,
+                    simple: Some(SimpleBlockConfig {
+                        skip_time_act: raw.resnet_skip_time_act,
+                        attentions,
+                        sampler: (i + 1 < n).then(|| sampler(cout, Resample::Up)),
+                    }),
+                });
+                prev_out = cout;
+                continue;
+            }
             let resnets: Vec<_> = (0..num_layers)
                 .map(|j| {
                     let skip = if j == num_layers - 1 { cin } else { cout };
@@ -557,7 +736,7 @@ impl TryFrom<UNet2DConditionModelConfig> for UNetConfig {
                 Vec::new()
             };
             let upsample = (i + 1 < n).then_some(cout);
-            up_blocks.push(UpBlockConfig { kind, resnets, attentions, upsample });
+            up_blocks.push(UpBlockConfig { kind, resnets, attentions, upsample, simple: None });
             prev_out = cout;
         }
 
@@ -592,6 +771,7 @@ impl TryFrom<UNet2DConditionModelConfig> for UNetConfig {
             class_embedding,
             class_embeddings_concat: raw.class_embeddings_concat,
             addition_embedding,
+            text_addition_embedding,
             cross_attention_dim: cross,
             encoder_hid_dim,
             down_blocks,
@@ -702,8 +882,41 @@ fn addition_embedding(
                 input_dim,
             }))
         }
+        // IF's pooled text: `text_addition_embedding`.
+        Some("text") => Ok(None),
         Some(other) => Err(ConfigError::unsupported("addition_embed_type", other)),
     }
+}
+
+/// diffusers' `_set_add_embedding` for `"text"`: a `TextTimeEmbedding` over the text states as
+/// the U-Net receives them (before `encoder_hid_proj`).
+fn text_addition_embedding(
+    raw: &UNet2DConditionModelConfig,
+) -> Result<Option<TextAdditionEmbedding>, ConfigError> {
+    if raw.addition_embed_type.as_deref() != Some("text") {
+        return Ok(None);
+    }
+    let encoder_dim = match (raw.encoder_hid_dim, &raw.cross_attention_dim) {
+        (Some(d), _) => d,
+        (None, OneOrMany::One(d)) => *d,
+        (None, OneOrMany::Many(v)) => {
+            return Err(ConfigError::new(
+                "cross_attention_dim",
+                format!(
+                    "addition_embed_type \"text\" pools states of one width, not a per-block \
+                     list {v:?}"
+                ),
+            ))
+        }
+    };
+    let num_heads = raw.addition_embed_type_num_heads;
+    if num_heads == 0 || encoder_dim % num_heads != 0 {
+        return Err(ConfigError::new(
+            "addition_embed_type_num_heads",
+            format!("{num_heads} heads do not divide the text width {encoder_dim}"),
+        ));
+    }
+    Ok(Some(TextAdditionEmbedding { encoder_dim, num_heads }))
 }
 
 /// Transformer depths: per down block and layer, per up block and layer, and of the mid block.

@@ -4,7 +4,8 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use ltd_nn::layers::{Activation, Linear};
+use ltd_nn::attention::{merge_heads, softmax_last_dim, split_heads};
+use ltd_nn::layers::{Activation, LayerNorm, Linear};
 
 /// diffusers' `get_timestep_embedding`: for `t: [N]` (fractional values allowed), returns
 /// `[N, dim]` = `[sin(t·f), cos(t·f)]` (or `[cos, sin]` with `flip_sin_to_cos`), with
@@ -98,6 +99,87 @@ impl TimestepEmbedding {
             Some(act) => act.forward(&x),
             None => Ok(x),
         }
+    }
+}
+
+/// diffusers' `AttentionPooling` (from DeepFloyd IF): the text states attend to their mean plus
+/// a learned positional embedding, one query token; the result is that token.
+#[derive(Debug, Clone)]
+pub struct AttentionPooling {
+    positional_embedding: Tensor,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    num_heads: usize,
+}
+
+impl AttentionPooling {
+    /// Fetches `positional_embedding` (`[1, embed_dim]`), `q_proj`, `k_proj` and `v_proj`.
+    pub fn new(vb: VarBuilder, num_heads: usize, embed_dim: usize) -> Result<Self> {
+        let init = candle_nn::Init::Randn { mean: 0.0, stdev: 1.0 / (embed_dim as f64).sqrt() };
+        Ok(Self {
+            positional_embedding: vb.get_with_hints(
+                (1, embed_dim),
+                "positional_embedding",
+                init,
+            )?,
+            q_proj: Linear::new(vb.pp("q_proj"), embed_dim, embed_dim, true)?,
+            k_proj: Linear::new(vb.pp("k_proj"), embed_dim, embed_dim, true)?,
+            v_proj: Linear::new(vb.pp("v_proj"), embed_dim, embed_dim, true)?,
+            num_heads,
+        })
+    }
+
+    /// `x: [B, L, D] → [B, D]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dt = x.dtype();
+        let class_token =
+            x.mean_keepdim(1)?.broadcast_add(&self.positional_embedding.to_dtype(dt)?)?;
+        let x = Tensor::cat(&[&class_token, x], 1)?;
+        let heads = |t: Tensor| split_heads(&t, self.num_heads)?.contiguous();
+        let q = heads(self.q_proj.forward(&class_token)?)?;
+        let k = heads(self.k_proj.forward(&x)?)?;
+        let v = heads(self.v_proj.forward(&x)?)?;
+        // Both operands scaled by d^(-1/4), as diffusers does (for f16's range).
+        let scale = 1.0 / ((q.dim(3)? as f64).sqrt().sqrt());
+        let weight = (q * scale)?.matmul(&(k * scale)?.t()?)?;
+        let weight = softmax_last_dim(&weight.to_dtype(DType::F32)?)?.to_dtype(dt)?;
+        let a = merge_heads(&weight.matmul(&v)?)?;
+        a.squeeze(1)
+    }
+}
+
+/// diffusers' `TextTimeEmbedding` (`addition_embed_type: "text"`, DeepFloyd IF):
+/// `norm2(proj(pool(norm1(text states))))`, added to the time embedding. (Not to be confused
+/// with SDXL's `"text_time"`, [`crate::config::TextTimeEmbedding`].)
+#[derive(Debug, Clone)]
+pub struct TextTimeEmbedding {
+    norm1: LayerNorm,
+    pool: AttentionPooling,
+    proj: Linear,
+    norm2: LayerNorm,
+}
+
+impl TextTimeEmbedding {
+    /// `encoder_dim` (the text states' width) → `time_embed_dim`, pooled with `num_heads`.
+    pub fn new(
+        vb: VarBuilder,
+        encoder_dim: usize,
+        time_embed_dim: usize,
+        num_heads: usize,
+    ) -> Result<Self> {
+        Ok(Self {
+            norm1: LayerNorm::new(vb.pp("norm1"), encoder_dim, 1e-5)?,
+            pool: AttentionPooling::new(vb.pp("pool"), num_heads, encoder_dim)?,
+            proj: Linear::new(vb.pp("proj"), encoder_dim, time_embed_dim, true)?,
+            norm2: LayerNorm::new(vb.pp("norm2"), time_embed_dim, 1e-5)?,
+        })
+    }
+
+    /// `text: [B, L, encoder_dim] → [B, time_embed_dim]`.
+    pub fn forward(&self, text: &Tensor) -> Result<Tensor> {
+        let h = self.pool.forward(&self.norm1.forward(text)?)?;
+        self.norm2.forward(&self.proj.forward(&h)?)
     }
 }
 

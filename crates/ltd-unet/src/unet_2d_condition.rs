@@ -11,7 +11,7 @@ use ltd_nn::{RuntimeOptions, SafetensorsFiles};
 
 use crate::blocks::{DownBlock, MidBlock, UpBlock};
 use crate::config::{ClassEmbedding, UNet2DConditionModelConfig, UNetConfig};
-use crate::embeddings::TimestepEmbedding;
+use crate::embeddings::{TextTimeEmbedding, TimestepEmbedding};
 
 /// The optional conditioning inputs of [`UNet2DConditionModel::forward`] (diffusers'
 /// `added_cond_kwargs`, `timestep_cond`, `class_labels`).
@@ -44,6 +44,8 @@ pub struct UNet2DConditionModel {
     time_embedding: TimestepEmbedding,
     class_embedding: Option<ClassEmbed>,
     add_embedding: Option<TimestepEmbedding>,
+    /// `addition_embed_type: "text"` (IF): also at `add_embedding`.
+    text_add_embedding: Option<TextTimeEmbedding>,
     /// `encoder_hid_dim_type: "text_proj"`: text encoder width → `cross_attention_dim`.
     encoder_hid_proj: Option<Linear>,
     down_blocks: Vec<DownBlock>,
@@ -110,6 +112,15 @@ impl UNet2DConditionModel {
             )?),
             None => None,
         };
+        let text_add_embedding = match &cfg.text_addition_embedding {
+            Some(a) => Some(TextTimeEmbedding::new(
+                vb.pp("add_embedding"),
+                a.encoder_dim,
+                tdim,
+                a.num_heads,
+            )?),
+            None => None,
+        };
         let encoder_hid_proj = match cfg.encoder_hid_dim {
             Some(d) => {
                 Some(Linear::new(vb.pp("encoder_hid_proj"), d, cfg.cross_attention_dim[0], true)?)
@@ -142,6 +153,7 @@ impl UNet2DConditionModel {
             time_embedding,
             class_embedding,
             add_embedding,
+            text_add_embedding,
             encoder_hid_proj,
             down_blocks,
             mid_block,
@@ -212,17 +224,26 @@ impl UNet2DConditionModel {
         let dt = self.dtype;
         let mut sample = sample.to_dtype(dt)?;
         let mut context = encoder_hidden_states.to_dtype(dt)?;
-        // diffusers' `process_encoder_hidden_states` for "text_proj".
-        if let Some(proj) = &self.encoder_hid_proj {
-            context = proj.forward(&context)?;
-        }
         if self.cfg.center_input_sample {
             sample = sample.affine(2.0, -1.0)?;
         }
 
-        let emb = self.time_embedding(timesteps, batch, cond)?;
+        // IF's pooled text embedding sees the states before `encoder_hid_proj`.
+        let emb = self.time_embedding(timesteps, batch, cond, &context)?;
 
-        let upsamplers = self.cfg.up_blocks.iter().filter(|b| b.upsample.is_some()).count();
+        // diffusers' `process_encoder_hidden_states` for "text_proj".
+        if let Some(proj) = &self.encoder_hid_proj {
+            context = proj.forward(&context)?;
+        }
+
+        let upsamplers = self
+            .cfg
+            .up_blocks
+            .iter()
+            .filter(|b| {
+                b.upsample.is_some() || b.simple.as_ref().is_some_and(|s| s.sampler.is_some())
+            })
+            .count();
         let factor = 1usize << upsamplers;
         let forward_upsample_size = h % factor != 0 || w % factor != 0;
 
@@ -261,6 +282,7 @@ impl UNet2DConditionModel {
         timesteps: &Tensor,
         batch: usize,
         cond: &UNetConditioning,
+        encoder_hidden_states: &Tensor,
     ) -> Result<Tensor> {
         let dt = self.dtype;
         let t = batch_values(timesteps, batch, "timesteps")?;
@@ -307,6 +329,10 @@ impl UNet2DConditionModel {
             let time_embeds = a.time_proj.forward(&time_ids.flatten_all()?)?.reshape((b, ()))?;
             let add_embeds = Tensor::cat(&[&text_embeds.to_dtype(DType::F32)?, &time_embeds], 1)?;
             emb = (emb + add.forward(&add_embeds.to_dtype(dt)?, None)?)?;
+        }
+
+        if let Some(add) = &self.text_add_embedding {
+            emb = (emb + add.forward(encoder_hidden_states)?)?;
         }
 
         match self.cfg.time_embedding_act_fn {

@@ -30,16 +30,16 @@ fn defaults_are_sd1_and_heads_come_from_attention_head_dim() {
 fn unsupported_values_name_field_and_value() {
     for (json, expected) in [
         (
-            r#"{"down_block_types": ["CrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]}"#,
-            r#"field `down_block_types[1]`: unsupported value "SimpleCrossAttnDownBlock2D""#,
+            r#"{"down_block_types": ["CrossAttnDownBlock2D", "AttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]}"#,
+            r#"field `down_block_types[1]`: unsupported value "AttnDownBlock2D""#,
         ),
         (
             r#"{"up_block_types": ["UpBlock2D", "AttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}"#,
             r#"field `up_block_types[1]`: unsupported value "AttnUpBlock2D""#,
         ),
         (
-            r#"{"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}"#,
-            r#"field `mid_block_type`: unsupported value "UNetMidBlock2DSimpleCrossAttn""#,
+            r#"{"mid_block_type": "UNetMidBlock2DSelfAttn"}"#,
+            r#"field `mid_block_type`: unsupported value "UNetMidBlock2DSelfAttn""#,
         ),
         (
             r#"{"resnet_time_scale_shift": "spatial"}"#,
