@@ -174,11 +174,8 @@ fn bad_model_folders_name_the_file() {
     .unwrap();
     fails(&args, "mis-shaped", 1);
     // A config value we do not support.
-    std::fs::write(
-        &cfg_path,
-        cfg.replace("\"CrossAttnDownBlock2D\"", "\"AttnDownBlock2D\""),
-    )
-    .unwrap();
+    std::fs::write(&cfg_path, cfg.replace("\"CrossAttnDownBlock2D\"", "\"AttnDownBlock2D\""))
+        .unwrap();
     fails(&args, "unet/config.json: field `down_block_types[0]`", 1);
     std::fs::write(&cfg_path, &cfg).unwrap();
 
