@@ -196,6 +196,17 @@ pub trait Scheduler: Send {
     /// `variance_type` (it reads the variance) and the DPM-Solvers with one (they keep the
     /// first 3 channels). Every other sampler needs the pipeline to pass the prediction half
     /// only (diffusers' IF pipelines split when the config's `variance_type` is not learned).
+    ///
+    /// What an IF pipeline does with the 6-channel output (`pipeline_if.py`,
+    /// `pipeline_if_superresolution.py`): guidance on the first 3 channels of `[uncond, cond]`
+    /// only, the variance (last 3) taken from the conditional half, `[guided, variance]`
+    /// concatenated back for a sampler where this is true, else the 3 guided channels alone.
+    /// diffusers runs IF only with DDPM and the DPM-Solvers: every other class inherits
+    /// `variance_type: "learned_range"` through `from_config` and fails on the shape. Stage II
+    /// draws, from one generator, the initial noise, then the noise of the upscaled image
+    /// (`image_noising_scheduler.add_noise` at `noise_level`, default 250, passed to the U-Net
+    /// as `class_labels`, doubled under guidance), then each step's noise. Thresholding stays
+    /// in the sampler (the pipeline does not threshold again).
     fn takes_learned_variance(&self) -> bool {
         false
     }
