@@ -7,30 +7,11 @@
 use std::path::Path;
 use std::process::Command;
 
-use ltd_test_support::fixtures;
+use ltd_test_support::{fixtures, psnr_u8};
 use serde_json::Value;
 
 fn rgb(path: &Path) -> Vec<u8> {
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
-    let mut reader = decoder.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    let n = (info.width * info.height) as usize;
-    match info.color_type {
-        png::ColorType::Rgb => buf[..n * 3].to_vec(),
-        png::ColorType::Rgba => buf[..n * 4].chunks(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
-        other => panic!("{other:?}"),
-    }
-}
-
-fn psnr(a: &[u8], b: &[u8]) -> f64 {
-    let mse =
-        a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum::<f64>() / a.len() as f64;
-    if mse == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (255.0f64.powi(2) / mse).log10()
-    }
+    ltd_test_support::read_png_rgb(path).2
 }
 
 fn run(case: &Value, out: &Path, extra: &[&str]) {
@@ -59,11 +40,11 @@ fn ltd_gen_weights_prompts_as_a1111() {
         let want = rgb(&dir.join(case["image"].as_str().unwrap()));
         let out = tmp.path().join(format!("{name}.png"));
         run(case, &out, &[]);
-        let db = psnr(&want, &rgb(&out));
+        let db = psnr_u8(&want, &rgb(&out));
         eprintln!("{name}: {db:.1} dB");
         assert!(db >= 50.0, "{name}: {db:.1} dB");
         run(case, &out, &["--emphasis", "none"]);
-        let literal = psnr(&want, &rgb(&out));
+        let literal = psnr_u8(&want, &rgb(&out));
         assert!(literal < 40.0, "{name}: literal prompt still {literal:.1} dB");
     }
 }

@@ -8,38 +8,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ltd_test_support::fixtures;
+use ltd_test_support::{fixtures, psnr_u8, read_png};
 use serde_json::Value;
 
 fn golden() -> PathBuf {
     fixtures().join("golden/inpaint")
-}
-
-/// `(width, height, channels, bytes)` of a PNG.
-fn read_png(path: &Path) -> (usize, usize, usize, Vec<u8>) {
-    let decoder = png::Decoder::new(std::io::BufReader::new(
-        std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-    ));
-    let mut reader = decoder.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    let (w, h) = (info.width as usize, info.height as usize);
-    let c = match info.color_type {
-        png::ColorType::Grayscale => 1,
-        png::ColorType::Rgb => 3,
-        other => panic!("{}: unexpected colour type {other:?}", path.display()),
-    };
-    (w, h, c, buf[..w * h * c].to_vec())
-}
-
-fn psnr(a: &[u8], b: &[u8]) -> f64 {
-    let mse =
-        a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum::<f64>() / a.len() as f64;
-    if mse == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (255.0f64.powi(2) / mse).log10()
-    }
 }
 
 /// The command line a user would type for a case.
@@ -86,7 +59,7 @@ fn command_line(case: &Value, out: &Path) -> Vec<String> {
 /// The picture and the mask diffusers' `apply_overlay` used, at the output's size: for
 /// outpainting the canvas (edge-extended) and its mask, else the inputs.
 fn overlay_inputs(case: &Value) -> (Vec<u8>, Vec<u8>) {
-    let (w, h, _, img) = read_png(&golden().join(case["init_image"].as_str().unwrap()));
+    let (w, h, _, img) = read_png_raw(&golden().join(case["init_image"].as_str().unwrap()));
     match case["outpaint"].as_array() {
         Some(o) => {
             let m: Vec<usize> = o.iter().map(|v| v.as_u64().unwrap() as usize).collect();
@@ -107,7 +80,7 @@ fn overlay_inputs(case: &Value) -> (Vec<u8>, Vec<u8>) {
             (canvas, mask)
         }
         None => {
-            let (_, _, c, mask) = read_png(&golden().join(case["mask"].as_str().unwrap()));
+            let (_, _, c, mask) = read_png_raw(&golden().join(case["mask"].as_str().unwrap()));
             assert_eq!(c, 1);
             (img, mask)
         }
@@ -141,13 +114,13 @@ fn ltd_gen_inpaints_like_diffusers() {
             (1..=images.len()).map(|i| dir.path().join(format!("{name}-{i}.png"))).collect()
         };
         for (want, got) in images.iter().zip(&ours) {
-            let (w1, h1, _, want) = read_png(&golden().join(want.as_str().unwrap()));
-            let (w2, h2, _, got) = read_png(got);
+            let (w1, h1, _, want) = read_png_raw(&golden().join(want.as_str().unwrap()));
+            let (w2, h2, _, got) = read_png_raw(got);
             if (w1, h1) != (w2, h2) {
                 failures.push(format!("{name}: size {w2}x{h2}, diffusers {w1}x{h1}"));
                 continue;
             }
-            let db = psnr(&want, &got);
+            let db = psnr_u8(&want, &got);
             worst = worst.min(db);
             eprintln!("{name}: {db:.1} dB");
             if db < 50.0 {
@@ -155,7 +128,7 @@ fn ltd_gen_inpaints_like_diffusers() {
             }
         }
         let (want, got) =
-            (read_png(&golden().join(images[0].as_str().unwrap())).3, read_png(&ours[0]).3);
+            (read_png_raw(&golden().join(images[0].as_str().unwrap())).3, read_png_raw(&ours[0]).3);
         // Where diffusers keeps the input's pixels (its overlay, black mask, no blur), so must we.
         let pasted = case["padding_mask_crop"].is_u64() || case["outpaint"].is_array();
         if pasted && case["mask_blur"].is_null() {
@@ -261,4 +234,10 @@ fn bad_inpainting_inputs_get_one_line_and_no_file() {
         2,
     );
     run(&sd1, &["--outpaint", "8,8,0,0"], "--outpaint: needs --init-image", 2);
+}
+
+/// `(width, height, channels, pixels)` of a PNG.
+fn read_png_raw(path: &Path) -> (usize, usize, usize, Vec<u8>) {
+    let png = read_png(path);
+    (png.width, png.height, png.channels, png.pixels)
 }

@@ -9,51 +9,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ltd_test_support::fixtures;
+use ltd_test_support::{fixtures, psnr_u8, read_png_rgb};
 use serde_json::Value;
 
 fn golden() -> PathBuf {
     fixtures().join("golden/lora")
-}
-
-fn read_png(path: &Path) -> (usize, usize, Vec<u8>, String) {
-    let decoder = png::Decoder::new(std::io::BufReader::new(
-        std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-    ));
-    let mut reader = decoder.read_info().unwrap();
-    let text = reader
-        .info()
-        .uncompressed_latin1_text
-        .iter()
-        .find(|t| t.keyword == "parameters")
-        .map(|t| t.text.clone())
-        .unwrap_or_default();
-    let itxt = reader.info().utf8_text.iter().find(|t| t.keyword == "parameters").cloned();
-    let text = match itxt {
-        Some(t) => t.get_text().unwrap_or(text),
-        None => text,
-    };
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    let (w, h) = (info.width as usize, info.height as usize);
-    let rgb = match info.color_type {
-        png::ColorType::Rgb => buf[..w * h * 3].to_vec(),
-        png::ColorType::Rgba => {
-            buf[..w * h * 4].chunks(4).flat_map(|p| [p[0], p[1], p[2]]).collect()
-        }
-        other => panic!("{}: unexpected colour type {other:?}", path.display()),
-    };
-    (w, h, rgb, text)
-}
-
-fn psnr(a: &[u8], b: &[u8]) -> f64 {
-    let mse =
-        a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum::<f64>() / a.len() as f64;
-    if mse == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (255.0f64.powi(2) / mse).log10()
-    }
 }
 
 /// The command line of a case: `--lora FILE:SCALE` each, or for `tag` cases the LoRA as an
@@ -102,10 +62,10 @@ fn ltd_gen_matches_diffusers_fused_loras() {
             failures.push(format!("{name}: {args:?}: {}", String::from_utf8_lossy(&run.stderr)));
             continue;
         }
-        let (w1, h1, want, _) = read_png(&golden().join(case["image"].as_str().unwrap()));
-        let (w2, h2, got, params) = read_png(&out);
+        let (w1, h1, want, _) = read_png_rgb(&golden().join(case["image"].as_str().unwrap()));
+        let (w2, h2, got, params) = read_png_rgb(&out);
         assert_eq!((w1, h1), (w2, h2), "{name}");
-        let db = psnr(&want, &got);
+        let db = psnr_u8(&want, &got);
         report.push(format!("{name}: {db:.1} dB (base {} dB)", case["base_db"]));
         if db < 50.0 {
             failures.push(format!("{name}: {db:.1} dB"));

@@ -8,36 +8,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ltd_test_support::fixtures;
+use ltd_test_support::{fixtures, psnr_u8, read_png_rgb};
 use serde_json::Value;
-
-fn read_png(path: &Path) -> (usize, usize, Vec<u8>) {
-    let decoder = png::Decoder::new(std::io::BufReader::new(
-        std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-    ));
-    let mut reader = decoder.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    let (w, h) = (info.width as usize, info.height as usize);
-    let rgb = match info.color_type {
-        png::ColorType::Rgb => buf[..w * h * 3].to_vec(),
-        png::ColorType::Rgba => {
-            buf[..w * h * 4].chunks(4).flat_map(|p| [p[0], p[1], p[2]]).collect()
-        }
-        other => panic!("{}: unexpected colour type {other:?}", path.display()),
-    };
-    (w, h, rgb)
-}
-
-fn psnr(a: &[u8], b: &[u8]) -> f64 {
-    let mse =
-        a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum::<f64>() / a.len() as f64;
-    if mse == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (255.0f64.powi(2) / mse).log10()
-    }
-}
 
 /// The command line a user would type for a case.
 fn command_line(case: &Value, out: &Path) -> Vec<String> {
@@ -110,13 +82,14 @@ fn ltd_gen_matches_diffusers_pngs() {
             (1..=images.len()).map(|i| dir.path().join(format!("{name}-{i}.png"))).collect()
         };
         for (want, got) in images.iter().zip(&ours) {
-            let (w1, h1, a) = read_png(&fixtures().join("golden/e2e").join(want.as_str().unwrap()));
-            let (w2, h2, b) = read_png(got);
+            let (w1, h1, a, _) =
+                read_png_rgb(&fixtures().join("golden/e2e").join(want.as_str().unwrap()));
+            let (w2, h2, b, _) = read_png_rgb(got);
             if (w1, h1) != (w2, h2) {
                 failures.push(format!("{name}: size {w2}x{h2}, diffusers {w1}x{h1}"));
                 continue;
             }
-            let db = psnr(&a, &b);
+            let db = psnr_u8(&a, &b);
             worst = worst.min(db);
             if db < 50.0 {
                 failures.push(format!("{name}: {} at {db:.1} dB", got.display()));

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use ltd_test_support::fixtures;
+use ltd_test_support::{fixtures, psnr_u8};
 
 fn model(name: &str) -> String {
     fixtures().join("pipelines").join(name).display().to_string()
@@ -24,35 +24,9 @@ fn ok(args: &[&str]) {
 
 /// Size, pixels and the `parameters` chunk of a PNG.
 fn read(path: &Path) -> ((u32, u32), Vec<u8>, String) {
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
-    let mut reader = decoder.read_info().unwrap();
-    let info = reader.info();
-    let text = info
-        .uncompressed_latin1_text
-        .iter()
-        .find(|t| t.keyword == "parameters")
-        .map(|t| t.text.clone())
-        .or_else(|| {
-            info.utf8_text
-                .iter()
-                .find(|t| t.keyword == "parameters")
-                .and_then(|t| t.get_text().ok())
-        })
-        .expect("a parameters chunk");
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let frame = reader.next_frame(&mut buf).unwrap();
-    buf.truncate(frame.buffer_size());
-    ((frame.width, frame.height), buf, text)
-}
-
-fn psnr(a: &[u8], b: &[u8]) -> f64 {
-    let mse =
-        a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum::<f64>() / a.len() as f64;
-    if mse == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (255.0f64.powi(2) / mse).log10()
-    }
+    let png = ltd_test_support::read_png(path);
+    assert!(!png.parameters.is_empty(), "{}: no parameters chunk", path.display());
+    ((png.width as u32, png.height as u32), png.pixels, png.parameters)
 }
 
 /// The value of `key` in an infotext.
@@ -94,7 +68,7 @@ fn a1111_seed_mode_records_each_images_seed_and_recreates_it_alone() {
             let again = read(&path).1;
             // Alone the U-Net runs a batch of one instead of three: equal up to float rounding
             // (measured: identical bytes, or one byte off by one).
-            let db = psnr(&again, &pixels);
+            let db = psnr_u8(&again, &pixels);
             assert!(db >= 60.0, "image {k} recreated alone, {extra:?}: {db:.1} dB");
         }
     }

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ltd_test_support::fixtures;
+use ltd_test_support::{fixtures, psnr_u8, read_png_rgb};
 use safetensors::SafeTensors;
 use serde_json::Value;
 use sha2::Digest;
@@ -133,41 +133,6 @@ fn sha256(path: &Path) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn read_png(path: &Path) -> (usize, usize, Vec<u8>, String) {
-    let decoder = png::Decoder::new(std::io::BufReader::new(
-        std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-    ));
-    let mut reader = decoder.read_info().unwrap();
-    let params = reader
-        .info()
-        .uncompressed_latin1_text
-        .iter()
-        .find(|t| t.keyword == "parameters")
-        .map(|t| t.text.clone())
-        .unwrap_or_default();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    let (w, h) = (info.width as usize, info.height as usize);
-    let rgb = match info.color_type {
-        png::ColorType::Rgb => buf[..w * h * 3].to_vec(),
-        png::ColorType::Rgba => {
-            buf[..w * h * 4].chunks(4).flat_map(|p| [p[0], p[1], p[2]]).collect()
-        }
-        other => panic!("{}: unexpected colour type {other:?}", path.display()),
-    };
-    (w, h, rgb, params)
-}
-
-fn psnr(a: &[u8], b: &[u8]) -> f64 {
-    let mse =
-        a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum::<f64>() / a.len() as f64;
-    if mse == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (255.0f64.powi(2) / mse).log10()
-    }
-}
-
 fn cases() -> Vec<Value> {
     serde_json::from_str(&std::fs::read_to_string(golden().join("cases.json")).unwrap()).unwrap()
 }
@@ -216,10 +181,10 @@ fn ltd_gen_matches_diffusers_from_single_file() {
             failures.push(format!("{name}: {args:?}: {}", String::from_utf8_lossy(&run.stderr)));
             continue;
         }
-        let (w1, h1, a, _) = read_png(&golden().join(case["image"].as_str().unwrap()));
-        let (w2, h2, b, params) = read_png(&out);
+        let (w1, h1, a, _) = read_png_rgb(&golden().join(case["image"].as_str().unwrap()));
+        let (w2, h2, b, params) = read_png_rgb(&out);
         assert_eq!((w1, h1), (w2, h2), "{name}");
-        let db = psnr(&a, &b);
+        let db = psnr_u8(&a, &b);
         worst = worst.min(db);
         if db < 50.0 {
             failures.push(format!("{name}: {db:.1} dB"));
@@ -274,9 +239,9 @@ fn vae_replacement_from_folder_or_file() {
         .collect();
         let run = ltd_gen(&args);
         assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-        let (_, _, a, _) = read_png(&golden_png);
-        let (_, _, b, _) = read_png(&out);
-        assert!(psnr(&a, &b) >= 50.0, "--vae {}: {:.1} dB", vae.display(), psnr(&a, &b));
+        let (_, _, a, _) = read_png_rgb(&golden_png);
+        let (_, _, b, _) = read_png_rgb(&out);
+        assert!(psnr_u8(&a, &b) >= 50.0, "--vae {}: {:.1} dB", vae.display(), psnr_u8(&a, &b));
     }
 }
 
@@ -405,9 +370,9 @@ fn loras_and_embeddings_apply_to_single_file_checkpoints() {
         args.extend(extra);
         let run = ltd_gen(&args);
         assert!(run.status.success(), "{args:?}: {}", String::from_utf8_lossy(&run.stderr));
-        let (_, _, a, _) = read_png(&golden_png);
-        let (_, _, b, _) = read_png(&out);
-        let db = psnr(&a, &b);
+        let (_, _, a, _) = read_png_rgb(&golden_png);
+        let (_, _, b, _) = read_png_rgb(&out);
+        let db = psnr_u8(&a, &b);
         assert!(db >= 50.0, "{}: {db:.1} dB against diffusers", golden_png.display());
     }
 }

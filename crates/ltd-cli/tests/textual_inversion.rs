@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use ltd_test_support::fixtures;
+use ltd_test_support::{fixtures, psnr_u8};
 use serde_json::Value;
 
 fn golden() -> PathBuf {
@@ -15,26 +15,7 @@ fn golden() -> PathBuf {
 }
 
 fn rgb(path: &Path) -> Vec<u8> {
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
-    let mut reader = decoder.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    let n = (info.width * info.height) as usize;
-    match info.color_type {
-        png::ColorType::Rgb => buf[..n * 3].to_vec(),
-        png::ColorType::Rgba => buf[..n * 4].chunks(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
-        other => panic!("{other:?}"),
-    }
-}
-
-fn psnr(a: &[u8], b: &[u8]) -> f64 {
-    let mse =
-        a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum::<f64>() / a.len() as f64;
-    if mse == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (255.0f64.powi(2) / mse).log10()
-    }
+    ltd_test_support::read_png_rgb(path).2
 }
 
 fn ltd_gen(prompt: &str, model: &str, extra: &[String], out: &Path) -> Output {
@@ -67,7 +48,7 @@ fn ltd_gen_matches_diffusers_textual_inversion() {
         let prompt = case["prompt"].as_str().unwrap();
         let run = ltd_gen(prompt, case["pipeline"].as_str().unwrap(), &extra, &out);
         assert!(run.status.success(), "{name}: {}", String::from_utf8_lossy(&run.stderr));
-        let db = psnr(&rgb(&golden().join(case["image"].as_str().unwrap())), &rgb(&out));
+        let db = psnr_u8(&rgb(&golden().join(case["image"].as_str().unwrap())), &rgb(&out));
         eprintln!("{name}: {db:.1} dB");
         assert!(db >= 50.0, "{name}: {db:.1} dB");
         let bytes = std::fs::read(&out).unwrap();

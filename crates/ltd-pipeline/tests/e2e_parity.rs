@@ -16,18 +16,7 @@ use serde_json::Value;
 
 /// Reads a PNG into RGB bytes (8-bit RGB or RGBA).
 pub fn read_png(path: &Path) -> RgbImage {
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
-    let mut reader = decoder.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    let (w, h) = (info.width as usize, info.height as usize);
-    let pixels = match info.color_type {
-        png::ColorType::Rgb => buf[..w * h * 3].to_vec(),
-        png::ColorType::Rgba => {
-            buf[..w * h * 4].chunks(4).flat_map(|p| [p[0], p[1], p[2]]).collect()
-        }
-        other => panic!("{}: unexpected colour type {other:?}", path.display()),
-    };
+    let (w, h, pixels, _) = ltd_test_support::read_png_rgb(path);
     RgbImage::new(w, h, pixels).unwrap()
 }
 

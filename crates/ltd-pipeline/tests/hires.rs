@@ -5,6 +5,7 @@
 //! checks are shown to notice a wrong upscale (nearest-neighbour) or a second pass that does
 //! not start from the first.
 
+use ltd_test_support::psnr_u8;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -28,16 +29,6 @@ fn request() -> GenerateRequest {
         seed: 5,
         scheduler: Some(SamplerKind::EulerAncestral),
         ..Default::default()
-    }
-}
-
-fn psnr(a: &[u8], b: &[u8]) -> f64 {
-    let mse =
-        a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum::<f64>() / a.len() as f64;
-    if mse == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (255.0f64.powi(2) / mse).log10()
     }
 }
 
@@ -103,7 +94,7 @@ fn latent_hires_fix_is_txt2img_bilinear_upscale_img2img() {
         g.images[0].image.pixels.clone()
     };
     let bilinear = by_hand(&upscale_by_hand(&first.latents, 2, true));
-    let db = psnr(&img.image.pixels, &bilinear);
+    let db = psnr_u8(&img.image.pixels, &bilinear);
     assert!(db >= 60.0, "hires fix vs the stages by hand: {db:.1} dB");
     let diff = (out.latents.clone()
         - pipe
@@ -134,7 +125,7 @@ fn latent_hires_fix_is_txt2img_bilinear_upscale_img2img() {
         .unwrap();
     let unrelated = by_hand(&upscale_by_hand(&other_first.latents, 2, true));
     for (what, pixels) in [("nearest upscale", nearest), ("another first pass", unrelated)] {
-        let db = psnr(&img.image.pixels, &pixels);
+        let db = psnr_u8(&img.image.pixels, &pixels);
         assert!(db < 40.0, "{what} would pass unnoticed: {db:.1} dB");
     }
 }
@@ -166,13 +157,8 @@ fn lanczos_hires_fix_is_decode_resize_img2img() {
 }
 
 fn read_rgb(path: &Path) -> ltd_pipeline::RgbImage {
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
-    let mut reader = decoder.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    let (w, h) = (info.width as usize, info.height as usize);
-    assert_eq!(info.color_type, png::ColorType::Rgb, "{}", path.display());
-    ltd_pipeline::RgbImage::new(w, h, buf[..w * h * 3].to_vec()).unwrap()
+    let (w, h, pixels, _) = ltd_test_support::read_png_rgb(path);
+    ltd_pipeline::RgbImage::new(w, h, pixels).unwrap()
 }
 
 #[test]

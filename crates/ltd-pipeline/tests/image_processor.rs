@@ -15,19 +15,9 @@ fn dir() -> std::path::PathBuf {
 
 /// A PNG as a bitmap with its own channel count (1 for PIL's "L", 3 for RGB).
 fn read_png(path: &Path) -> Bitmap {
-    let decoder = png::Decoder::new(std::io::BufReader::new(
-        std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-    ));
-    let mut reader = decoder.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    let channels = match info.color_type {
-        png::ColorType::Grayscale => 1,
-        png::ColorType::Rgb => 3,
-        other => panic!("{}: unexpected colour type {other:?}", path.display()),
-    };
-    let (width, height) = (info.width as usize, info.height as usize);
-    Bitmap { width, height, channels, data: buf[..width * height * channels].to_vec() }
+    let png = ltd_test_support::read_png(path);
+    assert!(png.channels != 4, "{}: RGBA, expected grey or RGB", path.display());
+    Bitmap { width: png.width, height: png.height, channels: png.channels, data: png.pixels }
 }
 
 fn ops() -> Value {

@@ -1,9 +1,10 @@
 //! Helpers shared by the tests of ltd's crates: where the repository's fixtures are, deterministic
-//! test tensors, error metrics, copying fixture folders, and the full-size state-dict shape lists.
+//! test tensors, error metrics, copying fixture folders, the full-size state-dict shape lists, and
+//! reading PNGs (pixels and the A1111 `parameters` chunk) with their PSNR.
 //!
 //! A dev-dependency only (like rust-analyzer's `test-utils`): no library lists it under
 //! `[dependencies]` (tidy checks this), so it may `unwrap` and panic freely, as tests do. It
-//! stands on candle-core alone so that any crate, ltd-nn included, can use it in its tests.
+//! stands on candle-core and png alone so that any crate, ltd-nn included, can use it in its tests.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -156,6 +157,69 @@ pub fn assert_same_shapes(
         extra.len()
     );
     assert_eq!(ours, expected);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Images
+
+/// A decoded 8-bit PNG: its pixels as stored (1 grey, 3 RGB or 4 RGBA channels, row-major,
+/// interleaved) and its `parameters` text chunk (latin-1 `tEXt` or UTF-8 `iTXt`; "" if none).
+pub struct Png {
+    pub width: usize,
+    pub height: usize,
+    pub channels: usize,
+    pub pixels: Vec<u8>,
+    pub parameters: String,
+}
+
+/// Reads a PNG (see [`Png`]); any failure panics naming the file.
+pub fn read_png(path: &Path) -> Png {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let info = reader.info();
+    let latin1 = info.uncompressed_latin1_text.iter().find(|t| t.keyword == "parameters");
+    let utf8 = info.utf8_text.iter().find(|t| t.keyword == "parameters");
+    let parameters = match (utf8, latin1) {
+        (Some(t), _) => t.get_text().unwrap_or_default(),
+        (None, Some(t)) => t.text.clone(),
+        (None, None) => String::new(),
+    };
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let frame = reader.next_frame(&mut buf).unwrap();
+    let channels = match frame.color_type {
+        png::ColorType::Grayscale => 1,
+        png::ColorType::Rgb => 3,
+        png::ColorType::Rgba => 4,
+        other => panic!("{}: unexpected colour type {other:?}", path.display()),
+    };
+    let (width, height) = (frame.width as usize, frame.height as usize);
+    buf.truncate(width * height * channels);
+    Png { width, height, channels, pixels: buf, parameters }
+}
+
+/// [`read_png`] as `(width, height, RGB bytes, parameters)`: an alpha channel is dropped.
+pub fn read_png_rgb(path: &Path) -> (usize, usize, Vec<u8>, String) {
+    let png = read_png(path);
+    let rgb = match png.channels {
+        3 => png.pixels,
+        4 => png.pixels.chunks(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
+        c => panic!("{}: {c} channels, expected RGB or RGBA", path.display()),
+    };
+    (png.width, png.height, rgb, png.parameters)
+}
+
+/// The PSNR in dB of two 8-bit images of the same layout (∞ when they are equal).
+pub fn psnr_u8(a: &[u8], b: &[u8]) -> f64 {
+    assert_eq!(a.len(), b.len(), "PSNR of images of different sizes");
+    let mse =
+        a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum::<f64>() / a.len() as f64;
+    if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (255.0f64.powi(2) / mse).log10()
+    }
 }
 
 #[cfg(test)]
