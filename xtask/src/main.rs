@@ -5,6 +5,7 @@
 
 mod bench;
 mod big_tests;
+mod build_cuda;
 mod eval_shapes;
 mod fixtures;
 mod make_shapes;
@@ -42,6 +43,8 @@ enum Task {
     Bench(bench::Args),
     /// The slow full-size checks `cargo test` does not build (release build, minutes).
     BigTests(big_tests::Args),
+    /// Build the CUDA ltd-gen for an H100 without a GPU here (.gpu/ltd-gen.xz, see xtask/gpu/).
+    BuildCuda(build_cuda::Args),
 }
 
 impl Task {
@@ -107,5 +110,6 @@ fn main() -> Result<()> {
         Task::EvalShapes(args) => eval_shapes::run(args, &root),
         Task::Bench(args) => bench::run(args, &root),
         Task::BigTests(args) => big_tests::run(args),
+        Task::BuildCuda(args) => build_cuda::run(args, &root),
     }
 }

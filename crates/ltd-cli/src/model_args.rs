@@ -1,4 +1,4 @@
-//! The flags that choose and place a model, shared by `ltd-gen` and `ltd-serve` (flattened
+//! The flags that choose and place a model (and how its attention runs), shared by `ltd-gen` and `ltd-serve` (flattened
 //! into each one's arguments), and the loading they describe.
 //!
 //! Two groups rather than one so that `ltd-gen --help` keeps its order: the model near the
@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use ltd_nn::{default_dtype, parse_dtype, DeviceChoice};
+use ltd_nn::attention::{AttentionImpl, AttentionOptions};
+use ltd_nn::{default_dtype, parse_dtype, DeviceChoice, RuntimeOptions};
 use ltd_pipeline::{LoadOptions, ModelSource, Pipeline};
 
 use crate::default_model;
@@ -44,7 +45,7 @@ pub struct ModelArgs {
     pub variant: Option<String>,
 }
 
-/// `--device`, `--dtype`.
+/// `--device`, `--dtype`, `--attention`.
 #[derive(Debug, Clone, Args)]
 pub struct DeviceArgs {
     /// Device: auto, cpu, cuda, cuda:N, metal.
@@ -54,11 +55,16 @@ pub struct DeviceArgs {
     /// Compute dtype: f32, f16, bf16. Default: f16 on a GPU, f32 on the CPU.
     #[arg(long)]
     pub dtype: Option<String>,
+
+    /// Attention implementation: auto (FlashAttention on CUDA in f16/bf16 when built with
+    /// `flash-attn`, else the fused CPU kernel or the memory-bounded path), flash, chunked, naive.
+    #[arg(long, default_value = "auto", value_name = "IMPL")]
+    pub attention: String,
 }
 
 impl Default for DeviceArgs {
     fn default() -> Self {
-        Self { device: "auto".into(), dtype: None }
+        Self { device: "auto".into(), dtype: None, attention: "auto".into() }
     }
 }
 
@@ -70,7 +76,18 @@ impl DeviceArgs {
             Some(d) => parse_dtype(d).context("--dtype")?,
             None => default_dtype(&device),
         };
-        Ok(LoadOptions { device, dtype, variant, ..Default::default() })
+        let attention: AttentionImpl =
+            self.attention.parse().map_err(anyhow::Error::msg).context("--attention")?;
+        // Checked here, before anything loads, so `--attention flash` where it cannot run is one
+        // line naming the flag rather than a failure inside the first attention layer.
+        attention
+            .check(&device, dtype)
+            .map_err(|e| anyhow::anyhow!("--attention {attention}: {e}"))?;
+        let runtime = RuntimeOptions::with_attention(AttentionOptions {
+            implementation: attention,
+            ..Default::default()
+        });
+        Ok(LoadOptions { device, dtype, variant, runtime, ..Default::default() })
     }
 }
 

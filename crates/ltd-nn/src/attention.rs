@@ -7,11 +7,19 @@
 //! - on x86-64 CPUs with AVX2/FMA, a fused streaming-softmax kernel (FlashAttention's
 //!   algorithm, see `kernels/flash_attention.rs`) that never holds more than a few cache-sized
 //!   blocks of scores per thread and is also by far the fastest;
+//! - on CUDA in f16/bf16 with the `flash-attn` feature, FlashAttention-2 (candle-flash-attn)
+//!   for every call it covers (no bias, no autograd, a head dimension it has kernels for);
 //! - elsewhere (other CPUs, GPUs without the `flash-attn` feature, autograd), the chunked path
 //!   splits the queries so that no more than [`AttentionOptions::max_score_bytes`] of scores
 //!   exist at a time. Softmax rows are independent, so chunking changes no result.
+//!
+//! Which one a call runs is decided by [`choose_kernel`] from the requested [`AttentionImpl`]
+//! and the call's [`CallShape`] alone, so the choice is tested on any machine.
 
-use candle_core::{DType, Result, Tensor};
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::{DType, Device, Result, Tensor};
 
 use crate::kernels::flash_attention::{self, FusedCpuAttention};
 use crate::kernels::softmax::SoftmaxOp;
@@ -19,16 +27,182 @@ use crate::kernels::softmax::SoftmaxOp;
 /// How attention is computed. A runtime option, not part of any model config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AttentionImpl {
-    /// The fused CPU kernel where it applies (x86-64 with AVX2/FMA, no bias, no autograd);
-    /// otherwise chunked when the scores would exceed the budget, naive below it.
+    /// FlashAttention where it applies (CUDA, f16/bf16, the `flash-attn` feature; see
+    /// `Flash`), else the fused CPU kernel where it applies (x86-64 with AVX2/FMA, no bias, no
+    /// autograd); otherwise chunked when the scores would exceed the budget, naive below it.
     #[default]
     Auto,
     /// Always materialise the full score matrix.
     Naive,
-    /// FlashAttention on CUDA (needs the `flash-attn` feature); f16/bf16 only.
+    /// FlashAttention on CUDA (needs the `flash-attn` feature, f16/bf16: see
+    /// [`AttentionImpl::check`]) for every call it covers; calls it does not cover (an
+    /// attention bias such as CLIP's causal mask, autograd, an unsupported head dimension) run
+    /// as `Chunked`.
     Flash,
     /// The query-chunked path (never the fused CPU kernel), chunked when over the budget.
     Chunked,
+}
+
+impl FromStr for AttentionImpl {
+    type Err = String;
+
+    /// `auto`, `flash`, `chunked` or `naive` (the `--attention` values).
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "auto" => Self::Auto,
+            "flash" => Self::Flash,
+            "chunked" => Self::Chunked,
+            "naive" => Self::Naive,
+            _ => {
+                return Err(format!(
+                    "unknown attention implementation `{s}`: expected auto, flash, chunked or naive"
+                ))
+            }
+        })
+    }
+}
+
+impl fmt::Display for AttentionImpl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Flash => "flash",
+            Self::Chunked => "chunked",
+            Self::Naive => "naive",
+        })
+    }
+}
+
+/// Whether this build has FlashAttention (the `flash-attn` feature).
+pub const FLASH_COMPILED: bool = cfg!(feature = "flash-attn");
+
+impl AttentionImpl {
+    /// Checks, before any model loads, that this implementation can run on `device` in
+    /// `dtype`: `Flash` needs the `flash-attn` feature, a CUDA device and f16/bf16 (the other
+    /// implementations run everywhere). The error says what is missing.
+    pub fn check(self, device: &Device, dtype: DType) -> std::result::Result<(), String> {
+        if self != Self::Flash {
+            return Ok(());
+        }
+        if !FLASH_COMPILED {
+            return Err("FlashAttention needs a build with the `flash-attn` feature \
+                        (`cargo xtask build-cuda --flash-attn`)"
+                .into());
+        }
+        if !device.is_cuda() {
+            return Err(format!(
+                "FlashAttention runs on CUDA only (the device is {:?})",
+                device.location()
+            ));
+        }
+        if !matches!(dtype, DType::F16 | DType::BF16) {
+            return Err(format!("FlashAttention needs f16 or bf16 (the dtype is {dtype:?})"));
+        }
+        Ok(())
+    }
+}
+
+/// The kernel one attention call runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// FlashAttention-2 on CUDA (candle-flash-attn).
+    FlashCuda,
+    /// The fused streaming-softmax CPU kernel.
+    FusedCpu,
+    /// Scores and softmax for a block of queries at a time, within the memory budget.
+    Chunked,
+    /// The whole score matrix at once.
+    Naive,
+}
+
+/// What the choice of kernel depends on, read off one call's inputs ([`CallShape::of`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallShape {
+    /// The tensors are on a CUDA device.
+    pub cuda: bool,
+    /// The tensors are on the CPU.
+    pub cpu: bool,
+    /// The dtype of the queries.
+    pub dtype: DType,
+    /// The head dimension of the queries and keys.
+    pub head_dim: usize,
+    /// The head dimension of the values.
+    pub value_dim: usize,
+    /// An additive attention bias (mask) is given.
+    pub bias: bool,
+    /// Any input is part of an autograd graph.
+    pub grad: bool,
+    /// Bytes of the full score matrix in the compute dtype.
+    pub score_bytes: usize,
+}
+
+impl CallShape {
+    /// The facts of a call to [`attention`] (`compute`: the dtype scores are computed in).
+    fn of(q: &Tensor, k: &Tensor, v: &Tensor, bias: bool, compute: DType) -> Result<Self> {
+        let (b, h, lq, head_dim) = q.dims4()?;
+        Ok(Self {
+            cuda: q.device().is_cuda(),
+            cpu: q.device().is_cpu(),
+            dtype: q.dtype(),
+            head_dim,
+            value_dim: v.dim(3)?,
+            bias,
+            grad: q.track_op() || k.track_op() || v.track_op(),
+            score_bytes: b * h * lq * k.dim(2)? * compute.size_in_bytes(),
+        })
+    }
+
+    /// Whether FlashAttention covers this call in a build with FlashAttention compiled in:
+    /// CUDA, f16/bf16, no bias (ltd's masks are additive tensors, not FlashAttention's causal
+    /// flag), no autograd (it has no backward pass here), equal query and value head
+    /// dimensions that are a multiple of 8 and at most 512 (candle-flash-attn's kernels).
+    pub fn flash_applies(&self) -> bool {
+        self.cuda
+            && matches!(self.dtype, DType::F16 | DType::BF16)
+            && !self.bias
+            && !self.grad
+            && self.head_dim == self.value_dim
+            && self.head_dim % 8 == 0
+            && self.head_dim <= 512
+    }
+
+    /// Whether the fused CPU kernel covers this call (no bias, no autograd, CPU tensors of a
+    /// float dtype), given that the CPU supports it (`cpu_kernel`).
+    fn fused_cpu_applies(&self, cpu_kernel: bool) -> bool {
+        self.cpu && !self.bias && !self.grad && self.dtype.is_float() && cpu_kernel
+    }
+}
+
+/// The kernel a call runs: `requested` applied to the call's facts, in a build that has
+/// FlashAttention compiled in or not (`flash_compiled`) on a CPU with the fused kernel or not
+/// (`cpu_kernel`), under a score budget of `max_score_bytes`. Explicit `Flash` outside a
+/// FlashAttention build or device is [`Kernel::FlashCuda`] all the same, so that
+/// [`attention`] fails with the reason rather than silently running something else.
+pub fn choose_kernel(
+    requested: AttentionImpl,
+    call: &CallShape,
+    flash_compiled: bool,
+    cpu_kernel: bool,
+    max_score_bytes: usize,
+) -> Kernel {
+    let bounded =
+        || if call.score_bytes > max_score_bytes { Kernel::Chunked } else { Kernel::Naive };
+    match requested {
+        AttentionImpl::Naive => Kernel::Naive,
+        AttentionImpl::Chunked => bounded(),
+        AttentionImpl::Flash => {
+            let flash_runs =
+                flash_compiled && call.cuda && matches!(call.dtype, DType::F16 | DType::BF16);
+            if !flash_runs || call.flash_applies() {
+                Kernel::FlashCuda
+            } else {
+                bounded()
+            }
+        }
+        AttentionImpl::Auto if flash_compiled && call.flash_applies() => Kernel::FlashCuda,
+        AttentionImpl::Auto if call.fused_cpu_applies(cpu_kernel) => Kernel::FusedCpu,
+        AttentionImpl::Auto => bounded(),
+    }
 }
 
 /// Options for [`attention`].
@@ -63,17 +237,21 @@ pub fn attention(
 ) -> Result<Tensor> {
     let (b, h, lq, _) = q.dims4()?;
     let lk = k.dim(2)?;
-    match opts.implementation {
-        AttentionImpl::Flash => return flash_cuda(q, k, v, bias, scale),
-        AttentionImpl::Auto if bias.is_none() && fused_cpu_applies(q, k, v) => {
-            return fused_cpu(q, k, v, scale);
-        }
-        _ => {}
-    }
     let compute = if upcast { DType::F32 } else { q.dtype() };
-    let score_bytes = b * h * lq * lk * compute.size_in_bytes();
-    let chunked = matches!(opts.implementation, AttentionImpl::Auto | AttentionImpl::Chunked)
-        && score_bytes > opts.max_score_bytes;
+    let call = CallShape::of(q, k, v, bias.is_some(), compute)?;
+    let kernel = choose_kernel(
+        opts.implementation,
+        &call,
+        FLASH_COMPILED,
+        flash_attention::available(),
+        opts.max_score_bytes,
+    );
+    match kernel {
+        Kernel::FlashCuda => return flash_cuda(q, k, v, bias, scale),
+        Kernel::FusedCpu => return fused_cpu(q, k, v, scale),
+        Kernel::Chunked | Kernel::Naive => {}
+    }
+    let chunked = kernel == Kernel::Chunked;
     // Matrix products need each operand's batch dimensions laid out regularly; heads split
     // from `[B, L, H·D]` are not, so copy them once here rather than per chunk.
     let (k, v) = (k.contiguous()?, v.contiguous()?);
@@ -105,15 +283,6 @@ pub fn attention(
         start += len;
     }
     Tensor::cat(&outs, 2)
-}
-
-/// Whether the fused CPU kernel can run: CPU tensors, a supporting CPU, no autograd graph (the
-/// kernel records no backward pass).
-fn fused_cpu_applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-    q.device().is_cpu()
-        && !(q.track_op() || k.track_op() || v.track_op())
-        && q.dtype().is_float()
-        && flash_attention::available()
 }
 
 /// The fused streaming kernel; computes in f32 whatever the input dtype (so always "upcast").
@@ -274,6 +443,102 @@ mod tests {
         let diff = (a - b.to_dtype(DType::F32).unwrap()).unwrap().abs().unwrap();
         // f16 inputs and output (|values| < 0.5): a few ulp of f16.
         assert!(diff.max_all().unwrap().to_scalar::<f32>().unwrap() < 2e-3);
+    }
+
+    /// SD 1.5's U-Net self-attention at 512² in f16 on CUDA: 4096 tokens, heads of 40.
+    fn cuda_call() -> CallShape {
+        CallShape {
+            cuda: true,
+            cpu: false,
+            dtype: DType::F16,
+            head_dim: 40,
+            value_dim: 40,
+            bias: false,
+            grad: false,
+            score_bytes: 2 * 8 * 4096 * 4096 * 2,
+        }
+    }
+
+    /// One case of the kernel choice: the request, the call, whether FlashAttention is
+    /// compiled in and whether the CPU has the fused kernel, and the kernel expected (budget:
+    /// the default 256 MiB).
+    fn check(req: &str, call: CallShape, flash: bool, cpu_kernel: bool, want: Kernel) {
+        let requested: AttentionImpl = req.parse().unwrap();
+        let got = choose_kernel(requested, &call, flash, cpu_kernel, 256 << 20);
+        assert_eq!(got, want, "{req} {call:?} flash compiled: {flash}, cpu kernel: {cpu_kernel}");
+    }
+
+    #[test]
+    fn auto_picks_flash_on_cuda_in_half_precision_and_falls_back_elsewhere() {
+        use Kernel::*;
+        let cuda = cuda_call();
+        let cpu = CallShape { cuda: false, cpu: true, dtype: DType::F32, ..cuda };
+        let small = CallShape { score_bytes: 1 << 20, ..cuda };
+        check("auto", cuda, true, false, FlashCuda);
+        check("auto", CallShape { dtype: DType::BF16, ..cuda }, true, false, FlashCuda);
+        // The VAE's single head of 512 channels is covered, CLIP's causal mask is not.
+        check("auto", CallShape { head_dim: 512, value_dim: 512, ..cuda }, true, false, FlashCuda);
+        // Not compiled in, f32, a bias, autograd, an unsupported head dimension (the tiny
+        // fixtures' heads of 4, or over 512), unequal value width: the budgeted path.
+        check("auto", cuda, false, false, Chunked);
+        check("auto", small, false, false, Naive);
+        for other in [
+            CallShape { dtype: DType::F32, ..cuda },
+            CallShape { bias: true, ..cuda },
+            CallShape { grad: true, ..cuda },
+            CallShape { head_dim: 4, value_dim: 4, ..cuda },
+            CallShape { head_dim: 640, value_dim: 640, ..cuda },
+            CallShape { value_dim: 32, ..cuda },
+        ] {
+            check("auto", other, true, false, Chunked);
+        }
+        // The CPU choice is unchanged by a FlashAttention build.
+        for flash in [false, true] {
+            check("auto", cpu, flash, true, FusedCpu);
+            check("auto", CallShape { dtype: DType::F16, ..cpu }, flash, true, FusedCpu);
+            check("auto", CallShape { bias: true, ..cpu }, flash, true, Chunked);
+            check("auto", cpu, flash, false, Chunked);
+            check("auto", CallShape { score_bytes: 1 << 20, ..cpu }, flash, false, Naive);
+        }
+    }
+
+    #[test]
+    fn explicit_choices_are_obeyed() {
+        use Kernel::*;
+        let cuda = cuda_call();
+        let cpu = CallShape { cuda: false, cpu: true, dtype: DType::F32, ..cuda };
+        check("naive", cuda, true, true, Naive);
+        check("chunked", cuda, true, true, Chunked);
+        check("chunked", CallShape { score_bytes: 1 << 20, ..cpu }, false, true, Naive);
+        check("flash", cuda, true, false, FlashCuda);
+        // Calls FlashAttention does not cover run chunked under an explicit `flash` too …
+        check("flash", CallShape { bias: true, ..cuda }, true, false, Chunked);
+        check("flash", CallShape { head_dim: 4, value_dim: 4, ..cuda }, true, false, Chunked);
+        // … but without FlashAttention at all it is chosen, so that the call fails and says why.
+        check("flash", cuda, false, false, FlashCuda);
+        check("flash", cpu, true, true, FlashCuda);
+    }
+
+    #[test]
+    fn flash_is_checked_before_loading() {
+        for ok in ["auto", "chunked", "naive"] {
+            let imp: AttentionImpl = ok.parse().unwrap();
+            assert_eq!(imp.to_string(), ok);
+            assert!(imp.check(&Device::Cpu, DType::F32).is_ok());
+        }
+        let err = AttentionImpl::Flash.check(&Device::Cpu, DType::F16).unwrap_err();
+        let want = if FLASH_COMPILED { "runs on CUDA only" } else { "`flash-attn` feature" };
+        assert!(err.contains(want), "{err}");
+        let err = "fast".parse::<AttentionImpl>().unwrap_err();
+        assert!(err.contains("auto, flash, chunked or naive"), "{err}");
+        // Without the feature, a forced Flash call is an error, not a silent fallback.
+        if !FLASH_COMPILED {
+            let q = rand(&[1, 1, 4, 8], 1);
+            let flash =
+                AttentionOptions { implementation: AttentionImpl::Flash, ..Default::default() };
+            let err = attention(&q, &q, &q, None, 1.0, false, &flash).unwrap_err().to_string();
+            assert!(err.contains("flash-attn"), "{err}");
+        }
     }
 
     #[test]

@@ -34,22 +34,36 @@ pub fn classifier_free(uncond: &Tensor, cond: &Tensor, scale: f64) -> Result<Ten
 }
 
 /// Unbiased standard deviation over all non-batch dimensions, `[B, 1, …, 1]`, accumulated in
-/// f64 as torch's CPU reduction does.
+/// f64 as torch's CPU reduction does: in order, on the tensor's device (candle's f64 sums are
+/// sequential on the CPU, so these are the values of a host loop, bit for bit), so that a GPU
+/// does not copy the prediction to the host every step. Metal has no f64: there the rows are
+/// reduced on the host.
 fn std_per_sample(x: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let b = dims[0];
-    let rows = x.to_dtype(DType::F64)?.reshape((b, ()))?.to_vec2::<f64>()?;
-    let stds: Vec<f64> = rows
-        .iter()
-        .map(|r| {
-            let n = r.len() as f64;
-            let mean = r.iter().sum::<f64>() / n;
-            (r.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0)).sqrt()
-        })
-        .collect();
     let mut shape = vec![1usize; dims.len()];
     shape[0] = b;
-    Ok(Tensor::from_vec(stds, shape, x.device())?.to_dtype(x.dtype())?)
+    let rows = x.to_dtype(DType::F32)?.reshape((b, ()))?;
+    let n = rows.dim(1)? as f64;
+    if x.device().is_metal() {
+        let stds: Vec<f32> = rows
+            .to_vec2::<f32>()?
+            .iter()
+            .map(|r| {
+                let mean = r.iter().map(|&v| v as f64).sum::<f64>() / n;
+                let ss = r.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>();
+                (ss / (n - 1.0).max(1.0)).sqrt() as f32
+            })
+            .collect();
+        return Ok(Tensor::from_vec(stds, shape, x.device())?.to_dtype(x.dtype())?);
+    }
+    let rows = rows.to_dtype(DType::F64)?;
+    // Divisions by a scalar tensor, not `/ n` (a multiplication by 1/n): the host loop divided.
+    let scalar = |v: f64| Tensor::new(v, x.device());
+    let mean = rows.sum_keepdim(1)?.broadcast_div(&scalar(n)?)?;
+    let ss = rows.broadcast_sub(&mean)?.sqr()?.sum_keepdim(1)?;
+    let std = ss.broadcast_div(&scalar((n - 1.0).max(1.0))?)?.sqrt()?;
+    Ok(std.reshape(shape)?.to_dtype(x.dtype())?)
 }
 
 /// diffusers' `rescale_noise_cfg`.
@@ -151,6 +165,29 @@ mod tests {
             rescale(&g, &c, 0.0).unwrap().to_vec2::<f32>().unwrap(),
             g.to_vec2::<f32>().unwrap()
         );
+    }
+
+    /// The tensor form gives the host loop's standard deviations bit for bit.
+    #[test]
+    fn std_per_sample_equals_the_host_loop() {
+        let x = ltd_test_support::randn(&[3, 4, 5, 7], 11);
+        let host: Vec<f32> = x
+            .to_dtype(DType::F64)
+            .unwrap()
+            .reshape((3, ()))
+            .unwrap()
+            .to_vec2::<f64>()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let n = r.len() as f64;
+                let mean = r.iter().sum::<f64>() / n;
+                (r.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt() as f32
+            })
+            .collect();
+        let got = std_per_sample(&x).unwrap();
+        assert_eq!(got.dims(), [3, 1, 1, 1]);
+        assert_eq!(got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), host);
     }
 
     #[test]

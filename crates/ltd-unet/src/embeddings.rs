@@ -12,7 +12,10 @@ use ltd_nn::layers::{Activation, LayerNorm, Linear};
 /// frequencies `f_i = exp(−ln(10000)·i / (dim/2 − freq_shift))`, zero-padded to an odd `dim`.
 ///
 /// Computed in f32 in the same order of operations as diffusers, since at `t ≈ 1000` one ulp
-/// of a frequency shows in the sine.
+/// of a frequency shows in the sine. The frequencies depend on nothing but `dim` and are
+/// computed on the host; the products, sines and cosines run on `t`'s device, so a step on a
+/// GPU never waits to copy its timesteps back to the host (a synchronisation per U-Net call).
+/// On the CPU the values are those of the former host loop, bit for bit (`f32::sin`/`cos`).
 pub fn timestep_embedding(
     t: &Tensor,
     dim: usize,
@@ -23,19 +26,17 @@ pub fn timestep_embedding(
     let ln_max_period = -(10000f64.ln()) as f32;
     let denom = (half as f64 - freq_shift) as f32;
     let freqs: Vec<f32> = (0..half).map(|i| ((ln_max_period * i as f32) / denom).exp()).collect();
-    let ts = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let mut out = Vec::with_capacity(ts.len() * dim);
-    for &t in &ts {
-        let args = freqs.iter().map(|f| t * f);
-        let (sin, cos): (Vec<f32>, Vec<f32>) = args.map(|a| (a.sin(), a.cos())).unzip();
-        let (first, second) = if flip_sin_to_cos { (cos, sin) } else { (sin, cos) };
-        out.extend(first);
-        out.extend(second);
-        if dim % 2 == 1 {
-            out.push(0.0);
-        }
+    let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
+    let ts = t.to_dtype(DType::F32)?.flatten_all()?;
+    let args = ts.unsqueeze(1)?.broadcast_mul(&freqs)?;
+    let (sin, cos) = (args.sin()?, args.cos()?);
+    let (first, second) = if flip_sin_to_cos { (cos, sin) } else { (sin, cos) };
+    let emb = Tensor::cat(&[first, second], 1)?;
+    if dim % 2 == 1 {
+        emb.pad_with_zeros(1, 0, 1)
+    } else {
+        Ok(emb)
     }
-    Tensor::from_vec(out, (ts.len(), dim), t.device())
 }
 
 /// diffusers' `Timesteps`: the parameter-free sinusoidal projection.
@@ -187,6 +188,39 @@ impl TextTimeEmbedding {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The embedding as the former host loop computed it (before it moved onto the device).
+    fn host_loop(ts: &[f32], dim: usize, flip: bool, shift: f64) -> Vec<Vec<f32>> {
+        let half = dim / 2;
+        let ln_max_period = -(10000f64.ln()) as f32;
+        let denom = (half as f64 - shift) as f32;
+        let freqs: Vec<f32> =
+            (0..half).map(|i| ((ln_max_period * i as f32) / denom).exp()).collect();
+        ts.iter()
+            .map(|&t| {
+                let (sin, cos): (Vec<f32>, Vec<f32>) =
+                    freqs.iter().map(|f| t * f).map(|a| (a.sin(), a.cos())).unzip();
+                let (a, b) = if flip { (cos, sin) } else { (sin, cos) };
+                let mut row = [a, b].concat();
+                row.resize(dim, 0.0);
+                row
+            })
+            .collect()
+    }
+
+    #[test]
+    fn tensor_form_equals_the_host_loop_bit_for_bit() {
+        let ts = [0f32, 1.5, 20.25, 501.0, 999.0];
+        let t = Tensor::new(&ts, &Device::Cpu).unwrap();
+        for (dim, flip, shift) in [(320, true, 0.0), (256, false, 1.0), (7, true, 1.0)] {
+            let got = timestep_embedding(&t, dim, flip, shift).unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(
+                got,
+                host_loop(&ts, dim, flip, shift),
+                "dim {dim} flip {flip} shift {shift}"
+            );
+        }
+    }
 
     #[test]
     fn matches_diffusers_get_timestep_embedding() {
