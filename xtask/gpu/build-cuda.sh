@@ -21,6 +21,9 @@
 #    script makes a CUDA root with the links and a stub libcuda.so (SONAME libcuda.so.1)
 #    exporting the driver symbols cudarc declares. At run time the real driver is used.
 #  * nvcc must be 13.0.x: driver 580 rejects PTX written by a newer nvcc.
+#  * candle-flash-attn's build script (through cudaforge) git-clones CUTLASS from GitHub at a
+#    pinned commit into ~/.cudaforge/git/checkouts/: --flash-attn needs github.com reachable
+#    once (or that checkout copied in from elsewhere).
 set -euo pipefail
 
 FEATURES=cuda
@@ -33,6 +36,12 @@ for arg in "$@"; do
     *) echo "build-cuda.sh: unknown argument \`$arg\` (expected --flash-attn, --no-reference)" >&2; exit 2 ;;
   esac
 done
+if [ "$FEATURES" = cuda,flash-attn ] && ! ls -d "$HOME"/.cudaforge/git/checkouts/cutlass-* >/dev/null 2>&1 \
+  && ! timeout 30 git ls-remote --exit-code https://github.com/NVIDIA/cutlass.git HEAD >/dev/null 2>&1; then
+  echo "build-cuda.sh: --flash-attn: candle-flash-attn clones CUTLASS from github.com, which is not reachable" \
+       "(copy a checkout into ~/.cudaforge/git/checkouts/ or build where GitHub is reachable)" >&2
+  exit 1
+fi
 test -f Cargo.toml && test -d crates/ltd-cli || { echo "build-cuda.sh: run it from the repository root" >&2; exit 2; }
 
 VENV=${CUDA_VENV:-$HOME/.cache/ltd-cudaenv}
@@ -44,18 +53,6 @@ if [ ! -x "$VENV/bin/pip" ]; then python3 -m venv "$VENV"; fi
 CU13=$("$VENV/bin/python" -c 'import os,nvidia; print(os.path.join(list(nvidia.__path__)[0],"cu13"))')
 test -x "$CU13/bin/nvcc"
 
-# One CUDA root per venv: rebuilt each run (cheap), shared by concurrent builds of one user
-# only through this directory, so build into a fresh one and swap it in.
-ROOT=$VENV/cudaroot
-NEW=$(mktemp -d "$VENV/cudaroot.XXXXXX")
-mkdir -p "$NEW/lib64/stubs"
-for d in bin include nvvm; do ln -s "$CU13/$d" "$NEW/$d"; done
-for f in "$CU13"/lib/*.so.*; do
-  b=$(basename "$f"); ln -s "$f" "$NEW/lib64/$b"
-  case "$b" in *builtins*|*.alt.*) ;; *) ln -sf "$f" "$NEW/lib64/${b%%.so.*}.so";; esac
-done
-ln -s "$CU13/lib/libcudart_static.a" "$NEW/lib64/libcudart_static.a"
-
 # A stub libcuda.so from the driver bindings of the cudarc version the project resolves.
 cargo fetch -q
 VER=$(cargo metadata --format-version 1 --all-features 2>/dev/null | python3 -c '
@@ -63,11 +60,27 @@ import json,sys
 v=[p["version"] for p in json.load(sys.stdin)["packages"] if p["name"]=="cudarc"]
 print(max(v) if v else "")')
 [ -n "$VER" ] || { echo "cudarc is not in the dependency graph (is the cuda feature wired to candle?)" >&2; exit 1; }
-CUDARC=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-"$VER" | head -1)
-grep -o '^pub unsafe fn cu[A-Za-z0-9_]*' "$CUDARC/src/driver/sys/mod.rs" | sed 's/pub unsafe fn //' | sort -u \
-  | awk '{print "int " $1 "(void) { return 999; }"}' > "$NEW/lib64/stubs/cuda_stub.c"
-gcc -shared -fPIC -O0 -Wl,-soname,libcuda.so.1 -o "$NEW/lib64/stubs/libcuda.so" "$NEW/lib64/stubs/cuda_stub.c"
-rm -rf "$ROOT.old"; [ -e "$ROOT" ] && mv "$ROOT" "$ROOT.old"; mv "$NEW" "$ROOT"; rm -rf "$ROOT.old"
+
+# The CUDA root (the links and the stub) is made once per cudarc version and moved into place
+# whole, so a build running beside this one never sees it half made, and its path stays the
+# same (candle-kernels' build script reruns when CUDA_ROOT changes).
+ROOT=$VENV/cudaroot
+if [ "$(cat "$ROOT/.cudarc-version" 2>/dev/null)" != "$VER" ]; then
+  NEW=$(mktemp -d "$VENV/cudaroot.XXXXXX")
+  mkdir -p "$NEW/lib64/stubs"
+  for d in bin include nvvm; do ln -s "$CU13/$d" "$NEW/$d"; done
+  for f in "$CU13"/lib/*.so.*; do
+    b=$(basename "$f"); ln -s "$f" "$NEW/lib64/$b"
+    case "$b" in *builtins*|*.alt.*) ;; *) ln -sf "$f" "$NEW/lib64/${b%%.so.*}.so";; esac
+  done
+  ln -s "$CU13/lib/libcudart_static.a" "$NEW/lib64/libcudart_static.a"
+  CUDARC=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-"$VER" | head -1)
+  grep -o '^pub unsafe fn cu[A-Za-z0-9_]*' "$CUDARC/src/driver/sys/mod.rs" | sed 's/pub unsafe fn //' | sort -u \
+    | awk '{print "int " $1 "(void) { return 999; }"}' > "$NEW/lib64/stubs/cuda_stub.c"
+  gcc -shared -fPIC -O0 -Wl,-soname,libcuda.so.1 -o "$NEW/lib64/stubs/libcuda.so" "$NEW/lib64/stubs/cuda_stub.c"
+  echo "$VER" > "$NEW/.cudarc-version"
+  rm -rf "$ROOT.old"; [ -e "$ROOT" ] && mv -T "$ROOT" "$ROOT.old"; mv -T "$NEW" "$ROOT"; rm -rf "$ROOT.old"
+fi
 
 export CUDA_ROOT=$ROOT CUDA_PATH=$ROOT CUDA_HOME=$ROOT CUDA_TOOLKIT_ROOT_DIR=$ROOT
 export PATH=$ROOT/bin:$PATH NVCC=$ROOT/bin/nvcc CUDA_COMPUTE_CAP=90

@@ -270,7 +270,8 @@ def diffusers_speed(kind, pipe, size, device, repeats, steps):
     t = torch.tensor([981.0], device=device)
     added = None
     if kind == "sdxl":
-        added = {"text_embeds": torch.randn((2, 1280), generator=g).to(device, unet.dtype),
+        width = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        added = {"text_embeds": torch.randn((2, width), generator=g).to(device, unet.dtype),
                  "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * 2, device=device, dtype=unet.dtype)}
     res = {}
     with torch.no_grad():
@@ -294,8 +295,10 @@ def diffusers_speed(kind, pipe, size, device, repeats, steps):
         return pipe("a cat in a hat", num_inference_steps=n, guidance_scale=7.5, height=size, width=size,
                     generator=torch.Generator("cpu").manual_seed(0), output_type="pil")
 
+    mem = GpuMemory(os.getpid())
     res["image_s"] = timed(lambda: image(steps), 1, repeats)
     t2 = timed(lambda: image(2), 0, repeats)
+    res["peak_gpu_mib"] = mem.stop()
     res["step_s"] = (res["image_s"] - t2) / (steps - 2)
     if torch.cuda.is_available():
         res["peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20

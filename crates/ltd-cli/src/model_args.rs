@@ -1,5 +1,5 @@
-//! The flags that choose and place a model (and how its attention runs), shared by `ltd-gen` and `ltd-serve` (flattened
-//! into each one's arguments), and the loading they describe.
+//! The flags that choose and place a model (and how its attention runs), shared by `ltd-gen`
+//! and `ltd-serve` (flattened into each one's arguments), and the loading they describe.
 //!
 //! Two groups rather than one so that `ltd-gen --help` keeps its order: the model near the
 //! top, the device at the end.

@@ -79,6 +79,31 @@ fn bad_request_values_name_the_flag() {
     fails(&with(&["--dtype", "f8"]), "unknown dtype `f8`", 2);
 }
 
+/// `--attention` values, and FlashAttention asked for where it cannot run, fail before loading.
+#[test]
+fn bad_attention_choices_name_the_flag() {
+    let m = sd1();
+    let base = ["a cat", "--model", m.as_str(), "--steps", "2"];
+    let with = |extra: &[&'static str]| -> Vec<&str> {
+        base.iter().copied().chain(extra.iter().copied()).collect()
+    };
+    fails(
+        &with(&["--attention", "fast"]),
+        "--attention: unknown attention implementation `fast`: expected auto, flash, chunked or naive",
+        2,
+    );
+    let why = if cfg!(feature = "flash-attn") {
+        "FlashAttention runs on CUDA only"
+    } else {
+        "FlashAttention needs a build with the `flash-attn` feature"
+    };
+    fails(
+        &with(&["--attention", "flash", "--device", "cpu"]),
+        &format!("--attention flash: {why}"),
+        2,
+    );
+}
+
 #[test]
 fn bad_init_images_and_strengths() {
     let dir = tempfile::tempdir().unwrap();
