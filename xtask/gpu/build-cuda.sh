@@ -6,7 +6,7 @@
 #   xtask/gpu/build-cuda.sh [--flash-attn] [--no-reference]
 #
 # Leaves in .gpu/ (ignored by git; carry it to the GPU machine):
-#   ltd-gen.xz (or ltd-gen-flash.xz): the stripped binary, xz-compressed (~5 MB instead of 45);
+#   ltd-gen.xz (or ltd-gen-flash.xz): the stripped binary, xz-compressed (~20 MB: the default model is embedded);
 #   wheels/: diffusers 0.42.1 and the pure-Python packages it needs beyond what the GPU
 #            machine's torch environment has (skipped with --no-reference).
 #
