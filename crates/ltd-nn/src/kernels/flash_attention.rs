@@ -389,6 +389,8 @@ unsafe fn pv_dot_dispatch(
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx2,fma")]
+// Indices, not iterators, over the accumulator grid: each V row is loaded once for all rows.
+#[allow(clippy::needless_range_loop)]
 unsafe fn pv_dot<const R: usize, const DV: usize>(
     p: *const f32,
     padded: usize,
