@@ -8,7 +8,8 @@ fields the Rust side reports. Run by the bench with the pinned reference environ
         --config configs/stable-diffusion-v1-5/unet/config.json
 
 Items: `matmul` (a 4096³ f32 product), `unet` (one SD 1.5 U-Net step at 512×512, batch 2,
-random weights), `vae` (an SD 1.5 VAE decode at 512×512, batch 1, random weights), `load`
+random weights), `small` (one step of the tiny SD 1.x U-Net of `xtask/bench/small-sd` on 32×32
+latents, batch 2), `vae` (an SD 1.5 VAE decode at 512×512, batch 1, random weights), `load`
 (`UNet2DConditionModel.from_pretrained` of a folder the bench wrote, with diffusers'
 default `low_cpu_mem_usage`).
 
@@ -112,21 +113,26 @@ def run_matmul(args):
     return result("matmul", wall, cpu, base)
 
 
-def run_unet(args):
+def run_unet(args, item="unet", latent=64):
     import torch
     from diffusers import UNet2DConditionModel
 
     config = UNet2DConditionModel.load_config(os.path.dirname(args.config))
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(config).eval()
-    x = random_latents((2, config["in_channels"], 64, 64), 1)
+    x = random_latents((2, config["in_channels"], latent, latent), 1)
     ctx = random_latents((2, 77, config["cross_attention_dim"]), 2)
     t = torch.tensor([981.0])
     base = status_kib("VmRSS:")
     reset_peak()
     with torch.no_grad():
         wall, cpu = timed(lambda: unet(x, t, encoder_hidden_states=ctx).sample, args.warmup, args.steps)
-    return result("unet", wall, cpu, base)
+    return result(item, wall, cpu, base)
+
+
+def run_small(args):
+    """One step of the tiny SD 1.x U-Net (xtask/bench/small-sd) on 32×32 latents, batch 2."""
+    return run_unet(args, "small", 32)
 
 
 def run_vae(args):
@@ -164,7 +170,7 @@ def run_load(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("item", choices=["matmul", "unet", "vae", "load"])
+    p.add_argument("item", choices=["matmul", "unet", "vae", "load", "small"])
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -175,7 +181,8 @@ def main():
     import torch
 
     torch.set_num_threads(args.threads)
-    run = {"matmul": run_matmul, "unet": run_unet, "vae": run_vae, "load": run_load}[args.item]
+    run = {"matmul": run_matmul, "unet": run_unet, "vae": run_vae, "load": run_load,
+           "small": run_small}[args.item]
     print(json.dumps(run(args)))
 
 

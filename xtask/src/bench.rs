@@ -7,6 +7,9 @@
 //!   512×512 so 64×64 latents, batch 2 as for classifier-free guidance, text states
 //!   `[2, 77, 768]`), after `--warmup` untimed steps: median over `--steps` steps;
 //! - `vae`: an SD 1.5 VAE decode to 512×512, batch 1, likewise;
+//! - `small`: one step of a tiny SD 1.x U-Net (`xtask/bench/small-sd`: 32/64 channels, 8 heads
+//!   of dimension 4, 32×32 latents of a 64×64 image, batch 2), where per-operation overheads
+//!   and attention over many tokens with small heads show (`bench/small.rs`);
 //! - `load`: loading a random SD 1.5 U-Net checkpoint (3.4 GB, written once to
 //!   `target/bench/sd15-unet/`) with `UNet2DConditionModel::load` and with diffusers'
 //!   `from_pretrained`: peak memory against the file's size;
@@ -31,6 +34,7 @@
 mod measure;
 mod serve;
 mod single_file;
+mod small;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -63,11 +67,20 @@ pub enum Item {
     Serve,
     /// Loading a full-size SD 1.5 single-file checkpoint, against the same as a folder.
     SingleFile,
+    /// One step of a tiny SD 1.x U-Net on 32×32 latents, batch 2.
+    Small,
 }
 
 impl Item {
-    const ALL: [Item; 6] =
-        [Item::Matmul, Item::Unet, Item::Vae, Item::Load, Item::Serve, Item::SingleFile];
+    const ALL: [Item; 7] = [
+        Item::Matmul,
+        Item::Unet,
+        Item::Vae,
+        Item::Load,
+        Item::Serve,
+        Item::SingleFile,
+        Item::Small,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -77,6 +90,7 @@ impl Item {
             Item::Load => "load",
             Item::Serve => "serve",
             Item::SingleFile => "single-file",
+            Item::Small => "small",
         }
     }
 
@@ -86,6 +100,7 @@ impl Item {
             Item::Matmul => Some(2.0 * (MATMUL_N as f64).powi(3) / 1e9),
             Item::Unet => Some(UNET_GFLOP),
             Item::Vae => Some(VAE_GFLOP),
+            Item::Small => Some(small::GFLOP),
             Item::Load | Item::Serve | Item::SingleFile => None,
         }
     }
@@ -104,6 +119,7 @@ pub enum Child {
     LoadSingleFile,
     /// Loads the `single-file` item's diffusers folder.
     LoadFolder,
+    Small,
 }
 
 /// Arguments of `cargo xtask bench`.
@@ -372,6 +388,7 @@ fn run_reference(python: &Path, item: Item, args: &Args, root: &Path) -> Result<
     match item {
         Item::Unet => cmd.arg("--config").arg(root.join(measure::UNET_CONFIG)),
         Item::Vae => cmd.arg("--config").arg(root.join(measure::VAE_CONFIG)),
+        Item::Small => cmd.arg("--config").arg(root.join(small::CONFIG)),
         Item::Load => cmd.arg("--model-dir").arg(load_dir(root)),
         Item::Matmul | Item::Serve | Item::SingleFile => &mut cmd,
     };
@@ -432,7 +449,7 @@ type Line<'a> = (String, Box<dyn Fn(&Measurement) -> Option<f64> + 'a>, usize);
 /// The lines of one item.
 fn lines_of(row: &Row) -> Vec<Line<'_>> {
     let mut lines: Vec<Line<'_>> = Vec::new();
-    let unit = if row.item == Item::Unet { "s/step" } else { "s" };
+    let unit = if matches!(row.item, Item::Unet | Item::Small) { "s/step" } else { "s" };
     if row.item != Item::Matmul {
         lines.push((format!("{unit} (wall)"), Box::new(|m| Some(m.median_wall_s)), 2));
         lines.push((format!("CPU-{unit}"), Box::new(|m| Some(m.median_cpu_s)), 2));
@@ -443,7 +460,7 @@ fn lines_of(row: &Row) -> Vec<Line<'_>> {
     }
     lines.push(("peak RSS MiB".into(), Box::new(|m| m.peak_rss_mib), 0));
     match row.item {
-        Item::Unet | Item::Vae => {
+        Item::Unet | Item::Vae | Item::Small => {
             let above = |m: &Measurement| m.peak_rss_mib.zip(m.base_rss_mib).map(|(p, b)| p - b);
             lines.push(("peak above weights MiB".into(), Box::new(above), 0));
         }

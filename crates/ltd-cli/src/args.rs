@@ -234,6 +234,11 @@ pub struct Args {
     #[arg(long)]
     pub vae_tiling: bool,
 
+    /// Also write the model's U-Net, quantized as --quantize says, to this GGUF file (load it
+    /// back with --quantized-unet). Needs a diffusers model folder.
+    #[arg(long, value_name = "FILE")]
+    pub save_quantized_unet: Option<PathBuf>,
+
     /// Output PNG; with several images, numbered: out-1.png, out-2.png, …
     #[arg(short, long, default_value = "ltd.png", value_name = "FILE")]
     pub output: PathBuf,

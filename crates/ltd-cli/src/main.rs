@@ -55,6 +55,10 @@ fn secs(d: Duration) -> f64 {
 
 fn run(args: &Args) -> Result<()> {
     output::check_output(&args.output)?;
+    let quantization = args.model.quantization()?;
+    if args.save_quantized_unet.is_some() && quantization.is_none() {
+        anyhow::bail!("--save-quantized-unet needs --quantize (the format to save in)");
+    }
     let seed = args.seed.unwrap_or_else(ltd_cli::random_seed);
     let request = args.request(seed)?;
     let show_progress = !args.quiet && std::io::stderr().is_terminal();
@@ -79,6 +83,20 @@ fn run(args: &Args) -> Result<()> {
         None => None,
     };
     let load_time = start.elapsed();
+    if let (Some(path), Some(q)) = (&args.save_quantized_unet, quantization) {
+        let report = pipeline
+            .save_quantized_unet(q, path)
+            .with_context(|| format!("--save-quantized-unet {}", path.display()))?;
+        if !args.quiet {
+            eprintln!(
+                "wrote {} ({} weights in {q}: {:.1} → {:.1} MiB)",
+                path.display(),
+                report.tensors,
+                report.bytes_before as f64 / 1048576.0,
+                report.bytes_after as f64 / 1048576.0
+            );
+        }
+    }
 
     let mut bar = progress::Bar::new(show_progress);
     let on_step: &mut dyn FnMut(ltd_pipeline::Progress<'_>) = &mut |p| bar.update(p);

@@ -9,12 +9,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::Args;
 use ltd_nn::attention::{AttentionImpl, AttentionOptions};
-use ltd_nn::{default_dtype, parse_dtype, DeviceChoice, RuntimeOptions};
+use ltd_nn::{default_dtype, parse_dtype, DeviceChoice, Quantization, RuntimeOptions};
 use ltd_pipeline::{LoadOptions, ModelSource, Pipeline};
 
 use crate::default_model;
 
-/// `--model`, `--config`, `--vae`, `--prediction-type`, `--variant`.
+/// `--model`, `--config`, `--vae`, `--prediction-type`, `--variant`, `--quantize`,
+/// `--quantized-unet`.
 #[derive(Debug, Clone, Default, Args)]
 pub struct ModelArgs {
     /// Model: a local diffusers folder, a single-file checkpoint (.safetensors in the original
@@ -43,6 +44,16 @@ pub struct ModelArgs {
     /// Weights variant to load, e.g. fp16 (reads *.fp16.safetensors where present).
     #[arg(long, value_name = "NAME")]
     pub variant: Option<String>,
+
+    /// Quantize the U-Net's transformer linear layers after loading, as stable-diffusion.cpp's
+    /// --type does: q8_0 (ggml's 8-bit blocks; CPU). Convolutions stay in --dtype.
+    #[arg(long, value_name = "TYPE")]
+    pub quantize: Option<String>,
+
+    /// Load the U-Net's weights from this GGUF file (written by ltd-gen --save-quantized-unet)
+    /// instead of the model folder's; the architecture stays the folder's unet/config.json.
+    #[arg(long, value_name = "FILE")]
+    pub quantized_unet: Option<PathBuf>,
 }
 
 /// `--device`, `--dtype`, `--attention`.
@@ -109,6 +120,11 @@ impl ModelArgs {
         })
     }
 
+    /// The `--quantize` format, checked.
+    pub fn quantization(&self) -> Result<Option<Quantization>> {
+        self.quantize.as_deref().map(str::parse::<Quantization>).transpose().context("--quantize")
+    }
+
     /// Loads the model these flags name onto the device `device` names.
     pub fn load(&self, device: &DeviceArgs) -> Result<Pipeline> {
         self.load_with(&device.load_options(self.variant.clone())?)
@@ -132,6 +148,8 @@ impl ModelArgs {
             vae: self.vae.clone(),
             prediction_type: self.prediction_type.clone(),
             vocabulary,
+            quantize: self.quantization()?,
+            quantized_unet: self.quantized_unet.clone(),
             ..options.clone()
         };
         Ok(Pipeline::load(&source, &options)

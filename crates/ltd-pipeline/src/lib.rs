@@ -25,6 +25,7 @@ pub mod model_index;
 pub mod params;
 pub mod pipeline;
 mod preview;
+mod quantize;
 pub mod refiner;
 pub mod request;
 pub mod seeds;

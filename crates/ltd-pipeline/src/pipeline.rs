@@ -43,6 +43,11 @@ pub struct LoadOptions {
     /// A tokenizer folder with the CLIP vocabulary (`vocab.json`, `merges.txt`) for a
     /// single-file checkpoint loaded with the built-in configs, which hold no vocabulary.
     pub vocabulary: Option<PathBuf>,
+    /// Quantizes the U-Net's transformer linear layers after loading (`--quantize q8_0`).
+    pub quantize: Option<ltd_nn::Quantization>,
+    /// Loads the U-Net from this GGUF file of quantized weights instead of the folder's
+    /// (`--quantized-unet`; the architecture stays the folder's `unet/config.json`).
+    pub quantized_unet: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -58,6 +63,8 @@ impl Default for LoadOptions {
             vae: None,
             prediction_type: None,
             vocabulary: None,
+            quantize: None,
+            quantized_unet: None,
         }
     }
 }
@@ -87,12 +94,25 @@ impl Pipeline {
     pub fn load(source: &ModelSource, options: &LoadOptions) -> Result<Self> {
         if let ModelSource::Local(path) = source {
             if crate::single_file::is_single_file(path) {
-                return Self::load_single_file(path, options);
+                if options.quantized_unet.is_some() {
+                    return Err(PipelineError::msg(
+                        "--quantized-unet needs a diffusers model folder (not a single-file \
+                         checkpoint)",
+                    ));
+                }
+                let mut pipe = Self::load_single_file(path, options)?;
+                if let Some(q) = options.quantize {
+                    pipe.quantize_unet(q)?;
+                }
+                return Ok(pipe);
             }
         }
         let root = source.resolve(options.variant.as_deref())?;
         let mut pipe = Self::load_folder(&root, options)?;
         pipe.name = source.to_string();
+        if let Some(q) = options.quantize {
+            pipe.quantize_unet(q)?;
+        }
         Ok(pipe)
     }
 
@@ -140,14 +160,17 @@ impl Pipeline {
             text.add_embedding(&file, path)?;
             embeddings.push(file.loaded);
         }
-        let unet = UNet2DConditionModel::load_patched(
-            &root.join("unet"),
-            variant,
-            dtype,
-            device,
-            runtime,
-            patches.remove(&Component::Unet).map(Arc::new),
-        )?;
+        let unet = match &options.quantized_unet {
+            Some(file) => crate::quantize::load_unet(file, &root.join("unet"), options, runtime)?,
+            None => UNet2DConditionModel::load_patched(
+                &root.join("unet"),
+                variant,
+                dtype,
+                device,
+                runtime,
+                patches.remove(&Component::Unet).map(Arc::new),
+            )?,
+        };
         let vae = crate::single_file::load_vae(&root.join("vae"), options, |vae_cfg| {
             Ok(AutoencoderKL::load(
                 &root.join("vae"),

@@ -11,6 +11,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use ltd_nn::attention::AttentionOptions;
 use ltd_nn::layers::{Downsample2D, ResnetBlock2D, UNetMidBlock2D, Upsample2D};
+use ltd_nn::{Quantization, QuantizeReport};
 
 use crate::config::{DownBlockConfig, MidBlockConfig, SimpleBlockConfig, UpBlockConfig};
 use crate::simple_cross_attn::{
@@ -46,6 +47,14 @@ pub enum Attn {
 }
 
 impl Attn {
+    /// Quantizes a transformer's linear layers (IF's attention stays as it is).
+    fn quantize(&mut self, q: Quantization) -> Result<QuantizeReport> {
+        match self {
+            Self::Transformer(t) => t.quantize(q),
+            Self::AddedKV(_) => Ok(QuantizeReport::default()),
+        }
+    }
+
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         match self {
             Self::Transformer(t) => t.forward(x, context),
@@ -279,6 +288,39 @@ impl UpBlock {
             (Some(up), _) => up.forward(&h, upsample_size),
             (None, Some(up)) => up.forward(&h, Some(temb)),
             (None, None) => Ok(h),
+        }
+    }
+}
+
+/// Quantizes the transformers of a block's attention layers.
+pub(crate) fn quantize_attentions(attns: &mut [Attn], q: Quantization) -> Result<QuantizeReport> {
+    let mut report = QuantizeReport::default();
+    for a in attns {
+        report.add(a.quantize(q)?);
+    }
+    Ok(report)
+}
+
+impl DownBlock {
+    /// Quantizes the transformers' linear layers.
+    pub fn quantize(&mut self, q: Quantization) -> Result<QuantizeReport> {
+        quantize_attentions(&mut self.attentions, q)
+    }
+}
+
+impl UpBlock {
+    /// Quantizes the transformers' linear layers.
+    pub fn quantize(&mut self, q: Quantization) -> Result<QuantizeReport> {
+        quantize_attentions(&mut self.attentions, q)
+    }
+}
+
+impl MidBlock {
+    /// Quantizes the transformers' linear layers.
+    pub fn quantize(&mut self, q: Quantization) -> Result<QuantizeReport> {
+        match self {
+            Self::CrossAttn { attentions, .. } => quantize_attentions(attentions, q),
+            Self::Plain(_) => Ok(QuantizeReport::default()),
         }
     }
 }

@@ -7,11 +7,12 @@
 //! [`UNet2DConditionModel`] runs it, from memory-mapped weights or a `VarMap` alike. The blocks
 //! only the U-Net has live here (`transformer_2d.rs`, `embeddings.rs`, `blocks.rs`, and
 //! DeepFloyd IF's `simple_cross_attn.rs`); those it shares with the VAE come from
-//! `ltd_nn::layers`.
+//! `ltd_nn::layers`. `gguf.rs` saves and loads the U-Net with quantized weights.
 
 pub mod blocks;
 pub mod config;
 pub mod embeddings;
+pub mod gguf;
 pub mod simple_cross_attn;
 pub mod transformer_2d;
 pub mod unet_2d_condition;

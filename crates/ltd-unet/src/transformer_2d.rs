@@ -8,6 +8,7 @@ use candle_nn::VarBuilder;
 
 use ltd_nn::attention::AttentionOptions;
 use ltd_nn::layers::{geglu, Attention, AttentionConfig, Conv2d, GroupNorm, LayerNorm, Linear};
+use ltd_nn::{Quantization, QuantizeReport};
 
 /// diffusers' `FeedForward(dim, activation_fn="geglu")`: `net.0.proj` to twice the inner width
 /// (4·dim), the erf GELU of one half gating the other, then `net.2` back to `dim`.
@@ -27,6 +28,15 @@ impl FeedForward {
             out: Linear::new(vb.pp("net").pp("2"), inner, dim, true)?,
             inner,
         })
+    }
+}
+
+impl FeedForward {
+    /// Quantizes `net.0.proj` and `net.2` where their shapes allow.
+    pub fn quantize(&mut self, q: Quantization) -> Result<QuantizeReport> {
+        let mut report = self.proj.quantize(q)?;
+        report.add(self.out.quantize(q)?);
+        Ok(report)
     }
 }
 
@@ -97,6 +107,14 @@ impl BasicTransformerBlock {
         })
     }
 
+    /// Quantizes the linear layers of `attn1`, `attn2` and `ff` where their shapes allow.
+    pub fn quantize(&mut self, q: Quantization) -> Result<QuantizeReport> {
+        let mut report = self.attn1.quantize(q)?;
+        report.add(self.attn2.quantize(q)?);
+        report.add(self.ff.quantize(q)?);
+        Ok(report)
+    }
+
     /// `x: [B, L, dim]`, `context: [B, Lk, cross_attention_dim]`.
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let attn1_context = self.only_cross_attention.then_some(context);
@@ -120,6 +138,14 @@ impl Projection {
         } else {
             Self::Conv(Conv2d::new(vb, cin, cout, 1, 0, 1)?)
         })
+    }
+
+    /// Quantizes a linear projection (a 1×1 convolution stays as it is).
+    fn quantize(&mut self, q: Quantization) -> Result<QuantizeReport> {
+        match self {
+            Self::Linear(l) => l.quantize(q),
+            Self::Conv(_) => Ok(QuantizeReport::default()),
+        }
     }
 
     /// Applies to channels-last tokens `[B, L, C]`: a 1×1 convolution is the same map.
@@ -155,6 +181,17 @@ impl Transformer2DModel {
             transformer_blocks: blocks,
             proj_out: Projection::new(vb.pp("proj_out"), linear, inner, cfg.in_channels)?,
         })
+    }
+
+    /// Quantizes every linear layer (the blocks' and linear `proj_in`/`proj_out`) whose rows
+    /// split into whole blocks; norms stay as they are.
+    pub fn quantize(&mut self, q: Quantization) -> Result<QuantizeReport> {
+        let mut report = self.proj_in.quantize(q)?;
+        report.add(self.proj_out.quantize(q)?);
+        for block in &mut self.transformer_blocks {
+            report.add(block.quantize(q)?);
+        }
+        Ok(report)
     }
 
     /// `x: [B, C, H, W]`, `context: [B, Lk, cross_attention_dim]` → `[B, C, H, W]`.

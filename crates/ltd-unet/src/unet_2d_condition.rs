@@ -198,6 +198,24 @@ impl UNet2DConditionModel {
         ltd_nn::load_checked(Arc::new(files), dtype, device, |vb| Self::new(vb, &cfg, opts))
     }
 
+    /// Quantizes the linear layers of every transformer block (attention projections,
+    /// feed-forward, linear `proj_in`/`proj_out`) whose rows split into whole blocks, releasing
+    /// their f32 weights; convolutions, norms and the time and text embeddings stay as they
+    /// are (see [`crate::gguf::is_quantized`]).
+    pub fn quantize(&mut self, q: ltd_nn::Quantization) -> Result<ltd_nn::QuantizeReport> {
+        let mut report = ltd_nn::QuantizeReport::default();
+        for b in &mut self.down_blocks {
+            report.add(b.quantize(q)?);
+        }
+        if let Some(m) = &mut self.mid_block {
+            report.add(m.quantize(q)?);
+        }
+        for b in &mut self.up_blocks {
+            report.add(b.quantize(q)?);
+        }
+        Ok(report)
+    }
+
     /// The validated architecture.
     pub fn config(&self) -> &UNetConfig {
         &self.cfg

@@ -29,6 +29,7 @@ pub fn run_child(child: Child, args: &Args, root: &Path) -> Result<()> {
         Child::Matmul => matmul(args)?,
         Child::Unet => unet(args, root)?,
         Child::Vae => vae(args, root)?,
+        Child::Small => super::small::unet_step(args, root)?,
         Child::Load => load(root)?,
         Child::WriteUnet => return write_unet(root),
         Child::LoadSingleFile | Child::LoadFolder => {
@@ -68,7 +69,10 @@ pub(super) fn cpu_seconds() -> f64 {
 }
 
 /// Runs `f` `warmup` times untimed, then `steps` times; wall and CPU seconds of each timed run.
-fn timed(args: &Args, mut f: impl FnMut() -> Result<()>) -> Result<(Vec<f64>, Vec<f64>)> {
+pub(super) fn timed(
+    args: &Args,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<(Vec<f64>, Vec<f64>)> {
     for i in 0..args.warmup {
         let t0 = Instant::now();
         f()?;
@@ -129,7 +133,7 @@ fn matmul(args: &Args) -> Result<Measurement> {
 
 /// Random weights for every tensor a model asks for: uniform in ±1/√fan_in (PyTorch's default
 /// scale, so activations stay of order one), norm weights 1, other vectors small.
-fn random_weights<M>(
+pub(super) fn random_weights<M>(
     build: impl FnOnce(VarBuilder<'_>) -> candle_core::Result<M>,
 ) -> Result<HashMap<String, Tensor>> {
     let (_, shapes) = ltd_nn::record_shapes(DType::F32, build)?;

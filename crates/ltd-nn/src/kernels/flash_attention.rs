@@ -76,6 +76,24 @@ pub(crate) fn attention(
         }
     }
 
+    // Heads narrower than a register (SD's 8 heads of 4 on 32 channels): V transposed per
+    // head, `[bh, dv, panels·16]` (zero-padded), so that P·V multiplies eight keys at a time
+    // (`pv_dot`) rather than one. Wider heads read V as it is.
+    let vt_stride = panels * 16;
+    let mut vt = Vec::new();
+    if dv < 8 {
+        vt = vec![0f32; bh * dv * vt_stride];
+        for h in 0..bh {
+            let src = &v[h * lk * dv..(h + 1) * lk * dv];
+            let dst = &mut vt[h * dv * vt_stride..(h + 1) * dv * vt_stride];
+            for (j, row) in src.chunks_exact(dv).enumerate() {
+                for (c, &x) in row.iter().enumerate() {
+                    dst[c * vt_stride + j] = x;
+                }
+            }
+        }
+    }
+
     // Work units: (head, query block), each writing its own rows of the output.
     let mut units: Vec<(usize, usize, &mut [f32])> = Vec::with_capacity(bh * lq.div_ceil(BLOCK_Q));
     for (h, head_out) in out.chunks_mut(lq * dv).enumerate() {
@@ -85,7 +103,7 @@ pub(crate) fn attention(
     }
     let threads = super::threads().min(units.len());
     let per_thread = units.len().div_ceil(threads.max(1));
-    let kt = &kt;
+    let (kt, vt) = (&kt, &vt);
     let run = |units: &mut [(usize, usize, &mut [f32])]| {
         let mut scratch = Scratch::new(d, dv);
         for (h, q0, o) in units.iter_mut() {
@@ -93,10 +111,15 @@ pub(crate) fn attention(
             let q = &q[(*h * lq + *q0) * d..(*h * lq + *q0 + rows) * d];
             let kt = &kt[*h * head_len..(*h + 1) * head_len];
             let v = &v[*h * lk * dv..(*h + 1) * lk * dv];
+            let vt = if vt.is_empty() {
+                &vt[..]
+            } else {
+                &vt[*h * dv * vt_stride..(*h + 1) * dv * vt_stride]
+            };
             // SAFETY: `available()` checked AVX2 and FMA above; slices match `dims`.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                block(q, kt, v, o, rows, dims, scale, &mut scratch)
+                block(q, kt, v, vt, o, rows, dims, scale, &mut scratch)
             };
         }
     };
@@ -133,7 +156,8 @@ impl Scratch {
     }
 }
 
-/// One block of `rows ≤ BLOCK_Q` queries of one head against all its keys.
+/// One block of `rows ≤ BLOCK_Q` queries of one head against all its keys (`vt`: V
+/// transposed when `dv < 8`, else empty).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
@@ -141,6 +165,7 @@ unsafe fn block(
     q: &[f32],
     kt: &[f32],
     v: &[f32],
+    vt: &[f32],
     out: &mut [f32],
     rows: usize,
     dims: Dims,
@@ -193,6 +218,21 @@ unsafe fn block(
                 }
             }
             // O += P·V for this key block.
+            if !vt.is_empty() {
+                // Scores past `width` up to `padded` are of zero-padded keys, and V's
+                // padding is zero too: they add nothing.
+                let (vtb, stride) = (vt.as_ptr().add(k0), vt.len() / dv);
+                let mut r = 0;
+                while r < rows {
+                    let tile_rows = (rows - r).min(2);
+                    let pp = sc.s.as_ptr().add(r * BLOCK_K);
+                    let op = sc.o.as_mut_ptr().add(r * dv);
+                    pv_dot_dispatch(tile_rows, pp, padded, vtb, stride, dv, op);
+                    r += tile_rows;
+                }
+                k0 += width;
+                continue;
+            }
             let vb = v.as_ptr().add(k0 * dv);
             let mut r = 0;
             while r < rows {
@@ -287,6 +327,23 @@ unsafe fn pv_rows<const R: usize>(
             }
             c += 8;
         }
+        // Heads of 4 (or a 4-wide tail): half-width registers, one key at a time. Small heads
+        // make this loop as long as the score tile's, so it must not fall to the scalar tail.
+        if c + 4 <= dv {
+            let mut acc = [_mm_setzero_ps(); R];
+            for j in 0..width {
+                let v0 = _mm_loadu_ps(v.add(j * dv + c));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let pr = _mm_broadcast_ss(&*p.add(r * BLOCK_K + j));
+                    *a = _mm_fmadd_ps(pr, v0, *a);
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                let dst = o.add(r * dv + c);
+                _mm_storeu_ps(dst, _mm_add_ps(_mm_loadu_ps(dst), *a));
+            }
+            c += 4;
+        }
         for cc in c..dv {
             for r in 0..R {
                 let mut acc = 0f32;
@@ -294,6 +351,75 @@ unsafe fn pv_rows<const R: usize>(
                     acc += *p.add(r * BLOCK_K + j) * *v.add(j * dv + cc);
                 }
                 *o.add(r * dv + cc) += acc;
+            }
+        }
+    }
+}
+
+/// [`pv_dot`] for 1 or 2 rows and a head width below 8.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pv_dot_dispatch(
+    rows: usize,
+    p: *const f32,
+    padded: usize,
+    vt: *const f32,
+    stride: usize,
+    dv: usize,
+    o: *mut f32,
+) {
+    unsafe {
+        macro_rules! go {
+            ($($dv:literal),*) => {
+                match (rows, dv) {
+                    $((2, $dv) => pv_dot::<2, $dv>(p, padded, vt, stride, o),
+                      (_, $dv) => pv_dot::<1, $dv>(p, padded, vt, stride, o),)*
+                    _ => unreachable!("pv_dot takes heads narrower than 8"),
+                }
+            };
+        }
+        go!(1, 2, 3, 4, 5, 6, 7)
+    }
+}
+
+/// `o[r][c] += Σ_j p[r][j] · vt[c][j]` for `R` rows over `padded` keys (a multiple of 8),
+/// `DV < 8` columns, V transposed (`vt` rows `stride` apart): eight keys per multiply-add,
+/// summed across lanes once per key block.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+// Indices, not iterators, over the accumulator grid: each V row is loaded once for all rows.
+#[allow(clippy::needless_range_loop)]
+unsafe fn pv_dot<const R: usize, const DV: usize>(
+    p: *const f32,
+    padded: usize,
+    vt: *const f32,
+    stride: usize,
+    o: *mut f32,
+) {
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); DV]; R];
+        let mut j = 0;
+        while j < padded {
+            let mut pr = [_mm256_setzero_ps(); R];
+            for (r, x) in pr.iter_mut().enumerate() {
+                *x = _mm256_loadu_ps(p.add(r * BLOCK_K + j));
+            }
+            for c in 0..DV {
+                let vv = _mm256_loadu_ps(vt.add(c * stride + j));
+                for r in 0..R {
+                    acc[r][c] = _mm256_fmadd_ps(pr[r], vv, acc[r][c]);
+                }
+            }
+            j += 8;
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (c, a) in row.iter().enumerate() {
+                let half = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps(*a, 1));
+                let pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+                let sum = _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+                *o.add(r * DV + c) += sum;
             }
         }
     }
@@ -421,9 +547,15 @@ mod tests {
         }
         // Row and column tails everywhere: 70 queries (2 blocks + 6), 300 keys (a full block
         // and 44), head widths that are not multiples of 8 or 16, large logits.
-        for &(bh, lq, lk, d, dv, amp) in
-            &[(3, 70, 300, 40, 40, 1.0), (2, 5, 77, 13, 21, 3.0), (1, 33, 600, 64, 72, 2.0)]
-        {
+        for &(bh, lq, lk, d, dv, amp) in &[
+            (3, 70, 300, 40, 40, 1.0),
+            (2, 5, 77, 13, 21, 3.0),
+            (1, 33, 600, 64, 72, 2.0),
+            // Small heads (4-wide, and 4-wide tails after 8 and 16 columns).
+            (4, 100, 290, 4, 4, 2.0),
+            (2, 37, 77, 12, 12, 1.0),
+            (1, 9, 40, 20, 20, 1.0),
+        ] {
             let dims = Dims { bh, lq, lk, d, dv };
             let (q, k, v) =
                 (lcg(bh * lq * d, 1, amp), lcg(bh * lk * d, 2, amp), lcg(bh * lk * dv, 3, 1.0));

@@ -9,6 +9,7 @@ use candle_nn::VarBuilder;
 use super::linear::Linear;
 use super::norm::GroupNorm;
 use crate::attention::{attention, merge_heads, split_heads, AttentionOptions};
+use crate::quantize::{Quantization, QuantizeReport};
 
 /// The shape of an [`Attention`] layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +56,15 @@ impl Attention {
             upcast: cfg.upcast,
             opts: *opts,
         })
+    }
+
+    /// Quantizes `to_q`, `to_k`, `to_v`, `to_out.0` where their shapes allow.
+    pub fn quantize(&mut self, q: Quantization) -> Result<QuantizeReport> {
+        let mut report = QuantizeReport::default();
+        for l in [&mut self.to_q, &mut self.to_k, &mut self.to_v, &mut self.to_out] {
+            report.add(l.quantize(q)?);
+        }
+        Ok(report)
     }
 
     /// `x: [B, Lq, query_dim]`, `context: [B, Lk, cross_attention_dim]` (`None`: self-attention).

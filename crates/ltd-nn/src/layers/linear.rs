@@ -1,9 +1,13 @@
 //! `torch.nn.Linear`, initialised for training as PyTorch initialises it (uniform in ±1/√fan_in
 //! for weight and bias: `kaiming_uniform_(a=√5)`), and the row-times-weight product it shares
-//! with the 1×1 convolution of [`super::conv`].
+//! with the 1×1 convolution of [`super::conv`]. A loaded layer can be quantized in place
+//! ([`Linear::quantize`], see [`crate::quantize`]).
 
+use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
+
+use crate::quantize::{Quantization, QuantizeReport};
 
 /// Half-precision inputs on the CPU are multiplied in f32 and rounded once, after the bias, as
 /// PyTorch's CPU kernels do (candle would round the product, then round again after adding the
@@ -23,6 +27,8 @@ pub(super) fn torch_default_init(fan_in: usize) -> Init {
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// The weight quantized; when set, the product uses it (and `weight` is a placeholder).
+    quantized: Option<QMatMul>,
 }
 
 impl Linear {
@@ -31,7 +37,37 @@ impl Linear {
         let init = torch_default_init(in_dim);
         let weight = vb.get_with_hints((out_dim, in_dim), "weight", init)?;
         let bias = if bias { Some(vb.get_with_hints(out_dim, "bias", init)?) } else { None };
-        Ok(Self { weight, bias })
+        Ok(Self { weight, bias, quantized: None })
+    }
+
+    /// Replaces the weight by its quantized form where its shape allows (see
+    /// [`Quantization::fits`]); the f32 weight is released. Inference only: a quantized layer
+    /// has no gradient.
+    pub fn quantize(&mut self, q: Quantization) -> Result<QuantizeReport> {
+        if self.quantized.is_some() {
+            return Ok(QuantizeReport::default());
+        }
+        let Some(qm) = q.quantize(&self.weight)? else {
+            return Ok(QuantizeReport::default());
+        };
+        let bytes_before = self.weight.elem_count() * self.weight.dtype().size_in_bytes();
+        let bytes_after = match &qm {
+            QMatMul::QTensor(t) => t.storage_size_in_bytes(),
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
+                t.elem_count() * t.dtype().size_in_bytes()
+            }
+        };
+        // Keeps the shape (for `out_dim`) without the storage: a zero-stride scalar.
+        let (out, inp) = self.weight.dims2()?;
+        self.weight = Tensor::zeros((), self.weight.dtype(), self.weight.device())?
+            .broadcast_as((out, inp))?;
+        self.quantized = Some(qm);
+        Ok(QuantizeReport { tensors: 1, bytes_before, bytes_after })
+    }
+
+    /// Whether the weight is quantized.
+    pub fn is_quantized(&self) -> bool {
+        self.quantized.is_some()
     }
 
     /// The weight, `[out, in]`.
@@ -47,7 +83,10 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        rows_times_weight(x, &self.weight, self.bias.as_ref())
+        match &self.quantized {
+            Some(qm) => quantized_rows_times_weight(x, qm, self.bias.as_ref()),
+            None => rows_times_weight(x, &self.weight, self.bias.as_ref()),
+        }
     }
 }
 
@@ -75,4 +114,22 @@ pub(super) fn rows_times_weight(
         *last = out_dim;
     }
     y.reshape(out_dims)?.to_dtype(dtype)
+}
+
+/// [`rows_times_weight`] with a quantized weight: the product in f32 (candle's quantized
+/// kernels take f32 activations), the bias added, the result in the input's dtype.
+fn quantized_rows_times_weight(x: &Tensor, qm: &QMatMul, bias: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims();
+    let in_dim = dims.last().copied().unwrap_or(1);
+    let rows = x.elem_count() / in_dim.max(1);
+    let y = qm.forward(&x.reshape((rows, in_dim))?.to_dtype(DType::F32)?)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
+        None => y,
+    };
+    let mut out_dims = dims.to_vec();
+    if let Some(last) = out_dims.last_mut() {
+        *last = y.dim(1)?;
+    }
+    y.reshape(out_dims)?.to_dtype(x.dtype())
 }
