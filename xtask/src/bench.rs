@@ -15,6 +15,8 @@
 //! - `single-file`: loading a full-size SD 1.5 single-file checkpoint (zero-filled f16, of the
 //!   real original-layout key list) with `Pipeline::load`, against the same weights as a
 //!   diffusers folder: load time and peak memory, ltd only (see `bench/single_file.rs`).
+//! - `train-unet`, `train-vae`: one training step (forward, backward, clipping, AdamW) of the
+//!   shipped shapes recipes against PyTorch with diffusers' classes (see `bench/train.rs`).
 //!
 //! Every item runs in a child process of its own (this binary with the hidden `--child` flag,
 //! and `xtask/bench/reference.py` for the reference), so each peak resident set belongs to one
@@ -31,6 +33,7 @@
 mod measure;
 mod serve;
 mod single_file;
+mod train;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -63,11 +66,23 @@ pub enum Item {
     Serve,
     /// Loading a full-size SD 1.5 single-file checkpoint, against the same as a folder.
     SingleFile,
+    /// One `train-unet` step of the shapes recipe, against PyTorch.
+    TrainUnet,
+    /// One `train-vae` step of the shapes recipe, against PyTorch.
+    TrainVae,
 }
 
 impl Item {
-    const ALL: [Item; 6] =
-        [Item::Matmul, Item::Unet, Item::Vae, Item::Load, Item::Serve, Item::SingleFile];
+    const ALL: [Item; 8] = [
+        Item::Matmul,
+        Item::Unet,
+        Item::Vae,
+        Item::Load,
+        Item::Serve,
+        Item::SingleFile,
+        Item::TrainUnet,
+        Item::TrainVae,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -77,6 +92,8 @@ impl Item {
             Item::Load => "load",
             Item::Serve => "serve",
             Item::SingleFile => "single-file",
+            Item::TrainUnet => "train-unet",
+            Item::TrainVae => "train-vae",
         }
     }
 
@@ -86,7 +103,7 @@ impl Item {
             Item::Matmul => Some(2.0 * (MATMUL_N as f64).powi(3) / 1e9),
             Item::Unet => Some(UNET_GFLOP),
             Item::Vae => Some(VAE_GFLOP),
-            Item::Load | Item::Serve | Item::SingleFile => None,
+            Item::Load | Item::Serve | Item::SingleFile | Item::TrainUnet | Item::TrainVae => None,
         }
     }
 }
@@ -104,6 +121,10 @@ pub enum Child {
     LoadSingleFile,
     /// Loads the `single-file` item's diffusers folder.
     LoadFolder,
+    /// A `train-unet` step.
+    TrainUnet,
+    /// A `train-vae` step.
+    TrainVae,
 }
 
 /// Arguments of `cargo xtask bench`.
@@ -373,6 +394,8 @@ fn run_reference(python: &Path, item: Item, args: &Args, root: &Path) -> Result<
         Item::Unet => cmd.arg("--config").arg(root.join(measure::UNET_CONFIG)),
         Item::Vae => cmd.arg("--config").arg(root.join(measure::VAE_CONFIG)),
         Item::Load => cmd.arg("--model-dir").arg(load_dir(root)),
+        Item::TrainUnet => cmd.arg("--config").arg(root.join(train::UNET_CONFIG)),
+        Item::TrainVae => cmd.arg("--config").arg(root.join(train::VAE_CONFIG)),
         Item::Matmul | Item::Serve | Item::SingleFile => &mut cmd,
     };
     run_json(cmd)
@@ -432,7 +455,10 @@ type Line<'a> = (String, Box<dyn Fn(&Measurement) -> Option<f64> + 'a>, usize);
 /// The lines of one item.
 fn lines_of(row: &Row) -> Vec<Line<'_>> {
     let mut lines: Vec<Line<'_>> = Vec::new();
-    let unit = if row.item == Item::Unet { "s/step" } else { "s" };
+    let unit = match row.item {
+        Item::Unet | Item::TrainUnet | Item::TrainVae => "s/step",
+        _ => "s",
+    };
     if row.item != Item::Matmul {
         lines.push((format!("{unit} (wall)"), Box::new(|m| Some(m.median_wall_s)), 2));
         lines.push((format!("CPU-{unit}"), Box::new(|m| Some(m.median_cpu_s)), 2));
@@ -443,7 +469,7 @@ fn lines_of(row: &Row) -> Vec<Line<'_>> {
     }
     lines.push(("peak RSS MiB".into(), Box::new(|m| m.peak_rss_mib), 0));
     match row.item {
-        Item::Unet | Item::Vae => {
+        Item::Unet | Item::Vae | Item::TrainUnet | Item::TrainVae => {
             let above = |m: &Measurement| m.peak_rss_mib.zip(m.base_rss_mib).map(|(p, b)| p - b);
             lines.push(("peak above weights MiB".into(), Box::new(above), 0));
         }

@@ -35,6 +35,8 @@ pub fn run_child(child: Child, args: &Args, root: &Path) -> Result<()> {
             let dir = args.bench_dir.as_deref().context("--bench-dir is missing")?;
             super::single_file::load(root, dir, child == Child::LoadSingleFile)?
         }
+        Child::TrainUnet => super::train::unet(args, root)?,
+        Child::TrainVae => super::train::vae(args, root)?,
     };
     println!("{}", serde_json::to_string(&m)?);
     Ok(())
@@ -68,7 +70,7 @@ pub(super) fn cpu_seconds() -> f64 {
 }
 
 /// Runs `f` `warmup` times untimed, then `steps` times; wall and CPU seconds of each timed run.
-fn timed(args: &Args, mut f: impl FnMut() -> Result<()>) -> Result<(Vec<f64>, Vec<f64>)> {
+pub(super) fn timed(args: &Args, mut f: impl FnMut() -> Result<()>) -> Result<(Vec<f64>, Vec<f64>)> {
     for i in 0..args.warmup {
         let t0 = Instant::now();
         f()?;
