@@ -70,7 +70,10 @@ pub(super) fn cpu_seconds() -> f64 {
 }
 
 /// Runs `f` `warmup` times untimed, then `steps` times; wall and CPU seconds of each timed run.
-pub(super) fn timed(args: &Args, mut f: impl FnMut() -> Result<()>) -> Result<(Vec<f64>, Vec<f64>)> {
+pub(super) fn timed(
+    args: &Args,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<(Vec<f64>, Vec<f64>)> {
     for i in 0..args.warmup {
         let t0 = Instant::now();
         f()?;
