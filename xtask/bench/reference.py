@@ -11,7 +11,10 @@ Items: `matmul` (a 4096³ f32 product), `unet` (one SD 1.5 U-Net step at 512×51
 random weights), `small` (one step of the tiny SD 1.x U-Net of `xtask/bench/small-sd` on 32×32
 latents, batch 2), `vae` (an SD 1.5 VAE decode at 512×512, batch 1, random weights), `load`
 (`UNet2DConditionModel.from_pretrained` of a folder the bench wrote, with diffusers'
-default `low_cpu_mem_usage`).
+default `low_cpu_mem_usage`), `train-unet` and `train-vae` (one training step of the shapes
+recipes, configs/train/shapes/: forward, loss, backward, `clip_grad_norm_(1.0)` and
+`torch.optim.AdamW(lr=1e-3, weight_decay=1e-2)` on random data of the recipes' shapes, as
+xtask/src/bench/train.rs does on ltd's side).
 
 Peak memory is the process's peak resident set (`VmHWM`), reset just before the measured
 part by writing 5 to /proc/self/clear_refs (Linux), exactly as the Rust side does.
@@ -168,21 +171,107 @@ def run_load(args):
     return result("load", [wall], [cpu], base, parameters=params, low_cpu_mem_usage=low_cpu)
 
 
+def train_step(loss_fn, params, opt):
+    import torch
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.item()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+
+    return step
+
+
+def read_config(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_train_unet(args):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    config = read_config(args.config)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(config).train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
+    c, b = config["in_channels"], 16
+    noisy = random_latents((b, c, 8, 8), 1)
+    target = random_latents((b, c, 8, 8), 2)
+    ctx = random_latents((b, 77, config["cross_attention_dim"]), 3)
+    t = torch.tensor([float(i * 61 % 1000) for i in range(b)])
+
+    def loss_fn():
+        pred = unet(noisy, t, encoder_hidden_states=ctx).sample
+        return torch.nn.functional.mse_loss(pred, target)
+
+    base = status_kib("VmRSS:")
+    reset_peak()
+    wall, cpu = timed(train_step(loss_fn, params, opt), args.warmup, args.steps)
+    n = sum(p.numel() for p in params)
+    return result("train-unet", wall, cpu, base, parameters=n)
+
+
+def run_train_vae(args):
+    import torch
+    from diffusers import AutoencoderKL
+
+    config = read_config(args.config)
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_config(config).train()
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
+    b, size = 16, 32
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand((b, 3, size, size), generator=g) * 2 - 1
+    w = torch.ones((b, 1, size, size))
+    w[:, :, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 8.0
+    factor = 2 ** (len(config["block_out_channels"]) - 1)
+    noise = random_latents((b, config["latent_channels"], size // factor, size // factor), 2)
+    elems = 3 * size * size
+
+    def loss_fn():
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * noise
+        diff = vae.decode(z).sample - x
+        l1 = (diff.abs() * w).mean()
+        mse = (diff.square() * w).mean()
+        kl = post.kl().mean()
+        return l1 + mse + kl * (1e-6 / elems)
+
+    base = status_kib("VmRSS:")
+    reset_peak()
+    wall, cpu = timed(train_step(loss_fn, params, opt), args.warmup, args.steps)
+    n = sum(p.numel() for p in params)
+    return result("train-vae", wall, cpu, base, parameters=n)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("item", choices=["matmul", "unet", "vae", "load", "small"])
+    p.add_argument("item", choices=["matmul", "unet", "vae", "load", "small", "train-unet", "train-vae"])
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--config", help="config.json of the U-Net or VAE (unet, vae)")
+    p.add_argument("--config", help="config.json of the U-Net or VAE (unet, vae, train-unet, train-vae)")
     p.add_argument("--model-dir", help="the folder to load (load)")
     args = p.parse_args()
 
     import torch
 
     torch.set_num_threads(args.threads)
-    run = {"matmul": run_matmul, "unet": run_unet, "vae": run_vae, "load": run_load,
-           "small": run_small}[args.item]
+    run = {
+        "matmul": run_matmul,
+        "unet": run_unet,
+        "vae": run_vae,
+        "load": run_load,
+        "small": run_small,
+        "train-unet": run_train_unet,
+        "train-vae": run_train_vae,
+    }[args.item]
     print(json.dumps(run(args)))
 
 

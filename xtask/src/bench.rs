@@ -18,6 +18,8 @@
 //! - `single-file`: loading a full-size SD 1.5 single-file checkpoint (zero-filled f16, of the
 //!   real original-layout key list) with `Pipeline::load`, against the same weights as a
 //!   diffusers folder: load time and peak memory, ltd only (see `bench/single_file.rs`).
+//! - `train-unet`, `train-vae`: one training step (forward, backward, clipping, AdamW) of the
+//!   shipped shapes recipes against PyTorch with diffusers' classes (see `bench/train.rs`).
 //!
 //! Every item runs in a child process of its own (this binary with the hidden `--child` flag,
 //! and `xtask/bench/reference.py` for the reference), so each peak resident set belongs to one
@@ -35,6 +37,7 @@ mod measure;
 mod serve;
 mod single_file;
 mod small;
+mod train;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -69,10 +72,14 @@ pub enum Item {
     SingleFile,
     /// One step of a tiny SD 1.x U-Net on 32×32 latents, batch 2.
     Small,
+    /// One `train-unet` step of the shapes recipe, against PyTorch.
+    TrainUnet,
+    /// One `train-vae` step of the shapes recipe, against PyTorch.
+    TrainVae,
 }
 
 impl Item {
-    const ALL: [Item; 7] = [
+    const ALL: [Item; 9] = [
         Item::Matmul,
         Item::Unet,
         Item::Vae,
@@ -80,6 +87,8 @@ impl Item {
         Item::Serve,
         Item::SingleFile,
         Item::Small,
+        Item::TrainUnet,
+        Item::TrainVae,
     ];
 
     fn name(self) -> &'static str {
@@ -91,6 +100,8 @@ impl Item {
             Item::Serve => "serve",
             Item::SingleFile => "single-file",
             Item::Small => "small",
+            Item::TrainUnet => "train-unet",
+            Item::TrainVae => "train-vae",
         }
     }
 
@@ -101,7 +112,7 @@ impl Item {
             Item::Unet => Some(UNET_GFLOP),
             Item::Vae => Some(VAE_GFLOP),
             Item::Small => Some(small::GFLOP),
-            Item::Load | Item::Serve | Item::SingleFile => None,
+            Item::Load | Item::Serve | Item::SingleFile | Item::TrainUnet | Item::TrainVae => None,
         }
     }
 }
@@ -120,6 +131,10 @@ pub enum Child {
     /// Loads the `single-file` item's diffusers folder.
     LoadFolder,
     Small,
+    /// A `train-unet` step.
+    TrainUnet,
+    /// A `train-vae` step.
+    TrainVae,
 }
 
 /// Arguments of `cargo xtask bench`.
@@ -390,6 +405,8 @@ fn run_reference(python: &Path, item: Item, args: &Args, root: &Path) -> Result<
         Item::Vae => cmd.arg("--config").arg(root.join(measure::VAE_CONFIG)),
         Item::Small => cmd.arg("--config").arg(root.join(small::CONFIG)),
         Item::Load => cmd.arg("--model-dir").arg(load_dir(root)),
+        Item::TrainUnet => cmd.arg("--config").arg(root.join(train::UNET_CONFIG)),
+        Item::TrainVae => cmd.arg("--config").arg(root.join(train::VAE_CONFIG)),
         Item::Matmul | Item::Serve | Item::SingleFile => &mut cmd,
     };
     run_json(cmd)
@@ -449,7 +466,10 @@ type Line<'a> = (String, Box<dyn Fn(&Measurement) -> Option<f64> + 'a>, usize);
 /// The lines of one item.
 fn lines_of(row: &Row) -> Vec<Line<'_>> {
     let mut lines: Vec<Line<'_>> = Vec::new();
-    let unit = if matches!(row.item, Item::Unet | Item::Small) { "s/step" } else { "s" };
+    let unit = match row.item {
+        Item::Unet | Item::Small | Item::TrainUnet | Item::TrainVae => "s/step",
+        _ => "s",
+    };
     if row.item != Item::Matmul {
         lines.push((format!("{unit} (wall)"), Box::new(|m| Some(m.median_wall_s)), 2));
         lines.push((format!("CPU-{unit}"), Box::new(|m| Some(m.median_cpu_s)), 2));
@@ -460,7 +480,7 @@ fn lines_of(row: &Row) -> Vec<Line<'_>> {
     }
     lines.push(("peak RSS MiB".into(), Box::new(|m| m.peak_rss_mib), 0));
     match row.item {
-        Item::Unet | Item::Vae | Item::Small => {
+        Item::Unet | Item::Vae | Item::Small | Item::TrainUnet | Item::TrainVae => {
             let above = |m: &Measurement| m.peak_rss_mib.zip(m.base_rss_mib).map(|(p, b)| p - b);
             lines.push(("peak above weights MiB".into(), Box::new(above), 0));
         }

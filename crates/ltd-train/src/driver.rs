@@ -9,7 +9,9 @@
 //!    check that a fresh run will not mix with an old one), before any costly preparation;
 //! 3. [`Driver::train`]: seeded initialisation of the variables, AdamW (with its parameter
 //!    groups) and the EMA, each restored from the checkpoint when resuming; the generator
-//!    and the loss history; then per step the batch (a pure function of seed and step), the
+//!    and the loss history (a group at learning rate 0 is frozen: it is initialised,
+//!    checkpointed and exported, but gets no optimiser state, no EMA and no share of the
+//!    clipping norm); then per step the batch (a pure function of seed and step), the
 //!    task's loss, backward, clipping, the AdamW step and the EMA update; a checkpoint (model,
 //!    optimiser moments, EMA weights, `state.json`), the loss curve and a preview every
 //!    `checkpoint_every` steps and at the last; the stop asked for by
@@ -55,7 +57,8 @@ pub struct Loss {
 pub struct ParamGroup {
     /// The prefix of their names (`text_encoder.`).
     pub prefix: &'static str,
-    /// Their peak learning rate.
+    /// Their peak learning rate; 0 freezes them (see the module documentation), and the task
+    /// should then keep them out of the loss's graph, so that backward does not reach them.
     pub learning_rate: f64,
     /// The option that set it, named when no variable has the prefix.
     pub option: &'static str,
@@ -161,10 +164,24 @@ impl<S: Clone + Serialize + DeserializeOwned> Driver<S> {
         let o = task.optim().clone();
         let dev = &self.device;
         init_varmap(varmap, derive_seed(o.seed, 2))?;
-        let vars = named_vars(varmap)?;
+        // Every variable is initialised, checkpointed and exported; those of a group at
+        // learning rate 0 are frozen: no optimiser step, no EMA, and their gradients (which
+        // the task should not compute at all) stay out of the clipping norm.
+        let all_vars = named_vars(varmap)?;
+        let groups = task.param_groups();
+        let frozen = |name: &str| {
+            groups.iter().any(|g| g.learning_rate == 0.0 && name.starts_with(g.prefix))
+        };
+        let (frozen_vars, vars): (Vec<_>, Vec<_>) =
+            all_vars.iter().cloned().partition(|(n, _)| frozen(n));
         let mut opt = AdamW::new(vars.clone(), o.adam)?;
-        for g in task.param_groups() {
-            if opt.scale_lr(g.prefix, g.learning_rate / o.learning_rate) == 0 {
+        for g in &groups {
+            let applies = if g.learning_rate == 0.0 {
+                frozen_vars.iter().filter(|(n, _)| n.starts_with(g.prefix)).count()
+            } else {
+                opt.scale_lr(g.prefix, g.learning_rate / o.learning_rate)
+            };
+            if applies == 0 {
                 return Err(TrainError::option(
                     g.option,
                     format!("the model has no variables under `{}`", g.prefix),
@@ -177,7 +194,7 @@ impl<S: Clone + Serialize + DeserializeOwned> Driver<S> {
         };
         let (mut start, mut saved_rng) = (0, None);
         if let Some(ck) = &self.resume {
-            load_vars(&vars, &ck.tensors("model", dev)?)?;
+            load_vars(&all_vars, &ck.tensors("model", dev)?)?;
             opt.load_state(&ck.tensors("optimizer", dev)?, ck.state.step)?;
             if let Some(e) = &mut ema {
                 e.load(&ck.tensors("ema", dev)?, ck.state.ema_updates)?;
@@ -207,7 +224,7 @@ impl<S: Clone + Serialize + DeserializeOwned> Driver<S> {
                     examples: self.examples,
                     ema_updates: ema.as_ref().map_or(0, Ema::updates),
                 };
-                let model = var_tensors(&vars)?;
+                let model = var_tensors(&all_vars)?;
                 let ema_tensors = ema.as_ref().map(Ema::tensors);
                 let opt_state = opt.state_tensors();
                 let mut files = vec![("model", &model), ("optimizer", &opt_state)];
@@ -236,8 +253,12 @@ impl<S: Clone + Serialize + DeserializeOwned> Driver<S> {
         }
 
         let weights = match &ema {
-            Some(e) => e.tensors(),
-            None => var_tensors(&vars)?,
+            Some(e) => {
+                let mut w = e.tensors();
+                w.extend(var_tensors(&frozen_vars)?);
+                w
+            }
+            None => var_tensors(&all_vars)?,
         };
         let exported = task.export(weights, sink)?;
         let final_loss = history.recent_mean(RECENT_STEPS);

@@ -14,6 +14,11 @@
 //!    (v);
 //! 5. AdamW step, then the EMA of the trained weights.
 //!
+//! A frozen text encoder (loaded from a folder, or from scratch at `text_encoder_lr` 0) is
+//! outside the graph: each caption's text states are computed once, alone (so that they do
+//! not depend on which captions shared its batch, and a resumed run sees the same), and
+//! cached like the latents; backward and the optimiser see the U-Net only.
+//!
 //! The output is a complete `StableDiffusionPipeline` folder; with EMA its weights are the
 //! averaged ones.
 
@@ -273,7 +278,12 @@ impl UnetTrainer<'_> {
                 CLIPTextModel::new(vb.pp("text_encoder"), &parse_clip_config(cfg)?, &rt)?
             }
         };
+        let frozen_text = match &saved.text_encoder {
+            TextEncoderSource::Frozen(_) => true,
+            TextEncoderSource::Scratch(_) => o.text_encoder_learning_rate == Some(0.0),
+        };
         let mut task = UnetTask {
+            text_cache: frozen_text.then(HashMap::new),
             saved: &saved,
             out: self.out,
             device: dev,
@@ -325,6 +335,9 @@ struct UnetTask<'a> {
     empty: Encoded,
     unet: UNet2DConditionModel,
     text_encoder: CLIPTextModel,
+    /// A frozen text encoder's states `[tokens, hidden]` per caption's ids, filled as
+    /// captions first appear; `None` when the text encoder trains.
+    text_cache: Option<HashMap<Vec<u32>, Tensor>>,
     schedule: NoiseSchedule,
     /// The timestep distribution of a `timestep_bias` (`None`: uniform).
     t_cdf: Option<Vec<f64>>,
@@ -386,7 +399,10 @@ impl Task for UnetTask<'_> {
 
         let noisy = schedule.add_noise(&x0, &noise, &ts)?;
         let target = schedule.target(&x0, &noise, &ts)?;
-        let context = self.text_encoder.forward(&ids_tensor(&batch_ids, dev)?)?;
+        let context = match &mut self.text_cache {
+            Some(cache) => cached_text_states(cache, &self.text_encoder, &batch_ids, dev)?,
+            None => self.text_encoder.forward(&ids_tensor(&batch_ids, dev)?)?,
+        };
         let t_in = Tensor::from_vec(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), b, dev)?;
         let pred = self.unet.forward(&noisy, &t_in, &context, &UNetConditioning::default())?;
         let per_sample = (pred - target)?.sqr()?.mean((1, 2, 3))?;
@@ -462,6 +478,30 @@ impl Task for UnetTask<'_> {
         )?;
         write_json(&out.join("model_index.json"), &model_index(&class))
     }
+}
+
+/// The frozen text encoder's states of a batch of captions `[B, tokens, hidden]`, from
+/// `cache`, computing (alone, detached) and caching those of captions not seen before.
+fn cached_text_states(
+    cache: &mut HashMap<Vec<u32>, Tensor>,
+    text_encoder: &CLIPTextModel,
+    batch: &[Encoded],
+    dev: &Device,
+) -> Result<Tensor> {
+    let mut rows = Vec::with_capacity(batch.len());
+    for e in batch {
+        let states = match cache.get(&e.ids) {
+            Some(s) => s.clone(),
+            None => {
+                let s = text_encoder.forward(&ids_tensor(std::slice::from_ref(e), dev)?)?;
+                let s = s.squeeze(0)?.detach();
+                cache.insert(e.ids.clone(), s.clone());
+                s
+            }
+        };
+        rows.push(states);
+    }
+    Ok(Tensor::stack(&rows, 0)?)
 }
 
 /// min-SNR-γ weights of diffusers' training script.

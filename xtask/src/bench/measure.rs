@@ -36,6 +36,8 @@ pub fn run_child(child: Child, args: &Args, root: &Path) -> Result<()> {
             let dir = args.bench_dir.as_deref().context("--bench-dir is missing")?;
             super::single_file::load(root, dir, child == Child::LoadSingleFile)?
         }
+        Child::TrainUnet => super::train::unet(args, root)?,
+        Child::TrainVae => super::train::vae(args, root)?,
     };
     println!("{}", serde_json::to_string(&m)?);
     Ok(())
