@@ -1,7 +1,10 @@
 //! `torch.nn.Conv2d` with a square kernel and bias, initialised for training as PyTorch
 //! initialises it. On the CPU, stride-1 convolutions run the direct kernel of
 //! `kernels/conv2d.rs` (with the ResNet block's time embedding and residual added as the output
-//! is written), under autograd too; otherwise candle's convolution.
+//! is written), under autograd too; otherwise candle's convolution. Outside autograd, 3×3
+//! convolutions with at least 16 channels each way run Winograd's `F(4×4, 3×3)`
+//! (`kernels/winograd.rs`, 4× fewer multiplies); `LTD_WINOGRAD=off` (the direct kernel) or
+//! `f2` (`F(2×2, 3×3)`) switches it, to compare speed or rounding.
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
