@@ -5,6 +5,7 @@
 //! - `flash_attention.rs`: FlashAttention's streaming softmax on x86-64 (AVX2/FMA);
 //! - `softmax.rs`: the row softmax with its own backward pass (training);
 //! - `conv2d.rs`: the direct stride-1 convolution, forwards and backwards;
+//! - `winograd.rs`: the stride-1 3×3 convolution by Winograd's minimal filtering (inference);
 //! - `norm.rs`: the fused group and layer norm passes, forwards and backwards;
 //! - `geglu.rs`: the fused GEGLU activation;
 //! - `simd.rs`: the AVX2/FMA building blocks (`exp`, the erf GELU).
@@ -18,6 +19,7 @@ pub(crate) mod geglu;
 pub(crate) mod norm;
 pub(crate) mod simd;
 pub(crate) mod softmax;
+pub(crate) mod winograd;
 
 use candle_core::{
     bail, CpuStorage, DType, Layout, Result, Storage, StorageRef, Tensor, WithDType,

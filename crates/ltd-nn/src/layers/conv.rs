@@ -1,14 +1,29 @@
 //! `torch.nn.Conv2d` with a square kernel and bias, initialised for training as PyTorch
 //! initialises it. On the CPU, stride-1 convolutions run the direct kernel of
 //! `kernels/conv2d.rs` (with the ResNet block's time embedding and residual added as the output
-//! is written), under autograd too; otherwise candle's convolution.
+//! is written), under autograd too; otherwise candle's convolution. Outside autograd, 3×3
+//! convolutions with at least 16 channels each way run Winograd's `F(4×4, 3×3)`
+//! (`kernels/winograd.rs`, 4× fewer multiplies); `LTD_WINOGRAD=off` (the direct kernel) or
+//! `f2` (`F(2×2, 3×3)`) switches it, to compare speed or rounding.
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::linear::{rows_times_weight, torch_default_init, widen_on_cpu};
 use crate::kernels::conv2d::{self, Conv2dTrainOp, ConvShape, Epilogue};
+use crate::kernels::winograd::{self, Tile};
 use crate::kernels::Data;
+
+/// Which Winograd tile an inference convolution of this shape uses, if any: 3×3 kernels with
+/// enough channels for the products to dominate the transforms.
+fn winograd_tile(s: ConvShape) -> Option<Tile> {
+    let tile = match std::env::var("LTD_WINOGRAD").as_deref() {
+        Ok("off") => return None,
+        Ok("f2") => Tile::F2,
+        _ => Tile::F4,
+    };
+    (s.k == 3 && s.cin >= 16 && s.cout >= 16).then_some(tile)
+}
 
 /// A square-kernel 2-D convolution with bias, `[B, C_in, H, W] → [B, C_out, H', W']`.
 #[derive(Debug, Clone)]
@@ -120,7 +135,10 @@ impl Conv2d {
             residual: rd.as_ref().map(|d| d.f32()).transpose()?,
             scale: scale as f32,
         };
-        let out = conv2d::conv2d(xd.f32()?, wd.f32()?, shape, epi);
+        let out = match winograd_tile(shape) {
+            Some(tile) => winograd::conv3x3(xd.f32()?, wd.f32()?, shape, epi, tile),
+            None => conv2d::conv2d(xd.f32()?, wd.f32()?, shape, epi),
+        };
         let y = Tensor::from_vec(out, (batch, cout, hout, wout), x.device())?;
         Ok(Some(y.to_dtype(dtype)?))
     }
