@@ -163,13 +163,24 @@ fn unet_config(root: &Path) -> Result<UNetConfig> {
 }
 
 fn unet(args: &Args, root: &Path) -> Result<Measurement> {
-    let cfg = unet_config(root)?;
+    unet_step(args, &unet_config(root)?, LATENT, "unet")
+}
+
+/// One timed step of a U-Net of this config with random weights on `latent`² latents, batch 2
+/// as for classifier-free guidance, text states `[2, 77, cross-attention width]`: the `unet`
+/// and `small` items.
+pub(super) fn unet_step(
+    args: &Args,
+    cfg: &UNetConfig,
+    latent: usize,
+    name: &str,
+) -> Result<Measurement> {
     let opts = RuntimeOptions::default();
-    let weights = random_weights(|vb| UNet2DConditionModel::new(vb, &cfg, &opts))?;
+    let weights = random_weights(|vb| UNet2DConditionModel::new(vb, cfg, &opts))?;
     let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
-    let unet = UNet2DConditionModel::new(vb, &cfg, &opts)?;
+    let unet = UNet2DConditionModel::new(vb, cfg, &opts)?;
     let dev = Device::Cpu;
-    let x = Tensor::randn(0f32, 1.0, (2, cfg.in_channels, LATENT, LATENT), &dev)?;
+    let x = Tensor::randn(0f32, 1.0, (2, cfg.in_channels, latent, latent), &dev)?;
     let context = Tensor::randn(0f32, 1.0, (2, 77, cfg.encoder_hidden_dim()), &dev)?;
     let t = Tensor::new(&[981f32], &dev)?;
     let cond = UNetConditioning::default();
@@ -177,7 +188,7 @@ fn unet(args: &Args, root: &Path) -> Result<Measurement> {
     reset_peak();
     let (wall, cpu) =
         timed(args, || unet.forward(&x, &t, &context, &cond).map(drop).map_err(Into::into))?;
-    Ok(measurement("unet", wall, cpu, base))
+    Ok(measurement(name, wall, cpu, base))
 }
 
 fn vae(args: &Args, root: &Path) -> Result<Measurement> {

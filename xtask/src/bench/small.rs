@@ -8,12 +8,8 @@
 use std::path::Path;
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use ltd_nn::RuntimeOptions;
-use ltd_unet::{UNet2DConditionModel, UNet2DConditionModelConfig, UNetConditioning, UNetConfig};
+use ltd_unet::{UNet2DConditionModelConfig, UNetConfig};
 
-use super::measure::{measurement, random_weights, reset_peak, rss_mib, timed};
 use super::{Args, Measurement};
 
 /// The U-Net's config, relative to the repository root.
@@ -28,21 +24,5 @@ pub const GFLOP: f64 = 3.35;
 pub fn unet_step(args: &Args, root: &Path) -> Result<Measurement> {
     let cfg: UNetConfig =
         ltd_nn::load_config::<UNet2DConditionModelConfig, UNetConfig>(&root.join(CONFIG))?;
-    let opts = RuntimeOptions::default();
-    let weights = random_weights(|vb| UNet2DConditionModel::new(vb, &cfg, &opts))?;
-    let dev = Device::Cpu;
-    let unet = UNet2DConditionModel::new(
-        VarBuilder::from_tensors(weights, DType::F32, &dev),
-        &cfg,
-        &opts,
-    )?;
-    let x = Tensor::randn(0f32, 1.0, (2, cfg.in_channels, LATENT, LATENT), &dev)?;
-    let context = Tensor::randn(0f32, 1.0, (2, 77, cfg.encoder_hidden_dim()), &dev)?;
-    let t = Tensor::new(&[981f32], &dev)?;
-    let cond = UNetConditioning::default();
-    let base = rss_mib("VmRSS:");
-    reset_peak();
-    let (wall, cpu) =
-        timed(args, || unet.forward(&x, &t, &context, &cond).map(drop).map_err(Into::into))?;
-    Ok(measurement("small", wall, cpu, base))
+    super::measure::unet_step(args, &cfg, LATENT, "small")
 }
