@@ -66,11 +66,11 @@ pub(crate) struct Epilogue<'a> {
     pub scale: f32,
 }
 
-/// The output pointer shared by the worker threads.
+/// The output pointer shared by the worker threads (here and in `winograd.rs`).
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: every unit writes a disjoint set of output elements (its image, rows and channels),
-// and the buffer outlives the scoped threads.
+pub(super) struct OutPtr(pub(super) *mut f32);
+// SAFETY: every user writes a disjoint set of output elements (here a unit's image, rows and
+// channels; see each use) into a buffer that outlives the scoped threads.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 

@@ -17,7 +17,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::conv2d::{ConvShape, Epilogue};
+use super::conv2d::{ConvShape, Epilogue, OutPtr};
 
 /// Bytes of a unit's transformed input and product blocks that a band aims for.
 const BAND_BYTES: usize = 4 << 20;
@@ -95,13 +95,30 @@ const F4: Transforms = Transforms {
     ],
 };
 
-/// A pointer shared by worker threads that write disjoint elements.
-#[derive(Clone, Copy)]
-struct SharedPtr(*mut f32);
-// SAFETY: every user writes a disjoint set of elements of a buffer that outlives the scoped
-// threads (see the uses).
-unsafe impl Send for SharedPtr {}
-unsafe impl Sync for SharedPtr {}
+/// `out = L · D · Lᵀ` for the `rows × alpha` matrix `L` and the `alpha × alpha` block `D`
+/// (row-major; `out` is `rows × rows`): Winograd's input (`L = Bᵀ`) and output (`L = Aᵀ`)
+/// transforms. `tmp` holds `L · D`.
+#[inline(always)]
+fn sandwich(l: &[f32], rows: usize, alpha: usize, d: &[f32], tmp: &mut [f32], out: &mut [f32]) {
+    for r in 0..rows {
+        for c in 0..alpha {
+            let mut acc = 0.0;
+            for k in 0..alpha {
+                acc += l[r * alpha + k] * d[k * alpha + c];
+            }
+            tmp[r * alpha + c] = acc;
+        }
+    }
+    for r in 0..rows {
+        for c in 0..rows {
+            let mut acc = 0.0;
+            for k in 0..alpha {
+                acc += tmp[r * alpha + k] * l[c * alpha + k];
+            }
+            out[r * rows + c] = acc;
+        }
+    }
+}
 
 /// Runs `work` on `threads` scoped threads (inline for one).
 fn run_threads(threads: usize, work: impl Fn() + Sync) {
@@ -160,7 +177,7 @@ pub(crate) fn conv3x3(
     let units = bands * blocks;
 
     let next = AtomicUsize::new(0);
-    let out_ptr = SharedPtr(out.as_mut_ptr());
+    let out_ptr = OutPtr(out.as_mut_ptr());
     let work = || {
         #[allow(clippy::redundant_locals)]
         let out_ptr = out_ptr;
@@ -222,24 +239,7 @@ pub(crate) fn conv3x3(
                         *e = prod[(xi * nco + i) * nt + j];
                     }
                     // y = Aᵀ M A.
-                    for r in 0..m {
-                        for c in 0..alpha {
-                            let mut acc = 0.0;
-                            for k in 0..alpha {
-                                acc += t.at[r * alpha + k] * mm[k * alpha + c];
-                            }
-                            tmp[r * alpha + c] = acc;
-                        }
-                    }
-                    for r in 0..m {
-                        for c in 0..m {
-                            let mut acc = 0.0;
-                            for k in 0..alpha {
-                                acc += tmp[r * alpha + k] * t.at[c * alpha + k];
-                            }
-                            y[r * m + c] = acc;
-                        }
-                    }
+                    sandwich(t.at, m, alpha, &mm, &mut tmp, &mut y);
                     let bias = epi.bias[co];
                     let temb = epi.channel_add.map(|t| t[image * s.cout + co]);
                     let plane = (image * s.cout + co) * hout * wout;
@@ -284,6 +284,7 @@ fn transform_input(
     let hw = s.h * s.w;
     let mut d = [0f32; 36];
     let mut tmp = [0f32; 36];
+    let mut vd = [0f32; 36];
     for j in 0..nt {
         let (image, ty, tx) = tile_pos(j);
         // Top-left corner of the block in image coordinates (may be negative: padding).
@@ -308,24 +309,10 @@ fn transform_input(
                     }
                 }
             }
-            // tmp = Bᵀ d, then V = tmp B.
-            for r in 0..alpha {
-                for c in 0..alpha {
-                    let mut acc = 0.0;
-                    for k in 0..alpha {
-                        acc += t.bt[r * alpha + k] * d[k * alpha + c];
-                    }
-                    tmp[r * alpha + c] = acc;
-                }
-            }
-            for r in 0..alpha {
-                for c in 0..alpha {
-                    let mut acc = 0.0;
-                    for k in 0..alpha {
-                        acc += tmp[r * alpha + k] * t.bt[c * alpha + k];
-                    }
-                    v[((r * alpha + c) * s.cin + ci) * nt + j] = acc;
-                }
+            // Bᵀ d B, scattered to V's `[ξ][ci][j]` layout.
+            sandwich(t.bt, alpha, alpha, &d, &mut tmp, &mut vd);
+            for (xi, &e) in vd[..alpha * alpha].iter().enumerate() {
+                v[(xi * s.cin + ci) * nt + j] = e;
             }
         }
     }
@@ -346,7 +333,7 @@ fn transform_weights(weight: &[f32], s: ConvShape, t: &Transforms, threads: usiz
     }
     let mut u = vec![0f32; aa * s.cin * s.cout];
     let next = AtomicUsize::new(0);
-    let u_ptr = SharedPtr(u.as_mut_ptr());
+    let u_ptr = OutPtr(u.as_mut_ptr());
     let coef = &coef;
     let work = || {
         #[allow(clippy::redundant_locals)]

@@ -18,12 +18,14 @@ use crate::kernels::Data;
 /// Which Winograd tile an inference convolution of this shape uses, if any: 3×3 kernels with
 /// enough channels for the products to dominate the transforms.
 fn winograd_tile(s: ConvShape) -> Option<Tile> {
-    let tile = match std::env::var("LTD_WINOGRAD").as_deref() {
-        Ok("f4") => Tile::F4,
-        Ok("f2") => Tile::F2,
-        _ => return None,
-    };
-    (s.k == 3 && s.cin >= 16 && s.cout >= 16).then_some(tile)
+    // Read once per process, not on every convolution.
+    static TILE: std::sync::OnceLock<Option<Tile>> = std::sync::OnceLock::new();
+    let tile = *TILE.get_or_init(|| match std::env::var("LTD_WINOGRAD").as_deref() {
+        Ok("f4") => Some(Tile::F4),
+        Ok("f2") => Some(Tile::F2),
+        _ => None,
+    });
+    tile.filter(|_| s.k == 3 && s.cin >= 16 && s.cout >= 16)
 }
 
 /// A square-kernel 2-D convolution with bias, `[B, C_in, H, W] → [B, C_out, H', W']`.
