@@ -11,11 +11,12 @@ use clap::{Parser, ValueEnum};
 use ltd_cli::{decode_image, DeviceArgs, ModelArgs};
 use ltd_pipeline::{
     extract_lora_tags, outpaint_canvas, parse_sampler, DynamicThreshold, Emphasis, GenerateRequest,
-    HiresFix, HiresUpscaler, InitImage, Inpaint, LongPrompt, LoraSpec, MimicGuidance, OutpaintFill,
+    HiresFix, HiresUpscaler, IfUpscale, InitImage, Inpaint, DEFAULT_NOISE_LEVEL, LongPrompt, LoraSpec, MimicGuidance, OutpaintFill,
     RgbImage, RngKind, SeedMode, Subseed,
 };
 
-/// Generate images from text with Stable Diffusion 1.x, 2.x and XL models in diffusers format.
+/// Generate images from text with Stable Diffusion 1.x, 2.x and XL models and DeepFloyd IF in
+/// diffusers format.
 ///
 /// Without --model, the small default model built into ltd-gen is used (offline).
 /// Examples:
@@ -27,6 +28,8 @@ use ltd_pipeline::{
 ///   ltd-gen "a castle at dusk" -m ./sdxl --scheduler dpm++2m-karras --steps 25 --seed 7 -o castle.png
 ///
 ///   ltd-gen "a knight" -m ./dreamshaper_8.safetensors --vae ./vae-ft-mse-840000-ema-pruned.safetensors
+///
+///   ltd-gen "a corgi in a hat" -m DeepFloyd/IF-I-XL-v1.0 --upscale-model DeepFloyd/IF-II-L-v1.0
 #[derive(Debug, Parser)]
 #[command(name = "ltd-gen", version, verbatim_doc_comment, max_term_width = 100)]
 pub struct Args {
@@ -139,6 +142,26 @@ pub struct Args {
         allow_negative_numbers = true
     )]
     pub refiner_switch: f64,
+
+    /// DeepFloyd IF: upscale the --model's (IF stage I's) output with this IF stage II model
+    /// (a folder or hub id), as diffusers' cascade does: the same prompt embeddings, one
+    /// generator for both stages.
+    #[arg(long, value_name = "FOLDER|REPO")]
+    pub upscale_model: Option<String>,
+
+    /// DeepFloyd IF stage II: how much noise the upscaled low-resolution image gets (the
+    /// image_noising_scheduler's timestep, 0 to 999; diffusers' default 250). With
+    /// --upscale-model, or with an IF stage II as --model and --init-image.
+    #[arg(long, value_name = "N")]
+    pub noise_level: Option<usize>,
+
+    /// DeepFloyd IF cascade: stage II's steps. Default: --steps.
+    #[arg(long, value_name = "N", requires = "upscale_model")]
+    pub upscale_steps: Option<usize>,
+
+    /// DeepFloyd IF cascade: stage II's guidance scale. Default: --guidance.
+    #[arg(long, value_name = "SCALE", requires = "upscale_model", allow_negative_numbers = true)]
+    pub upscale_guidance: Option<f64>,
 
     /// Hires fix (AUTOMATIC1111's): render at the model's size, upscale by this factor, then
     /// image-to-image at the large size.
@@ -431,7 +454,26 @@ impl Args {
         if let Some(h) = self.hires() {
             h.validate(req.steps)?;
         }
+        if self.upscale_model.is_some() {
+            if self.refiner.is_some() || self.hires_scale.is_some() {
+                return Err(anyhow!(
+                    "--upscale-model: DeepFloyd IF's cascade cannot be combined with --refiner or \
+                     --hires-scale"
+                ));
+            }
+            GenerateRequest { steps: self.upscale_steps.unwrap_or(req.steps), ..req.clone() }
+                .validate()?;
+        }
         Ok(req)
+    }
+
+    /// DeepFloyd IF stage II's settings for the cascade (`--upscale-model`).
+    pub fn if_upscale(&self) -> IfUpscale {
+        IfUpscale {
+            noise_level: self.noise_level.unwrap_or(DEFAULT_NOISE_LEVEL),
+            steps: self.upscale_steps,
+            guidance: self.upscale_guidance,
+        }
     }
 
     /// The hires-fix settings, when `--hires-scale` asks for it.

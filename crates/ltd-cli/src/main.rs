@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use ltd_pipeline::{LoadOptions, ModelSource, Pipeline, PipelineError};
+use ltd_pipeline::{LoadOptions, ModelSource, Pipeline, PipelineError, PipelineKind};
 
 use crate::args::Args;
 use crate::output::Staged;
@@ -82,6 +82,26 @@ fn run(args: &Args) -> Result<()> {
         }
         None => None,
     };
+    // The IF cascade's stage II shares the device, like the refiner.
+    let upscaler = match &args.upscale_model {
+        Some(u) => {
+            let source = ModelSource::parse(u);
+            let pipe = Pipeline::load(&source, &base_options)
+                .with_context(|| format!("loading the upscale model {source}"))?
+                .with_name(u.clone());
+            Some(pipe)
+        }
+        None => None,
+    };
+    if args.noise_level.is_some()
+        && upscaler.is_none()
+        && pipeline.kind() != PipelineKind::DeepFloydIfSuperResolution
+    {
+        anyhow::bail!(
+            "--noise-level: applies to DeepFloyd IF stage II (--upscale-model, or an IF stage II \
+             as --model)"
+        );
+    }
     let load_time = start.elapsed();
     if let (Some(path), Some(q)) = (&args.save_quantized_unet, quantization) {
         let report = pipeline
@@ -100,10 +120,18 @@ fn run(args: &Args) -> Result<()> {
 
     let mut bar = progress::Bar::new(show_progress);
     let on_step: &mut dyn FnMut(ltd_pipeline::Progress<'_>) = &mut |p| bar.update(p);
-    let generation = match (&refiner, args.hires()) {
-        (Some(r), _) => pipeline.generate_refined(r, args.refiner_switch, &request, on_step)?,
-        (None, Some(hires)) => pipeline.generate_hires(&request, &hires, on_step)?,
-        (None, None) => pipeline.generate(&request, on_step)?,
+    let generation = match (&refiner, args.hires(), &upscaler, &request.init_image) {
+        (Some(r), ..) => pipeline.generate_refined(r, args.refiner_switch, &request, on_step)?,
+        (None, Some(hires), ..) => pipeline.generate_hires(&request, &hires, on_step)?,
+        (None, None, Some(up), _) => {
+            pipeline.generate_cascade(up, &request, &args.if_upscale(), on_step)?
+        }
+        (None, None, None, Some(init))
+            if pipeline.kind() == PipelineKind::DeepFloydIfSuperResolution =>
+        {
+            pipeline.upscale(&request, &init.image, args.if_upscale().noise_level, on_step)?
+        }
+        (None, None, None, _) => pipeline.generate(&request, on_step)?,
     };
     bar.finish();
 

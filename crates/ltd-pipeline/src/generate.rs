@@ -40,6 +40,7 @@ use crate::request::{GenerateRequest, RngKind};
 use crate::seeds::Seeds;
 use crate::text::PromptEmbeds;
 
+pub(crate) mod deepfloyd;
 mod inpaint;
 use inpaint::InpaintState;
 
@@ -144,6 +145,20 @@ pub(crate) struct Stage<'a> {
     pub strength: Option<f64>,
     /// Return latents only: no VAE decoding.
     pub skip_decode: bool,
+    /// DeepFloyd IF stage II: the low-resolution image `[N, 3, h, w]` in [-1, 1] to upscale
+    /// (`crate::deepfloyd`), and the noise level its upscaled copy is noised to.
+    pub low_res: Option<(&'a Tensor, usize)>,
+}
+
+/// What one stage hands the next in a cascade (DeepFloyd IF's stage I → stage II): the
+/// generator, continued rather than seeded again, and the prompt embeddings, which the second
+/// stage takes instead of encoding (diffusers' `prompt_embeds=` / `negative_prompt_embeds=`).
+#[derive(Default)]
+pub(crate) struct Carry {
+    /// The generator after the previous stage's last draw.
+    pub seeds: Option<Seeds>,
+    /// `(uncond, cond)`, each already `[N, L, D]` for the batch.
+    pub embeds: Option<(Option<PromptEmbeds>, PromptEmbeds)>,
 }
 
 /// What one stage produced: [`Generation`] before the images are paired with their
@@ -208,12 +223,16 @@ struct Plan<'r> {
     batch: usize,
 }
 
-/// The text conditioning every denoising step gives the U-Net.
+/// The conditioning every denoising step gives the U-Net.
 struct Conditioning {
     /// `[rows, L, D]`, the unconditional rows first under guidance.
     context: Tensor,
-    /// SDXL's pooled text embeddings and time ids; LCM's guidance embedding.
+    /// SDXL's pooled text embeddings and time ids; LCM's guidance embedding; IF stage II's
+    /// noise level as class labels.
     added: UNetConditioning,
+    /// IF stage II: the noised upscaled image `[rows, 3, H, W]`, concatenated to the samples'
+    /// channels before `scale_model_input` (diffusers' `cat([intermediate_images, upscaled])`).
+    low_res: Option<Tensor>,
 }
 
 /// The sampler of one run, its schedule and the generator that draws all noise.
@@ -253,6 +272,20 @@ impl StepCounter {
 }
 
 impl Plan<'_> {
+    /// A U-Net that predicts its variance too (DeepFloyd IF: twice the samples' `channels`)
+    /// gives `(prediction, variance)`: the prediction of every row for guidance, and the
+    /// variance of the conditional rows (diffusers' IF loop keeps `predicted_variance` from
+    /// the text half). Any other output is the prediction alone.
+    fn split_variance(&self, out: Tensor, channels: usize) -> Result<(Tensor, Option<Tensor>)> {
+        if out.dim(1)? != 2 * channels {
+            return Ok((out, None));
+        }
+        let variance = out.narrow(1, channels, channels)?;
+        let variance =
+            if self.do_cfg { variance.narrow(0, self.batch, self.batch)? } else { variance };
+        Ok((out.narrow(1, 0, channels)?, Some(variance)))
+    }
+
     /// The guided model output of one step (unconditional rows first in `out` under
     /// guidance): classifier-free guidance with its rescale and limiter, then dynamic
     /// thresholding where the sampler does not do it in its own step.
@@ -370,6 +403,12 @@ impl Pipeline {
         req: &GenerateRequest,
         on_step: &mut dyn FnMut(Progress<'_>),
     ) -> Result<Generation> {
+        // IF stage II: the init image is the low-resolution image to upscale.
+        if let (PipelineKind::DeepFloydIfSuperResolution, Some(init)) =
+            (self.index.kind, &req.init_image)
+        {
+            return self.upscale(req, &init.image, deepfloyd::DEFAULT_NOISE_LEVEL, on_step);
+        }
         self.run_stage(req, Stage::default(), on_step)?.into_generation(req.num_images)
     }
 
@@ -380,15 +419,34 @@ impl Pipeline {
         stage: Stage<'_>,
         on_step: &mut dyn FnMut(Progress<'_>),
     ) -> Result<StageOutput> {
-        let plan = self.check_inputs(req, stage)?;
+        Ok(self.run_stage_with(req, stage, Carry::default(), on_step)?.0)
+    }
+
+    /// [`Self::run_stage`] continuing a cascade: the generator and prompt embeddings of
+    /// `carry` when given, and those of this stage handed back for the next.
+    pub(crate) fn run_stage_with(
+        &self,
+        req: &GenerateRequest,
+        stage: Stage<'_>,
+        carry: Carry,
+        on_step: &mut dyn FnMut(Progress<'_>),
+    ) -> Result<(StageOutput, Carry)> {
+        let plan = self.check_inputs(req, stage, carry.embeds.is_some())?;
 
         let t_encode = Instant::now();
-        let (uncond, cond) = self.encode_prompt(&plan)?;
-        let conditioning = self.unet_conditioning(&plan, uncond.as_ref(), &cond)?;
+        let (uncond, cond) = match carry.embeds {
+            Some(embeds) => embeds,
+            None => self.encode_prompt(req, plan.do_cfg)?,
+        };
+        if plan.do_cfg && uncond.is_none() {
+            return Err(PipelineError::msg("guidance needs the negative prompt's embeddings"));
+        }
+        let uncond_used = if plan.do_cfg { uncond.as_ref() } else { None };
+        let mut conditioning = self.unet_conditioning(&plan, uncond_used, &cond)?;
         let encode = t_encode.elapsed();
 
         let t_denoise = Instant::now();
-        let mut sampling = self.prepare_timesteps(&plan)?;
+        let mut sampling = self.prepare_timesteps(&plan, carry.seeds)?;
         let (latents, inpaint) = match &req.inpaint {
             Some(_) => {
                 let (latents, state) = self.prepare_inpaint(&plan, &mut sampling)?;
@@ -396,6 +454,8 @@ impl Pipeline {
             }
             None => (self.prepare_latents(&plan, &mut sampling)?, None),
         };
+        // IF stage II: the upscaled image's noise is drawn after the initial noise.
+        conditioning.low_res = self.prepare_low_res(&plan, &mut sampling)?;
         let latents =
             self.denoise(&plan, &conditioning, &mut sampling, latents, inpaint.as_ref(), on_step)?;
         // A GPU runs the loop's kernels asynchronously; waiting for them once here (never
@@ -426,7 +486,7 @@ impl Pipeline {
                 params
             })
             .collect();
-        Ok(StageOutput {
+        let output = StageOutput {
             images,
             params,
             latents,
@@ -434,7 +494,8 @@ impl Pipeline {
             steps: sampling.steps,
             evaluations: sampling.timesteps.len(),
             scheduler: sampling.name,
-        })
+        };
+        Ok((output, Carry { seeds: Some(sampling.generator), embeds: Some((uncond, cond)) }))
     }
 
     /// What the images' parameters record of the embeddings and LoRAs: A1111's
@@ -478,9 +539,15 @@ impl Pipeline {
 
     /// Phase 1: the request's own checks, then those that need the model: the image size
     /// against the VAE's scale factor, and η against the sampler the run will use.
-    fn check_inputs<'r>(&self, req: &'r GenerateRequest, stage: Stage<'r>) -> Result<Plan<'r>> {
+    fn check_inputs<'r>(
+        &self,
+        req: &'r GenerateRequest,
+        stage: Stage<'r>,
+        given_embeds: bool,
+    ) -> Result<Plan<'r>> {
         req.validate()?;
         self.text.check_options(req.clip_skip, req.long_prompt)?;
+        self.check_deepfloyd(req, &stage, given_embeds)?;
         let (width, height) = req.size(self.default_size(), self.vae_scale_factor())?;
         crate::refiner::check_stage(self, req, &stage, (width, height))?;
         let sampler = req.scheduler.or(self.default_sampler);
@@ -521,15 +588,19 @@ impl Pipeline {
     }
 
     /// Phase 2: encodes the prompts and the negative prompt: `(uncond, cond)`, each
-    /// `[N, L, D]` with `N` the batch; `uncond` is `None` without classifier-free guidance.
-    fn encode_prompt(&self, plan: &Plan<'_>) -> Result<(Option<PromptEmbeds>, PromptEmbeds)> {
-        let req = plan.req;
+    /// `[N, L, D]` with `N` the batch; `uncond` is `None` without classifier-free guidance
+    /// (`do_cfg`).
+    pub(crate) fn encode_prompt(
+        &self,
+        req: &GenerateRequest,
+        do_cfg: bool,
+    ) -> Result<(Option<PromptEmbeds>, PromptEmbeds)> {
         // A1111's `<lora:…>` tags were applied at load; they are removed before encoding.
         let stripped: Vec<String> =
             req.prompts.iter().map(|p| Ok(extract_lora_tags(p)?.0)).collect::<Result<_>>()?;
         let prompts: Vec<&str> = stripped.iter().map(String::as_str).collect();
         let n = req.num_images;
-        if !plan.do_cfg {
+        if !do_cfg {
             let cond = self.text.encode(
                 &prompts,
                 req.clip_skip,
@@ -617,7 +688,12 @@ impl Pipeline {
                     .to_dtype(self.dtype)?,
             );
         }
-        Ok(Conditioning { context, added })
+        if let Some((_, noise_level)) = plan.stage.low_res {
+            // diffusers' `class_labels=noise_level`, one per row (doubled under guidance).
+            added.class_labels =
+                Some(Tensor::full(noise_level as f32, rows, &self.device)?.to_dtype(self.dtype)?);
+        }
+        Ok(Conditioning { context, added, low_res: None })
     }
 
     /// The sampler for a request: the one asked for (built from the model's scheduler config,
@@ -643,7 +719,7 @@ impl Pipeline {
 
     /// Phase 3: the sampler and its timesteps. Image-to-image runs diffusers' `get_timesteps`
     /// tail: ⌊steps · strength⌋ steps, from index (steps − that) · order.
-    fn prepare_timesteps(&self, plan: &Plan<'_>) -> Result<Sampling> {
+    fn prepare_timesteps(&self, plan: &Plan<'_>, seeds: Option<Seeds>) -> Result<Sampling> {
         let req = plan.req;
         let mut scheduler = self.scheduler_for(req)?;
         // The step count is the user's: a count the schedule cannot take is bad input.
@@ -675,7 +751,7 @@ impl Pipeline {
             .sampler
             .map(|k| k.name().to_string())
             .unwrap_or_else(|| scheduler.class_name().to_string());
-        let generator = Seeds::new(req, plan.batch);
+        let generator = seeds.unwrap_or_else(|| Seeds::new(req, plan.batch));
         Ok(Sampling { scheduler, timesteps, steps, name, generator })
     }
 
@@ -700,12 +776,8 @@ impl Pipeline {
         match &req.init_image {
             None => {
                 let scale = self.vae_scale_factor();
-                let shape = [
-                    plan.batch,
-                    self.vae.config().latent_channels,
-                    plan.height / scale,
-                    plan.width / scale,
-                ];
+                let shape =
+                    [plan.batch, self.sample_channels(), plan.height / scale, plan.width / scale];
                 let noise = generator.initial_noise(&shape, self.dtype, &self.device)?;
                 Ok((noise * scheduler.init_noise_sigma())?)
             }
@@ -746,6 +818,10 @@ impl Pipeline {
             let _span = tracing::debug_span!("step", i, t).entered();
             let x_in =
                 if plan.do_cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let x_in = match &conditioning.low_res {
+                Some(low_res) => Tensor::cat(&[&x_in, low_res], 1)?,
+                None => x_in,
+            };
             let mut x_in = scheduler.scale_model_input(&x_in, t)?;
             if let Some(state) = inpaint {
                 x_in = state.unet_input(&x_in)?;
@@ -753,7 +829,13 @@ impl Pipeline {
             let t_in = Tensor::full(t as f32, rows, &self.device)?;
             let out =
                 self.unet.forward(&x_in, &t_in, &conditioning.context, &conditioning.added)?;
+            let (out, variance) = plan.split_variance(out, latents.dim(1)?)?;
             let guided = plan.guide(scheduler.as_ref(), out, t, &latents)?;
+            // A sampler that reads the variance gets `[guided, variance]` (diffusers' IF loop).
+            let guided = match variance {
+                Some(v) if scheduler.takes_learned_variance() => Tensor::cat(&[&guided, &v], 1)?,
+                _ => guided,
+            };
             latents = scheduler.step(&guided, t, &latents, generator)?;
             if let Some(state) = inpaint {
                 latents =
@@ -802,10 +884,11 @@ impl Pipeline {
         rng: &mut dyn NoiseSource,
         tiling: bool,
     ) -> Result<Tensor> {
-        let x = x.to_dtype(self.vae.dtype())?;
-        let cfg = self.vae.config();
+        let vae = self.vae()?;
+        let x = x.to_dtype(vae.dtype())?;
+        let cfg = vae.config();
         let tiles = tiling.then(|| TilingOptions::for_config(cfg));
-        let z = self.vae.encode_with_tiling(&x, tiles.as_ref())?.sample(rng)?;
+        let z = vae.encode_with_tiling(&x, tiles.as_ref())?.sample(rng)?;
         let z = match (&cfg.latents_mean, &cfg.latents_std) {
             (Some(mean), Some(std)) if self.index.kind == PipelineKind::StableDiffusionXl => {
                 let (m, s) = (self.channel_vector(mean)?, self.channel_vector(std)?);
@@ -818,13 +901,18 @@ impl Pipeline {
 
     fn channel_vector(&self, v: &[f64]) -> Result<Tensor> {
         let data: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-        Ok(Tensor::from_vec(data, (1, v.len(), 1, 1), &self.device)?.to_dtype(self.vae.dtype())?)
+        Ok(Tensor::from_vec(data, (1, v.len(), 1, 1), &self.device)?.to_dtype(self.vae()?.dtype())?)
     }
 
-    /// Phase 6: decodes latents `[N, C, h, w]` (the diffusion model's scale) to images.
+    /// Phase 6: decodes latents `[N, C, h, w]` (the diffusion model's scale) to images. A
+    /// pixel-space model's samples are the images already (DeepFloyd IF's `output_type="pil"`:
+    /// `(x / 2 + 0.5).clamp(0, 1)`, rounded to bytes).
     pub fn decode_latents(&self, latents: &Tensor, tiling: bool) -> Result<Vec<RgbImage>> {
-        let cfg = self.vae.config();
-        let z = latents.to_dtype(self.vae.dtype())?;
+        let Some(vae) = &self.vae else {
+            return tensor_to_images(latents);
+        };
+        let cfg = vae.config();
+        let z = latents.to_dtype(vae.dtype())?;
         let z = match (&cfg.latents_mean, &cfg.latents_std) {
             (Some(mean), Some(std)) if self.index.kind == PipelineKind::StableDiffusionXl => {
                 let (m, s) = (self.channel_vector(mean)?, self.channel_vector(std)?);
@@ -833,7 +921,7 @@ impl Pipeline {
             _ => cfg.unscale_latents(&z)?,
         };
         let tiles = tiling.then(|| TilingOptions::for_config(cfg));
-        let images = self.vae.decode_with_tiling(&z, tiles.as_ref())?;
+        let images = vae.decode_with_tiling(&z, tiles.as_ref())?;
         tensor_to_images(&images)
     }
 }

@@ -162,6 +162,13 @@ impl Pipeline {
         on_step: &mut dyn FnMut(Progress<'_>),
     ) -> Result<Generation> {
         hires.validate(req.steps)?;
+        if self.index.kind.is_deepfloyd() {
+            return Err(PipelineError::invalid(
+                "hires-scale",
+                "hires fix works on latents; DeepFloyd IF upscales with its stage II \
+                 (--upscale-model)",
+            ));
+        }
         if req.init_image.is_some() {
             return Err(PipelineError::invalid(
                 "hires-scale",

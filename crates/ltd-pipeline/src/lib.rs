@@ -2,7 +2,8 @@
 //! in diffusers layout: model folders (local or from the hub), prompt encoding,
 //! classifier-free guidance, the denoising loop and decoding; the SDXL refiner and the
 //! base→refiner hand-off (`refiner`), AUTOMATIC1111's hires fix (`hires`) and seed
-//! conventions (`seeds`).
+//! conventions (`seeds`); DeepFloyd IF's pixel-space stages and their cascade
+//! (`generate::deepfloyd`).
 //!
 //! ```no_run
 //! use ltd_pipeline::{GenerateRequest, LoadOptions, ModelSource, Pipeline};
@@ -35,6 +36,7 @@ mod text;
 pub mod textual_inversion;
 
 pub use error::{PipelineError, Result};
+pub use generate::deepfloyd::{IfUpscale, DEFAULT_NOISE_LEVEL};
 pub use generate::{GeneratedImage, Generation, Progress, Timings};
 pub use hires::{HiresFix, HiresUpscaler};
 pub use image::RgbImage;

@@ -17,6 +17,13 @@ pub enum PipelineKind {
     StableDiffusion,
     /// `StableDiffusionXLPipeline`: two CLIP text encoders, pooled embeddings, time ids.
     StableDiffusionXl,
+    /// DeepFloyd IF stage I (`IFPipeline`): a T5 text encoder and a pixel-space U-Net that
+    /// also predicts its variance; no VAE.
+    DeepFloydIf,
+    /// DeepFloyd IF stage II (`IFSuperResolutionPipeline`): stage I's layout plus the
+    /// `image_noising_scheduler` that noises the upscaled low-resolution image the U-Net is
+    /// conditioned on.
+    DeepFloydIfSuperResolution,
 }
 
 impl PipelineKind {
@@ -31,6 +38,8 @@ impl PipelineKind {
             "StableDiffusionXLPipeline"
             | "StableDiffusionXLImg2ImgPipeline"
             | "StableDiffusionXLInpaintPipeline" => Self::StableDiffusionXl,
+            "IFPipeline" => Self::DeepFloydIf,
+            "IFSuperResolutionPipeline" => Self::DeepFloydIfSuperResolution,
             _ => return None,
         })
     }
@@ -55,7 +64,25 @@ impl PipelineKind {
                 ("unet", Unet),
                 ("vae", Vae),
             ],
+            Self::DeepFloydIf => &[
+                ("scheduler", Scheduler),
+                ("text_encoder", T5TextEncoder),
+                ("tokenizer", T5Tokenizer),
+                ("unet", Unet),
+            ],
+            Self::DeepFloydIfSuperResolution => &[
+                ("image_noising_scheduler", Scheduler),
+                ("scheduler", Scheduler),
+                ("text_encoder", T5TextEncoder),
+                ("tokenizer", T5Tokenizer),
+                ("unet", Unet),
+            ],
         }
+    }
+
+    /// DeepFloyd IF (either stage): pixel space, no VAE.
+    pub fn is_deepfloyd(self) -> bool {
+        matches!(self, Self::DeepFloydIf | Self::DeepFloydIfSuperResolution)
     }
 }
 
@@ -72,6 +99,10 @@ pub enum ComponentKind {
     ClipOrT5TextEncoder,
     /// A CLIP BPE or a T5 unigram tokenizer.
     ClipOrT5Tokenizer,
+    /// A `T5EncoderModel` (DeepFloyd IF).
+    T5TextEncoder,
+    /// A T5 unigram tokenizer (DeepFloyd IF).
+    T5Tokenizer,
     /// `UNet2DConditionModel`.
     Unet,
     /// `AutoencoderKL`.
@@ -92,6 +123,8 @@ impl ComponentKind {
             Self::ClipOrT5Tokenizer => {
                 Self::ClipTokenizer.accepts(library, class) || T5_TOKENIZERS.contains(&class)
             }
+            Self::T5TextEncoder => class == T5_TEXT_ENCODER,
+            Self::T5Tokenizer => T5_TOKENIZERS.contains(&class),
             Self::Unet => class == "UNet2DConditionModel",
             Self::Vae => class == "AutoencoderKL",
         }
@@ -134,6 +167,10 @@ pub struct ModelIndex {
     pub refiner: bool,
     /// The family of `text_encoder` (and of `tokenizer`, which must match it).
     pub text_encoder_family: TextEncoderFamily,
+    /// DeepFloyd IF saved without its T5 (`text_encoder`/`tokenizer` `[null, null]`, as
+    /// `from_pretrained(..., text_encoder=None)` saves it): it runs only on prompt embeddings
+    /// computed by another pipeline (a stage II after stage I).
+    pub no_text_encoder: bool,
 }
 
 /// The components an SDXL refiner folder sets to `[null, null]`.
@@ -174,7 +211,7 @@ impl ModelIndex {
                 format!(
                     "unsupported pipeline class {class_name:?}: ltd runs StableDiffusionPipeline \
                      and StableDiffusionXLPipeline checkpoints (and their Img2Img and Inpaint \
-                     variants)"
+                     variants), and DeepFloyd IF's IFPipeline and IFSuperResolutionPipeline"
                 ),
             )
         })?;
@@ -194,8 +231,11 @@ impl ModelIndex {
             components.insert(name.clone(), entry);
         }
         let refiner = is_refiner_layout(kind, &components);
+        // The same two components, null in an IF folder saved without its text encoder.
+        let no_text_encoder = kind.is_deepfloyd()
+            && REFINER_ABSENT.iter().all(|name| matches!(components.get(*name), Some(None)));
         for (name, want) in kind.required() {
-            if refiner && REFINER_ABSENT.contains(name) {
+            if (refiner || no_text_encoder) && REFINER_ABSENT.contains(name) {
                 continue;
             }
             match components.get(*name) {
@@ -219,14 +259,18 @@ impl ModelIndex {
             Some(Some((_, class))) => class.as_str(),
             _ => "",
         };
-        let text_encoder_family = if class_of("text_encoder") == T5_TEXT_ENCODER {
+        let text_encoder_family = if class_of("text_encoder") == T5_TEXT_ENCODER
+            || kind.is_deepfloyd()
+        {
             TextEncoderFamily::T5
         } else {
             TextEncoderFamily::Clip
         };
         // diffusers would feed one vocabulary's ids to the other's embedding table.
         let tokenizer = class_of("tokenizer");
-        if T5_TOKENIZERS.contains(&tokenizer) != (text_encoder_family == TextEncoderFamily::T5) {
+        if !no_text_encoder
+            && T5_TOKENIZERS.contains(&tokenizer) != (text_encoder_family == TextEncoderFamily::T5)
+        {
             return Err(bad(
                 "tokenizer",
                 format!(
@@ -248,13 +292,14 @@ impl ModelIndex {
             requires_aesthetics_score,
             refiner,
             text_encoder_family,
+            no_text_encoder,
         })
     }
 
     /// The components the pipeline loads, with what they are (in a stable order).
     pub fn loadable_components(&self) -> Vec<(&'static str, ComponentKind)> {
         let mut parts = self.kind.required().to_vec();
-        if self.refiner {
+        if self.refiner || self.no_text_encoder {
             parts.retain(|(name, _)| !REFINER_ABSENT.contains(name));
         }
         parts

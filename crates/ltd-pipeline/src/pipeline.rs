@@ -76,8 +76,12 @@ pub struct Pipeline {
     pub(crate) index: ModelIndex,
     pub(crate) text: TextEncoders,
     pub(crate) unet: UNet2DConditionModel,
-    pub(crate) vae: AutoencoderKL,
+    /// `None` for a pixel-space model (DeepFloyd IF): the U-Net's samples are the image.
+    pub(crate) vae: Option<AutoencoderKL>,
     pub(crate) scheduler_config: SchedulerConfig,
+    /// DeepFloyd IF stage II: the config of the `image_noising_scheduler` that noises the
+    /// upscaled low-resolution image.
+    pub(crate) image_noising: Option<SchedulerConfig>,
     pub(crate) default_sampler: Option<SamplerKind>,
     pub(crate) device: Device,
     pub(crate) dtype: DType,
@@ -151,6 +155,18 @@ impl Pipeline {
         }
         let default_sampler = default_sampler(&scheduler_config);
 
+        let image_noising = match index.kind {
+            PipelineKind::DeepFloydIfSuperResolution => {
+                let path = root.join("image_noising_scheduler/scheduler_config.json");
+                let cfg = SchedulerConfig::load(&path)?;
+                crate::generate::deepfloyd::check_noising_scheduler(&cfg, &path)?;
+                Some(cfg)
+            }
+            _ => None,
+        };
+        if index.kind.is_deepfloyd() {
+            crate::generate::deepfloyd::check_load_options(root, options)?;
+        }
         let (mut patches, loras) = lora_patches(root, index.kind, &options.loras, variant)?;
         let mut text =
             TextEncoders::load(root, &index, variant, dtype, device, runtime, &mut patches)?;
@@ -171,16 +187,22 @@ impl Pipeline {
                 patches.remove(&Component::Unet).map(Arc::new),
             )?,
         };
-        let vae = crate::single_file::load_vae(&root.join("vae"), options, |vae_cfg| {
-            Ok(AutoencoderKL::load(
-                &root.join("vae"),
-                variant,
-                vae_cfg.compute_dtype(dtype),
-                device,
-                runtime,
-            )?)
-        })?;
-        check_compatible(root, &index, &text, &unet, &vae)?;
+        let vae = if index.kind.is_deepfloyd() {
+            crate::generate::deepfloyd::check_compatible(root, &index, &text, &unet)?;
+            None
+        } else {
+            let vae = crate::single_file::load_vae(&root.join("vae"), options, |vae_cfg| {
+                Ok(AutoencoderKL::load(
+                    &root.join("vae"),
+                    variant,
+                    vae_cfg.compute_dtype(dtype),
+                    device,
+                    runtime,
+                )?)
+            })?;
+            check_compatible(root, &index, &text, &unet, &vae)?;
+            Some(vae)
+        };
         Ok(Self {
             name: root.display().to_string(),
             root: root.to_path_buf(),
@@ -189,6 +211,7 @@ impl Pipeline {
             unet,
             vae,
             scheduler_config,
+            image_noising,
             default_sampler,
             device: device.clone(),
             dtype,
@@ -222,14 +245,34 @@ impl Pipeline {
         &self.root
     }
 
-    /// SD 1.x/2.x or XL.
+    /// SD 1.x/2.x or XL, or a DeepFloyd IF stage.
     pub fn kind(&self) -> PipelineKind {
         self.index.kind
     }
 
-    /// The VAE's scale factor (image pixels per latent pixel).
+    /// The VAE's scale factor (image pixels per latent pixel); 1 for a pixel-space model.
     pub fn vae_scale_factor(&self) -> usize {
-        self.vae.config().scale_factor()
+        self.vae.as_ref().map_or(1, |v| v.config().scale_factor())
+    }
+
+    /// The channels of the samples the loop denoises: the VAE's latent channels, or for
+    /// DeepFloyd IF the U-Net's input channels (stage II: half of them, the other half is the
+    /// upscaled low-resolution image).
+    pub(crate) fn sample_channels(&self) -> usize {
+        match &self.vae {
+            Some(vae) => vae.config().latent_channels,
+            None => crate::generate::deepfloyd::sample_channels(self.index.kind, self.unet.config()),
+        }
+    }
+
+    /// The VAE, for what only latent models do (encoding pictures, decoding latents).
+    pub(crate) fn vae(&self) -> Result<&AutoencoderKL> {
+        self.vae.as_ref().ok_or_else(|| {
+            PipelineError::msg(format!(
+                "{} is a pixel-space model ({}): it has no VAE",
+                self.name, self.index.class_name
+            ))
+        })
     }
 
     /// The default image size (U-Net sample size × VAE scale factor), width × height.
@@ -292,6 +335,12 @@ fn lora_patches(
     ];
     let model = match kind {
         PipelineKind::StableDiffusion => "this SD 1.x/2.x model",
+        PipelineKind::DeepFloydIf | PipelineKind::DeepFloydIfSuperResolution => {
+            return Err(PipelineError::invalid(
+                "lora",
+                "LoRAs are supported for Stable Diffusion models; this is DeepFloyd IF",
+            ));
+        }
         PipelineKind::StableDiffusionXl => {
             targets.push(Target::from_folder(
                 Component::TextEncoder2,

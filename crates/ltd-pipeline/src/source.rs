@@ -274,14 +274,18 @@ pub fn needed_files(
                 TextEncoderFamily::Clip => files.extend(tokenizer_files(name, exists)),
                 TextEncoderFamily::T5 => files.extend(t5_tokenizer_files(name, exists)),
             },
+            ComponentKind::T5Tokenizer => files.extend(t5_tokenizer_files(name, exists)),
             ComponentKind::TextEncoder
             | ComponentKind::ClipOrT5TextEncoder
+            | ComponentKind::T5TextEncoder
             | ComponentKind::Unet
             | ComponentKind::Vae => {
                 files.push(format!("{name}/config.json"));
                 let stem = if matches!(
                     kind,
-                    ComponentKind::TextEncoder | ComponentKind::ClipOrT5TextEncoder
+                    ComponentKind::TextEncoder
+                        | ComponentKind::ClipOrT5TextEncoder
+                        | ComponentKind::T5TextEncoder
                 ) {
                     "model"
                 } else {

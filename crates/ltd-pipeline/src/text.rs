@@ -23,16 +23,25 @@
 //! says `use_attention_mask: true` (diffusers' `encode_prompt` checks exactly that). A folder
 //! whose tokenizer has no real `model_max_length` (transformers' "unlimited" int(1e30)) cannot
 //! be run: transformers overflows padding to it, and we say so.
+//!
+//! DeepFloyd IF (`IFPipeline.encode_prompt`, `_text_preprocessing` with `clean_caption=False`):
+//! each prompt and the negative prompt (`""` when absent) lowercased and stripped
+//! (`text.lower().strip()`), tokenized to IF's fixed `max_length=77`, and encoded with the
+//! tokenizer's attention mask whatever the encoder's config says. ltd does not port
+//! `clean_caption` (it needs bs4 and ftfy, and diffusers falls back to the plain lowercasing
+//! without them). The IF text encoder (T5-XXL, 4.8 B parameters) is not kept: it is loaded
+//! for each encoding and released before the U-Net runs.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use ltd_nn::{RuntimeOptions, WeightPatches};
 use ltd_text::{
     attention_mask_tensor, emphasize, ids_tensor, is_plain, parse_prompt_attention, CLIPTextModel,
-    CLIPTextModelWithProjection, CLIPTokenizer, ClipLayer, Encoded, T5EncoderModel, T5Tokenizer,
+    CLIPTextModelWithProjection, CLIPTokenizer, ClipLayer, Encoded, T5Config, T5EncoderModel,
+    T5Params, T5Tokenizer,
 };
 
 use crate::error::{PipelineError, Result};
@@ -62,8 +71,26 @@ pub(crate) struct TextEncoders {
 struct T5Text {
     tokenizer: T5Tokenizer,
     max_length: usize,
-    model: T5EncoderModel,
+    model: T5Model,
+    /// DeepFloyd IF's rules: prompts lowercased and stripped, the attention mask always given.
+    deepfloyd: bool,
 }
+
+/// A T5 encoder kept loaded, or one loaded for each encoding and released after it.
+enum T5Model {
+    Loaded(T5EncoderModel),
+    OnDemand {
+        dir: PathBuf,
+        variant: Option<String>,
+        dtype: DType,
+        device: Device,
+        runtime: RuntimeOptions,
+        params: T5Params,
+    },
+}
+
+/// `IFPipeline.encode_prompt`'s `max_length`.
+const DEEPFLOYD_MAX_LENGTH: usize = 77;
 
 /// Embeddings for a batch of prompts.
 pub(crate) struct PromptEmbeds {
@@ -98,11 +125,17 @@ impl TextEncoders {
                      (T5EncoderModel); LoRA text-encoder layers are supported for CLIP only",
                 ));
             }
-            let t5 = T5Text::load(root, variant, dtype, device, runtime)?;
+            let t5 = if index.no_text_encoder {
+                None
+            } else if kind.is_deepfloyd() {
+                Some(T5Text::on_demand(root, variant, dtype, device, runtime)?)
+            } else {
+                Some(T5Text::load(root, variant, dtype, device, runtime)?)
+            };
             return Ok(Self {
                 kind,
                 parts: Vec::new(),
-                t5: Some(t5),
+                t5,
                 force_zeros_for_empty_prompt,
                 expansions: Vec::new(),
             });
@@ -119,6 +152,9 @@ impl TextEncoders {
         };
         let parts = match kind {
             PipelineKind::StableDiffusion => vec![first()?],
+            PipelineKind::DeepFloydIf | PipelineKind::DeepFloydIfSuperResolution => {
+                return Err(PipelineError::msg("DeepFloyd IF's text encoder is a T5, not a CLIP"))
+            }
             PipelineKind::StableDiffusionXl => {
                 // Loaded in folder order, so a broken model reports its first bad folder.
                 let first = if index.refiner { None } else { Some(first()?) };
@@ -135,7 +171,12 @@ impl TextEncoders {
 
     /// A T5's `d_model`, for the load-time check against the U-Net's text width.
     pub fn t5_width(&self) -> Option<usize> {
-        self.t5.as_ref().map(|t| t.model.params().d_model)
+        self.t5.as_ref().map(|t| t.params().d_model)
+    }
+
+    /// Whether there is a text encoder at all (an IF folder saved without its T5 has none).
+    pub fn has_encoder(&self) -> bool {
+        self.t5.is_some() || !self.parts.is_empty()
     }
 
     /// Refuses what only CLIP encoders can do, naming the flag.
@@ -236,8 +277,8 @@ impl TextEncoders {
 
     fn layer(&self, clip_skip: Option<usize>) -> ClipLayer {
         match self.kind {
-            PipelineKind::StableDiffusion => ClipLayer::stable_diffusion(clip_skip),
             PipelineKind::StableDiffusionXl => ClipLayer::stable_diffusion_xl(clip_skip),
+            _ => ClipLayer::stable_diffusion(clip_skip),
         }
     }
 
@@ -256,6 +297,11 @@ impl TextEncoders {
     ) -> Result<PromptEmbeds> {
         if let Some(t5) = &self.t5 {
             return Ok(PromptEmbeds { hidden: t5.encode(texts, device)?, pooled: None });
+        }
+        if self.parts.is_empty() {
+            return Err(PipelineError::msg(
+                "this model has no text encoder (text_encoder is null in model_index.json)",
+            ));
         }
         let layer = self.layer(clip_skip);
         let mut hidden_parts = Vec::with_capacity(self.parts.len());
@@ -371,13 +417,52 @@ impl T5Text {
             device,
             runtime,
         )?;
-        Ok(Self { tokenizer, max_length, model })
+        Ok(Self { tokenizer, max_length, model: T5Model::Loaded(model), deepfloyd: false })
+    }
+
+    /// DeepFloyd IF's T5: the tokenizer and the encoder's config now (so that a broken folder
+    /// fails at load, naming it), the weights at each encoding.
+    fn on_demand(
+        root: &Path,
+        variant: Option<&str>,
+        dtype: DType,
+        device: &Device,
+        runtime: &RuntimeOptions,
+    ) -> Result<Self> {
+        let tokenizer = T5Tokenizer::from_folder(&root.join("tokenizer"))?;
+        let dir = root.join("text_encoder");
+        let params = ltd_nn::load_config::<T5Config, T5Params>(&dir.join("config.json"))?;
+        // The weights must be there too; they are mapped at each encoding.
+        ltd_nn::weights::component_weights(&dir, &["model"], variant)?;
+        let model = T5Model::OnDemand {
+            dir,
+            variant: variant.map(str::to_string),
+            dtype,
+            device: device.clone(),
+            runtime: *runtime,
+            params,
+        };
+        Ok(Self { tokenizer, max_length: DEEPFLOYD_MAX_LENGTH, model, deepfloyd: true })
+    }
+
+    fn params(&self) -> &T5Params {
+        match &self.model {
+            T5Model::Loaded(m) => m.params(),
+            T5Model::OnDemand { params, .. } => params,
+        }
     }
 
     /// `[N, model_max_length, d_model]` for `texts`, as diffusers' `encode_prompt` computes it.
     fn encode(&self, texts: &[&str], device: &Device) -> Result<Tensor> {
         let mut batch = Vec::with_capacity(texts.len());
         for text in texts {
+            let lowered;
+            let text = if self.deepfloyd {
+                lowered = ltd_text::python_strip(&text.to_lowercase()).to_string();
+                lowered.as_str()
+            } else {
+                text
+            };
             let e = self.tokenizer.encode(text, Some(self.max_length))?;
             if let Some(dropped) = &e.truncated_text {
                 // diffusers' own words, which name CLIP whatever the encoder.
@@ -390,12 +475,23 @@ impl T5Text {
             batch.push(e);
         }
         let ids = ids_tensor(&batch, device)?;
-        let mask = if self.model.params().use_attention_mask {
+        let mask = if self.deepfloyd || self.params().use_attention_mask {
             Some(attention_mask_tensor(&batch, device)?)
         } else {
             None
         };
-        Ok(self.model.forward(&ids, mask.as_ref())?)
+        match &self.model {
+            T5Model::Loaded(model) => Ok(model.forward(&ids, mask.as_ref())?),
+            T5Model::OnDemand { dir, variant, dtype, device, runtime, .. } => {
+                let _span = tracing::info_span!("load", model = %dir.display()).entered();
+                let model =
+                    T5EncoderModel::from_folder(dir, variant.as_deref(), *dtype, device, runtime)?;
+                let hidden = model.forward(&ids, mask.as_ref())?;
+                // Released here, before the U-Net runs: the peak is the larger model, not both.
+                drop(model);
+                Ok(hidden)
+            }
+        }
     }
 }
 

@@ -49,6 +49,6 @@ pub fn attention_mask_tensor(batch: &[Encoded], device: &Device) -> candle_core:
 
 /// Python's `str.strip()`: `char::is_whitespace` plus U+001C..U+001F, which Python also
 /// counts as whitespace.
-pub(crate) fn python_strip(s: &str) -> &str {
+pub fn python_strip(s: &str) -> &str {
     s.trim_matches(|c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c))
 }

@@ -29,7 +29,7 @@ pub use clip::{
     ClipTextParams, Pooling,
 };
 pub use clip_tokenizer::{CLIPTokenizer, LongPrompt, A1111_COMMA_BACKTRACK};
-pub use encoded::{attention_mask_tensor, ids_tensor, Encoded};
+pub use encoded::{attention_mask_tensor, ids_tensor, python_strip, Encoded};
 pub use prompt_weighting::{emphasize, is_plain, parse_prompt_attention, WeightedChunk};
 pub use t5::{T5Config, T5EncoderModel, T5Params};
 pub use t5_tokenizer::T5Tokenizer;

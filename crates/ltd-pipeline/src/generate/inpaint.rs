@@ -110,7 +110,10 @@ impl Pipeline {
     /// An inpainting U-Net cannot make pictures from nothing: it needs the mask inputs.
     pub(super) fn check_inpaint(&self, req: &GenerateRequest) -> Result<()> {
         let channels = self.unet.config().in_channels;
-        if channels != self.vae.config().latent_channels && req.inpaint.is_none() {
+        if channels != self.sample_channels()
+            && req.inpaint.is_none()
+            && !self.index.kind.is_deepfloyd()
+        {
             return Err(PipelineError::invalid(
                 "mask",
                 format!(
@@ -157,7 +160,7 @@ impl Pipeline {
         let keep: Vec<f32> = condition.iter().map(|&m| if m < 0.5 { 1.0 } else { 0.0 }).collect();
         let masked = picture.broadcast_mul(&Tensor::from_vec(keep, (1, 1, h, w), dev)?)?;
 
-        let latent_channels = self.vae.config().latent_channels;
+        let latent_channels = self.sample_channels();
         let nine = self.unet.config().in_channels != latent_channels;
         let at_max = init.strength == 1.0;
         let f = self.vae_scale_factor();

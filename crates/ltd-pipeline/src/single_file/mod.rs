@@ -165,6 +165,16 @@ fn load_part<M>(
     Ok(load_checked(Arc::new(view), dtype, device, build)?)
 }
 
+/// DeepFloyd IF is distributed as diffusers folders only: there is no original single-file
+/// layout to map.
+fn no_single_file_if(path: &Path) -> PipelineError {
+    PipelineError::msg(format!(
+        "{}: DeepFloyd IF has no single-file checkpoint layout; give its diffusers folder as \
+         --model",
+        path.display()
+    ))
+}
+
 /// The LoRA patches of a checkpoint's components, resolved against the diffusers names its
 /// key map gives them (the names a LoRA's keys are written for, as for a folder).
 fn lora_patches(
@@ -199,6 +209,9 @@ fn lora_patches(
     let model = match kind {
         PipelineKind::StableDiffusion => "this SD 1.x/2.x model",
         PipelineKind::StableDiffusionXl => "this SDXL model",
+        PipelineKind::DeepFloydIf | PipelineKind::DeepFloydIfSuperResolution => {
+            return Err(no_single_file_if(path));
+        }
     };
     build_patches(loras, &targets, model)
 }
@@ -226,6 +239,9 @@ pub fn component_specs(
     };
     let mut specs = Vec::new();
     match kind {
+        PipelineKind::DeepFloydIf | PipelineKind::DeepFloydIfSuperResolution => {
+            return Err(no_single_file_if(config));
+        }
         PipelineKind::StableDiffusion => {
             let spec = if has(keymap::SD1_CLIP_PREFIX) {
                 Spec::Clip { prefix: keymap::SD1_CLIP_PREFIX.into() }
@@ -426,6 +442,9 @@ impl Pipeline {
             None => builtin::config_folder(family, options.vocabulary.as_deref())?,
         };
         let index = ModelIndex::read(&config.join("model_index.json"))?;
+        if index.kind.is_deepfloyd() {
+            return Err(no_single_file_if(&config));
+        }
         let (device, dtype, runtime) = (&options.device, options.dtype, &options.runtime);
 
         let scheduler_path = config.join("scheduler/scheduler_config.json");
@@ -488,8 +507,9 @@ impl Pipeline {
             index,
             text,
             unet,
-            vae,
+            vae: Some(vae),
             scheduler_config,
+            image_noising: None,
             default_sampler,
             device: device.clone(),
             dtype,
