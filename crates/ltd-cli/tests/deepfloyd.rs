@@ -100,7 +100,7 @@ fn ltd_gen_matches_diffusers_on_deepfloyd_if() {
                 failures.push(format!("{name}: size {w2}x{h2}, diffusers {w1}x{h1}"));
                 continue;
             }
-            let params = text.unwrap_or_default();
+            let params = text;
             if case["mode"] == "cascade" && !params.contains("Upscale model: ") {
                 failures.push(format!("{name}: the parameters name no upscale model: {params}"));
             }
