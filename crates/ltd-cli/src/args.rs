@@ -11,8 +11,8 @@ use clap::{Parser, ValueEnum};
 use ltd_cli::{decode_image, DeviceArgs, ModelArgs};
 use ltd_pipeline::{
     extract_lora_tags, outpaint_canvas, parse_sampler, DynamicThreshold, Emphasis, GenerateRequest,
-    HiresFix, HiresUpscaler, IfUpscale, InitImage, Inpaint, DEFAULT_NOISE_LEVEL, LongPrompt, LoraSpec, MimicGuidance, OutpaintFill,
-    RgbImage, RngKind, SeedMode, Subseed,
+    HiresFix, HiresUpscaler, IfUpscale, InitImage, Inpaint, LongPrompt, LoraSpec, MimicGuidance,
+    OutpaintFill, RgbImage, RngKind, SeedMode, Subseed, DEFAULT_NOISE_LEVEL,
 };
 
 /// Generate images from text with Stable Diffusion 1.x, 2.x and XL models and DeepFloyd IF in

@@ -161,7 +161,11 @@ fn bad_deepfloyd_inputs_get_one_clear_line() {
     fails(&["a cat", "--model", &two], "--init-image: ", 2);
     fails(&["a cat", "--model", &two], "is a DeepFloyd IF stage II", 2);
     // Stage I and II swapped in the cascade.
-    fails(&["a cat", "--model", &two, "--upscale-model", &one], "--upscale-model: needs a DeepFloyd IF stage I", 2);
+    fails(
+        &["a cat", "--model", &two, "--upscale-model", &one],
+        "--upscale-model: needs a DeepFloyd IF stage I",
+        2,
+    );
     fails(&["a cat", "--model", &one, "--upscale-model", &one], "not a DeepFloyd IF stage II", 2);
     // Stage I has no image-to-image.
     fails(&["a cat", "--model", &one, "--init-image", low], "image-to-image and inpainting", 2);

@@ -901,7 +901,8 @@ impl Pipeline {
 
     fn channel_vector(&self, v: &[f64]) -> Result<Tensor> {
         let data: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-        Ok(Tensor::from_vec(data, (1, v.len(), 1, 1), &self.device)?.to_dtype(self.vae()?.dtype())?)
+        Ok(Tensor::from_vec(data, (1, v.len(), 1, 1), &self.device)?
+            .to_dtype(self.vae()?.dtype())?)
     }
 
     /// Phase 6: decodes latents `[N, C, h, w]` (the diffusion model's scale) to images. A

@@ -259,13 +259,12 @@ impl ModelIndex {
             Some(Some((_, class))) => class.as_str(),
             _ => "",
         };
-        let text_encoder_family = if class_of("text_encoder") == T5_TEXT_ENCODER
-            || kind.is_deepfloyd()
-        {
-            TextEncoderFamily::T5
-        } else {
-            TextEncoderFamily::Clip
-        };
+        let text_encoder_family =
+            if class_of("text_encoder") == T5_TEXT_ENCODER || kind.is_deepfloyd() {
+                TextEncoderFamily::T5
+            } else {
+                TextEncoderFamily::Clip
+            };
         // diffusers would feed one vocabulary's ids to the other's embedding table.
         let tokenizer = class_of("tokenizer");
         if !no_text_encoder

@@ -261,7 +261,9 @@ impl Pipeline {
     pub(crate) fn sample_channels(&self) -> usize {
         match &self.vae {
             Some(vae) => vae.config().latent_channels,
-            None => crate::generate::deepfloyd::sample_channels(self.index.kind, self.unet.config()),
+            None => {
+                crate::generate::deepfloyd::sample_channels(self.index.kind, self.unet.config())
+            }
         }
     }
 

@@ -169,10 +169,8 @@ fn align_corners_weights(n_in: usize, n_out: usize) -> Vec<f32> {
 pub fn interpolate_align_corners(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     let (dtype, dev) = (x.dtype(), x.device());
-    let wh =
-        Tensor::from_vec(align_corners_weights(h, out_h), (out_h, h), dev)?.to_dtype(dtype)?;
-    let ww =
-        Tensor::from_vec(align_corners_weights(w, out_w), (out_w, w), dev)?.to_dtype(dtype)?;
+    let wh = Tensor::from_vec(align_corners_weights(h, out_h), (out_h, h), dev)?.to_dtype(dtype)?;
+    let ww = Tensor::from_vec(align_corners_weights(w, out_w), (out_w, w), dev)?.to_dtype(dtype)?;
     let rows = x.broadcast_matmul(&ww.t()?)?;
     Ok(wh.broadcast_matmul(&rows)?.contiguous()?)
 }
@@ -264,11 +262,7 @@ impl Pipeline {
 
     /// diffusers' `check_inputs`: `0 ≤ noise_level < image_noising_scheduler`'s training steps.
     fn check_noise_level(&self, level: usize) -> Result<()> {
-        let train = self
-            .image_noising
-            .as_ref()
-            .and_then(|c| c.num_train_timesteps)
-            .unwrap_or(1000);
+        let train = self.image_noising.as_ref().and_then(|c| c.num_train_timesteps).unwrap_or(1000);
         if level >= train {
             return Err(PipelineError::invalid(
                 "noise-level",
@@ -348,7 +342,10 @@ impl Pipeline {
         if self.index.kind != PipelineKind::DeepFloydIf {
             return Err(PipelineError::invalid(
                 "upscale-model",
-                format!("needs a DeepFloyd IF stage I model (IFPipeline) as --model, not {}", self.index.class_name),
+                format!(
+                    "needs a DeepFloyd IF stage I model (IFPipeline) as --model, not {}",
+                    self.index.class_name
+                ),
             ));
         }
         if stage_two.index.kind != PipelineKind::DeepFloydIfSuperResolution {
