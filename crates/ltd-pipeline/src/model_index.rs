@@ -388,6 +388,41 @@ mod tests {
         assert!(err.to_string().contains("expected a JSON object"), "{err}");
     }
 
+    const IF_II: &str = r#"{"_class_name": "IFSuperResolutionPipeline",
+        "feature_extractor": ["transformers", "CLIPImageProcessor"],
+        "safety_checker": ["deepfloyd_if", "IFSafetyChecker"], "watermarker": ["deepfloyd_if", "IFWatermarker"],
+        "image_noising_scheduler": ["diffusers", "DDPMScheduler"], "scheduler": ["diffusers", "DDPMScheduler"],
+        "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"]}"#;
+
+    #[test]
+    fn reads_deepfloyd_if_indexes() {
+        let idx = parse(IF_II).unwrap();
+        assert_eq!(idx.kind, PipelineKind::DeepFloydIfSuperResolution);
+        assert!(!idx.no_text_encoder && idx.text_encoder_family == TextEncoderFamily::T5);
+        let names: Vec<_> = idx.loadable_components().iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            names,
+            ["image_noising_scheduler", "scheduler", "text_encoder", "tokenizer", "unet"]
+        );
+        let one = IF_II
+            .replace("IFSuperResolutionPipeline", "IFPipeline")
+            .replace("\"image_noising_scheduler\": [\"diffusers\", \"DDPMScheduler\"],", "");
+        assert_eq!(parse(&one).unwrap().kind, PipelineKind::DeepFloydIf);
+        // Saved with text_encoder=None: runs on given embeddings only.
+        let bare = IF_II
+            .replace("[\"transformers\", \"T5EncoderModel\"]", "[null, null]")
+            .replace("[\"transformers\", \"T5Tokenizer\"]", "[null, null]");
+        let idx = parse(&bare).unwrap();
+        assert!(idx.no_text_encoder);
+        assert_eq!(idx.loadable_components().len(), 3);
+        // Stage II without its noising scheduler cannot run.
+        let err = parse(&IF_II.replace("image_noising_scheduler", "other")).unwrap_err();
+        assert!(err.to_string().contains("field `image_noising_scheduler`"), "{err}");
+        let err = parse(&IF_II.replace("T5EncoderModel", "CLIPTextModel")).unwrap_err();
+        assert!(err.to_string().contains("unsupported component"), "{err}");
+    }
+
     const REFINER: &str = r#"{"_class_name": "StableDiffusionXLImg2ImgPipeline",
         "force_zeros_for_empty_prompt": false, "requires_aesthetics_score": true,
         "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": [null, null],
