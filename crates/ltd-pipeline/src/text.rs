@@ -30,7 +30,8 @@
 //! tokenizer's attention mask whatever the encoder's config says. ltd does not port
 //! `clean_caption` (it needs bs4 and ftfy, and diffusers falls back to the plain lowercasing
 //! without them). The IF text encoder (T5-XXL, 4.8 B parameters) is not kept: it is loaded
-//! for each encoding and released before the U-Net runs.
+//! for each encoding and released before the denoising loop (the U-Net is already loaded
+//! then: the encoding-time peak is both).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -487,7 +488,7 @@ impl T5Text {
                 let model =
                     T5EncoderModel::from_folder(dir, variant.as_deref(), *dtype, device, runtime)?;
                 let hidden = model.forward(&ids, mask.as_ref())?;
-                // Released here, before the U-Net runs: the peak is the larger model, not both.
+                // Released here, before the denoising loop: not resident while the U-Net runs.
                 drop(model);
                 Ok(hidden)
             }

@@ -8,7 +8,7 @@
 //!   the ε halves, the conditional variance is kept, and `[guided, variance]` goes to a
 //!   sampler that reads it (DDPM `learned_range`, the DPM-Solvers); `Plan::split_variance`.
 //! - T5 text (`text.rs`): prompts lowercased and stripped, 77 tokens, the attention mask;
-//!   the encoder loaded for each encoding and released before the U-Net runs.
+//!   the encoder loaded for each encoding and released before the denoising loop.
 //! - Stage II ([`Pipeline::upscale`]): the initial noise (`in_channels / 2` channels) is drawn
 //!   first; then the low-resolution image (`[-1, 1]`; a PNG as `x / 127.5 − 1`) is resized
 //!   to the output size by `F.interpolate(mode="bilinear", align_corners=True)`, noised by
