@@ -9,19 +9,14 @@
 //! Measured (release, this repo's CI machine): 372 MiB with the default attention, 713 MiB with
 //! `AttentionImpl::Chunked` (256 MiB budget), 2253 MiB with `AttentionImpl::Naive`.
 
-use std::collections::HashMap;
+mod common;
+
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use common::{random_weights, reset_peak, status_kib};
 use ltd_nn::RuntimeOptions;
 use ltd_unet::{UNet2DConditionModel, UNet2DConditionModelConfig, UNetConditioning, UNetConfig};
-
-fn status_kib(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
 
 #[test]
 fn sd15_512_forward_stays_within_the_memory_bound() {
@@ -30,29 +25,14 @@ fn sd15_512_forward_stays_within_the_memory_bound() {
     let cfg: UNetConfig =
         ltd_nn::load_config::<UNet2DConditionModelConfig, UNetConfig>(&config).unwrap();
     let opts = RuntimeOptions::default();
-    let (_, shapes) =
-        ltd_nn::record_shapes(DType::F32, |vb| UNet2DConditionModel::new(vb, &cfg, &opts)).unwrap();
-    // Plain tensors (not a VarMap): the inference kernels run, as they do with real weights.
-    let weights: HashMap<String, Tensor> = shapes
-        .into_iter()
-        .map(|(name, shape)| {
-            let bound = 1.0 / (shape[1..].iter().product::<usize>().max(1) as f32).sqrt();
-            let t = if shape.len() == 1 {
-                Tensor::ones(shape, DType::F32, &Device::Cpu).unwrap()
-            } else {
-                Tensor::rand(-bound, bound, shape, &Device::Cpu).unwrap()
-            };
-            (name, t)
-        })
-        .collect();
-    let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+    let vb = random_weights(DType::F32);
     let unet = UNet2DConditionModel::new(vb, &cfg, &opts).unwrap();
     let x = Tensor::randn(0f32, 1.0, (2, 4, 64, 64), &Device::Cpu).unwrap();
     let context = Tensor::randn(0f32, 1.0, (2, 77, 768), &Device::Cpu).unwrap();
     let t = Tensor::new(&[981f32], &Device::Cpu).unwrap();
 
     let before = status_kib("VmRSS:");
-    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+    reset_peak();
     let out = unet.forward(&x, &t, &context, &UNetConditioning::default()).unwrap();
     let peak = status_kib("VmHWM:");
     let transient_mib = peak.saturating_sub(before) / 1024;

@@ -1,6 +1,7 @@
-//! The full-size SD 1.5, SD 2.1 and SDXL U-Nets, built from their official configs without
-//! weights, request exactly the tensors (names and shapes) of the reference models' state dicts
-//! (`tests/fixtures/fullsize/*/unet.txt`): real checkpoints load, with nothing missing or unused.
+//! The full-size SD 1.5, SD 2.1, SDXL and DeepFloyd IF (IF-I-XL, IF-II-L) U-Nets, built from
+//! their configs in `configs/` without weights, request exactly the tensors (names and shapes)
+//! of the reference models' state dicts (`tests/fixtures/fullsize/*/unet.txt`): real
+//! checkpoints load, with nothing missing or unused.
 
 use candle_core::DType;
 use ltd_nn::RuntimeOptions;
@@ -32,4 +33,14 @@ fn sd21_unet_requests_the_reference_tensors() {
 #[test]
 fn sdxl_unet_requests_the_reference_tensors() {
     check("sdxl", "stable-diffusion-xl-base-1.0");
+}
+
+#[test]
+fn if_i_xl_unet_requests_the_reference_tensors() {
+    check("if-i-xl", "IF-I-XL-v1.0");
+}
+
+#[test]
+fn if_ii_l_unet_requests_the_reference_tensors() {
+    check("if-ii-l", "IF-II-L-v1.0");
 }
