@@ -13,7 +13,9 @@
 #
 # DATA_DIR is the make-shapes folder the model was trained on (its shapes.json names the
 # hold-outs). Each folder gets table.md, report.json and one image grid per guidance scale;
-# OUT_DIR/eval-summary.md collects the tables. About 10 minutes on a 2-core CPU.
+# OUT_DIR/eval-summary.md collects the tables. About 10 minutes on a 2-core CPU. XTASK may name
+# a prebuilt release xtask binary to run instead of `cargo xtask` (e.g. while a build of this
+# checkout would change it under a running evaluation).
 set -euo pipefail
 model="$(realpath "$1")"
 data="$(realpath "$2")"
@@ -26,7 +28,7 @@ export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-1}"
 run() {
     local name="$1"
     shift
-    cargo xtask eval-shapes --model "$model" --data "$data" --out "$out/$name" "$@"
+    ${XTASK:-cargo xtask} eval-shapes --model "$model" --data "$data" --out "$out/$name" "$@"
 }
 run eval-plain --guidance 1,7.5,15
 run eval-threshold --guidance 1,7.5,15 --dynamic-threshold "$threshold" --reconstructions 0
