@@ -1,10 +1,11 @@
 //! `cargo xtask train-unet`: trains a text-conditioned U-Net on latents of a frozen VAE, with
-//! a frozen or from-scratch CLIP text encoder, and writes a complete `StableDiffusionPipeline`
-//! folder (see `ltd_train::train_unet`).
+//! a frozen or from-scratch CLIP or T5 text encoder (the family its config.json names), and
+//! writes a complete `StableDiffusionPipeline` folder (see `ltd_train::train_unet`).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
+use ltd_train::text_encoder::TextEncoderKind;
 use ltd_train::timestep_bias::{BiasStrategy, TimestepBias};
 use ltd_train::train_unet::{read_config, TextEncoderSource, UnetTrainOptions, UnetTrainer};
 
@@ -27,14 +28,16 @@ pub struct Args {
     /// scheduler/) and train/.
     #[arg(long)]
     pub out: PathBuf,
-    /// A trained CLIPTextModel folder to use frozen.
+    /// A trained CLIPTextModel or T5EncoderModel folder to use frozen.
     #[arg(long, conflicts_with = "text_encoder_config")]
     pub text_encoder: Option<PathBuf>,
-    /// A transformers CLIPTextConfig config.json: train a text encoder from scratch.
+    /// A transformers config.json of a CLIP text model (model_type "clip_text_model", or no
+    /// model_type) or of a T5 encoder (model_type "t5"): train a text encoder from scratch.
     #[arg(long)]
     pub text_encoder_config: Option<PathBuf>,
-    /// The CLIP tokenizer folder (default: the real CLIP vocabulary in
-    /// tests/fixtures/pipelines/sd1/tokenizer).
+    /// The tokenizer folder of the text encoder's family: CLIP BPE (default: the real CLIP
+    /// vocabulary in tests/fixtures/pipelines/sd1/tokenizer) or T5 unigram (tokenizer.json or
+    /// spiece.model, with model_max_length in tokenizer_config.json; required for T5).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// The scheduler_config.json the pipeline ships (its betas define the noise schedule;
@@ -102,13 +105,22 @@ pub fn run(args: &Args, root: &Path) -> Result<()> {
     let unet_config = read_config(&args.config)?;
     let text_encoder = match (&args.text_encoder, &args.text_encoder_config) {
         (Some(dir), None) => TextEncoderSource::Frozen(dir.clone()),
-        (None, Some(cfg)) => TextEncoderSource::Scratch(read_config(cfg)?),
+        (None, Some(cfg)) => {
+            let config = read_config(cfg)?;
+            if let Err(m) = TextEncoderKind::of_config(&config) {
+                bail!("--text-encoder-config {}: {m}", cfg.display());
+            }
+            TextEncoderSource::Scratch(config)
+        }
         _ => bail!("pass --text-encoder DIR (frozen) or --text-encoder-config FILE (from scratch)"),
     };
-    let tokenizer = args
-        .tokenizer
-        .clone()
-        .unwrap_or_else(|| root.join("tests/fixtures/pipelines/sd1/tokenizer"));
+    let tokenizer = match (&args.tokenizer, text_encoder.kind()?) {
+        (Some(dir), _) => dir.clone(),
+        (None, TextEncoderKind::Clip) => root.join("tests/fixtures/pipelines/sd1/tokenizer"),
+        (None, TextEncoderKind::T5) => {
+            bail!("--tokenizer: a T5 text encoder needs its T5 tokenizer folder (no default)")
+        }
+    };
     let scheduler_path = args.scheduler_config.clone().unwrap_or_else(|| {
         root.join("configs/stable-diffusion-v1-5/scheduler/scheduler_config.json")
     });

@@ -1,8 +1,9 @@
 //! T5 as the text encoder of a `StableDiffusionPipeline`, through the library: every case of
 //! `tests/fixtures/golden/t5_pipeline/cases.json` (`pipelines/sd_t5`: `tokenizer.json`, a
-//! `text_proj` U-Net; `pipelines/sd_t5_spm`: `spiece.model`, `use_attention_mask`) must give
-//! diffusers' final latents, with the tolerance of `e2e_parity.rs` (max |ours − diffusers| ≤
-//! 1e-4 · max(1, max |diffusers|)).
+//! `text_proj` U-Net; `pipelines/sd_t5_spm`: `spiece.model`, `use_attention_mask`) and of
+//! `golden/t5_train/cases.json` (`pipelines/sd_t5_trained`: a folder ltd's trainer wrote, see
+//! ltd-train's `train_unet.rs`) must give diffusers' final latents, with the tolerance of
+//! `e2e_parity.rs` (max |ours − diffusers| ≤ 1e-4 · max(1, max |diffusers|)).
 
 use std::collections::HashMap;
 
@@ -32,13 +33,17 @@ fn request(case: &Value) -> GenerateRequest {
 
 #[test]
 fn t5_pipelines_match_diffusers_latents() {
-    let golden_dir = fixtures().join("golden/t5_pipeline");
-    let cases: Vec<Value> =
-        serde_json::from_str(&std::fs::read_to_string(golden_dir.join("cases.json")).unwrap())
-            .unwrap();
     let mut pipes: HashMap<String, Pipeline> = HashMap::new();
     let mut failures = Vec::new();
-    for case in &cases {
+    let cases = ["t5_pipeline", "t5_train"].into_iter().flat_map(|section| {
+        let golden_dir = fixtures().join("golden").join(section);
+        let cases: Vec<Value> =
+            serde_json::from_str(&std::fs::read_to_string(golden_dir.join("cases.json")).unwrap())
+                .unwrap();
+        cases.into_iter().map(move |c| (golden_dir.clone(), c))
+    });
+    for (golden_dir, case) in cases {
+        let case = &case;
         let name = case["name"].as_str().unwrap();
         let which = case["pipeline"].as_str().unwrap().to_string();
         let pipe = pipes.entry(which.clone()).or_insert_with(|| {

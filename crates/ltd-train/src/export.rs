@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 
 use crate::checkpoint::write_atomic;
 use crate::error::{Result, TrainError};
+use crate::text_encoder::TextEncoderKind;
 
 /// The diffusers version our configs claim to come from (the reference we test against).
 pub const DIFFUSERS_VERSION: &str = "0.42.1";
@@ -73,9 +74,9 @@ pub fn write_diffusers_model(
     write_json(&dir.join("config.json"), &diffusers_config(class, config))
 }
 
-/// Writes a transformers `CLIPTextModel` folder: `config.json` and `model.safetensors` (weights
-/// stored as `dtype`, the config saying float32 so that both loaders compute in float32).
-pub fn write_clip_text_model(
+/// Writes a transformers model folder: `config.json` and `model.safetensors` (weights stored
+/// as `dtype`, the config saying float32 so that both loaders compute in float32).
+pub fn write_transformers_model(
     dir: &Path,
     config: &Value,
     tensors: &HashMap<String, Tensor>,
@@ -87,8 +88,6 @@ pub fn write_clip_text_model(
         Value::Object(m) => m.clone(),
         _ => serde_json::Map::new(),
     };
-    cfg.insert("architectures".into(), json!(["CLIPTextModel"]));
-    cfg.insert("model_type".into(), json!("clip_text_model"));
     // The dtype to run in, not the one stored: transformers loads the model in this dtype,
     // and a float16 text encoder next to a float32 U-Net breaks diffusers' pipeline.
     cfg.insert("dtype".into(), json!("float32"));
@@ -110,9 +109,10 @@ pub fn copy_files(src: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `model_index.json` of a `StableDiffusionPipeline` with the given scheduler class, in the
-/// form diffusers' `save_pretrained` writes (no safety checker or feature extractor).
-pub fn model_index(scheduler_class: &str) -> Value {
+/// `model_index.json` of a `StableDiffusionPipeline` with the given scheduler class and text
+/// encoder family, in the form diffusers' `save_pretrained` writes (no safety checker or
+/// feature extractor).
+pub fn model_index(scheduler_class: &str, text: TextEncoderKind) -> Value {
     json!({
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -121,8 +121,8 @@ pub fn model_index(scheduler_class: &str) -> Value {
         "requires_safety_checker": false,
         "safety_checker": [null, null],
         "scheduler": ["diffusers", scheduler_class],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "text_encoder": ["transformers", text.model_class()],
+        "tokenizer": ["transformers", text.tokenizer_class()],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"]
     })

@@ -6,15 +6,16 @@
 //! purpose (no negative prompts, no image-to-image, no callbacks): generation proper is the
 //! pipeline's business, and ltd-train does not depend on the pipeline.
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use ltd_nn::rng::TorchRng;
 use ltd_nn::NoiseSource;
 use ltd_scheduler::{SamplerOptions, SchedulerConfig};
-use ltd_text::CLIPTextModel;
+use ltd_text::Encoded;
 use ltd_unet::{UNet2DConditionModel, UNetConditioning};
 use ltd_vae::AutoencoderKL;
 
 use crate::error::Result;
+use crate::text_encoder::TextEncoder;
 
 /// How previews are drawn.
 #[derive(Debug, Clone, Copy)]
@@ -38,26 +39,29 @@ pub struct PreviewModels<'a> {
     /// The denoiser.
     pub unet: &'a UNet2DConditionModel,
     /// The text encoder.
-    pub text_encoder: &'a CLIPTextModel,
+    pub text_encoder: &'a TextEncoder,
     /// The frozen VAE.
     pub vae: &'a AutoencoderKL,
     /// The scheduler config the model ships.
     pub scheduler: &'a SchedulerConfig,
+    /// The device they are on.
+    pub device: &'a Device,
 }
 
-/// Images `[P, 3, H, W]` in [-1, 1] for the prompts `ids` (`[P, L]`), `uncond` (`[1, L]`) being
-/// the empty prompt; latents of `latent_dims` (`[C, h, w]`).
+/// Images `[P, 3, H, W]` in [-1, 1] for the `P` tokenized `prompts`, `uncond` being the empty
+/// prompt; latents of `latent_dims` (`[C, h, w]`).
 pub fn generate(
     m: &PreviewModels<'_>,
-    ids: &Tensor,
-    uncond: &Tensor,
+    prompts: &[Encoded],
+    uncond: &Encoded,
     latent_dims: &[usize],
     s: PreviewSettings,
 ) -> Result<Tensor> {
-    let p = ids.dim(0)?;
-    let device = ids.device();
-    let cond = m.text_encoder.forward(ids)?.detach();
-    let uncond = m.text_encoder.forward(uncond)?.detach().repeat((p, 1, 1))?;
+    let p = prompts.len();
+    let device = m.device;
+    let cond = m.text_encoder.forward(prompts, device)?.detach();
+    let uncond = m.text_encoder.forward(std::slice::from_ref(uncond), device)?;
+    let uncond = uncond.detach().repeat((p, 1, 1))?;
     let context = Tensor::cat(&[&uncond, &cond], 0)?;
     let mut sched = ltd_scheduler::build(m.scheduler, None, &SamplerOptions::default())?;
     sched.set_timesteps(s.steps)?;

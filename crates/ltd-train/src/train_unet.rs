@@ -1,6 +1,7 @@
 //! Training a text-conditioned `UNet2DConditionModel` on latents of a frozen VAE (Rombach et
-//! al. 2022; diffusers' `train_text_to_image.py`), with the CLIP text encoder either frozen
-//! (loaded from a folder) or trained from scratch together with the U-Net.
+//! al. 2022; diffusers' `train_text_to_image.py`), with a CLIP or T5 text encoder (see
+//! [`crate::text_encoder`]) either frozen (loaded from a folder) or trained from scratch
+//! together with the U-Net.
 //!
 //! Per step, for a batch of cached posteriors and captions:
 //!
@@ -30,7 +31,7 @@ use candle_nn::{VarBuilder, VarMap};
 use ltd_nn::rng::TorchRng;
 use ltd_nn::{NoiseSource, RuntimeOptions};
 use ltd_scheduler::{NoiseSchedule, PredictionType, SchedulerConfig};
-use ltd_text::{ids_tensor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, ClipTextParams, Encoded};
+use ltd_text::Encoded;
 use ltd_unet::{UNet2DConditionModel, UNet2DConditionModelConfig, UNetConditioning, UNetConfig};
 use ltd_vae::AutoencoderKL;
 use serde::{Deserialize, Serialize};
@@ -40,13 +41,12 @@ use crate::common::OptimOptions;
 use crate::data::ImageFolder;
 use crate::driver::{Driver, Loss, ParamGroup, Task};
 use crate::error::{Result, TrainError};
-use crate::export::{
-    copy_files, model_index, write_clip_text_model, write_diffusers_model, write_json,
-};
+use crate::export::{copy_files, model_index, write_diffusers_model, write_json};
 use crate::images::{grid, save, to_images};
 use crate::latents::LatentCache;
 use crate::preview::{generate, PreviewModels, PreviewSettings};
 use crate::progress::{Event, Sink};
+use crate::text_encoder::{write_text_encoder, TextEncoder, TextEncoderKind, TextTokenizer};
 use crate::timestep_bias::{self, TimestepBias};
 use crate::RunControl;
 
@@ -114,10 +114,23 @@ impl Default for UnetTrainOptions {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TextEncoderSource {
-    /// A trained `CLIPTextModel` folder, kept frozen.
+    /// A trained `CLIPTextModel` or `T5EncoderModel` folder, kept frozen.
     Frozen(PathBuf),
-    /// A transformers `CLIPTextConfig` (JSON), trained from scratch with the U-Net.
+    /// A transformers `CLIPTextConfig` or `T5Config` (JSON), trained from scratch with the
+    /// U-Net (or left at its seeded initialisation, at text-encoder learning rate 0).
     Scratch(Value),
+}
+
+impl TextEncoderSource {
+    /// The family of the text encoder (from the folder's or the given config); an error names
+    /// the folder's config file or `--text-encoder-config`.
+    pub fn kind(&self) -> Result<TextEncoderKind> {
+        match self {
+            Self::Frozen(dir) => TextEncoderKind::of_folder(dir),
+            Self::Scratch(cfg) => TextEncoderKind::of_config(cfg)
+                .map_err(|m| TrainError::option("text-encoder-config", m)),
+        }
+    }
 }
 
 /// A `train-unet` run.
@@ -130,7 +143,7 @@ pub struct UnetTrainer<'a> {
     pub unet_config: &'a Value,
     /// The text encoder.
     pub text_encoder: TextEncoderSource,
-    /// The tokenizer folder (copied into the pipeline).
+    /// The tokenizer folder of the text encoder's family (copied into the pipeline).
     pub tokenizer: &'a Path,
     /// The scheduler config (JSON) the pipeline ships; its betas define the noise schedule.
     pub scheduler_config: &'a Value,
@@ -171,12 +184,6 @@ fn parse_unet_config(raw: &Value) -> Result<UNetConfig> {
     UNetConfig::try_from(parsed).map_err(|e| TrainError::Model(e.into()))
 }
 
-fn parse_clip_config(raw: &Value) -> Result<ClipTextParams> {
-    let parsed: CLIPTextConfig = serde_json::from_value(raw.clone())
-        .map_err(|e| TrainError::msg(format!("text encoder config: {e}")))?;
-    ClipTextParams::try_from(parsed).map_err(|e| TrainError::Model(e.into()))
-}
-
 /// The scheduler config with the requested prediction type written into it.
 fn scheduler_with(raw: &Value, prediction: Option<&str>) -> Result<(Value, SchedulerConfig)> {
     let mut v = raw.clone();
@@ -214,6 +221,7 @@ impl UnetTrainer<'_> {
         })?;
         let o = &saved.options;
         o.optim.check()?;
+        let text_kind = saved.text_encoder.kind()?;
         if !(0.0..1.0).contains(&o.caption_dropout) {
             return Err(TrainError::option("caption-dropout", "must be in [0, 1)"));
         }
@@ -255,29 +263,34 @@ impl UnetTrainer<'_> {
         }
         sink(Event::Phase(format!("reading {} at {res}x{res}", self.data.display())));
         let data = ImageFolder::open(self.data, res)?;
-        driver.start(data.len(), sink)?;
-        sink(Event::Phase(format!("caching the latents of {} images", data.len())));
-        let cache = LatentCache::build(&vae, &data, o.random_flip, dev)?;
 
-        let tokenizer = CLIPTokenizer::from_folder(&saved.tokenizer)?;
-        let encoded: Vec<Encoded> = data
-            .examples()
-            .iter()
-            .map(|e| tokenizer.encode(&e.text))
-            .collect::<ltd_nn::Result<_>>()?;
+        let tokenizer = TextTokenizer::load(text_kind, &saved.tokenizer)?;
+        let encoded: Vec<Encoded> =
+            data.examples().iter().map(|e| tokenizer.encode(&e.text)).collect::<Result<_>>()?;
         let empty = tokenizer.encode("")?;
 
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
         let unet = UNet2DConditionModel::new(vb.pp("unet"), &unet_cfg, &rt)?;
         let text_encoder = match &saved.text_encoder {
-            TextEncoderSource::Frozen(dir) => {
-                CLIPTextModel::from_folder(dir, None, DType::F32, dev, &rt)?
-            }
-            TextEncoderSource::Scratch(cfg) => {
-                CLIPTextModel::new(vb.pp("text_encoder"), &parse_clip_config(cfg)?, &rt)?
-            }
+            TextEncoderSource::Frozen(dir) => TextEncoder::load(text_kind, dir, dev, &rt)?,
+            TextEncoderSource::Scratch(cfg) => TextEncoder::new(vb.pp("text_encoder"), cfg, &rt)?,
         };
+        if unet_cfg.encoder_hidden_dim() != text_encoder.width() {
+            return Err(TrainError::msg(format!(
+                "the U-Net takes text states {} wide (encoder_hid_dim, else \
+                 cross_attention_dim) but the text encoder gives {} ({} of its config)",
+                unet_cfg.encoder_hidden_dim(),
+                text_encoder.width(),
+                match text_kind {
+                    TextEncoderKind::Clip => "hidden_size",
+                    TextEncoderKind::T5 => "d_model",
+                }
+            )));
+        }
+        driver.start(data.len(), sink)?;
+        sink(Event::Phase(format!("caching the latents of {} images", data.len())));
+        let cache = LatentCache::build(&vae, &data, o.random_flip, dev)?;
         let frozen_text = match &saved.text_encoder {
             TextEncoderSource::Frozen(_) => true,
             TextEncoderSource::Scratch(_) => o.text_encoder_learning_rate == Some(0.0),
@@ -288,8 +301,7 @@ impl UnetTrainer<'_> {
             out: self.out,
             device: dev,
             train: (0..data.len()).collect(),
-            preview_ids: preview_prompts(&data, &encoded, dev)?,
-            uncond_ids: ids_tensor(std::slice::from_ref(&empty), dev)?,
+            preview_prompts: preview_prompts(&data, &encoded),
             latent_dims: cache.latent_dims(),
             latent_size: res / fs,
             vae,
@@ -321,9 +333,8 @@ struct UnetTask<'a> {
     device: &'a Device,
     /// Every example trains.
     train: Vec<usize>,
-    /// The preview captions, tokenized, and the empty one.
-    preview_ids: Tensor,
-    uncond_ids: Tensor,
+    /// The preview captions, tokenized.
+    preview_prompts: Vec<Encoded>,
     /// `[C, h, w]` of one latent.
     latent_dims: Vec<usize>,
     /// The side of the latents (the exported U-Net's `sample_size`).
@@ -334,7 +345,7 @@ struct UnetTask<'a> {
     encoded: Vec<Encoded>,
     empty: Encoded,
     unet: UNet2DConditionModel,
-    text_encoder: CLIPTextModel,
+    text_encoder: TextEncoder,
     /// A frozen text encoder's states `[tokens, hidden]` per caption's ids, filled as
     /// captions first appear; `None` when the text encoder trains.
     text_cache: Option<HashMap<Vec<u32>, Tensor>>,
@@ -401,7 +412,7 @@ impl Task for UnetTask<'_> {
         let target = schedule.target(&x0, &noise, &ts)?;
         let context = match &mut self.text_cache {
             Some(cache) => cached_text_states(cache, &self.text_encoder, &batch_ids, dev)?,
-            None => self.text_encoder.forward(&ids_tensor(&batch_ids, dev)?)?,
+            None => self.text_encoder.forward(&batch_ids, dev)?,
         };
         let t_in = Tensor::from_vec(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), b, dev)?;
         let pred = self.unet.forward(&noisy, &t_in, &context, &UNetConditioning::default())?;
@@ -428,6 +439,7 @@ impl Task for UnetTask<'_> {
             text_encoder: &self.text_encoder,
             vae: &self.vae,
             scheduler: &self.scheduler_cfg,
+            device: self.device,
         };
         let o = &self.saved.options;
         let settings = PreviewSettings {
@@ -435,8 +447,8 @@ impl Task for UnetTask<'_> {
             seed: o.optim.seed,
             ..PreviewSettings::default()
         };
-        let (ids, uncond) = (&self.preview_ids, &self.uncond_ids);
-        let images = generate(&models, ids, uncond, &self.latent_dims, settings)?;
+        let (prompts, uncond) = (&self.preview_prompts, &self.empty);
+        let images = generate(&models, prompts, uncond, &self.latent_dims, settings)?;
         save(&grid(&[to_images(&images)?], 2), path)
     }
 
@@ -459,12 +471,8 @@ impl Task for UnetTask<'_> {
             TextEncoderSource::Frozen(dir) => copy_files(dir, &out.join("text_encoder"))?,
             TextEncoderSource::Scratch(cfg) => {
                 let dtype = if o.text_encoder_fp16 { DType::F16 } else { DType::F32 };
-                write_clip_text_model(
-                    &out.join("text_encoder"),
-                    cfg,
-                    &strip(weights, "text_encoder"),
-                    dtype,
-                )?;
+                let dir = out.join("text_encoder");
+                write_text_encoder(&dir, cfg, &strip(weights, "text_encoder"), dtype)?;
             }
         }
         copy_vae(&saved.vae, &out.join("vae"))?;
@@ -476,7 +484,7 @@ impl Task for UnetTask<'_> {
             &sched_dir.join("scheduler_config.json"),
             &crate::export::diffusers_config(&class, &self.scheduler_json),
         )?;
-        write_json(&out.join("model_index.json"), &model_index(&class))
+        write_json(&out.join("model_index.json"), &model_index(&class, self.text_encoder.kind()))
     }
 }
 
@@ -484,7 +492,7 @@ impl Task for UnetTask<'_> {
 /// `cache`, computing (alone, detached) and caching those of captions not seen before.
 fn cached_text_states(
     cache: &mut HashMap<Vec<u32>, Tensor>,
-    text_encoder: &CLIPTextModel,
+    text_encoder: &TextEncoder,
     batch: &[Encoded],
     dev: &Device,
 ) -> Result<Tensor> {
@@ -493,7 +501,7 @@ fn cached_text_states(
         let states = match cache.get(&e.ids) {
             Some(s) => s.clone(),
             None => {
-                let s = text_encoder.forward(&ids_tensor(std::slice::from_ref(e), dev)?)?;
+                let s = text_encoder.forward(std::slice::from_ref(e), dev)?;
                 let s = s.squeeze(0)?.detach();
                 cache.insert(e.ids.clone(), s.clone());
                 s
@@ -520,7 +528,7 @@ fn snr_weights(schedule: &NoiseSchedule, ts: &[usize], gamma: f64) -> Result<Vec
 }
 
 /// The first distinct captions of the dataset, tokenized, for the previews.
-fn preview_prompts(data: &ImageFolder, encoded: &[Encoded], dev: &Device) -> Result<Tensor> {
+fn preview_prompts(data: &ImageFolder, encoded: &[Encoded]) -> Vec<Encoded> {
     let mut seen = Vec::new();
     let mut picked = Vec::new();
     for (e, ids) in data.examples().iter().zip(encoded) {
@@ -532,7 +540,7 @@ fn preview_prompts(data: &ImageFolder, encoded: &[Encoded], dev: &Device) -> Res
             break;
         }
     }
-    Ok(ids_tensor(&picked, dev)?)
+    picked
 }
 
 /// Copies a VAE folder's config and weights (not its training files).

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-pub use ltd_test_support::fixtures;
+pub use ltd_test_support::{fixtures, workspace_root};
 
 /// The real CLIP tokenizer of the sd1 fixture pipeline.
 pub fn tokenizer() -> PathBuf {
@@ -65,6 +65,39 @@ pub fn text_encoder_config() -> Value {
         "hidden_act": "quick_gelu",
         "projection_dim": 16
     })
+}
+
+/// The T5 tokenizer of `configs/train/shapes-t5` (a word-level SentencePiece model of the
+/// make-shapes captions, padded to 77).
+pub fn t5_tokenizer() -> PathBuf {
+    workspace_root().join("configs/train/shapes-t5/tokenizer")
+}
+
+/// A one-block T5 encoder, 16 wide, over that vocabulary, passing the attention mask.
+pub fn t5_config() -> Value {
+    json!({
+        "architectures": ["T5EncoderModel"],
+        "model_type": "t5",
+        "vocab_size": 52,
+        "d_model": 16,
+        "d_kv": 4,
+        "d_ff": 24,
+        "num_layers": 1,
+        "num_heads": 2,
+        "relative_attention_num_buckets": 8,
+        "relative_attention_max_distance": 16,
+        "feed_forward_proj": "gated-gelu",
+        "use_attention_mask": true
+    })
+}
+
+/// [`unet_config`] with cross-attention 8 wide fed through `encoder_hid_proj` from text states
+/// `text_width` wide (`encoder_hid_dim_type: "text_proj"`).
+pub fn unet_config_text_proj(text_width: usize) -> Value {
+    let mut c = unet_config(8);
+    c["encoder_hid_dim"] = json!(text_width);
+    c["encoder_hid_dim_type"] = json!("text_proj");
+    c
 }
 
 /// A DDIM scheduler config over 1000 training steps.
