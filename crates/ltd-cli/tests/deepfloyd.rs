@@ -119,22 +119,12 @@ fn ltd_gen_matches_diffusers_on_deepfloyd_if() {
 /// Runs ltd-gen; checks the failure contract (one `error:` line containing `expect`, exit
 /// `code`, no file written).
 fn fails(args: &[&str], expect: &str, code: i32) {
-    let out_dir = tempfile::tempdir().unwrap();
-    let out = out_dir.path().join("out.png");
-    let run = Command::new(env!("CARGO_BIN_EXE_ltd-gen"))
-        .args(args)
-        .args(["--steps", "2", "--output", out.to_str().unwrap(), "--quiet"])
-        .env("RUST_LOG", "off")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert_eq!(run.status.code(), Some(code), "{args:?}: exit {:?}, stderr: {stderr}", run.status);
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got: {stderr}");
-    assert!(lines[0].starts_with("error: "), "{args:?}: {stderr}");
-    assert!(lines[0].contains(expect), "{args:?}: expected {expect:?} in: {stderr}");
-    let left: Vec<_> = std::fs::read_dir(out_dir.path()).unwrap().collect();
-    assert!(left.is_empty(), "{args:?}: files were written: {left:?}");
+    ltd_test_support::assert_refused(
+        env!("CARGO_BIN_EXE_ltd-gen"),
+        &[args, &["--steps", "2"]].concat(),
+        expect,
+        code,
+    );
 }
 
 /// A writable copy of a fixture IF folder, its symbolic links resolved.

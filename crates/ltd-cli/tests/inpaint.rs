@@ -152,23 +152,7 @@ fn ltd_gen_inpaints_like_diffusers() {
 /// Runs ltd-gen writing to a fresh folder; checks the failure contract: exit code, one line
 /// naming what is wrong, no panic, no file.
 fn fails(args: &[&str], expect: &str, code: i32) {
-    let out_dir = tempfile::tempdir().unwrap();
-    let out = out_dir.path().join("out.png");
-    let run = Command::new(env!("CARGO_BIN_EXE_ltd-gen"))
-        .args(args)
-        .args(["--output", out.to_str().unwrap(), "--quiet"])
-        .env("RUST_LOG", "off")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert_eq!(run.status.code(), Some(code), "{args:?}: exit {:?}, stderr: {stderr}", run.status);
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got: {stderr}");
-    assert!(lines[0].starts_with("error: "), "{args:?}: {stderr}");
-    assert!(lines[0].contains(expect), "{args:?}: expected {expect:?} in: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    let left: Vec<_> = std::fs::read_dir(out_dir.path()).unwrap().collect();
-    assert!(left.is_empty(), "{args:?}: files were written: {left:?}");
+    ltd_test_support::assert_refused(env!("CARGO_BIN_EXE_ltd-gen"), args, expect, code);
 }
 
 #[test]
