@@ -222,6 +222,29 @@ pub fn psnr_u8(a: &[u8], b: &[u8]) -> f64 {
     }
 }
 
+/// Runs a command-line binary (`env!("CARGO_BIN_EXE_…")`) that must refuse `args`, writing to
+/// `--output` in a fresh folder, and checks the failure contract every binary keeps: exit
+/// `code`, exactly one `error: ` line on stderr containing `expect`, no panic, no file left.
+pub fn assert_refused(bin: &str, args: &[&str], expect: &str, code: i32) {
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("out.png");
+    let run = std::process::Command::new(bin)
+        .args(args)
+        .args(["--output", out.to_str().unwrap(), "--quiet"])
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(code), "{args:?}: exit {:?}, stderr: {stderr}", run.status);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{args:?}: {stderr}");
+    assert!(lines[0].contains(expect), "{args:?}: expected {expect:?} in: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(out_dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "{args:?}: files were written: {left:?}");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,27 +287,4 @@ mod tests {
         assert_eq!(max_abs_diff(&a, &b), 3.5);
         assert_eq!(max_abs_diff_f64(&a, &b), 3.5);
     }
-}
-
-/// Runs a command-line binary (`env!("CARGO_BIN_EXE_…")`) that must refuse `args`, writing to
-/// `--output` in a fresh folder, and checks the failure contract every binary keeps: exit
-/// `code`, exactly one `error: ` line on stderr containing `expect`, no panic, no file left.
-pub fn assert_refused(bin: &str, args: &[&str], expect: &str, code: i32) {
-    let out_dir = tempfile::tempdir().unwrap();
-    let out = out_dir.path().join("out.png");
-    let run = std::process::Command::new(bin)
-        .args(args)
-        .args(["--output", out.to_str().unwrap(), "--quiet"])
-        .env("RUST_LOG", "off")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert_eq!(run.status.code(), Some(code), "{args:?}: exit {:?}, stderr: {stderr}", run.status);
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got: {stderr}");
-    assert!(lines[0].starts_with("error: "), "{args:?}: {stderr}");
-    assert!(lines[0].contains(expect), "{args:?}: expected {expect:?} in: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    let left: Vec<_> = std::fs::read_dir(out_dir.path()).unwrap().collect();
-    assert!(left.is_empty(), "{args:?}: files were written: {left:?}");
 }
