@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ltd_test_support::{copy_dir, fixtures, psnr_u8, read_png_rgb};
+use ltd_test_support::{batch_outputs, copy_dir, fixtures, png_parity, read_png_rgb};
 use serde_json::Value;
 
 /// The parity bar (dB), as in `parity.rs` and `t5.rs`.
@@ -88,27 +88,20 @@ fn ltd_gen_matches_diffusers_on_deepfloyd_if() {
             continue;
         }
         let images = case["images"].as_array().unwrap();
-        let ours: Vec<PathBuf> = if images.len() == 1 {
-            vec![out.clone()]
-        } else {
-            (1..=images.len()).map(|i| dir.path().join(format!("{name}-{i}.png"))).collect()
-        };
-        for (want, got) in images.iter().zip(&ours) {
-            let (w1, h1, a, _) = read_png_rgb(&golden().join(want.as_str().unwrap()));
-            let (w2, h2, b, text) = read_png_rgb(got);
-            if (w1, h1) != (w2, h2) {
-                failures.push(format!("{name}: size {w2}x{h2}, diffusers {w1}x{h1}"));
-                continue;
+        for (want, got) in images.iter().zip(batch_outputs(&out, images.len())) {
+            if case["mode"] == "cascade" {
+                let params = read_png_rgb(&got).3;
+                if !params.contains("Upscale model: ") {
+                    failures
+                        .push(format!("{name}: the parameters name no upscale model: {params}"));
+                }
             }
-            let params = text;
-            if case["mode"] == "cascade" && !params.contains("Upscale model: ") {
-                failures.push(format!("{name}: the parameters name no upscale model: {params}"));
-            }
-            let db = psnr_u8(&a, &b);
-            eprintln!("{name}: {db:.1} dB");
-            worst = worst.min(db);
-            if db < MIN_PSNR_DB {
-                failures.push(format!("{name}: {} at {db:.1} dB", got.display()));
+            match png_parity(&golden().join(want.as_str().unwrap()), &got, MIN_PSNR_DB) {
+                Ok(db) => {
+                    eprintln!("{name}: {db:.1} dB");
+                    worst = worst.min(db);
+                }
+                Err(why) => failures.push(format!("{name}: {why}")),
             }
         }
     }

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ltd_test_support::{fixtures, psnr_u8, read_png_rgb};
+use ltd_test_support::{batch_outputs, fixtures, png_parity};
 use serde_json::Value;
 
 /// The command line a user would type for a case.
@@ -76,23 +76,17 @@ fn ltd_gen_matches_diffusers_pngs() {
             continue;
         }
         let images = case["images"].as_array().unwrap();
-        let ours: Vec<PathBuf> = if images.len() == 1 {
-            vec![out.clone()]
-        } else {
-            (1..=images.len()).map(|i| dir.path().join(format!("{name}-{i}.png"))).collect()
-        };
-        for (want, got) in images.iter().zip(&ours) {
-            let (w1, h1, a, _) =
-                read_png_rgb(&fixtures().join("golden/e2e").join(want.as_str().unwrap()));
-            let (w2, h2, b, _) = read_png_rgb(got);
-            if (w1, h1) != (w2, h2) {
-                failures.push(format!("{name}: size {w2}x{h2}, diffusers {w1}x{h1}"));
-                continue;
-            }
-            let db = psnr_u8(&a, &b);
-            worst = worst.min(db);
-            if db < 50.0 {
-                failures.push(format!("{name}: {} at {db:.1} dB", got.display()));
+        for (want, got) in images.iter().zip(batch_outputs(&out, images.len())) {
+            match png_parity(
+                &fixtures().join("golden/e2e").join(want.as_str().unwrap()),
+                &got,
+                50.0,
+            ) {
+                Ok(db) => {
+                    eprintln!("{name}: {db:.1} dB");
+                    worst = worst.min(db);
+                }
+                Err(why) => failures.push(format!("{name}: {why}")),
             }
         }
     }

@@ -245,6 +245,31 @@ pub fn assert_refused(bin: &str, args: &[&str], expect: &str, code: i32) {
     assert!(left.is_empty(), "{args:?}: files were written: {left:?}");
 }
 
+/// The files `ltd-gen --output out` writes for a batch of `n`: `out` itself for one image,
+/// `<stem>-1.png` … `<stem>-n.png` beside it for more.
+pub fn batch_outputs(out: &Path, n: usize) -> Vec<PathBuf> {
+    if n == 1 {
+        return vec![out.to_path_buf()];
+    }
+    let stem = out.file_stem().unwrap().to_string_lossy();
+    (1..=n).map(|i| out.with_file_name(format!("{stem}-{i}.png"))).collect()
+}
+
+/// Compares our PNG `got` with the reference's `want` (RGB): the PSNR in dB, or why they do
+/// not match (another size, or below `min_db`).
+pub fn png_parity(want: &Path, got: &Path, min_db: f64) -> Result<f64, String> {
+    let (w1, h1, a, _) = read_png_rgb(want);
+    let (w2, h2, b, _) = read_png_rgb(got);
+    if (w1, h1) != (w2, h2) {
+        return Err(format!("size {w2}x{h2}, reference {w1}x{h1}"));
+    }
+    let db = psnr_u8(&a, &b);
+    if db < min_db {
+        return Err(format!("{} at {db:.1} dB (< {min_db} dB)", got.display()));
+    }
+    Ok(db)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
