@@ -5,7 +5,7 @@
 //! implementations land far above that — identical bytes here, or ~80 dB — while a prompt
 //! differing by one period can still score 42 dB).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use ltd_test_support::{batch_outputs, fixtures, png_parity};

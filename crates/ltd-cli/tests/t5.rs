@@ -5,7 +5,7 @@
 //! PNG must match the one diffusers wrote at ≥ 50 dB PSNR (as `parity.rs` does for the CLIP
 //! pipelines); and the bad inputs peculiar to T5 folders get one clear line and no file.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use ltd_test_support::{batch_outputs, copy_dir, fixtures, png_parity};
