@@ -25,6 +25,13 @@ const TARGETS: &[(&str, &str, &str, &str)] = &[
         "DeepFloyd IF stage I in f16: T5-XXL encode, released, then one IF-I-XL U-Net step; \
          prints each peak",
     ),
+    (
+        "ltd-pipeline",
+        "big-tests",
+        "big_memory_if_pipeline",
+        "DeepFloyd IF stage I in f16 through the pipeline, from files: peak is the larger of \
+         T5-XXL and the IF-I-XL U-Net, not their sum",
+    ),
 ];
 
 pub fn run(_args: &Args) -> Result<()> {

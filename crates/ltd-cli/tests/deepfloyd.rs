@@ -163,6 +163,8 @@ fn bad_deepfloyd_inputs_get_one_clear_line() {
     fails(&["a cat", "--model", &one, "--noise-level", "100"], "--noise-level: applies to", 2);
     // IF has no VAE.
     fails(&["a cat", "--model", &one, "--vae", &two], "--vae: ", 1);
+    // q8_0 quantizes transformer blocks' linear layers; IF's U-Nets have none.
+    fails(&["a cat", "--model", &one, "--quantize", "q8_0"], "--quantize: ", 1);
 
     // A T5 tokenizer folder with neither tokenizer.json nor spiece.model: the folder is named.
     let tmp = tempfile::tempdir().unwrap();
@@ -179,6 +181,13 @@ fn bad_deepfloyd_inputs_get_one_clear_line() {
         ),
         1,
     );
+
+    // The U-Net loads after the prompt is encoded, but a folder without its weights still fails
+    // at load, naming the folder, before any work.
+    let m = tmp.path().join("if-1-no-unet-weights");
+    copy_if("if-1", &m);
+    std::fs::remove_file(m.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    fails(&["a cat", "--model", m.to_str().unwrap()], &m.join("unet").display().to_string(), 1);
 
     // A stage II saved without its T5 runs only after a stage I.
     let m = tmp.path().join("if-2");
@@ -222,4 +231,15 @@ fn bad_deepfloyd_inputs_get_one_clear_line() {
         .unwrap();
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     assert_eq!(read_png_rgb(&out).0, 24);
+
+    // …but a size its U-Net cannot halve at each downsampler (two here) fails in diffusers at
+    // the first skip connection: refused before stage I runs, naming stage II's config.
+    std::fs::write(&cfg_path, cfg.replace("\"sample_size\": 32", "\"sample_size\": 26")).unwrap();
+    fails(
+        &["a cat", "--model", &one, "--upscale-model", m.to_str().unwrap()],
+        &format!("{}: sample_size 26 is not a multiple of 4", m.join("unet/config.json").display()),
+        1,
+    );
+    // The same for a size asked for.
+    fails(&["a cat", "--model", &one, "--width", "18"], "--width: 18 is not a multiple of 4", 2);
 }

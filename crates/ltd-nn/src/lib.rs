@@ -3,6 +3,7 @@
 //! attention implementation, the CPU kernels, and the neural-network layers that at least two
 //! of the text encoders, the U-Net and the VAE have in common.
 
+pub mod alloc;
 pub mod attention;
 pub mod config;
 pub mod device;

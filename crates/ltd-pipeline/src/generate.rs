@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use ltd_nn::NoiseSource;
 use ltd_scheduler::{SamplerKind, SamplerOptions, Scheduler, SchedulerConfig};
-use ltd_unet::UNetConditioning;
+use ltd_unet::{UNet2DConditionModel, UNetConditioning};
 use ltd_vae::TilingOptions;
 
 use crate::error::{PipelineError, Result};
@@ -445,6 +445,8 @@ impl Pipeline {
         let mut conditioning = self.unet_conditioning(&plan, uncond_used, &cond)?;
         let encode = t_encode.elapsed();
 
+        // Loaded here, after the prompt is encoded, where the pipeline does not keep it (IF).
+        let unet = self.unet.acquire()?;
         let t_denoise = Instant::now();
         let mut sampling = self.prepare_timesteps(&plan, carry.seeds)?;
         let (latents, inpaint) = match &req.inpaint {
@@ -456,8 +458,16 @@ impl Pipeline {
         };
         // IF stage II: the upscaled image's noise is drawn after the initial noise.
         conditioning.low_res = self.prepare_low_res(&plan, &mut sampling)?;
-        let latents =
-            self.denoise(&plan, &conditioning, &mut sampling, latents, inpaint.as_ref(), on_step)?;
+        let latents = self.denoise(
+            &unet,
+            &plan,
+            &conditioning,
+            &mut sampling,
+            latents,
+            inpaint.as_ref(),
+            on_step,
+        )?;
+        drop(unet);
         // A GPU runs the loop's kernels asynchronously; waiting for them once here (never
         // inside the loop) makes the denoise timing the loop's and not the decode's.
         self.device.synchronize()?;
@@ -549,6 +559,9 @@ impl Pipeline {
         self.text.check_options(req.clip_skip, req.long_prompt)?;
         self.check_deepfloyd(req, &stage, given_embeds)?;
         let (width, height) = req.size(self.default_size(), self.vae_scale_factor())?;
+        if self.vae.is_none() {
+            self.check_pixel_size(req, (width, height))?;
+        }
         crate::refiner::check_stage(self, req, &stage, (width, height))?;
         let sampler = req.scheduler.or(self.default_sampler);
         // η is a property of the class that will run: the model's own scheduler may be one no
@@ -799,8 +812,10 @@ impl Pipeline {
 
     /// Phase 5: the denoising loop, one U-Net call per timestep (both guidance halves in one
     /// batch), reporting progress in the user's steps after every evaluation.
+    #[allow(clippy::too_many_arguments)]
     fn denoise(
         &self,
+        unet: &UNet2DConditionModel,
         plan: &Plan<'_>,
         conditioning: &Conditioning,
         sampling: &mut Sampling,
@@ -827,8 +842,7 @@ impl Pipeline {
                 x_in = state.unet_input(&x_in)?;
             }
             let t_in = Tensor::full(t as f32, rows, &self.device)?;
-            let out =
-                self.unet.forward(&x_in, &t_in, &conditioning.context, &conditioning.added)?;
+            let out = unet.forward(&x_in, &t_in, &conditioning.context, &conditioning.added)?;
             let (out, variance) = plan.split_variance(out, latents.dim(1)?)?;
             let guided = plan.guide(scheduler.as_ref(), out, t, &latents)?;
             // A sampler that reads the variance gets `[guided, variance]` (diffusers' IF loop).

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 use ltd_nn::{RuntimeOptions, WeightPatches};
 use ltd_scheduler::{SamplerKind, SchedulerConfig};
-use ltd_unet::UNet2DConditionModel;
+use ltd_unet::{UNet2DConditionModel, UNet2DConditionModelConfig, UNetConfig};
 use ltd_vae::AutoencoderKL;
 
 use crate::error::{PipelineError, Result};
@@ -75,7 +75,7 @@ pub struct Pipeline {
     pub(crate) root: PathBuf,
     pub(crate) index: ModelIndex,
     pub(crate) text: TextEncoders,
-    pub(crate) unet: UNet2DConditionModel,
+    pub(crate) unet: UNetSlot,
     /// `None` for a pixel-space model (DeepFloyd IF): the U-Net's samples are the image.
     pub(crate) vae: Option<AutoencoderKL>,
     pub(crate) scheduler_config: SchedulerConfig,
@@ -176,21 +176,26 @@ impl Pipeline {
             text.add_embedding(&file, path)?;
             embeddings.push(file.loaded);
         }
-        let unet = match &options.quantized_unet {
-            Some(file) => crate::quantize::load_unet(file, &root.join("unet"), options, runtime)?,
-            None => UNet2DConditionModel::load_patched(
-                &root.join("unet"),
-                variant,
-                dtype,
-                device,
-                runtime,
-                patches.remove(&Component::Unet).map(Arc::new),
-            )?,
-        };
-        let vae = if index.kind.is_deepfloyd() {
-            crate::generate::deepfloyd::check_compatible(root, &index, &text, &unet)?;
-            None
+        // DeepFloyd IF: the U-Net loads at each denoising loop, after the prompt is encoded
+        // (see `UNetSlot`).
+        let (unet, vae) = if index.kind.is_deepfloyd() {
+            let unet = UNetSlot::on_demand(&root.join("unet"), variant, dtype, device, runtime)?;
+            crate::generate::deepfloyd::check_compatible(root, &index, &text, unet.config())?;
+            (unet, None)
         } else {
+            let unet = match &options.quantized_unet {
+                Some(file) => {
+                    crate::quantize::load_unet(file, &root.join("unet"), options, runtime)?
+                }
+                None => UNet2DConditionModel::load_patched(
+                    &root.join("unet"),
+                    variant,
+                    dtype,
+                    device,
+                    runtime,
+                    patches.remove(&Component::Unet).map(Arc::new),
+                )?,
+            };
             let vae = crate::single_file::load_vae(&root.join("vae"), options, |vae_cfg| {
                 Ok(AutoencoderKL::load(
                     &root.join("vae"),
@@ -201,7 +206,7 @@ impl Pipeline {
                 )?)
             })?;
             check_compatible(root, &index, &text, &unet, &vae)?;
-            Some(vae)
+            (UNetSlot::Loaded(Box::new(unet)), Some(vae))
         };
         Ok(Self {
             name: root.display().to_string(),
@@ -307,6 +312,96 @@ impl Pipeline {
     /// The LoRAs merged into the weights, in the order given.
     pub fn loras(&self) -> &[LoadedLora] {
         &self.loras
+    }
+}
+
+/// A pipeline's U-Net: loaded with the pipeline, or — DeepFloyd IF, whose T5-XXL text encoder
+/// is as big as its U-Net — mapped when a denoising loop starts and released when it ends. The
+/// T5 is likewise loaded for each encoding and released after it (`text::T5Model`), so the two
+/// are never resident together and peak memory is max(text encoder, U-Net), not their sum, as
+/// in diffusers' documented cascade (encode, free the text encoder, then load the U-Nets). The
+/// price: an IF pipeline reads its weights again for every image (from the page cache after
+/// the first), also under ltd-serve.
+pub(crate) enum UNetSlot {
+    Loaded(Box<UNet2DConditionModel>),
+    OnDemand(Box<UNetFolder>),
+}
+
+/// Where an on-demand U-Net loads from, and how.
+pub(crate) struct UNetFolder {
+    dir: PathBuf,
+    variant: Option<String>,
+    dtype: DType,
+    device: Device,
+    runtime: RuntimeOptions,
+    config: UNetConfig,
+}
+
+/// The U-Net for one denoising loop: the resident one, or one loaded for it.
+pub(crate) enum UNetRef<'a> {
+    Resident(&'a UNet2DConditionModel),
+    Loaded(Box<UNet2DConditionModel>),
+}
+
+impl std::ops::Deref for UNetRef<'_> {
+    type Target = UNet2DConditionModel;
+
+    fn deref(&self) -> &UNet2DConditionModel {
+        match self {
+            Self::Resident(unet) => unet,
+            Self::Loaded(unet) => unet,
+        }
+    }
+}
+
+impl UNetSlot {
+    /// The U-Net of `dir` to load at each use: its config now, and its weight files checked to
+    /// be there, so that a broken folder fails at load, naming it.
+    fn on_demand(
+        dir: &Path,
+        variant: Option<&str>,
+        dtype: DType,
+        device: &Device,
+        runtime: &RuntimeOptions,
+    ) -> Result<Self> {
+        let config = ltd_nn::load_config::<UNet2DConditionModelConfig, UNetConfig>(
+            &dir.join("config.json"),
+        )?;
+        ltd_nn::weights::component_weights(dir, &["diffusion_pytorch_model"], variant)?;
+        Ok(Self::OnDemand(Box::new(UNetFolder {
+            dir: dir.to_path_buf(),
+            variant: variant.map(str::to_string),
+            dtype,
+            device: device.clone(),
+            runtime: *runtime,
+            config,
+        })))
+    }
+
+    pub(crate) fn config(&self) -> &UNetConfig {
+        match self {
+            Self::Loaded(unet) => unet.config(),
+            Self::OnDemand(folder) => &folder.config,
+        }
+    }
+
+    /// The U-Net for a denoising loop; a loaded-on-demand one is released when the returned
+    /// value is dropped.
+    pub(crate) fn acquire(&self) -> Result<UNetRef<'_>> {
+        match self {
+            Self::Loaded(unet) => Ok(UNetRef::Resident(unet)),
+            Self::OnDemand(folder) => {
+                let UNetFolder { dir, variant, dtype, device, runtime, .. } = folder.as_ref();
+                let _span = tracing::info_span!("load", model = %dir.display()).entered();
+                Ok(UNetRef::Loaded(Box::new(UNet2DConditionModel::load(
+                    dir,
+                    variant.as_deref(),
+                    *dtype,
+                    device,
+                    runtime,
+                )?)))
+            }
+        }
     }
 }
 

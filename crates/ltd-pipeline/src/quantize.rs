@@ -32,7 +32,15 @@ pub(crate) fn load_unet(
 impl Pipeline {
     /// Quantizes the U-Net's transformer linear layers in place (`--quantize`).
     pub fn quantize_unet(&mut self, q: Quantization) -> Result<QuantizeReport> {
-        Ok(self.unet.quantize(q)?)
+        match &mut self.unet {
+            crate::pipeline::UNetSlot::Loaded(unet) => Ok(unet.quantize(q)?),
+            // Refused at load (`deepfloyd::check_load_options`): no such layers.
+            crate::pipeline::UNetSlot::OnDemand(_) => Err(PipelineError::msg(format!(
+                "--quantize: {} loads its U-Net for each image (DeepFloyd IF), which has no \
+                 layers that q8_0 quantizes",
+                self.name
+            ))),
+        }
     }
 
     /// Writes the model folder's U-Net weights to `path` as GGUF with the layers

@@ -9,15 +9,10 @@
 use std::path::{Path, PathBuf};
 
 use ltd_pipeline::{GenerateRequest, HiresFix, LoadOptions, Pipeline};
+use ltd_test_support::{reset_peak, status_kib};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn status_kib(field: &str) -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = s.lines().find(|l| l.starts_with(field)).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 /// Runs a 4× hires fix; returns the decode's peak above the resident memory at its start (KiB)
@@ -35,7 +30,7 @@ fn decode_peak(pipe: &Pipeline, tiling: bool) -> (u64, (usize, usize)) {
         .generate_hires(&req, &hires, &mut |p| {
             // The second pass's last evaluation: only the decode is left.
             if p.evaluation == p.evaluations && p.latents.dim(2).unwrap() > 8 {
-                std::fs::write("/proc/self/clear_refs", "5").unwrap();
+                reset_peak();
                 base = status_kib("VmRSS:");
             }
         })

@@ -1,6 +1,7 @@
 //! Helpers shared by the tests of ltd's crates: where the repository's fixtures are, deterministic
 //! test tensors, error metrics, copying fixture folders, the full-size state-dict shape lists, and
-//! reading PNGs (pixels and the A1111 `parameters` chunk) with their PSNR.
+//! reading PNGs (pixels and the A1111 `parameters` chunk) with their PSNR, and the process's
+//! resident-memory counters.
 //!
 //! A dev-dependency only (like rust-analyzer's `test-utils`): no library lists it under
 //! `[dependencies]` (tidy checks this), so it may `unwrap` and panic freely, as tests do. It
@@ -268,6 +269,22 @@ pub fn png_parity(want: &Path, got: &Path, min_db: f64) -> Result<f64, String> {
         return Err(format!("{} at {db:.1} dB (< {min_db} dB)", got.display()));
     }
     Ok(db)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Resident memory (Linux: the memory tests run one test per target, as the counters are the
+// process's)
+
+/// A `/proc/self/status` field in KiB (`VmRSS:` resident now, `VmHWM:` the peak).
+pub fn status_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Resets the peak (`VmHWM`) to the current resident size.
+pub fn reset_peak() {
+    std::fs::write("/proc/self/clear_refs", "5").unwrap();
 }
 
 #[cfg(test)]

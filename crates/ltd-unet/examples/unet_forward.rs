@@ -23,6 +23,10 @@ use ltd_nn::attention::{AttentionImpl, AttentionOptions};
 use ltd_nn::RuntimeOptions;
 use ltd_unet::{UNet2DConditionModel, UNet2DConditionModelConfig, UNetConditioning, UNetConfig};
 
+/// As ltd's binaries: large blocks on transparent huge pages (see `ltd_nn::alloc`).
+#[global_allocator]
+static ALLOC: ltd_nn::alloc::HugePageAlloc = ltd_nn::alloc::HugePageAlloc;
+
 fn status_kib(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with(field))?;

@@ -14,8 +14,9 @@ mod common;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use common::{random_weights, reset_peak, status_kib};
+use common::random_weights;
 use ltd_nn::RuntimeOptions;
+use ltd_test_support::{reset_peak, status_kib};
 use ltd_unet::{UNet2DConditionModel, UNet2DConditionModelConfig, UNetConditioning, UNetConfig};
 
 #[test]

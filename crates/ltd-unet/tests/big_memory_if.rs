@@ -21,9 +21,9 @@ mod common;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use common::{random_weights, reset_peak, status_kib};
+use common::random_weights;
 use ltd_nn::{load_config, record_shapes, RuntimeOptions};
-use ltd_test_support::workspace_root;
+use ltd_test_support::{reset_peak, status_kib, workspace_root};
 use ltd_text::{T5Config, T5EncoderModel, T5Params};
 use ltd_unet::{UNet2DConditionModel, UNet2DConditionModelConfig, UNetConditioning, UNetConfig};
 

@@ -87,6 +87,20 @@ pub(crate) fn check_load_options(root: &std::path::Path, options: &LoadOptions) 
             root.display()
         )));
     }
+    // q8_0 quantizes the linear layers of the U-Net's transformer blocks; IF's U-Nets have
+    // none (their attention is added-key/value), so it would change nothing.
+    for (flag, given) in [
+        ("--quantize", options.quantize.is_some()),
+        ("--quantized-unet", options.quantized_unet.is_some()),
+    ] {
+        if given {
+            return Err(PipelineError::msg(format!(
+                "{flag}: {} is a DeepFloyd IF model, whose U-Net has no layers that q8_0 \
+                 quantizes (its attention is added-key/value, not transformer blocks)",
+                root.display()
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -97,9 +111,8 @@ pub(crate) fn check_compatible(
     root: &std::path::Path,
     index: &ModelIndex,
     text: &TextEncoders,
-    unet: &ltd_unet::UNet2DConditionModel,
+    u: &UNetConfig,
 ) -> Result<()> {
-    let u = unet.config();
     let config = root.join("unet/config.json");
     let stage_two = index.kind == PipelineKind::DeepFloydIfSuperResolution;
     let channels = sample_channels(index.kind, u);
@@ -176,6 +189,42 @@ pub fn interpolate_align_corners(x: &Tensor, out_h: usize, out_w: usize) -> Resu
 }
 
 impl Pipeline {
+    /// An image side IF's U-Net can take: IF's up blocks (`ResnetUpsampleBlock2D`,
+    /// `SimpleCrossAttnUpBlock2D`) upsample in a ResNet block that exactly doubles the size
+    /// (diffusers passes them no `upsample_size`), so a side not divisible by 2 at each of the
+    /// U-Net's downsamplers (one per down block but the last) fails in diffusers at the first
+    /// skip connection. Refused here, naming the flag or the config it came from, before any
+    /// stage runs.
+    pub(super) fn check_pixel_size(
+        &self,
+        req: &GenerateRequest,
+        size: (usize, usize),
+    ) -> Result<()> {
+        let factor = 1usize << self.unet.config().down_blocks.len().saturating_sub(1);
+        for (field, given, v) in
+            [("width", req.width.is_some(), size.0), ("height", req.height.is_some(), size.1)]
+        {
+            if v % factor == 0 {
+                continue;
+            }
+            let why = format!(
+                "{v} is not a multiple of {factor}: the U-Net of {} halves the image at each of \
+                 its {} downsamplers",
+                self.name,
+                factor.trailing_zeros()
+            );
+            return Err(if given {
+                PipelineError::invalid(field, why)
+            } else {
+                PipelineError::msg(format!(
+                    "{}: sample_size {why}",
+                    self.root.join("unet/config.json").display()
+                ))
+            });
+        }
+        Ok(())
+    }
+
     /// Phase 1 for IF: what each stage can and cannot do (no image-to-image or inpainting on
     /// stage I, stage II needs its low-resolution image, a folder without T5 needs given
     /// embeddings, only the samplers that take IF's variance).
@@ -358,6 +407,8 @@ impl Pipeline {
             ));
         }
         stage_two.check_noise_level(upscale.noise_level)?;
+        // Stage II's size, checked before stage I runs.
+        stage_two.check_pixel_size(&GenerateRequest::default(), stage_two.default_size())?;
         let second = GenerateRequest {
             steps: upscale.steps.unwrap_or(req.steps),
             guidance: upscale.guidance.unwrap_or(req.guidance),

@@ -506,7 +506,7 @@ impl Pipeline {
             root: config,
             index,
             text,
-            unet,
+            unet: crate::pipeline::UNetSlot::Loaded(Box::new(unet)),
             vae: Some(vae),
             scheduler_config,
             image_noising: None,

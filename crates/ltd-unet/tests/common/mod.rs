@@ -1,5 +1,5 @@
 //! Shared by the big memory tests (`big_memory`, `big_memory_if`): full-size models with
-//! resident random weights, and the process's resident-memory counters.
+//! resident random weights (the memory counters are `ltd_test_support`'s).
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -41,16 +41,4 @@ impl SimpleBackend for RandomWeights {
     fn contains_tensor(&self, _name: &str) -> bool {
         false
     }
-}
-
-/// A `/proc/self/status` field in KiB (`VmRSS:` resident now, `VmHWM:` the peak).
-pub fn status_kib(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
-/// Resets the peak (`VmHWM`) to the current resident size.
-pub fn reset_peak() {
-    std::fs::write("/proc/self/clear_refs", "5").unwrap();
 }
