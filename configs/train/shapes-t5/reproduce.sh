@@ -23,15 +23,7 @@ vae="${2:-models/shapes-32/vae}"
 shapes=configs/train/shapes
 cfg=configs/train/shapes-t5
 
-cargo xtask make-shapes --out "$work/data" --count 10000 --size 32 --seed 1 \
-    --holdout colour=red,shape=triangle \
-    --holdout colour=green,shape=circle \
-    --holdout colour=blue,shape=square \
-    --holdout colour=yellow,shape=triangle \
-    --holdout shape=circle,position=top-right \
-    --holdout shape=square,position=bottom-left \
-    --holdout shape=triangle,position=center \
-    --holdout colour=orange,background=black
+bash "$shapes/make-data.sh" "$work/data"
 
 cargo xtask train-unet --data "$work/data" --vae "$vae" --config "$shapes/unet.json" \
     --text-encoder-config "$cfg/text_encoder.json" --tokenizer "$cfg/tokenizer" \

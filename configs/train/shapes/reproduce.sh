@@ -21,17 +21,8 @@ work="${1:-target/shapes-model}"
 vae="${2:-}"
 cfg=configs/train/shapes
 
-# 10,000 captioned 32×32 images. The held-out combinations never appear in training;
-# `cargo xtask eval-shapes` prompts for exactly them.
-cargo xtask make-shapes --out "$work/data" --count 10000 --size 32 --seed 1 \
-    --holdout colour=red,shape=triangle \
-    --holdout colour=green,shape=circle \
-    --holdout colour=blue,shape=square \
-    --holdout colour=yellow,shape=triangle \
-    --holdout shape=circle,position=top-right \
-    --holdout shape=square,position=bottom-left \
-    --holdout shape=triangle,position=center \
-    --holdout colour=orange,background=black
+# The synthetic dataset, with its held-out combinations (make-data.sh).
+bash "$cfg/make-data.sh" "$work/data"
 
 # Object pixels, and the background pixels next to them, weigh 8×: a small shape is a few
 # percent of the image, and an unweighted loss lets its colour and outline blur into the

@@ -247,23 +247,8 @@ fn vae_replacement_from_folder_or_file() {
 
 /// Runs ltd-gen expecting one error line containing `expect`, and no output file.
 fn fails(args: &[&str], expect: &str) {
-    let out_dir = tempfile::tempdir().unwrap();
-    let out = out_dir.path().join("out.png");
-    let run = Command::new(env!("CARGO_BIN_EXE_ltd-gen"))
-        .args(args)
-        .args(["--output", out.to_str().unwrap(), "--quiet"])
-        .env("RUST_LOG", "off")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(!run.status.success(), "{args:?} succeeded");
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got: {stderr}");
-    assert!(lines[0].starts_with("error: "), "{args:?}: {stderr}");
-    assert!(lines[0].contains(expect), "{args:?}: expected {expect:?} in: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    let left: Vec<_> = std::fs::read_dir(out_dir.path()).unwrap().collect();
-    assert!(left.is_empty(), "{args:?}: files were written: {left:?}");
+    let (_, line) = ltd_test_support::refusal(env!("CARGO_BIN_EXE_ltd-gen"), args);
+    assert!(line.contains(expect), "{args:?}: expected {expect:?} in: {line}");
 }
 
 #[test]

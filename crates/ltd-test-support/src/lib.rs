@@ -224,9 +224,10 @@ pub fn psnr_u8(a: &[u8], b: &[u8]) -> f64 {
 }
 
 /// Runs a command-line binary (`env!("CARGO_BIN_EXE_…")`) that must refuse `args`, writing to
-/// `--output` in a fresh folder, and checks the failure contract every binary keeps: exit
-/// `code`, exactly one `error: ` line on stderr containing `expect`, no panic, no file left.
-pub fn assert_refused(bin: &str, args: &[&str], expect: &str, code: i32) {
+/// `--output` in a fresh folder, and checks the failure contract every binary keeps: a non-zero
+/// exit, exactly one `error: ` line on stderr, no panic, no file left. Returns the exit code and
+/// that line, for the caller's checks of what it says.
+pub fn refusal(bin: &str, args: &[&str]) -> (Option<i32>, String) {
     let out_dir = tempfile::tempdir().unwrap();
     let out = out_dir.path().join("out.png");
     let run = std::process::Command::new(bin)
@@ -236,14 +237,21 @@ pub fn assert_refused(bin: &str, args: &[&str], expect: &str, code: i32) {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&run.stderr);
-    assert_eq!(run.status.code(), Some(code), "{args:?}: exit {:?}, stderr: {stderr}", run.status);
+    assert!(!run.status.success(), "{args:?} succeeded");
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 1, "{args:?}: expected one line, got: {stderr}");
     assert!(lines[0].starts_with("error: "), "{args:?}: {stderr}");
-    assert!(lines[0].contains(expect), "{args:?}: expected {expect:?} in: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     let left: Vec<_> = std::fs::read_dir(out_dir.path()).unwrap().collect();
     assert!(left.is_empty(), "{args:?}: files were written: {left:?}");
+    (run.status.code(), lines[0].to_string())
+}
+
+/// [`refusal`] with exit `code` and `expect` in the error line.
+pub fn assert_refused(bin: &str, args: &[&str], expect: &str, code: i32) {
+    let (got, line) = refusal(bin, args);
+    assert_eq!(got, Some(code), "{args:?}: exit {got:?}: {line}");
+    assert!(line.contains(expect), "{args:?}: expected {expect:?} in: {line}");
 }
 
 /// The files `ltd-gen --output out` writes for a batch of `n`: `out` itself for one image,
