@@ -244,19 +244,23 @@ fn adamw_cpu(
     if [grad.len(), m.len(), v.len()] != [n; 3] {
         return None;
     }
-    let (mut t2, mut m2, mut v2) =
-        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut t2, mut m2, mut v2) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
     let (c1, c2, inv_bc2_sqrt) = (k.one_minus_beta1, k.one_minus_beta2, 1.0 / k.bc2_sqrt);
-    for (((&p, &g), &m), &v) in theta.iter().zip(grad).zip(m).zip(v) {
+    // Indexed writes into slices of one length (not `push`) let the compiler vectorise the
+    // loop; each element's arithmetic, and so its rounding, is the same either way (Rust does
+    // not fuse multiply-adds on its own).
+    let (theta, grad, m, v) = (&theta[..n], &grad[..n], &m[..n], &v[..n]);
+    let (t2s, m2s, v2s) = (&mut t2[..n], &mut m2[..n], &mut v2[..n]);
+    for i in 0..n {
         // The order of torch's CPU kernels (lerp_, mul_ + addcmul_, addcdiv_), so that the
         // rounding matches torch too.
-        let g = g * k.scale;
-        let m = m + c1 * (g - m);
-        let v = v * k.beta2 + c2 * g * g;
+        let g = grad[i] * k.scale;
+        let m = m[i] + c1 * (g - m[i]);
+        let v = v[i] * k.beta2 + c2 * g * g;
         // torch divides by a scalar as a multiplication by its f32 reciprocal.
-        t2.push(p * k.decay + (-k.step_size * m) / (v.sqrt() * inv_bc2_sqrt + k.eps));
-        m2.push(m);
-        v2.push(v);
+        t2s[i] = theta[i] * k.decay + (-k.step_size * m) / (v.sqrt() * inv_bc2_sqrt + k.eps);
+        m2s[i] = m;
+        v2s[i] = v;
     }
     Some((t2, m2, v2))
 }

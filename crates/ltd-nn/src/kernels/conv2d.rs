@@ -190,11 +190,7 @@ pub(crate) fn conv2d(x: &[f32], weight: &[f32], s: ConvShape, epi: Epilogue<'_>)
     if threads <= 1 {
         work();
     } else {
-        std::thread::scope(|scope| {
-            for _ in 0..threads {
-                scope.spawn(work);
-            }
-        });
+        super::for_each_parallel((0..threads).collect(), |_| work());
     }
     out
 }
@@ -339,12 +335,8 @@ pub(crate) fn conv2d_weight_grad(x: &[f32], g: &[f32], s: ConvShape) -> Vec<f32>
     if threads <= 1 {
         work(0, &mut taps);
     } else {
-        std::thread::scope(|scope| {
-            for (t, chunk) in taps.chunks_mut(taps_per_thread * per_tap).enumerate() {
-                let work = &work;
-                scope.spawn(move || work(t * taps_per_thread, chunk));
-            }
-        });
+        let chunks = taps.chunks_mut(taps_per_thread * per_tap).enumerate().collect();
+        super::for_each_parallel(chunks, |(t, chunk)| work(t * taps_per_thread, chunk));
     }
     let mut out = vec![0f32; taps.len()];
     for tap in 0..kk {

@@ -126,11 +126,7 @@ pub(crate) fn attention(
     if threads <= 1 {
         run(&mut units);
     } else {
-        std::thread::scope(|s| {
-            for chunk in units.chunks_mut(per_thread) {
-                s.spawn(|| run(chunk));
-            }
-        });
+        super::for_each_parallel(units.chunks_mut(per_thread).collect(), run);
     }
     Some(out)
 }

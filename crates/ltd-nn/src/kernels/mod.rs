@@ -147,16 +147,31 @@ pub(crate) fn for_each_row<S: Sync, D: Send>(
         return;
     }
     let per_thread = rows.div_ceil(threads);
-    std::thread::scope(|scope| {
-        let chunks = src.chunks(per_thread * src_len).zip(dst.chunks_mut(per_thread * dst_len));
-        for (t, (s, d)) in chunks.enumerate() {
-            let f = &f;
-            scope.spawn(move || {
-                for (i, (s, d)) in s.chunks(src_len).zip(d.chunks_mut(dst_len)).enumerate() {
-                    f(t * per_thread + i, s, d);
-                }
-            });
+    let chunks = src.chunks(per_thread * src_len).zip(dst.chunks_mut(per_thread * dst_len));
+    for_each_parallel(chunks.enumerate().collect(), |(t, (s, d))| {
+        for (i, (s, d)) in s.chunks(src_len).zip(d.chunks_mut(dst_len)).enumerate() {
+            f(t * per_thread + i, s, d);
         }
+    });
+}
+
+/// Runs `f(item)` for every item in parallel: the first on the calling thread, the others on
+/// rayon's current pool (the global one, or candle's inside `Device::with_context`).
+///
+/// Why not a thread per item (what the kernels did before): a U-Net step calls the kernels
+/// hundreds of times, and spawning an OS thread (its stack mapped and faulted in) cost more
+/// than small calls compute; a training step of the shapes U-Net got slower with a second
+/// thread. The pool's threads stay alive between calls. Which thread runs an item never changes
+/// what it computes: the work is split before this is called.
+pub(crate) fn for_each_parallel<T: Send>(items: Vec<T>, f: impl Fn(T) + Sync) {
+    let mut items = items.into_iter();
+    let Some(first) = items.next() else { return };
+    let f = &f;
+    rayon::in_place_scope(|scope| {
+        for item in items {
+            scope.spawn(move |_| f(item));
+        }
+        f(first);
     });
 }
 

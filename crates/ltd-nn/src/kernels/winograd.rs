@@ -120,16 +120,12 @@ fn sandwich(l: &[f32], rows: usize, alpha: usize, d: &[f32], tmp: &mut [f32], ou
     }
 }
 
-/// Runs `work` on `threads` scoped threads (inline for one).
+/// Runs `work` on `threads` threads of the pool (inline for one).
 fn run_threads(threads: usize, work: impl Fn() + Sync) {
     if threads <= 1 {
         work();
     } else {
-        std::thread::scope(|scope| {
-            for _ in 0..threads {
-                scope.spawn(&work);
-            }
-        });
+        super::for_each_parallel((0..threads).collect(), |_| work());
     }
 }
 
