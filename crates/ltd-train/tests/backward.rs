@@ -1,0 +1,49 @@
+//! The gradients of candle's backward pass as ltd patches it (`third_party/candle-core`: a
+//! node's first gradient is stored, later ones added, instead of every one being added to
+//! zeros): a tensor used several times, through additions and subtractions, must receive the
+//! sum of all its contributions, and a tensor reached once its gradient exactly.
+
+use candle_core::{Device, Tensor, Var};
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+#[test]
+fn every_use_of_a_tensor_adds_to_its_gradient() {
+    let dev = Device::Cpu;
+    let xs = [0.5f32, -1.25, 2.0, 3.0];
+    let x = Var::new(&xs[..], &dev).unwrap();
+    let b = Var::new(&[1.0f32, 2.0, -3.0, 0.25][..], &dev).unwrap();
+    // y = x·x + x − (b + b) − b·x: dy/dx = 2x + 1 − b, dy/db = −2 − x.
+    let xx = (x.as_tensor() * x.as_tensor()).unwrap();
+    let twice_b = (b.as_tensor() + b.as_tensor()).unwrap();
+    let bx = (b.as_tensor() * x.as_tensor()).unwrap();
+    let y = (((xx + x.as_tensor()).unwrap() - twice_b).unwrap() - bx).unwrap();
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    let bs = values(b.as_tensor());
+    let gx = values(grads.get(x.as_tensor()).unwrap());
+    let gb = values(grads.get(b.as_tensor()).unwrap());
+    for i in 0..4 {
+        // Exact: each term is a small multiple of values exact in f32.
+        assert_eq!(gx[i], 2.0 * xs[i] + 1.0 - bs[i], "dy/dx[{i}]");
+        assert_eq!(gb[i], -2.0 - xs[i], "dy/db[{i}]");
+    }
+}
+
+#[test]
+fn a_first_gradient_is_stored_contiguous_and_unchanged() {
+    let dev = Device::Cpu;
+    let w = Var::new(&[[1.0f32, 2.0], [3.0, 4.0]], &dev).unwrap();
+    // The gradient of a broadcast sum reaches `w` as a broadcast view of the upstream
+    // gradient; the stored gradient must be a plain tensor of `w`'s shape.
+    let y = w.as_tensor().sum_keepdim(1).unwrap().affine(3.0, 0.0).unwrap();
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    let g = grads.get(w.as_tensor()).unwrap();
+    assert_eq!(g.dims(), &[2, 2]);
+    assert!(g.is_contiguous());
+    assert_eq!(values(g), vec![3.0; 4]);
+    // A tensor the loss does not depend on gets no gradient.
+    let unused = Var::new(&[1.0f32], &dev).unwrap();
+    assert!(grads.get(unused.as_tensor()).is_none());
+}
