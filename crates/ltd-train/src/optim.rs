@@ -255,12 +255,13 @@ fn adamw_cpu(
         // The order of torch's CPU kernels (lerp_, mul_ + addcmul_, addcdiv_), so that the
         // rounding matches torch too.
         let g = grad[i] * k.scale;
-        let m = m[i] + c1 * (g - m[i]);
-        let v = v[i] * k.beta2 + c2 * g * g;
+        let m_new = m[i] + c1 * (g - m[i]);
+        let v_new = v[i] * k.beta2 + c2 * g * g;
         // torch divides by a scalar as a multiplication by its f32 reciprocal.
-        t2s[i] = theta[i] * k.decay + (-k.step_size * m) / (v.sqrt() * inv_bc2_sqrt + k.eps);
-        m2s[i] = m;
-        v2s[i] = v;
+        t2s[i] =
+            theta[i] * k.decay + (-k.step_size * m_new) / (v_new.sqrt() * inv_bc2_sqrt + k.eps);
+        m2s[i] = m_new;
+        v2s[i] = v_new;
     }
     Some((t2, m2, v2))
 }

@@ -651,14 +651,14 @@ impl GradStore {
                 *entry.get_mut() = sum;
             }
             Entry::Vacant(entry) => {
-                let grad = match grad.dtype() == tensor.dtype() {
-                    true => grad.contiguous()?,
-                    false => crate::bail!(
+                // The checks the addition to zeros made.
+                if grad.dtype() != tensor.dtype() {
+                    crate::bail!(
                         "backward: gradient dtype {:?} differs from its tensor's {:?}",
                         grad.dtype(),
                         tensor.dtype()
-                    ),
-                };
+                    )
+                }
                 if grad.dims() != tensor.dims() {
                     Err(Error::ShapeMismatchBinaryOp {
                         lhs: tensor.shape().clone(),
@@ -667,6 +667,7 @@ impl GradStore {
                     }
                     .bt())?
                 }
+                let grad = grad.contiguous()?;
                 entry.insert(grad);
             }
         }

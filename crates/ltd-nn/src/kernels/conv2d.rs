@@ -186,12 +186,7 @@ pub(crate) fn conv2d(x: &[f32], weight: &[f32], s: ConvShape, epi: Epilogue<'_>)
             }
         }
     };
-    let threads = threads.min(units);
-    if threads <= 1 {
-        work();
-    } else {
-        super::for_each_parallel((0..threads).collect(), |_| work());
-    }
+    super::run_threads(threads.min(units), work);
     out
 }
 
@@ -332,12 +327,8 @@ pub(crate) fn conv2d_weight_grad(x: &[f32], g: &[f32], s: ConvShape) -> Vec<f32>
             }
         }
     };
-    if threads <= 1 {
-        work(0, &mut taps);
-    } else {
-        let chunks = taps.chunks_mut(taps_per_thread * per_tap).enumerate().collect();
-        super::for_each_parallel(chunks, |(t, chunk)| work(t * taps_per_thread, chunk));
-    }
+    let chunks = taps.chunks_mut((taps_per_thread * per_tap).max(1)).enumerate().collect();
+    super::for_each_parallel(chunks, |(t, chunk)| work(t * taps_per_thread, chunk));
     let mut out = vec![0f32; taps.len()];
     for tap in 0..kk {
         for co in 0..s.cout {

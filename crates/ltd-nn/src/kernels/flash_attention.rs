@@ -102,7 +102,7 @@ pub(crate) fn attention(
         }
     }
     let threads = super::threads().min(units.len());
-    let per_thread = units.len().div_ceil(threads.max(1));
+    let per_thread = units.len().div_ceil(threads.max(1)).max(1);
     let (kt, vt) = (&kt, &vt);
     let run = |units: &mut [(usize, usize, &mut [f32])]| {
         let mut scratch = Scratch::new(d, dv);
@@ -123,11 +123,7 @@ pub(crate) fn attention(
             };
         }
     };
-    if threads <= 1 {
-        run(&mut units);
-    } else {
-        super::for_each_parallel(units.chunks_mut(per_thread).collect(), run);
-    }
+    super::for_each_parallel(units.chunks_mut(per_thread).collect(), run);
     Some(out)
 }
 

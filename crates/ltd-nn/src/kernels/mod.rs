@@ -155,6 +155,12 @@ pub(crate) fn for_each_row<S: Sync, D: Send>(
     });
 }
 
+/// `work` on `threads` threads of the pool at once (inline for one): for kernels whose threads
+/// take their units from a shared counter.
+pub(crate) fn run_threads(threads: usize, work: impl Fn() + Sync) {
+    for_each_parallel((0..threads.max(1)).collect(), |_| work());
+}
+
 /// Runs `f(item)` for every item in parallel: the first on the calling thread, the others on
 /// rayon's current pool (the global one, or candle's inside `Device::with_context`).
 ///

@@ -120,15 +120,6 @@ fn sandwich(l: &[f32], rows: usize, alpha: usize, d: &[f32], tmp: &mut [f32], ou
     }
 }
 
-/// Runs `work` on `threads` threads of the pool (inline for one).
-fn run_threads(threads: usize, work: impl Fn() + Sync) {
-    if threads <= 1 {
-        work();
-    } else {
-        super::for_each_parallel((0..threads).collect(), |_| work());
-    }
-}
-
 /// `conv(x, weight) + epilogue` for a stride-1 3×3 convolution of contiguous f32 `x` and
 /// `weight` (any padding); returns `[batch, cout, hout, wout]`, as `conv2d::conv2d` does.
 pub(crate) fn conv3x3(
@@ -262,7 +253,7 @@ pub(crate) fn conv3x3(
             }
         }
     };
-    run_threads(threads.min(units), work);
+    super::run_threads(threads.min(units), work);
     out
 }
 
@@ -367,7 +358,7 @@ fn transform_weights(weight: &[f32], s: ConvShape, t: &Transforms, threads: usiz
             }
         }
     };
-    run_threads(threads.min(s.cin), work);
+    super::run_threads(threads.min(s.cin), work);
     u
 }
 
