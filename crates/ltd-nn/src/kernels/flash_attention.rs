@@ -19,8 +19,8 @@ pub(crate) use super::simd::available;
 #[cfg(target_arch = "x86_64")]
 use super::simd::exp256;
 
-/// Queries per block (a multiple of the 4-row register tile).
-const BLOCK_Q: usize = 32;
+/// Queries per block (a multiple of the 6-row register tile).
+const BLOCK_Q: usize = 48;
 /// Keys per block (a multiple of the 16-column register tile).
 const BLOCK_K: usize = 256;
 
@@ -179,13 +179,17 @@ unsafe fn block(
             // Scores S = (scale·Q)·Kᵀ for this key block, in tiles of 4 rows × 16 keys.
             let mut r = 0;
             while r < rows {
-                let tile_rows = (rows - r).min(4);
+                // Six rows × 16 keys: twelve accumulators, enough independent multiply-adds to
+                // hide their latency (four rows left the FMA units waiting).
+                let tile_rows = (rows - r).min(6);
                 let mut c = 0;
                 while c < padded {
                     let qp = sc.q.as_ptr().add(r * d);
                     let kp = kt.as_ptr().add((k0 + c) * d);
                     let sp = sc.s.as_mut_ptr().add(r * BLOCK_K + c);
                     match tile_rows {
+                        6 => qk_tile::<6>(qp, d, kp, sp),
+                        5 => qk_tile::<5>(qp, d, kp, sp),
                         4 => qk_tile::<4>(qp, d, kp, sp),
                         3 => qk_tile::<3>(qp, d, kp, sp),
                         2 => qk_tile::<2>(qp, d, kp, sp),
@@ -228,10 +232,12 @@ unsafe fn block(
             let vb = v.as_ptr().add(k0 * dv);
             let mut r = 0;
             while r < rows {
-                let tile_rows = (rows - r).min(4);
+                let tile_rows = (rows - r).min(6);
                 let pp = sc.s.as_ptr().add(r * BLOCK_K);
                 let op = sc.o.as_mut_ptr().add(r * dv);
                 match tile_rows {
+                    6 => pv_rows::<6>(pp, width, vb, dv, op),
+                    5 => pv_rows::<5>(pp, width, vb, dv, op),
                     4 => pv_rows::<4>(pp, width, vb, dv, op),
                     3 => pv_rows::<3>(pp, width, vb, dv, op),
                     2 => pv_rows::<2>(pp, width, vb, dv, op),

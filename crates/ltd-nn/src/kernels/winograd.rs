@@ -1,141 +1,192 @@
 //! Stride-1 3×3 convolution on the CPU by Winograd's minimal filtering (Lavin & Gray 2016),
-//! `F(m×m, 3×3)` with `m` = 4 or 2: each `m×m` block of output pixels comes from an
-//! `α×α` (`α = m + 2`) block of input through `Y = Aᵀ [ (G g Gᵀ) ⊙ (Bᵀ d B) ] A`, so the
-//! channel sums are `α²` matrix products with `α²/m²` fewer multiplies than the direct
-//! kernel's nine (4× fewer for `F(4×4, 3×3)`, 2.25× for `F(2×2, 3×3)`).
+//! `F(4×4, 3×3)`: each 4×4 block of output pixels comes from a 6×6 block of input through
+//! `Y = Aᵀ [ (G g Gᵀ) ⊙ (Bᵀ d B) ] A`, so the channel sums are 36 matrix products with 4×
+//! fewer multiplies than the direct kernel's nine per pixel.
 //!
-//! The three steps run per unit of work, a band of consecutive tiles (across images when the
-//! images are small) and a block of output channels, so that everything a unit touches stays
-//! in cache: the input transform writes `V[ξ][ci][tile]`, the `α²` products
+//! The output channels are taken in chunks whose transformed weights `U[ξ][ci][co]` (36/9 = 4
+//! times the weights) stay within [`U_BYTES`], so that a wide layer's transform is never held
+//! whole. Within a chunk, a unit of work is a band of consecutive tiles (across images when the
+//! images are small) and a block of output channels, so that everything a unit touches stays in
+//! cache: the input transform writes `V[ξ][ci][tile]`, the 36 products
 //! `M[ξ] = U[ξ] · V[ξ]` run in the `gemm` crate, and the output transform adds the bias, time
-//! embedding and residual while it writes, as the direct kernel of `conv2d.rs` does. The
-//! weights are transformed once per call (one small matrix product per input channel) and are
-//! not kept: stored, they would be `α²/9` times the weights.
+//! embedding and residual while it writes, as the direct kernel of `conv2d.rs` does.
 //!
-//! The transforms round differently from the direct sum; the unit tests bound the difference,
-//! and the layers use this kernel only for inference (training keeps the direct kernel).
+//! Both transforms work on eight tiles at once, one per SIMD lane (`Lanes`), with the
+//! transform matrices written out as sums (their entries are small integers: every product is
+//! exact, and no fused multiply-add is formed, so the AVX2 and the portable build round alike).
+//! A band's tile count is a multiple of eight; lanes past the last tile hold zeros.
+//!
+//! The transforms round differently from the direct sum; the unit test bounds the difference,
+//! the parity tests pass with it at their tolerances, and the layers use this kernel only for
+//! inference (training keeps the direct kernel).
 
+use std::ops::{Add, Mul, Sub};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::conv2d::{ConvShape, Epilogue, OutPtr};
 
-/// Bytes of a unit's transformed input and product blocks that a band aims for.
+/// Tiles transformed together, one per lane.
+const LANES: usize = 8;
+/// Entries of a transformed 6×6 tile.
+const AA: usize = 36;
+/// Bytes of one unit's transformed input and product blocks that a band aims for.
 const BAND_BYTES: usize = 4 << 20;
 /// Fewest tiles in a band: narrower products waste the micro-kernel and repack the weights
 /// too often.
 const MIN_BAND_TILES: usize = 32;
 /// Smallest block of output channels a unit computes.
 const MIN_CHANNEL_BLOCK: usize = 64;
+/// Most bytes of transformed weights held at once (one chunk of output channels).
+const U_BYTES: usize = 16 << 20;
+/// Most bytes of a transformed input shared by the chunks.
+const V_BYTES: usize = 48 << 20;
 
-/// The output tile size `m` of `F(m×m, 3×3)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Tile {
-    /// `F(2×2, 3×3)`: 4×4 input tiles, the smallest rounding error.
-    F2,
-    /// `F(4×4, 3×3)`: 6×6 input tiles, the fewest multiplies.
-    F4,
-}
-
-/// `Bᵀ`, `G` and `Aᵀ` of one tile size (rows of `α`, `3` and `α` columns, flattened).
-struct Transforms {
-    m: usize,
-    alpha: usize,
-    bt: &'static [f32],
-    g: &'static [f64],
-    at: &'static [f32],
-}
-
+/// `G` of `F(4×4, 3×3)` (6 × 3), whose entries are not exact in binary: the weight transform
+/// forms each coefficient `G[i][ky]·G[j][kx]` in f64 and rounds it once to f32.
 #[rustfmt::skip]
-const F2: Transforms = Transforms {
-    m: 2,
-    alpha: 4,
-    bt: &[
-        1.0, 0.0, -1.0, 0.0,
-        0.0, 1.0, 1.0, 0.0,
-        0.0, -1.0, 1.0, 0.0,
-        0.0, 1.0, 0.0, -1.0,
-    ],
-    g: &[
-        1.0, 0.0, 0.0,
-        0.5, 0.5, 0.5,
-        0.5, -0.5, 0.5,
-        0.0, 0.0, 1.0,
-    ],
-    at: &[
-        1.0, 1.0, 1.0, 0.0,
-        0.0, 1.0, -1.0, -1.0,
-    ],
-};
+const G: [[f64; 3]; 6] = [
+    [1.0 / 4.0, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
 
-#[rustfmt::skip]
-const F4: Transforms = Transforms {
-    m: 4,
-    alpha: 6,
-    bt: &[
-        4.0, 0.0, -5.0, 0.0, 1.0, 0.0,
-        0.0, -4.0, -4.0, 1.0, 1.0, 0.0,
-        0.0, 4.0, -4.0, -1.0, 1.0, 0.0,
-        0.0, -2.0, -1.0, 2.0, 1.0, 0.0,
-        0.0, 2.0, -1.0, -2.0, 1.0, 0.0,
-        0.0, 4.0, 0.0, -5.0, 0.0, 1.0,
-    ],
-    g: &[
-        1.0 / 4.0, 0.0, 0.0,
-        -1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0,
-        -1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0,
-        1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0,
-        1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0,
-        0.0, 0.0, 1.0,
-    ],
-    at: &[
-        1.0, 1.0, 1.0, 1.0, 1.0, 0.0,
-        0.0, 1.0, -1.0, 2.0, -2.0, 0.0,
-        0.0, 1.0, 1.0, 4.0, 4.0, 0.0,
-        0.0, 1.0, -1.0, 8.0, -8.0, 1.0,
-    ],
-};
+/// One value for each of eight tiles; the element-wise operations compile to single SIMD
+/// instructions.
+#[derive(Clone, Copy, Default)]
+#[repr(align(32))]
+struct Lanes([f32; LANES]);
 
-/// `out = L · D · Lᵀ` for the `rows × alpha` matrix `L` and the `alpha × alpha` block `D`
-/// (row-major; `out` is `rows × rows`): Winograd's input (`L = Bᵀ`) and output (`L = Aᵀ`)
-/// transforms. `tmp` holds `L · D`.
-#[inline(always)]
-fn sandwich(l: &[f32], rows: usize, alpha: usize, d: &[f32], tmp: &mut [f32], out: &mut [f32]) {
-    for r in 0..rows {
-        for c in 0..alpha {
-            let mut acc = 0.0;
-            for k in 0..alpha {
-                acc += l[r * alpha + k] * d[k * alpha + c];
-            }
-            tmp[r * alpha + c] = acc;
+impl Add for Lanes {
+    type Output = Lanes;
+    #[inline(always)]
+    fn add(self, o: Lanes) -> Lanes {
+        let mut r = self;
+        for (a, b) in r.0.iter_mut().zip(o.0) {
+            *a += b;
         }
+        r
     }
-    for r in 0..rows {
-        for c in 0..rows {
-            let mut acc = 0.0;
-            for k in 0..alpha {
-                acc += tmp[r * alpha + k] * l[c * alpha + k];
-            }
-            out[r * rows + c] = acc;
+}
+
+impl Sub for Lanes {
+    type Output = Lanes;
+    #[inline(always)]
+    fn sub(self, o: Lanes) -> Lanes {
+        let mut r = self;
+        for (a, b) in r.0.iter_mut().zip(o.0) {
+            *a -= b;
         }
+        r
+    }
+}
+
+impl Mul<f32> for Lanes {
+    type Output = Lanes;
+    #[inline(always)]
+    fn mul(self, k: f32) -> Lanes {
+        let mut r = self;
+        for a in r.0.iter_mut() {
+            *a *= k;
+        }
+        r
+    }
+}
+
+/// `Bᵀ d` for one column `d` of an input tile:
+/// `Bᵀ = [[4,0,−5,0,1,0], [0,−4,−4,1,1,0], [0,4,−4,−1,1,0], [0,−2,−1,2,1,0], [0,2,−1,−2,1,0],
+/// [0,4,0,−5,0,1]]`.
+#[inline(always)]
+fn bt(d: [Lanes; 6]) -> [Lanes; 6] {
+    let [d0, d1, d2, d3, d4, d5] = d;
+    let (p, q) = (d4 - d2 * 4.0, d3 - d1 * 4.0);
+    let (r, t) = (d4 - d2, (d3 - d1) * 2.0);
+    [d0 * 4.0 - d2 * 5.0 + d4, p + q, p - q, r + t, r - t, d1 * 4.0 - d3 * 5.0 + d5]
+}
+
+/// `Aᵀ m` for one column `m` of a product tile:
+/// `Aᵀ = [[1,1,1,1,1,0], [0,1,−1,2,−2,0], [0,1,1,4,4,0], [0,1,−1,8,−8,1]]`.
+#[inline(always)]
+fn at(m: [Lanes; 6]) -> [Lanes; 4] {
+    let [m0, m1, m2, m3, m4, m5] = m;
+    let (a, b, c, e) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
+    [m0 + a + c, b + e * 2.0, a + c * 4.0, b + e * 8.0 + m5]
+}
+
+/// Calls a transform with AVX2 code generation where the CPU has it (the arithmetic is the
+/// same: the transforms form no fused multiply-adds), else the portable build.
+macro_rules! dispatch {
+    ($f:ident($($arg:expr),*)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            if super::simd::available() {
+                // SAFETY: the CPU has AVX2 and FMA (checked just above). (Nested in the
+                // caller's `unsafe` block where the transform itself is unsafe.)
+                #[allow(unused_unsafe)]
+                unsafe { $f::avx2($($arg),*) }
+            } else {
+                $f::portable($($arg),*)
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            $f::portable($($arg),*)
+        }
+    }};
+}
+
+/// Builds, in a transform's module, `avx2` (x86-64 only) and `portable` entry points around
+/// its `#[inline(always)]` `body`.
+macro_rules! multiversion {
+    (unsafe fn($($arg:ident: $ty:ty),*)) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        pub(super) unsafe fn avx2($($arg: $ty),*) {
+            unsafe { body($($arg),*) }
+        }
+        pub(super) unsafe fn portable($($arg: $ty),*) {
+            unsafe { body($($arg),*) }
+        }
+    };
+    (fn($($arg:ident: $ty:ty),*)) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        pub(super) unsafe fn avx2($($arg: $ty),*) {
+            body($($arg),*)
+        }
+        pub(super) fn portable($($arg: $ty),*) {
+            body($($arg),*)
+        }
+    };
+}
+
+/// Where the tiles of a convolution are: tile `j` (counted over all images) is image
+/// `j / per_image`, tile row `(j % per_image) / tiles_x`, tile column `(j % per_image) % tiles_x`.
+#[derive(Clone, Copy)]
+struct Tiles {
+    s: ConvShape,
+    hout: usize,
+    wout: usize,
+    tiles_x: usize,
+    per_image: usize,
+    total: usize,
+}
+
+impl Tiles {
+    /// `(image, tile row, tile column)` of tile `j`.
+    #[inline(always)]
+    fn pos(&self, j: usize) -> (usize, usize, usize) {
+        let (image, r) = (j / self.per_image, j % self.per_image);
+        (image, r / self.tiles_x, r % self.tiles_x)
     }
 }
 
 /// `conv(x, weight) + epilogue` for a stride-1 3×3 convolution of contiguous f32 `x` and
 /// `weight` (any padding); returns `[batch, cout, hout, wout]`, as `conv2d::conv2d` does.
-pub(crate) fn conv3x3(
-    x: &[f32],
-    weight: &[f32],
-    s: ConvShape,
-    epi: Epilogue<'_>,
-    tile: Tile,
-) -> Vec<f32> {
+pub(crate) fn conv3x3(x: &[f32], weight: &[f32], s: ConvShape, epi: Epilogue<'_>) -> Vec<f32> {
     debug_assert_eq!(s.k, 3);
-    let t = match tile {
-        Tile::F2 => &F2,
-        Tile::F4 => &F4,
-    };
-    let (m, alpha) = (t.m, t.alpha);
-    let aa = alpha * alpha;
     let (hout, wout) = s.out_hw();
     debug_assert_eq!(x.len(), s.batch * s.cin * s.h * s.w);
     debug_assert_eq!(weight.len(), s.cout * s.cin * 9);
@@ -144,97 +195,269 @@ pub(crate) fn conv3x3(
         return out;
     }
     let threads = super::threads();
-    let u = transform_weights(weight, s, t, threads);
-    let u = &u;
-
-    let (tiles_y, tiles_x) = (hout.div_ceil(m), wout.div_ceil(m));
+    let (tiles_y, tiles_x) = (hout.div_ceil(4), wout.div_ceil(4));
     let per_image = tiles_y * tiles_x;
-    let total = s.batch * per_image;
-    let tile_bytes = aa * (s.cin + s.cout) * 4;
-    let mut band = (BAND_BYTES / tile_bytes).max(MIN_BAND_TILES).min(total);
-    // Enough bands to keep every thread busy, while they stay wide enough.
-    let want = 2 * threads;
-    if total.div_ceil(band) < want {
-        band = total.div_ceil(want).max(MIN_BAND_TILES.min(total)).min(band);
-    }
-    let bands = total.div_ceil(band);
-    let blocks = want.div_ceil(bands).min(s.cout / MIN_CHANNEL_BLOCK).max(1);
-    let block = s.cout.div_ceil(blocks);
-    let blocks = s.cout.div_ceil(block);
-    let units = bands * blocks;
-
-    let next = AtomicUsize::new(0);
+    let tiles = Tiles { s, hout, wout, tiles_x, per_image, total: s.batch * per_image };
+    let total = tiles.total;
+    let chunks = (AA * s.cin * s.cout * 4).div_ceil(U_BYTES).clamp(1, s.cout);
+    let chunk = s.cout.div_ceil(chunks);
     let out_ptr = OutPtr(out.as_mut_ptr());
-    let work = || {
-        #[allow(clippy::redundant_locals)]
-        let out_ptr = out_ptr;
-        let mut v = vec![0f32; aa * s.cin * band];
-        let mut prod = vec![0f32; aa * block * band];
-        loop {
-            let unit = next.fetch_add(1, Ordering::Relaxed);
-            if unit >= units {
-                break;
+    // With several chunks, the transformed input of all tiles is made once and shared by them
+    // when it is small enough (it is on the wide layers, whose feature maps are small);
+    // otherwise each unit transforms its band for each chunk.
+    let total_p = total.next_multiple_of(LANES);
+    let shared = chunks > 1 && AA * s.cin * total_p * 4 <= V_BYTES;
+    let mut v_all = Vec::new();
+    if shared {
+        v_all = vec![0f32; AA * s.cin * total_p];
+        let per = total_p.div_ceil(threads).next_multiple_of(LANES);
+        let v_ptr = OutPtr(v_all.as_mut_ptr());
+        let ranges: Vec<usize> = (0..total).step_by(per).collect();
+        super::for_each_parallel(ranges, |first| {
+            let dst = VDst { ptr: v_ptr, stride: total_p, col0: first };
+            // SAFETY: `v_all` holds `AA·cin·total_p`; this range writes its own columns
+            // `first .. first + per` (within `total_p`).
+            unsafe { dispatch!(transform_input(dst, x, &tiles, first, per.min(total - first))) };
+        });
+    }
+    let v_all = &v_all[..];
+    let mut u = Vec::new();
+    for c0 in (0..s.cout).step_by(chunk) {
+        let nc = chunk.min(s.cout - c0);
+        transform_weights(&mut u, weight, s, c0, nc, threads);
+        let u = &u[..];
+
+        let tile_bytes = AA * (if shared { 0 } else { s.cin } + nc) * 4;
+        let mut band = (BAND_BYTES / tile_bytes).max(MIN_BAND_TILES).min(total);
+        // Enough bands to keep every thread busy, while they stay wide enough.
+        let want = 2 * threads;
+        if total.div_ceil(band) < want {
+            band = total.div_ceil(want).max(MIN_BAND_TILES.min(total)).min(band);
+        }
+        let band = band.next_multiple_of(LANES);
+        let bands = total.div_ceil(band);
+        let blocks = want.div_ceil(bands).min(nc / MIN_CHANNEL_BLOCK).max(1);
+        let block = nc.div_ceil(blocks);
+        let blocks = nc.div_ceil(block);
+        let units = bands * blocks;
+
+        let next = AtomicUsize::new(0);
+        let work = || {
+            #[allow(clippy::redundant_locals)]
+            let out_ptr = out_ptr;
+            let mut v = vec![0f32; if shared { 0 } else { AA * s.cin * band }];
+            let mut prod = vec![0f32; AA * block * band];
+            loop {
+                let unit = next.fetch_add(1, Ordering::Relaxed);
+                if unit >= units {
+                    break;
+                }
+                let (bi, blk) = (unit / blocks, unit % blocks);
+                let first = bi * band;
+                let nt = band.min(total - first);
+                let ntp = nt.next_multiple_of(LANES);
+                let co0 = blk * block;
+                let nco = block.min(nc - co0);
+                // The band's `V[ξ][ci][j]`: columns `first ..` of the shared one (rows
+                // `total_p` apart), or made here (rows `ntp` apart).
+                let (vp, stride) = if shared {
+                    (v_all[first..].as_ptr(), total_p)
+                } else {
+                    let dst = VDst { ptr: OutPtr(v.as_mut_ptr()), stride: ntp, col0: 0 };
+                    // SAFETY: `v` holds `AA·cin·band ≥ AA·cin·ntp`, written by this unit only.
+                    unsafe { dispatch!(transform_input(dst, x, &tiles, first, nt)) };
+                    (v.as_ptr(), ntp)
+                };
+                for xi in 0..AA {
+                    // SAFETY: lhs is `u[xi][ci][co0 + i]` for i < nco, ci < cin (the chunk's
+                    // `AA·cin·nc`); rhs is `V[xi][ci][j]` for j < ntp at `vp + (xi·cin + ci)·
+                    // stride + j`, within the shared `AA·cin·total_p` (first + ntp ≤ total_p)
+                    // or the unit's `AA·cin·ntp`; dst is `prod[xi][i][j]`, within
+                    // `AA·nco·ntp ≤ AA·block·band`.
+                    unsafe {
+                        gemm::gemm(
+                            nco,
+                            ntp,
+                            s.cin,
+                            prod.as_mut_ptr().add(xi * nco * ntp),
+                            1,
+                            ntp as isize,
+                            false,
+                            u.as_ptr().add(xi * s.cin * nc + co0),
+                            nc as isize,
+                            1,
+                            vp.add(xi * s.cin * stride),
+                            1,
+                            stride as isize,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                }
+                let prod = &prod[..AA * nco * ntp];
+                let dst = Dst { out: out_ptr, co0: c0 + co0, nco };
+                dispatch!(transform_output(prod, dst, &tiles, epi, first, nt));
             }
-            let (bi, blk) = (unit / blocks, unit % blocks);
-            let first = bi * band;
-            let nt = band.min(total - first);
-            let co0 = blk * block;
-            let nco = block.min(s.cout - co0);
-            let tile_pos = |i: usize| {
-                let g = first + i;
-                let (image, r) = (g / per_image, g % per_image);
-                (image, r / tiles_x, r % tiles_x)
-            };
-            transform_input(&mut v[..aa * s.cin * nt], x, s, t, nt, &tile_pos);
-            for xi in 0..aa {
-                // SAFETY: lhs is `u[xi][ci][co0 + i]` for i < nco, ci < cin; rhs is
-                // `v[xi][ci][j]` for j < nt; dst is `prod[xi][i][j]`: all within their buffers
-                // (`v` holds `aa·cin·nt`, `prod` `aa·nco·nt` ≤ `aa·block·band`).
-                unsafe {
-                    gemm::gemm(
-                        nco,
-                        nt,
-                        s.cin,
-                        prod.as_mut_ptr().add(xi * nco * nt),
-                        1,
-                        nt as isize,
-                        false,
-                        u.as_ptr().add(xi * s.cin * s.cout + co0),
-                        s.cout as isize,
-                        1,
-                        v.as_ptr().add(xi * s.cin * nt),
-                        1,
-                        nt as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
+        };
+        super::run_threads(threads.min(units), work);
+    }
+    out
+}
+
+/// Where the input transform writes: `V[ξ][ci][col0 + j]` at `ptr + (ξ·cin + ci)·stride +
+/// col0 + j`.
+#[derive(Clone, Copy)]
+struct VDst {
+    ptr: OutPtr,
+    stride: usize,
+    col0: usize,
+}
+
+/// The output elements one unit writes: channels `co0 .. co0 + nco` of its tiles.
+#[derive(Clone, Copy)]
+struct Dst {
+    out: OutPtr,
+    co0: usize,
+    nco: usize,
+}
+
+mod transform_input {
+    use super::*;
+
+    multiversion!(unsafe fn(v: VDst, x: &[f32], t: &Tiles, first: usize, nt: usize));
+
+    /// `V[ξ][ci][j] = (Bᵀ d B)[ξ]` for the input block `d` of tile `first + j` (zeros outside
+    /// the image; lanes `nt ..` of the last group are zeros), `j < nt` rounded up to a multiple
+    /// of [`LANES`].
+    ///
+    /// # Safety
+    /// `v` must be valid for writes of those elements, and no other thread may access them.
+    #[inline(always)]
+    pub(super) unsafe fn body(v: VDst, x: &[f32], t: &Tiles, first: usize, nt: usize) {
+        let s = t.s;
+        let hw = s.h * s.w;
+        let ntp = nt.next_multiple_of(LANES);
+        for g in (0..ntp).step_by(LANES) {
+            // Per lane: the image's offset, and the block's top-left corner in image
+            // coordinates (negative in the padding); `None` past the last tile.
+            let mut lane = [None; LANES];
+            for (l, slot) in lane.iter_mut().enumerate() {
+                if g + l < nt {
+                    let (image, ty, tx) = t.pos(first + g + l);
+                    let y0 = (ty * 4) as isize - s.pad as isize;
+                    let x0 = (tx * 4) as isize - s.pad as isize;
+                    let inside =
+                        y0 >= 0 && x0 >= 0 && y0 as usize + 6 <= s.h && x0 as usize + 6 <= s.w;
+                    *slot = Some((image * s.cin * hw, y0, x0, inside));
                 }
             }
-            let prod = &prod[..aa * nco * nt];
-            let mut mm = [0f32; 36];
-            let mut tmp = [0f32; 24];
-            let mut y = [0f32; 16];
-            for i in 0..nco {
-                let co = co0 + i;
-                for j in 0..nt {
-                    let (image, ty, tx) = tile_pos(j);
-                    for (xi, e) in mm[..aa].iter_mut().enumerate() {
-                        *e = prod[(xi * nco + i) * nt + j];
+            for ci in 0..s.cin {
+                let mut d = [Lanes::default(); AA];
+                for (l, slot) in lane.iter().enumerate() {
+                    let Some((base, y0, x0, inside)) = *slot else { continue };
+                    let chan = &x[base + ci * hw..base + (ci + 1) * hw];
+                    if inside {
+                        let off = y0 as usize * s.w + x0 as usize;
+                        for r in 0..6 {
+                            let row = &chan[off + r * s.w..off + r * s.w + 6];
+                            for c in 0..6 {
+                                d[r * 6 + c].0[l] = row[c];
+                            }
+                        }
+                    } else {
+                        for r in 0..6 {
+                            let yy = y0 + r as isize;
+                            if yy < 0 || yy as usize >= s.h {
+                                continue;
+                            }
+                            for c in 0..6 {
+                                let xx = x0 + c as isize;
+                                if xx >= 0 && (xx as usize) < s.w {
+                                    d[r * 6 + c].0[l] = chan[yy as usize * s.w + xx as usize];
+                                }
+                            }
+                        }
                     }
-                    // y = Aᵀ M A.
-                    sandwich(t.at, m, alpha, &mm, &mut tmp, &mut y);
-                    let bias = epi.bias[co];
+                }
+                // Bᵀ d: the columns; then (Bᵀ d) B: the rows of that.
+                let mut cols = [Lanes::default(); AA];
+                for c in 0..6 {
+                    let col = bt([d[c], d[6 + c], d[12 + c], d[18 + c], d[24 + c], d[30 + c]]);
+                    for (k, e) in col.into_iter().enumerate() {
+                        cols[k * 6 + c] = e;
+                    }
+                }
+                for k in 0..6 {
+                    let row: [Lanes; 6] = cols[k * 6..k * 6 + 6].try_into().unwrap();
+                    for (c, e) in bt(row).into_iter().enumerate() {
+                        let off = ((k * 6 + c) * s.cin + ci) * v.stride + v.col0 + g;
+                        // SAFETY: the caller's contract.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(e.0.as_ptr(), v.ptr.0.add(off), LANES)
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+mod transform_output {
+    use super::*;
+
+    multiversion!(
+        fn(prod: &[f32], dst: Dst, t: &Tiles, epi: Epilogue<'_>, first: usize, nt: usize)
+    );
+
+    /// `Y = Aᵀ M A` for the product block `prod[ξ][i][j]` of output channel `dst.co0 + i` and
+    /// tile `first + j`, with the epilogue, stored (the part inside the output).
+    #[inline(always)]
+    pub(super) fn body(
+        prod: &[f32],
+        dst: Dst,
+        t: &Tiles,
+        epi: Epilogue<'_>,
+        first: usize,
+        nt: usize,
+    ) {
+        let s = t.s;
+        let (hout, wout) = (t.hout, t.wout);
+        let ntp = nt.next_multiple_of(LANES);
+        for g in (0..ntp).step_by(LANES) {
+            let lanes = LANES.min(nt - g);
+            let pos: [(usize, usize, usize); LANES] =
+                std::array::from_fn(|l| if l < lanes { t.pos(first + g + l) } else { (0, 0, 0) });
+            for i in 0..dst.nco {
+                let co = dst.co0 + i;
+                let m: [Lanes; AA] = std::array::from_fn(|xi| {
+                    let off = (xi * dst.nco + i) * ntp + g;
+                    Lanes(prod[off..off + LANES].try_into().unwrap())
+                });
+                let mut cols = [Lanes::default(); 24];
+                for c in 0..6 {
+                    let col = at([m[c], m[6 + c], m[12 + c], m[18 + c], m[24 + c], m[30 + c]]);
+                    for (k, e) in col.into_iter().enumerate() {
+                        cols[k * 6 + c] = e;
+                    }
+                }
+                let mut y = [Lanes::default(); 16];
+                for k in 0..4 {
+                    let row: [Lanes; 6] = cols[k * 6..k * 6 + 6].try_into().unwrap();
+                    y[k * 4..k * 4 + 4].copy_from_slice(&at(row));
+                }
+                let bias = epi.bias[co];
+                for (l, &(image, ty, tx)) in pos[..lanes].iter().enumerate() {
                     let temb = epi.channel_add.map(|t| t[image * s.cout + co]);
                     let plane = (image * s.cout + co) * hout * wout;
-                    for r in 0..m.min(hout - ty * m) {
-                        let row = plane + (ty * m + r) * wout + tx * m;
-                        for c in 0..m.min(wout - tx * m) {
+                    for r in 0..4.min(hout - ty * 4) {
+                        let row = plane + (ty * 4 + r) * wout + tx * 4;
+                        for c in 0..4.min(wout - tx * 4) {
                             // Diffusers' order: `(residual + ((acc + bias) + temb)) / scale`.
-                            let mut o = y[r * m + c] + bias;
+                            let mut o = y[r * 4 + c].0[l] + bias;
                             if let Some(t) = temb {
                                 o += t;
                             }
@@ -246,79 +469,36 @@ pub(crate) fn conv3x3(
                             }
                             // SAFETY: (image, co, tile) is written by this unit only, and the
                             // index is inside the output.
-                            unsafe { *out_ptr.0.add(row + c) = o };
+                            unsafe { *dst.out.0.add(row + c) = o };
                         }
                     }
                 }
             }
         }
-    };
-    super::run_threads(threads.min(units), work);
-    out
+    }
 }
 
-/// `V[ξ][ci][j] = (Bᵀ d B)[ξ]` for the input block `d` of tile `j` of the band (zeros outside
-/// the image).
-fn transform_input(
-    v: &mut [f32],
-    x: &[f32],
+/// `U[ξ][ci][c] = (G g Gᵀ)[ξ]` for the filters `g = weight[c0 + c][ci]`, `c < nc`: for each
+/// input channel one product of the 36 × 9 matrix of the coefficients `G[i][ky]·G[j][kx]`
+/// (computed in f64, rounded once) with the `9 × nc` filters, split over threads by input
+/// channel.
+fn transform_weights(
+    u: &mut Vec<f32>,
+    weight: &[f32],
     s: ConvShape,
-    t: &Transforms,
-    nt: usize,
-    tile_pos: &impl Fn(usize) -> (usize, usize, usize),
+    c0: usize,
+    nc: usize,
+    threads: usize,
 ) {
-    let (m, alpha) = (t.m, t.alpha);
-    let hw = s.h * s.w;
-    let mut d = [0f32; 36];
-    let mut tmp = [0f32; 36];
-    let mut vd = [0f32; 36];
-    for j in 0..nt {
-        let (image, ty, tx) = tile_pos(j);
-        // Top-left corner of the block in image coordinates (may be negative: padding).
-        let (y0, x0) = ((ty * m) as isize - s.pad as isize, (tx * m) as isize - s.pad as isize);
-        let inside = y0 >= 0 && x0 >= 0 && y0 as usize + alpha <= s.h && x0 as usize + alpha <= s.w;
-        for ci in 0..s.cin {
-            let chan = &x[(image * s.cin + ci) * hw..(image * s.cin + ci + 1) * hw];
-            if inside {
-                let (y0, x0) = (y0 as usize, x0 as usize);
-                for r in 0..alpha {
-                    let src = &chan[(y0 + r) * s.w + x0..(y0 + r) * s.w + x0 + alpha];
-                    d[r * alpha..(r + 1) * alpha].copy_from_slice(src);
-                }
-            } else {
-                for r in 0..alpha {
-                    let yy = y0 + r as isize;
-                    for c in 0..alpha {
-                        let xx = x0 + c as isize;
-                        let ok = yy >= 0 && xx >= 0 && (yy as usize) < s.h && (xx as usize) < s.w;
-                        d[r * alpha + c] =
-                            if ok { chan[yy as usize * s.w + xx as usize] } else { 0.0 };
-                    }
-                }
-            }
-            // Bᵀ d B, scattered to V's `[ξ][ci][j]` layout.
-            sandwich(t.bt, alpha, alpha, &d, &mut tmp, &mut vd);
-            for (xi, &e) in vd[..alpha * alpha].iter().enumerate() {
-                v[(xi * s.cin + ci) * nt + j] = e;
-            }
-        }
-    }
-}
-
-/// `U[ξ][ci][co] = (G g Gᵀ)[ξ]` for every filter `g = weight[co][ci]`: for each input channel
-/// one product of the `α² × 9` matrix of the coefficients `G[i][ky]·G[j][kx]` (computed in f64,
-/// rounded once) with the `9 × cout` filters, split over threads by input channel.
-fn transform_weights(weight: &[f32], s: ConvShape, t: &Transforms, threads: usize) -> Vec<f32> {
-    let alpha = t.alpha;
-    let aa = alpha * alpha;
-    let mut coef = vec![0f32; aa * 9];
+    let mut coef = [0f32; AA * 9];
     for (xi, row) in coef.chunks_exact_mut(9).enumerate() {
-        let (i, j) = (xi / alpha, xi % alpha);
+        let (i, j) = (xi / 6, xi % 6);
         for (tap, c) in row.iter_mut().enumerate() {
-            *c = (t.g[i * 3 + tap / 3] * t.g[j * 3 + tap % 3]) as f32;
+            *c = (G[i][tap / 3] * G[j][tap % 3]) as f32;
         }
     }
-    let mut u = vec![0f32; aa * s.cin * s.cout];
+    u.clear();
+    u.resize(AA * s.cin * nc, 0.0);
     let next = AtomicUsize::new(0);
     let u_ptr = OutPtr(u.as_mut_ptr());
     let coef = &coef;
@@ -330,22 +510,22 @@ fn transform_weights(weight: &[f32], s: ConvShape, t: &Transforms, threads: usiz
             if ci >= s.cin {
                 break;
             }
-            // SAFETY: lhs is the `aa × 9` coefficients; rhs reads `weight[co][ci][tap]` at
-            // `co·cin·9 + ci·9 + tap`; dst writes `u[xi][ci][co]`, which only this `ci`'s
-            // product writes.
+            // SAFETY: lhs is the `36 × 9` coefficients; rhs reads `weight[c0 + c][ci][tap]` at
+            // `(c0 + c)·cin·9 + ci·9 + tap` for c < nc; dst writes `u[xi][ci][c]`, which only
+            // this `ci`'s product writes.
             unsafe {
                 gemm::gemm(
-                    aa,
-                    s.cout,
+                    AA,
+                    nc,
                     9,
-                    u_ptr.0.add(ci * s.cout),
+                    u_ptr.0.add(ci * nc),
                     1,
-                    (s.cin * s.cout) as isize,
+                    (s.cin * nc) as isize,
                     false,
                     coef.as_ptr(),
                     1,
                     9,
-                    weight.as_ptr().add(ci * 9),
+                    weight.as_ptr().add((c0 * s.cin + ci) * 9),
                     (s.cin * 9) as isize,
                     1,
                     1.0,
@@ -359,7 +539,6 @@ fn transform_weights(weight: &[f32], s: ConvShape, t: &Transforms, threads: usiz
         }
     };
     super::run_threads(threads.min(s.cin), work);
-    u
 }
 
 #[cfg(test)]
@@ -380,12 +559,12 @@ mod tests {
             .collect()
     }
 
-    /// Both tile sizes against the direct kernel, on shapes whose outputs are not a multiple of
+    /// `F(4×4, 3×3)` against the direct kernel, on shapes whose outputs are not a multiple of
     /// the tile (partial tiles at the right and bottom edges), padding 0, 1 and 2, bands that
-    /// cross images, one pixel, split output channels, and every epilogue term. The tolerance
-    /// is relative to the largest output: 1e-5 for F(2×2, 3×3) and 1e-4 for F(4×4, 3×3),
-    /// whose transforms multiply by up to 8 and divide by 24 (with 64 input channels of
-    /// uniform noise the observed errors are about a third of that).
+    /// cross images, one pixel, split output channels and chunks of transformed weights, and
+    /// every epilogue term. The tolerance is 1e-4 relative to the largest output: the
+    /// transforms multiply by up to 8 and divide by 24 (with 64 input channels of uniform
+    /// noise the observed errors are about a third of that).
     #[test]
     fn winograd_equals_the_direct_kernel() {
         for &(b, cin, cout, h, w, pad) in &[
@@ -395,6 +574,7 @@ mod tests {
             (3, 4, 7, 5, 5, 2),
             (2, 64, 130, 13, 17, 1),
             (1, 16, 8, 70, 9, 1),
+            (1, 400, 300, 6, 5, 1),
         ] {
             let s = ConvShape { batch: b, cin, h, w, cout, k: 3, pad };
             let (hout, wout) = s.out_hw();
@@ -414,17 +594,14 @@ mod tests {
             ] {
                 let direct = conv2d(&x, &weight, s, epi);
                 let peak = direct.iter().fold(0f32, |a, v| a.max(v.abs()));
-                for (tile, tol) in [(Tile::F2, 1e-5), (Tile::F4, 1e-4)] {
-                    let ours = conv3x3(&x, &weight, s, epi, tile);
-                    assert_eq!(ours.len(), direct.len());
-                    let diff =
-                        ours.iter().zip(&direct).fold(0f32, |a, (p, q)| a.max((p - q).abs()));
-                    assert!(
-                        diff <= tol * peak.max(1.0),
-                        "{tile:?} {:?}: differs by {diff} (largest output {peak})",
-                        (b, cin, cout, h, w, pad)
-                    );
-                }
+                let ours = conv3x3(&x, &weight, s, epi);
+                assert_eq!(ours.len(), direct.len());
+                let diff = ours.iter().zip(&direct).fold(0f32, |a, (p, q)| a.max((p - q).abs()));
+                assert!(
+                    diff <= 1e-4 * peak.max(1.0),
+                    "{:?}: differs by {diff} (largest output {peak})",
+                    (b, cin, cout, h, w, pad)
+                );
             }
         }
     }

@@ -2,33 +2,28 @@
 //! initialises it. On the CPU, stride-1 convolutions run the direct kernel of
 //! `kernels/conv2d.rs` (with the ResNet block's time embedding and residual added as the output
 //! is written), under autograd too; otherwise candle's convolution. Outside autograd, 3×3
-//! convolutions with at least 16 channels each way can run Winograd's `F(4×4, 3×3)`
-//! (`kernels/winograd.rs`, 4× fewer multiplies) with `LTD_WINOGRAD=f4`, or `F(2×2, 3×3)` with
-//! `f2`. It stays opt-in: every parity test of the workspace passes with `f4` at its unchanged
-//! tolerance, but measured on SD 1.5 at 512² (2-core AMD EPYC, AVX2) it takes the U-Net step
-//! 7% faster at 1 and 2 threads for about 200 MiB more peak memory, and the VAE decode 12–20%
-//! slower (its wide, low-channel feature maps make the transforms cost more than the multiplies
-//! they save); `f2` is slower still. The direct kernel is the default.
+//! convolutions with at least 32 channels each way run Winograd's `F(4×4, 3×3)`
+//! (`kernels/winograd.rs`, 4× fewer multiplies): measured on the 2-core AMD EPYC (AVX2) it
+//! takes 0.4–0.6× the direct kernel's time on every SD 1.5 U-Net and VAE shape, and every
+//! parity test of the workspace passes with it at its unchanged tolerance. Below 32 channels
+//! the two are level (the tiny models), and the direct kernel's rounding is the closer one.
+//! `LTD_WINOGRAD=off` selects the direct kernel for every convolution (to compare).
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::linear::{rows_times_weight, torch_default_init, widen_on_cpu};
 use crate::kernels::conv2d::{self, Conv2dTrainOp, ConvShape, Epilogue};
-use crate::kernels::winograd::{self, Tile};
+use crate::kernels::winograd;
 use crate::kernels::Data;
 
-/// Which Winograd tile an inference convolution of this shape uses, if any: 3×3 kernels with
-/// enough channels for the products to dominate the transforms.
-fn winograd_tile(s: ConvShape) -> Option<Tile> {
+/// Whether an inference convolution of this shape runs Winograd's kernel: 3×3 kernels with
+/// enough channels for the products to dominate the transforms, unless `LTD_WINOGRAD=off`.
+fn use_winograd(s: ConvShape) -> bool {
     // Read once per process, not on every convolution.
-    static TILE: std::sync::OnceLock<Option<Tile>> = std::sync::OnceLock::new();
-    let tile = *TILE.get_or_init(|| match std::env::var("LTD_WINOGRAD").as_deref() {
-        Ok("f4") => Some(Tile::F4),
-        Ok("f2") => Some(Tile::F2),
-        _ => None,
-    });
-    tile.filter(|_| s.k == 3 && s.cin >= 16 && s.cout >= 16)
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("LTD_WINOGRAD").as_deref() != Ok("off"));
+    on && s.k == 3 && s.cin >= 32 && s.cout >= 32
 }
 
 /// A square-kernel 2-D convolution with bias, `[B, C_in, H, W] → [B, C_out, H', W']`.
@@ -141,9 +136,10 @@ impl Conv2d {
             residual: rd.as_ref().map(|d| d.f32()).transpose()?,
             scale: scale as f32,
         };
-        let out = match winograd_tile(shape) {
-            Some(tile) => winograd::conv3x3(xd.f32()?, wd.f32()?, shape, epi, tile),
-            None => conv2d::conv2d(xd.f32()?, wd.f32()?, shape, epi),
+        let out = if use_winograd(shape) {
+            winograd::conv3x3(xd.f32()?, wd.f32()?, shape, epi)
+        } else {
+            conv2d::conv2d(xd.f32()?, wd.f32()?, shape, epi)
         };
         let y = Tensor::from_vec(out, (batch, cout, hout, wout), x.device())?;
         Ok(Some(y.to_dtype(dtype)?))
