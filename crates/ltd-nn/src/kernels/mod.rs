@@ -8,11 +8,13 @@
 //! - `winograd.rs`: the stride-1 3×3 convolution by Winograd's minimal filtering (inference);
 //! - `norm.rs`: the fused group and layer norm passes, forwards and backwards;
 //! - `geglu.rs`: the fused GEGLU activation;
+//! - `bias.rs`: a linear layer's bias added to its product in place;
 //! - `simd.rs`: the AVX2/FMA building blocks (`exp`, the erf GELU).
 //!
 //! This file holds what they share: float element access for f32/f16/bf16, a read view of a
 //! tensor's data and a parallel loop over independent rows.
 
+pub(crate) mod bias;
 pub(crate) mod conv2d;
 pub(crate) mod flash_attention;
 pub(crate) mod geglu;

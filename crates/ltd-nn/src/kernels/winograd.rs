@@ -3,7 +3,7 @@
 //! `Y = Aᵀ [ (G g Gᵀ) ⊙ (Bᵀ d B) ] A`, so the channel sums are 36 matrix products with 4×
 //! fewer multiplies than the direct kernel's nine per pixel.
 //!
-//! The output channels are taken in chunks whose transformed weights `U[ξ][ci][co]` (36/9 = 4
+//! The output channels are taken in chunks whose transformed weights `U[ξ][co][ci]` (36/9 = 4
 //! times the weights) stay within [`U_BYTES`], so that a wide layer's transform is never held
 //! whole. Within a chunk, a unit of work is a band of consecutive tiles (across images when the
 //! images are small) and a block of output channels, so that everything a unit touches stays in
@@ -269,26 +269,29 @@ pub(crate) fn conv3x3(x: &[f32], weight: &[f32], s: ConvShape, epi: Epilogue<'_>
                     (v.as_ptr(), ntp)
                 };
                 for xi in 0..AA {
-                    // SAFETY: lhs is `u[xi][ci][co0 + i]` for i < nco, ci < cin (the chunk's
-                    // `AA·cin·nc`); rhs is `V[xi][ci][j]` for j < ntp at `vp + (xi·cin + ci)·
-                    // stride + j`, within the shared `AA·cin·total_p` (first + ntp ≤ total_p)
-                    // or the unit's `AA·cin·ntp`; dst is `prod[xi][i][j]`, within
+                    // `prod[xi]ᵀ = V[xi]ᵀ · U[xi]ᵀ`: tiles are the product's rows, so that both
+                    // operands are read in place with unit stride and only V's small block is
+                    // packed (as the rows, `U` would be repacked for every band).
+                    // SAFETY: lhs is `V[xi][ci][j]` for j < ntp, ci < cin at `vp + (xi·cin +
+                    // ci)·stride + j`, within the shared `AA·cin·total_p` (first + ntp ≤
+                    // total_p) or the unit's `AA·cin·ntp`; rhs is `u[xi][co0 + i][ci]` for
+                    // i < nco (the chunk's `AA·nc·cin`); dst is `prod[xi][i][j]`, within
                     // `AA·nco·ntp ≤ AA·block·band`.
                     unsafe {
                         gemm::gemm(
-                            nco,
                             ntp,
+                            nco,
                             s.cin,
                             prod.as_mut_ptr().add(xi * nco * ntp),
-                            1,
                             ntp as isize,
+                            1,
                             false,
-                            u.as_ptr().add(xi * s.cin * nc + co0),
-                            nc as isize,
-                            1,
                             vp.add(xi * s.cin * stride),
-                            1,
                             stride as isize,
+                            1,
+                            u.as_ptr().add((xi * nc + co0) * s.cin),
+                            s.cin as isize,
+                            1,
                             1.0,
                             1.0,
                             false,
@@ -478,10 +481,10 @@ mod transform_output {
     }
 }
 
-/// `U[ξ][ci][c] = (G g Gᵀ)[ξ]` for the filters `g = weight[c0 + c][ci]`, `c < nc`: for each
-/// input channel one product of the 36 × 9 matrix of the coefficients `G[i][ky]·G[j][kx]`
-/// (computed in f64, rounded once) with the `9 × nc` filters, split over threads by input
-/// channel.
+/// `U[ξ][c][ci] = (G g Gᵀ)[ξ]` for the filters `g = weight[c0 + c][ci]`, `c < nc`: for each
+/// output channel one product of the 36 × 9 matrix of the coefficients `G[i][ky]·G[j][kx]`
+/// (computed in f64, rounded once) with its `9 × cin` filters (read in place), split over
+/// threads by output channel.
 fn transform_weights(
     u: &mut Vec<f32>,
     weight: &[f32],
@@ -506,27 +509,27 @@ fn transform_weights(
         #[allow(clippy::redundant_locals)]
         let u_ptr = u_ptr;
         loop {
-            let ci = next.fetch_add(1, Ordering::Relaxed);
-            if ci >= s.cin {
+            let c = next.fetch_add(1, Ordering::Relaxed);
+            if c >= nc {
                 break;
             }
             // SAFETY: lhs is the `36 × 9` coefficients; rhs reads `weight[c0 + c][ci][tap]` at
-            // `(c0 + c)·cin·9 + ci·9 + tap` for c < nc; dst writes `u[xi][ci][c]`, which only
-            // this `ci`'s product writes.
+            // `(c0 + c)·cin·9 + ci·9 + tap` for ci < cin; dst writes `u[xi][c][ci]`, which only
+            // this `c`'s product writes.
             unsafe {
                 gemm::gemm(
                     AA,
-                    nc,
+                    s.cin,
                     9,
-                    u_ptr.0.add(ci * nc),
+                    u_ptr.0.add(c * s.cin),
                     1,
-                    (s.cin * nc) as isize,
+                    (nc * s.cin) as isize,
                     false,
                     coef.as_ptr(),
                     1,
                     9,
-                    weight.as_ptr().add((c0 * s.cin + ci) * 9),
-                    (s.cin * 9) as isize,
+                    weight.as_ptr().add((c0 + c) * s.cin * 9),
+                    9,
                     1,
                     1.0,
                     1.0,
@@ -538,7 +541,7 @@ fn transform_weights(
             }
         }
     };
-    super::run_threads(threads.min(s.cin), work);
+    super::run_threads(threads.min(nc), work);
 }
 
 #[cfg(test)]

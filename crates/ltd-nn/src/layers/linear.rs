@@ -106,7 +106,7 @@ pub(super) fn rows_times_weight(
     let cast = |t: &Tensor| if widen { t.to_dtype(DType::F32) } else { Ok(t.clone()) };
     let y = cast(&x.reshape((rows, in_dim))?)?.matmul(&cast(weight)?.t()?)?;
     let y = match bias {
-        Some(b) => y.broadcast_add(&cast(b)?)?,
+        Some(b) => add_bias(y, &cast(b)?)?,
         None => y,
     };
     let mut out_dims = dims.to_vec();
@@ -114,6 +114,18 @@ pub(super) fn rows_times_weight(
         *last = out_dim;
     }
     y.reshape(out_dims)?.to_dtype(dtype)
+}
+
+/// `y + b` for a product `y: [rows, out]` and `b: [out]`: in place on the CPU outside
+/// autograd (`y` is the product just computed, which nothing else holds; see
+/// `kernels/bias.rs`), else `broadcast_add`. The same sums either way.
+fn add_bias(y: Tensor, b: &Tensor) -> Result<Tensor> {
+    use crate::kernels::{bias::AddRowBias, plain_f32};
+    if plain_f32(&y) && y.is_contiguous() && plain_f32(b) && b.is_contiguous() {
+        y.inplace_op2(b, &AddRowBias)?;
+        return Ok(y);
+    }
+    y.broadcast_add(b)
 }
 
 /// [`rows_times_weight`] with a quantized weight: the product in f32 (candle's quantized
@@ -124,7 +136,7 @@ fn quantized_rows_times_weight(x: &Tensor, qm: &QMatMul, bias: Option<&Tensor>) 
     let rows = x.elem_count() / in_dim.max(1);
     let y = qm.forward(&x.reshape((rows, in_dim))?.to_dtype(DType::F32)?)?;
     let y = match bias {
-        Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
+        Some(b) => add_bias(y, &b.to_dtype(DType::F32)?)?,
         None => y,
     };
     let mut out_dims = dims.to_vec();
