@@ -269,9 +269,10 @@ pub(crate) fn conv3x3(x: &[f32], weight: &[f32], s: ConvShape, epi: Epilogue<'_>
                     (v.as_ptr(), ntp)
                 };
                 for xi in 0..AA {
-                    // `prod[xi]ᵀ = V[xi]ᵀ · U[xi]ᵀ`: tiles are the product's rows, so that both
-                    // operands are read in place with unit stride and only V's small block is
-                    // packed (as the rows, `U` would be repacked for every band).
+                    // `prod[xi]ᵀ = V[xi]ᵀ · U[xi]ᵀ`: with the tiles as the product's rows,
+                    // `gemm` reads the transformed weights in place and packs only the band's
+                    // V block, once for all the block's channels (with the channels as rows it
+                    // repacked U for every band).
                     // SAFETY: lhs is `V[xi][ci][j]` for j < ntp, ci < cin at `vp + (xi·cin +
                     // ci)·stride + j`, within the shared `AA·cin·total_p` (first + ntp ≤
                     // total_p) or the unit's `AA·cin·ntp`; rhs is `u[xi][co0 + i][ci]` for
@@ -500,8 +501,12 @@ fn transform_weights(
             *c = (G[i][tap / 3] * G[j][tap % 3]) as f32;
         }
     }
+    // Not zero-filled first: the products below write every element (`u[xi][c][ci]` for all
+    // xi, c < nc, ci < cin), and a fill of up to 16 MiB per chunk on the calling thread was
+    // the largest one-thread part of a two-thread U-Net step.
+    let len = AA * s.cin * nc;
     u.clear();
-    u.resize(AA * s.cin * nc, 0.0);
+    u.reserve(len);
     let next = AtomicUsize::new(0);
     let u_ptr = OutPtr(u.as_mut_ptr());
     let coef = &coef;
@@ -542,6 +547,8 @@ fn transform_weights(
         }
     };
     super::run_threads(threads.min(nc), work);
+    // SAFETY: the capacity is `len` (reserved above) and the products wrote all of it.
+    unsafe { u.set_len(len) };
 }
 
 #[cfg(test)]
