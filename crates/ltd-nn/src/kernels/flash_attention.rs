@@ -176,7 +176,7 @@ unsafe fn block(
         while k0 < lk {
             let width = BLOCK_K.min(lk - k0);
             let padded = width.next_multiple_of(16);
-            // Scores S = (scale·Q)·Kᵀ for this key block, in tiles of 4 rows × 16 keys.
+            // Scores S = (scale·Q)·Kᵀ for this key block, in tiles of up to 6 rows × 16 keys.
             let mut r = 0;
             while r < rows {
                 // Six rows × 16 keys: twelve accumulators, enough independent multiply-adds to

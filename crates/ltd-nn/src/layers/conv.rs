@@ -17,13 +17,18 @@ use crate::kernels::conv2d::{self, Conv2dTrainOp, ConvShape, Epilogue};
 use crate::kernels::winograd;
 use crate::kernels::Data;
 
-/// Whether an inference convolution of this shape runs Winograd's kernel: 3×3 kernels with
-/// enough channels for the products to dominate the transforms, unless `LTD_WINOGRAD=off`.
+/// Whether an inference convolution of this shape runs Winograd's kernel, unless
+/// `LTD_WINOGRAD=off`.
 fn use_winograd(s: ConvShape) -> bool {
     // Read once per process, not on every convolution.
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let on = *ON.get_or_init(|| std::env::var("LTD_WINOGRAD").as_deref() != Ok("off"));
-    on && s.k == 3 && s.cin >= 32 && s.cout >= 32
+    *ON.get_or_init(|| std::env::var("LTD_WINOGRAD").as_deref() != Ok("off")) && winograd_suits(s)
+}
+
+/// The shapes Winograd's kernel is for: 3×3 kernels with enough channels each way for the
+/// products to outweigh the transforms.
+fn winograd_suits(s: ConvShape) -> bool {
+    s.k == 3 && s.cin >= 32 && s.cout >= 32
 }
 
 /// A square-kernel 2-D convolution with bias, `[B, C_in, H, W] → [B, C_out, H', W']`.
@@ -181,6 +186,19 @@ mod tests {
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         let d = (a - b).unwrap().abs().unwrap();
         d.flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn winograd_takes_the_wide_3x3_convolutions() {
+        let shape = |cin, cout, k| ConvShape { batch: 2, cin, h: 8, w: 8, cout, k, pad: k / 2 };
+        // SD 1.5's U-Net and VAE, and the tiny models' 32/64 channels.
+        for (cin, cout) in [(320, 320), (2560, 1280), (128, 128), (512, 512), (32, 64)] {
+            assert!(winograd_suits(shape(cin, cout, 3)), "{cin}→{cout}");
+        }
+        // conv_in (4 latent channels), conv_out, narrow layers and other kernel sizes.
+        for (cin, cout, k) in [(4, 320, 3), (320, 4, 3), (16, 16, 3), (320, 320, 1), (64, 64, 5)] {
+            assert!(!winograd_suits(shape(cin, cout, k)), "{cin}→{cout}, {k}×{k}");
+        }
     }
 
     #[test]
