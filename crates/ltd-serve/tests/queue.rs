@@ -76,7 +76,11 @@ fn sixteen_concurrent_requests_with_a_queue_of_four() {
         }
     }
     assert_eq!(ok + busy, 16);
-    assert!(ok >= 5, "the running job and the four waiting ones are served: {ok}");
+    // At least the queue's four places are served. A fifth (the running job's) only when the
+    // worker took a job off the queue before the burst filled it: on a loaded machine all 16
+    // requests can arrive first, and then exactly four are served (seen once in a full test
+    // run). The server is right either way; `>= 5` made the test depend on thread timing.
+    assert!(ok >= 4, "the four waiting places are served: {ok}");
     // Afterwards the queue is empty again.
     let (_, p) = server.get("/sdapi/v1/progress");
     assert_eq!(p["state"]["job_count"], json!(0));
