@@ -15,6 +15,7 @@ use std::arch::x86_64::*;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
 
+use super::conv2d::OutPtr;
 pub(crate) use super::simd::available;
 #[cfg(target_arch = "x86_64")]
 use super::simd::exp256;
@@ -24,32 +25,71 @@ const BLOCK_Q: usize = 48;
 /// Keys per block (a multiple of the 16-column register tile).
 const BLOCK_K: usize = 256;
 
-/// Shapes of one call: `bh` independent heads of `q: [lq, d]`, `k: [lk, d]`, `v: [lk, dv]`.
+/// Shapes of one call: `b·h` independent heads of `q: [lq, d]`, `k: [lk, d]`, `v: [lk, dv]`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Dims {
-    pub bh: usize,
+    pub b: usize,
+    pub h: usize,
     pub lq: usize,
     pub lk: usize,
     pub d: usize,
     pub dv: usize,
 }
 
-/// `softmax(q·kᵀ·scale)·v` for contiguous f32 `q: [bh, lq, d]`, `k: [bh, lk, d]`,
-/// `v: [bh, lk, dv]`, returning `[bh, lq, dv]`; `None` when the CPU lacks AVX2/FMA.
+/// Where an operand's rows lie in its slice: the row `j` of head `(bi, hi)` starts at
+/// `bi·batch + hi·head + j·row`, its elements one apart. Heads split from `[B, L, H·D]` (a
+/// transposed view) are read in place this way; copying them into `[B, H, L, D]` first was a
+/// one-thread pass over every input of every attention layer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Rows {
+    pub batch: usize,
+    pub head: usize,
+    pub row: usize,
+}
+
+impl Rows {
+    /// The rows of a contiguous `[B, H, L, D]`.
+    #[cfg(test)]
+    fn packed(h: usize, l: usize, d: usize) -> Self {
+        Self { batch: h * l * d, head: l * d, row: d }
+    }
+
+    /// Where head `i` (counted over `B·H`, `h` heads per batch) starts.
+    #[inline]
+    fn start(&self, i: usize, h: usize) -> usize {
+        (i / h) * self.batch + (i % h) * self.head
+    }
+
+    /// One past the last element read for `dims` with rows `width` long (0 when empty).
+    fn extent(&self, b: usize, h: usize, l: usize, width: usize) -> usize {
+        if b == 0 || h == 0 || l == 0 || width == 0 {
+            return 0;
+        }
+        (b - 1) * self.batch + (h - 1) * self.head + (l - 1) * self.row + width
+    }
+}
+
+/// `softmax(q·kᵀ·scale)·v` for f32 `q`, `k`, `v` laid out as `rows` say (`[B, H, L, D]` with
+/// any batch, head and row strides), returning `[B, Lq, H, Dv]` contiguous: the heads already
+/// merged, as the output projection reads them. `None` when the CPU lacks AVX2/FMA.
+///
+/// # Panics
+/// If a slice is shorter than its rows reach.
 pub(crate) fn attention(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    rows: [Rows; 3],
     dims: Dims,
     scale: f32,
 ) -> Option<Vec<f32>> {
     if !available() {
         return None;
     }
-    let Dims { bh, lq, lk, d, dv } = dims;
-    debug_assert_eq!(q.len(), bh * lq * d);
-    debug_assert_eq!(k.len(), bh * lk * d);
-    debug_assert_eq!(v.len(), bh * lk * dv);
+    let Dims { b, h, lq, lk, d, dv } = dims;
+    let [qr, kr, vr] = rows;
+    assert!(q.len() >= qr.extent(b, h, lq, d), "fused attention: q is too short");
+    assert!(k.len() >= kr.extent(b, h, lk, d), "fused attention: k is too short");
+    assert!(v.len() >= vr.extent(b, h, lk, dv), "fused attention: v is too short");
+    let bh = b * h;
     let mut out = vec![0f32; bh * lq * dv];
     if lq == 0 || dv == 0 {
         return Some(out);
@@ -59,22 +99,26 @@ pub(crate) fn attention(
         out.fill(f32::NAN);
         return Some(out);
     }
+    let threads = super::threads();
     // Keys transposed per head into panels of 16 keys, `[bh, lk/16, d, 16]` (zero-padded):
     // a score tile then reads one contiguous 64-byte row per step instead of striding across
-    // pages of a plain transpose.
+    // pages of a plain transpose. Heads are transposed in parallel.
     let panels = lk.div_ceil(16);
     let head_len = panels * d * 16;
     let mut kt = vec![0f32; bh * head_len];
-    for h in 0..bh {
-        let (src, dst) =
-            (&k[h * lk * d..(h + 1) * lk * d], &mut kt[h * head_len..(h + 1) * head_len]);
-        for (j, row) in src.chunks_exact(d).enumerate() {
-            let panel = &mut dst[(j / 16) * d * 16..(j / 16 + 1) * d * 16];
-            for (dd, &x) in row.iter().enumerate() {
-                panel[dd * 16 + j % 16] = x;
+    let per = bh.div_ceil(threads).max(1);
+    super::for_each_parallel(kt.chunks_mut(per * head_len).enumerate().collect(), |(t, dst)| {
+        for (i, dst) in dst.chunks_mut(head_len).enumerate() {
+            let start = kr.start(t * per + i, h);
+            for j in 0..lk {
+                let row = &k[start + j * kr.row..][..d];
+                let panel = &mut dst[(j / 16) * d * 16..(j / 16 + 1) * d * 16];
+                for (dd, &x) in row.iter().enumerate() {
+                    panel[dd * 16 + j % 16] = x;
+                }
             }
         }
-    }
+    });
 
     // Heads narrower than a register (SD's 8 heads of 4 on 32 channels): V transposed per
     // head, `[bh, dv, panels·16]` (zero-padded), so that P·V multiplies eight keys at a time
@@ -83,48 +127,54 @@ pub(crate) fn attention(
     let mut vt = Vec::new();
     if dv < 8 {
         vt = vec![0f32; bh * dv * vt_stride];
-        for h in 0..bh {
-            let src = &v[h * lk * dv..(h + 1) * lk * dv];
-            let dst = &mut vt[h * dv * vt_stride..(h + 1) * dv * vt_stride];
-            for (j, row) in src.chunks_exact(dv).enumerate() {
-                for (c, &x) in row.iter().enumerate() {
+        for (i, dst) in vt.chunks_mut(dv * vt_stride).enumerate() {
+            let start = vr.start(i, h);
+            for j in 0..lk {
+                for (c, &x) in v[start + j * vr.row..][..dv].iter().enumerate() {
                     dst[c * vt_stride + j] = x;
                 }
             }
         }
     }
 
-    // Work units: (head, query block), each writing its own rows of the output.
-    let mut units: Vec<(usize, usize, &mut [f32])> = Vec::with_capacity(bh * lq.div_ceil(BLOCK_Q));
-    for (h, head_out) in out.chunks_mut(lq * dv).enumerate() {
-        for (b, block_out) in head_out.chunks_mut(BLOCK_Q * dv).enumerate() {
-            units.push((h, b * BLOCK_Q, block_out));
-        }
-    }
-    let threads = super::threads().min(units.len());
-    let per_thread = units.len().div_ceil(threads.max(1)).max(1);
+    // Work units: (head, first query of a block); each writes its own rows of the output.
+    let units: Vec<(usize, usize)> =
+        (0..bh).flat_map(|i| (0..lq).step_by(BLOCK_Q).map(move |q0| (i, q0))).collect();
+    let per_thread = units.len().div_ceil(threads.min(units.len()).max(1)).max(1);
     let (kt, vt) = (&kt, &vt);
-    let run = |units: &mut [(usize, usize, &mut [f32])]| {
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    let run = |units: &[(usize, usize)]| {
+        #[allow(clippy::redundant_locals)]
+        let out_ptr = out_ptr;
         let mut scratch = Scratch::new(d, dv);
-        for (h, q0, o) in units.iter_mut() {
-            let rows = o.len() / dv;
-            let q = &q[(*h * lq + *q0) * d..(*h * lq + *q0 + rows) * d];
-            let kt = &kt[*h * head_len..(*h + 1) * head_len];
-            let v = &v[*h * lk * dv..(*h + 1) * lk * dv];
-            let vt = if vt.is_empty() {
-                &vt[..]
-            } else {
-                &vt[*h * dv * vt_stride..(*h + 1) * dv * vt_stride]
-            };
-            // SAFETY: `available()` checked AVX2 and FMA above; slices match `dims`.
+        for &(i, q0) in units {
+            let n = BLOCK_Q.min(lq - q0);
+            let (bi, hi) = (i / h, i % h);
+            let q = &q[qr.start(i, h) + q0 * qr.row..];
+            let kt = &kt[i * head_len..(i + 1) * head_len];
+            let v = &v[vr.start(i, h)..];
+            let vt =
+                if vt.is_empty() { &vt[..] } else { &vt[i * dv * vt_stride..][..dv * vt_stride] };
+            // `out[bi][q0 + r][hi][..]`: rows `h·dv` apart.
+            let o = Out { ptr: out_ptr, start: ((bi * lq + q0) * h + hi) * dv, row: h * dv };
+            // SAFETY: `available()` checked AVX2 and FMA above; the asserts above bound every
+            // row read; this unit alone writes its `n` rows of `dv` elements of head `i`.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                block(q, kt, v, vt, o, rows, dims, scale, &mut scratch)
+                block((q, qr.row), kt, (v, vr.row), vt, o, n, dims, scale, &mut scratch)
             };
         }
     };
-    super::for_each_parallel(units.chunks_mut(per_thread).collect(), run);
+    super::for_each_parallel(units.chunks(per_thread).collect(), run);
     Some(out)
+}
+
+/// Where a unit writes its rows: row `r` at `ptr + start + r·row`.
+#[derive(Clone, Copy)]
+struct Out {
+    ptr: OutPtr,
+    start: usize,
+    row: usize,
 }
 
 /// Per-thread buffers.
@@ -154,11 +204,11 @@ impl Scratch {
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn block(
-    q: &[f32],
+    (q, q_row): (&[f32], usize),
     kt: &[f32],
-    v: &[f32],
+    (v, v_row): (&[f32], usize),
     vt: &[f32],
-    out: &mut [f32],
+    out: Out,
     rows: usize,
     dims: Dims,
     scale: f32,
@@ -166,8 +216,10 @@ unsafe fn block(
 ) {
     unsafe {
         let Dims { lk, d, dv, .. } = dims;
-        for (dst, &x) in sc.q.iter_mut().zip(q) {
-            *dst = x * scale;
+        for (r, dst) in sc.q.chunks_exact_mut(d).take(rows).enumerate() {
+            for (dst, &x) in dst.iter_mut().zip(&q[r * q_row..][..d]) {
+                *dst = x * scale;
+            }
         }
         sc.m[..rows].fill(f32::NEG_INFINITY);
         sc.l[..rows].fill(0.0);
@@ -229,19 +281,19 @@ unsafe fn block(
                 k0 += width;
                 continue;
             }
-            let vb = v.as_ptr().add(k0 * dv);
+            let vb = v[k0 * v_row..].as_ptr();
             let mut r = 0;
             while r < rows {
                 let tile_rows = (rows - r).min(6);
                 let pp = sc.s.as_ptr().add(r * BLOCK_K);
                 let op = sc.o.as_mut_ptr().add(r * dv);
                 match tile_rows {
-                    6 => pv_rows::<6>(pp, width, vb, dv, op),
-                    5 => pv_rows::<5>(pp, width, vb, dv, op),
-                    4 => pv_rows::<4>(pp, width, vb, dv, op),
-                    3 => pv_rows::<3>(pp, width, vb, dv, op),
-                    2 => pv_rows::<2>(pp, width, vb, dv, op),
-                    _ => pv_rows::<1>(pp, width, vb, dv, op),
+                    6 => pv_rows::<6>(pp, width, vb, v_row, dv, op),
+                    5 => pv_rows::<5>(pp, width, vb, v_row, dv, op),
+                    4 => pv_rows::<4>(pp, width, vb, v_row, dv, op),
+                    3 => pv_rows::<3>(pp, width, vb, v_row, dv, op),
+                    2 => pv_rows::<2>(pp, width, vb, v_row, dv, op),
+                    _ => pv_rows::<1>(pp, width, vb, v_row, dv, op),
                 }
                 r += tile_rows;
             }
@@ -249,7 +301,8 @@ unsafe fn block(
         }
         for r in 0..rows {
             let inv = 1.0 / sc.l[r];
-            for (o, &x) in out[r * dv..(r + 1) * dv].iter_mut().zip(&sc.o[r * dv..(r + 1) * dv]) {
+            let dst = std::slice::from_raw_parts_mut(out.ptr.0.add(out.start + r * out.row), dv);
+            for (o, &x) in dst.iter_mut().zip(&sc.o[r * dv..(r + 1) * dv]) {
                 *o = x * inv;
             }
         }
@@ -279,7 +332,8 @@ unsafe fn qk_tile<const R: usize>(q: *const f32, d: usize, panel: *const f32, s:
     }
 }
 
-/// `o[r][..] += Σ_j p[r][j] · v[j][..]` for `R` rows over `width` keys, all `dv` columns.
+/// `o[r][..] += Σ_j p[r][j] · v[j][..]` for `R` rows over `width` keys (V's rows `vs`
+/// apart), all `dv` columns.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx2,fma")]
@@ -287,6 +341,7 @@ unsafe fn pv_rows<const R: usize>(
     p: *const f32,
     width: usize,
     v: *const f32,
+    vs: usize,
     dv: usize,
     o: *mut f32,
 ) {
@@ -295,8 +350,8 @@ unsafe fn pv_rows<const R: usize>(
         while c + 16 <= dv {
             let mut acc = [[_mm256_setzero_ps(); 2]; R];
             for j in 0..width {
-                let v0 = _mm256_loadu_ps(v.add(j * dv + c));
-                let v1 = _mm256_loadu_ps(v.add(j * dv + c + 8));
+                let v0 = _mm256_loadu_ps(v.add(j * vs + c));
+                let v1 = _mm256_loadu_ps(v.add(j * vs + c + 8));
                 for (r, a) in acc.iter_mut().enumerate() {
                     let pr = _mm256_broadcast_ss(&*p.add(r * BLOCK_K + j));
                     a[0] = _mm256_fmadd_ps(pr, v0, a[0]);
@@ -313,7 +368,7 @@ unsafe fn pv_rows<const R: usize>(
         if c + 8 <= dv {
             let mut acc = [_mm256_setzero_ps(); R];
             for j in 0..width {
-                let v0 = _mm256_loadu_ps(v.add(j * dv + c));
+                let v0 = _mm256_loadu_ps(v.add(j * vs + c));
                 for (r, a) in acc.iter_mut().enumerate() {
                     let pr = _mm256_broadcast_ss(&*p.add(r * BLOCK_K + j));
                     *a = _mm256_fmadd_ps(pr, v0, *a);
@@ -330,7 +385,7 @@ unsafe fn pv_rows<const R: usize>(
         if c + 4 <= dv {
             let mut acc = [_mm_setzero_ps(); R];
             for j in 0..width {
-                let v0 = _mm_loadu_ps(v.add(j * dv + c));
+                let v0 = _mm_loadu_ps(v.add(j * vs + c));
                 for (r, a) in acc.iter_mut().enumerate() {
                     let pr = _mm_broadcast_ss(&*p.add(r * BLOCK_K + j));
                     *a = _mm_fmadd_ps(pr, v0, *a);
@@ -346,7 +401,7 @@ unsafe fn pv_rows<const R: usize>(
             for r in 0..R {
                 let mut acc = 0f32;
                 for j in 0..width {
-                    acc += *p.add(r * BLOCK_K + j) * *v.add(j * dv + cc);
+                    acc += *p.add(r * BLOCK_K + j) * *v.add(j * vs + cc);
                 }
                 *o.add(r * dv + cc) += acc;
             }
@@ -466,8 +521,10 @@ unsafe fn exp_sub_in_place(row: &mut [f32], m: f32) -> f32 {
     }
 }
 
-/// [`attention`] as a candle op on contiguous f32 `q: [B, H, Lq, D]`, `k: [B, H, Lk, D]`,
-/// `v: [B, H, Lk, Dv]` (no backward pass: callers use it outside autograd only).
+/// [`attention`] as a candle op on f32 `q: [B, H, Lq, D]`, `k: [B, H, Lk, D]`,
+/// `v: [B, H, Lk, Dv]` whose last dimension is contiguous (any other strides, such as heads
+/// split from `[B, L, H·D]`), returning `[B, Lq, H, Dv]` (no backward pass: callers use it
+/// outside autograd only).
 pub(crate) struct FusedCpuAttention {
     pub scale: f64,
 }
@@ -486,20 +543,20 @@ impl CustomOp3 for FusedCpuAttention {
         sv: &CpuStorage,
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        fn data<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-            match (s, l.contiguous_offsets()) {
-                (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-                _ => candle_core::bail!("fused attention: expected contiguous f32 inputs"),
-            }
+        /// The operand's data from its first element, and where its rows are.
+        fn data<'a>(s: &'a CpuStorage, l: &Layout) -> Result<(&'a [f32], Rows)> {
+            let (CpuStorage::F32(v), [sb, sh, sr, 1]) = (s, l.stride()) else {
+                candle_core::bail!("fused attention: expected f32 inputs with contiguous rows")
+            };
+            Ok((&v[l.start_offset()..], Rows { batch: *sb, head: *sh, row: *sr }))
         }
         let (b, h, n_q, d) = lq.shape().dims4()?;
         let (n_k, dv) = (lk.shape().dims4()?.2, lv.shape().dims4()?.3);
-        let dims = Dims { bh: b * h, lq: n_q, lk: n_k, d, dv };
-        let out = attention(data(sq, lq)?, data(sk, lk)?, data(sv, lv)?, dims, self.scale as f32)
-            .ok_or_else(|| {
-            candle_core::Error::Msg("fused attention: CPU lacks AVX2/FMA".into())
-        })?;
-        Ok((CpuStorage::F32(out), Shape::from((b, h, n_q, dv))))
+        let dims = Dims { b, h, lq: n_q, lk: n_k, d, dv };
+        let ((q, rq), (k, rk), (v, rv)) = (data(sq, lq)?, data(sk, lk)?, data(sv, lv)?);
+        let out = attention((q, k, v), [rq, rk, rv], dims, self.scale as f32)
+            .ok_or_else(|| candle_core::Error::Msg("fused attention: CPU lacks AVX2/FMA".into()))?;
+        Ok((CpuStorage::F32(out), Shape::from((b, n_q, h, dv))))
     }
 }
 
@@ -512,8 +569,10 @@ mod tests {
     }
 
     /// Softmax attention in f64 from the definition.
+    /// Contiguous `[bh, l, d]` operands, `[bh, lq, dv]` out.
     fn reference(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32) -> Vec<f32> {
-        let Dims { bh, lq, lk, d, dv } = dims;
+        let Dims { b, h, lq, lk, d, dv } = dims;
+        let bh = b * h;
         let mut out = vec![0f32; bh * lq * dv];
         for h in 0..bh {
             for i in 0..lq {
@@ -554,14 +613,66 @@ mod tests {
             (2, 37, 77, 12, 12, 1.0),
             (1, 9, 40, 20, 20, 1.0),
         ] {
-            let dims = Dims { bh, lq, lk, d, dv };
+            let dims = Dims { b: bh, h: 1, lq, lk, d, dv };
             let (q, k, v) =
                 (lcg(bh * lq * d, 1, amp), lcg(bh * lk * d, 2, amp), lcg(bh * lk * dv, 3, 1.0));
             let scale = 1.0 / (d as f32).sqrt();
-            let ours = attention(&q, &k, &v, dims, scale).unwrap();
+            let rows = [Rows::packed(1, lq, d), Rows::packed(1, lk, d), Rows::packed(1, lk, dv)];
+            let ours = attention((&q, &k, &v), rows, dims, scale).unwrap();
             let expected = reference(&q, &k, &v, dims, scale);
             let err = ours.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(err < 2e-6, "{dims:?}: max abs error {err}");
+        }
+    }
+
+    /// Heads read in place from `[B, L, H·D]` (the split-heads view, rows `H·D` apart, and a
+    /// slice that starts mid-storage) and written merged, `[B, Lq, H, Dv]`: the same numbers as
+    /// packed heads, bit for bit (the same sums in the same order), and the definition's.
+    #[test]
+    fn reads_split_heads_in_place_and_writes_them_merged() {
+        if !available() {
+            return;
+        }
+        for &(b, h, lq, lk, d, dv) in
+            &[(2, 3, 70, 77, 8, 8), (1, 5, 20, 300, 4, 4), (2, 2, 9, 9, 40, 24)]
+        {
+            let lead = 3;
+            // `[B, L, H·D]` storages after `lead` unrelated elements.
+            let (q, k, v) = (
+                lcg(lead + b * lq * h * d, 1, 1.0),
+                lcg(lead + b * lk * h * d, 2, 1.0),
+                lcg(lead + b * lk * h * dv, 3, 1.0),
+            );
+            let split = |l: usize, w: usize| Rows { batch: l * h * w, head: w, row: h * w };
+            let dims = Dims { b, h, lq, lk, d, dv };
+            let scale = 0.3;
+            let rows = [split(lq, d), split(lk, d), split(lk, dv)];
+            let ours = attention((&q[lead..], &k[lead..], &v[lead..]), rows, dims, scale).unwrap();
+            // The same heads packed: `[B, H, L, W]`.
+            let pack = |x: &[f32], l: usize, w: usize| -> Vec<f32> {
+                let mut out = Vec::with_capacity(b * h * l * w);
+                for (bi, hi, j) in (0..b)
+                    .flat_map(|bi| (0..h).flat_map(move |hi| (0..l).map(move |j| (bi, hi, j))))
+                {
+                    out.extend_from_slice(&x[lead + (bi * l + j) * h * w + hi * w..][..w]);
+                }
+                out
+            };
+            let (pq, pk, pv) = (pack(&q, lq, d), pack(&k, lk, d), pack(&v, lk, dv));
+            let packed = [Rows::packed(h, lq, d), Rows::packed(h, lk, d), Rows::packed(h, lk, dv)];
+            let theirs = attention((&pq, &pk, &pv), packed, dims, scale).unwrap();
+            assert_eq!(ours, theirs, "{dims:?}");
+            // Merged `[B, Lq, H, Dv]` against the definition's `[B·H, Lq, Dv]`.
+            let expected = reference(&pq, &pk, &pv, dims, scale);
+            for (bi, hi, i) in
+                (0..b).flat_map(|bi| (0..h).flat_map(move |hi| (0..lq).map(move |i| (bi, hi, i))))
+            {
+                let got = &ours[((bi * lq + i) * h + hi) * dv..][..dv];
+                let want = &expected[((bi * h + hi) * lq + i) * dv..][..dv];
+                for (g, w) in got.iter().zip(want) {
+                    assert!((g - w).abs() < 2e-6, "{dims:?}: {g} vs {w}");
+                }
+            }
         }
     }
 }

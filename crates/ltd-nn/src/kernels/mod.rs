@@ -6,6 +6,7 @@
 //! - `softmax.rs`: the row softmax with its own backward pass (training);
 //! - `conv2d.rs`: the direct stride-1 convolution, forwards and backwards;
 //! - `winograd.rs`: the stride-1 3×3 convolution by Winograd's minimal filtering (inference);
+//! - `im2col.rs`: strided convolutions (the downsamplers) by unfolding and `gemm` (inference);
 //! - `norm.rs`: the fused group and layer norm passes, forwards and backwards;
 //! - `geglu.rs`: the fused GEGLU activation;
 //! - `bias.rs`: a linear layer's bias added to its product in place;
@@ -18,6 +19,7 @@ pub(crate) mod bias;
 pub(crate) mod conv2d;
 pub(crate) mod flash_attention;
 pub(crate) mod geglu;
+pub(crate) mod im2col;
 pub(crate) mod norm;
 pub(crate) mod simd;
 pub(crate) mod softmax;

@@ -34,8 +34,11 @@ const BAND_BYTES: usize = 4 << 20;
 /// Fewest tiles in a band: narrower products waste the micro-kernel and repack the weights
 /// too often.
 const MIN_BAND_TILES: usize = 32;
-/// Smallest block of output channels a unit computes.
-const MIN_CHANNEL_BLOCK: usize = 64;
+/// Smallest block of output channels a unit computes. Small: on the U-Net's 16² and 8² levels
+/// all tiles make one band and a chunk of the 1280-channel weights has 43–86 output channels,
+/// so the channels are all there is to share between threads (with 64 here a chunk was one
+/// unit, and a second thread sat idle through a tenth of a two-thread step).
+const MIN_CHANNEL_BLOCK: usize = 16;
 /// Most bytes of transformed weights held at once (one chunk of output channels).
 const U_BYTES: usize = 16 << 20;
 /// Most bytes of a transformed input shared by the chunks.
@@ -236,7 +239,10 @@ pub(crate) fn conv3x3(x: &[f32], weight: &[f32], s: ConvShape, epi: Epilogue<'_>
         }
         let band = band.next_multiple_of(LANES);
         let bands = total.div_ceil(band);
-        let blocks = want.div_ceil(bands).min(nc / MIN_CHANNEL_BLOCK).max(1);
+        // Blocks of channels only to share a chunk between threads: on one thread each block
+        // packs the band's transformed input again, for nothing.
+        let blocks = if threads > 1 { want.div_ceil(bands) } else { 1 };
+        let blocks = blocks.min(nc / MIN_CHANNEL_BLOCK).max(1);
         let block = nc.div_ceil(blocks);
         let blocks = nc.div_ceil(block);
         let units = bands * blocks;

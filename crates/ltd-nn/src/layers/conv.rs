@@ -14,8 +14,8 @@ use candle_nn::VarBuilder;
 
 use super::linear::{rows_times_weight, torch_default_init, widen_on_cpu};
 use crate::kernels::conv2d::{self, Conv2dTrainOp, ConvShape, Epilogue};
-use crate::kernels::winograd;
 use crate::kernels::Data;
+use crate::kernels::{im2col, winograd};
 
 /// Whether an inference convolution of this shape runs Winograd's kernel, unless
 /// `LTD_WINOGRAD=off`.
@@ -99,9 +99,10 @@ impl Conv2d {
         }
     }
 
-    /// The direct CPU kernel (see `kernels/conv2d.rs`), when it applies: a stride-1 convolution of
-    /// CPU tensors outside any autograd graph. Half-precision inputs are computed in f32 and
-    /// rounded once, as PyTorch's CPU kernels do.
+    /// ltd's CPU kernels, when they apply: a convolution of CPU tensors outside any autograd
+    /// graph, stride 1 (the direct kernel of `kernels/conv2d.rs`, or Winograd's) or strided
+    /// without extra terms (`kernels/im2col.rs`). Half-precision inputs are computed in f32
+    /// and rounded once, as PyTorch's CPU kernels do.
     fn forward_cpu(
         &self,
         x: &Tensor,
@@ -110,7 +111,7 @@ impl Conv2d {
         scale: f64,
     ) -> Result<Option<Tensor>> {
         let tracked = x.track_op() || self.weight.track_op() || self.bias.track_op();
-        if !x.device().is_cpu() || self.stride != 1 || tracked || !x.dtype().is_float() {
+        if !x.device().is_cpu() || self.stride == 0 || tracked || !x.dtype().is_float() {
             return Ok(None);
         }
         let (batch, cin, h, w) = x.dims4()?;
@@ -118,6 +119,18 @@ impl Conv2d {
         let shape = ConvShape { batch, cin, h, w, cout, k, pad: self.padding };
         if cin_w != cin || k != k2 || !shape.valid() {
             return Ok(None);
+        }
+        if self.stride != 1 {
+            if channel_add.is_some() || residual.is_some() || scale != 1.0 {
+                return Ok(None);
+            }
+            let (hout, wout) = im2col::out_hw(shape, self.stride);
+            let f32c = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+            let (x32, w32, b32) = (f32c(x)?, f32c(&self.weight)?, f32c(&self.bias)?);
+            let (xd, wd, bd) = (Data::new(&x32), Data::new(&w32), Data::new(&b32));
+            let out = im2col::conv_strided(xd.f32()?, wd.f32()?, bd.f32()?, shape, self.stride);
+            let y = Tensor::from_vec(out, (batch, cout, hout, wout), x.device())?;
+            return Ok(Some(y.to_dtype(x.dtype())?));
         }
         let (hout, wout) = shape.out_hw();
         if let Some(t) = channel_add {
@@ -231,6 +244,46 @@ mod tests {
             let expected = ((expected + &residual).unwrap() / 2.0).unwrap();
             let ours = conv.forward_fused(&x, Some(&temb), Some(&residual), 2.0).unwrap();
             assert!(max_diff(&ours, &expected) < 1e-5, "fused {:?}", (b, cin, cout, h, w, k));
+        }
+    }
+
+    /// Strided convolutions (the downsamplers) run the im2col kernel outside autograd and give
+    /// candle's convolution plus the bias, also in f16 (computed in f32, rounded once); with
+    /// extra terms they take the composed path, which adds them the same way.
+    #[test]
+    fn strided_convolution_equals_candles() {
+        for &(b, cin, cout, h, w, k, pad, stride) in
+            &[(2, 3, 5, 8, 8, 3, 1, 2), (1, 32, 64, 9, 7, 3, 0, 2), (2, 4, 4, 6, 6, 3, 1, 3)]
+        {
+            let case = (b, cin, cout, h, w, k, pad, stride);
+            let x = rand(&[b, cin, h, w], 1);
+            let conv = Conv2d {
+                weight: rand(&[cout, cin, k, k], 2),
+                bias: rand(&[cout], 3),
+                padding: pad,
+                stride,
+            };
+            let plain = x.conv2d(&conv.weight, pad, stride, 1, 1).unwrap();
+            let plain = plain.broadcast_add(&conv.bias.reshape((1, cout, 1, 1)).unwrap()).unwrap();
+            let ours = conv.forward(&x).unwrap();
+            assert_eq!(ours.dims(), plain.dims(), "{case:?}");
+            assert!(max_diff(&ours, &plain) < 1e-5, "{case:?}");
+            // f16: the f32 result of the f16 inputs, rounded once to f16 (half an ulp of
+            // outputs below 16 is under 4e-3).
+            let f16 = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let half = Conv2d { weight: f16(&conv.weight), bias: f16(&conv.bias), ..conv.clone() };
+            let ours = half.forward(&f16(&x)).unwrap();
+            assert_eq!(ours.dtype(), DType::F16);
+            let wide = f32(&f16(&x)).conv2d(&f32(&half.weight), pad, stride, 1, 1).unwrap();
+            let wide = wide.broadcast_add(&f32(&half.bias).reshape((1, cout, 1, 1)).unwrap());
+            assert!(max_diff(&f32(&ours), &wide.unwrap()) < 4e-3, "f16 {case:?}");
+
+            let temb = rand(&[b, cout], 4);
+            let expected =
+                plain.broadcast_add(&temb.unsqueeze(2).unwrap().unsqueeze(3).unwrap()).unwrap();
+            let ours = conv.forward_fused(&x, Some(&temb), None, 1.0).unwrap();
+            assert!(max_diff(&ours, &expected) < 1e-5, "fused {case:?}");
         }
     }
 
