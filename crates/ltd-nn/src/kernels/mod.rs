@@ -9,6 +9,7 @@
 //! - `im2col.rs`: strided convolutions (the downsamplers) by unfolding and `gemm` (inference);
 //! - `norm.rs`: the fused group and layer norm passes, forwards and backwards;
 //! - `geglu.rs`: the fused GEGLU activation;
+//! - `linear.rs`: a linear layer's product and bias in bands of rows (inference);
 //! - `bias.rs`: a linear layer's bias added to its product in place;
 //! - `simd.rs`: the AVX2/FMA building blocks (`exp`, the erf GELU).
 //!
@@ -20,6 +21,7 @@ pub(crate) mod conv2d;
 pub(crate) mod flash_attention;
 pub(crate) mod geglu;
 pub(crate) mod im2col;
+pub(crate) mod linear;
 pub(crate) mod norm;
 pub(crate) mod simd;
 pub(crate) mod softmax;

@@ -104,9 +104,19 @@ pub(super) fn rows_times_weight(
     let dtype = x.dtype();
     let widen = widen_on_cpu(x);
     let cast = |t: &Tensor| if widen { t.to_dtype(DType::F32) } else { Ok(t.clone()) };
-    let y = cast(&x.reshape((rows, in_dim))?)?.matmul(&cast(weight)?.t()?)?;
+    let (x2, w) = (cast(&x.reshape((rows, in_dim))?)?, cast(weight)?);
+    let b = bias.map(cast).transpose()?;
+    if let Some(y) = product_cpu(&x2, &w, b.as_ref())? {
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = out_dim;
+        }
+        return y.reshape(out_dims)?.to_dtype(dtype);
+    }
+    let y = x2.matmul(&w.t()?)?;
+    let bias = b.as_ref();
     let y = match bias {
-        Some(b) => add_bias(y, &cast(b)?)?,
+        Some(b) => add_bias(y, b)?,
         None => y,
     };
     let mut out_dims = dims.to_vec();
@@ -114,6 +124,30 @@ pub(super) fn rows_times_weight(
         *last = out_dim;
     }
     y.reshape(out_dims)?.to_dtype(dtype)
+}
+
+/// `x·Wᵀ + b` by `kernels/linear.rs` for `x: [rows, in]`, when it applies: f32 CPU tensors
+/// outside any autograd graph (inference).
+fn product_cpu(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option<Tensor>> {
+    use crate::kernels::{linear, plain_f32, Data};
+    if !plain_f32(x) || !plain_f32(w) || !b.is_none_or(plain_f32) {
+        return Ok(None);
+    }
+    let (rows, k) = x.dims2()?;
+    let (n, k_w) = w.dims2()?;
+    if k_w != k || b.is_some_and(|b| b.dims() != [n]) {
+        // Mismatched shapes: candle's product reports them.
+        return Ok(None);
+    }
+    let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.map(|b| b.contiguous()).transpose()?);
+    let (xd, wd, bd) = (Data::new(&x), Data::new(&w), b.as_ref().map(Data::new));
+    let y = linear::rows_times_weight(
+        xd.f32()?,
+        wd.f32()?,
+        bd.as_ref().map(|d| d.f32()).transpose()?,
+        (rows, k, n),
+    );
+    Ok(Some(Tensor::from_vec(y, (rows, n), x.device())?))
 }
 
 /// `y + b` for a product `y: [rows, out]` and `b: [out]`: in place on the CPU outside
