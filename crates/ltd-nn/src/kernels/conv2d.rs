@@ -13,8 +13,6 @@
 //! from a shared counter by a few threads, so a thread slowed down by other processes does not
 //! hold the others up.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::{contiguous, Data};
@@ -113,80 +111,71 @@ pub(crate) fn conv2d(x: &[f32], weight: &[f32], s: ConvShape, epi: Epilogue<'_>)
     }
     let taps = &taps;
 
-    let next = AtomicUsize::new(0);
     let out_ptr = OutPtr(out.as_mut_ptr());
-    let work = || {
-        // Rebinding moves the whole `Send` wrapper into the closure; without it the closure
-        // would capture only its raw-pointer field, which is not `Send`.
+    // Padded input rows of one band: `k` extra rows, plus one so that the extra columns of the
+    // last row read zeros rather than past the buffer.
+    let extra = if s.k > 1 { s.k } else { 0 };
+    let plane = (rows + extra) * wp;
+    let scratch = || (vec![0f32; s.cin * plane], vec![0f32; block * rows * wp]);
+    super::for_each_unit(threads, units, scratch, |(input, acc), unit| {
+        // Rebinding takes the whole `Sync` wrapper; without it the closure would capture only
+        // its raw-pointer field, which is not `Sync`.
         #[allow(clippy::redundant_locals)]
         let out_ptr = out_ptr;
-        // Padded input rows of one band: `k` extra rows, plus one so that the extra columns of
-        // the last row read zeros rather than past the buffer.
-        let extra = if s.k > 1 { s.k } else { 0 };
-        let plane = (rows + extra) * wp;
-        let mut input = vec![0f32; s.cin * plane];
-        let mut acc = vec![0f32; block * rows * wp];
-        loop {
-            let unit = next.fetch_add(1, Ordering::Relaxed);
-            if unit >= units {
-                break;
-            }
-            let (image, rest) = (unit / (bands * blocks), unit % (bands * blocks));
-            let (band, blk) = (rest / blocks, rest % blocks);
-            let y0 = band * rows;
-            let nrows = rows.min(hout - y0);
-            let co0 = blk * block;
-            let nco = block.min(s.cout - co0);
-            let x_img = &x[image * s.cin * s.h * s.w..(image + 1) * s.cin * s.h * s.w];
-            fill_band(&mut input, x_img, s, y0, nrows + extra, plane);
-            let n = nrows * wp;
-            for tap in 0..kk {
-                let (ky, kx) = (tap / s.k, tap % s.k);
-                // SAFETY: lhs is `taps[tap][ci][co0 + i]` for i < nco, ci < cin; rhs reads
-                // `input[ci·plane + ky·wp + kx + j]` for j < nrows·wp, at most
-                // `(cin−1)·plane + (k−1)·wp + k−1 + nrows·wp − 1 < cin·plane` since
-                // `plane ≥ (nrows + k)·wp`; dst is `acc[i·n + j]`, within `block·rows·wp`.
-                unsafe {
-                    gemm::gemm(
-                        nco,
-                        n,
-                        s.cin,
-                        acc.as_mut_ptr(),
-                        1,
-                        n as isize,
-                        tap > 0,
-                        taps.as_ptr().add(tap * s.cin * s.cout + co0),
-                        s.cout as isize,
-                        1,
-                        input.as_ptr().add(ky * wp + kx),
-                        1,
-                        plane as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
-            }
-            for i in 0..nco {
-                let co = co0 + i;
-                let (bias, temb) = (epi.bias[co], epi.channel_add.map(|t| t[image * s.cout + co]));
-                let base = ((image * s.cout + co) * hout + y0) * wout;
-                for r in 0..nrows {
-                    let src = &acc[i * n + r * wp..i * n + r * wp + wout];
-                    let off = base + r * wout;
-                    // SAFETY: (image, co, y0 + r) is written by this unit only, and
-                    // `off + wout ≤ out.len()`.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(off), wout) };
-                    let residual = epi.residual.map(|res| &res[off..off + wout]);
-                    store_row(dst, src, bias, temb, residual, epi.scale);
-                }
+        let (image, rest) = (unit / (bands * blocks), unit % (bands * blocks));
+        let (band, blk) = (rest / blocks, rest % blocks);
+        let y0 = band * rows;
+        let nrows = rows.min(hout - y0);
+        let co0 = blk * block;
+        let nco = block.min(s.cout - co0);
+        let x_img = &x[image * s.cin * s.h * s.w..(image + 1) * s.cin * s.h * s.w];
+        fill_band(input, x_img, s, y0, nrows + extra, plane);
+        let n = nrows * wp;
+        for tap in 0..kk {
+            let (ky, kx) = (tap / s.k, tap % s.k);
+            // SAFETY: lhs is `taps[tap][ci][co0 + i]` for i < nco, ci < cin; rhs reads
+            // `input[ci·plane + ky·wp + kx + j]` for j < nrows·wp, at most
+            // `(cin−1)·plane + (k−1)·wp + k−1 + nrows·wp − 1 < cin·plane` since
+            // `plane ≥ (nrows + k)·wp`; dst is `acc[i·n + j]`, within `block·rows·wp`.
+            unsafe {
+                gemm::gemm(
+                    nco,
+                    n,
+                    s.cin,
+                    acc.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    tap > 0,
+                    taps.as_ptr().add(tap * s.cin * s.cout + co0),
+                    s.cout as isize,
+                    1,
+                    input.as_ptr().add(ky * wp + kx),
+                    1,
+                    plane as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
             }
         }
-    };
-    super::run_threads(threads.min(units), work);
+        for i in 0..nco {
+            let co = co0 + i;
+            let (bias, temb) = (epi.bias[co], epi.channel_add.map(|t| t[image * s.cout + co]));
+            let base = ((image * s.cout + co) * hout + y0) * wout;
+            for r in 0..nrows {
+                let src = &acc[i * n + r * wp..i * n + r * wp + wout];
+                let off = base + r * wout;
+                // SAFETY: (image, co, y0 + r) is written by this unit only, and
+                // `off + wout ≤ out.len()`.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(off), wout) };
+                let residual = epi.residual.map(|res| &res[off..off + wout]);
+                store_row(dst, src, bias, temb, residual, epi.scale);
+            }
+        }
+    });
     out
 }
 

@@ -10,8 +10,6 @@
 //! a band at a time evens out threads slowed by anything else. Each element is the same dot
 //! product in `gemm`'s micro-kernel order plus the bias, as `matmul` then the bias gives it.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use super::conv2d::OutPtr;
 
 /// Fewest rows in a band: the micro-kernel's 16-row tiles, a few times over.
@@ -50,15 +48,14 @@ pub(crate) fn rows_times_weight(
     // pages are then touched for the first time by the thread that computes them).
     let mut out = Vec::<f32>::with_capacity(len);
     let out_ptr = OutPtr(out.as_mut_ptr());
-    let next = AtomicUsize::new(0);
-    let work = || {
-        #[allow(clippy::redundant_locals)]
-        let out_ptr = out_ptr;
-        loop {
-            let unit = next.fetch_add(1, Ordering::Relaxed);
-            if unit >= units {
-                break;
-            }
+    super::for_each_unit(
+        threads,
+        units,
+        || (),
+        |(), unit| {
+            // Rebinding takes the whole `Sync` wrapper, not its raw-pointer field.
+            #[allow(clippy::redundant_locals)]
+            let out_ptr = out_ptr;
             let r0 = unit * band;
             let m = band.min(rows - r0);
             // SAFETY: dst is rows `r0 .. r0 + m` of the `[rows, n]` output, which only this
@@ -96,9 +93,8 @@ pub(crate) fn rows_times_weight(
                     }
                 }
             }
-        }
-    };
-    super::run_threads(threads.min(units), work);
+        },
+    );
     // SAFETY: the capacity is `len` and the bands above wrote all of it.
     unsafe { out.set_len(len) };
     out

@@ -161,10 +161,28 @@ pub(crate) fn for_each_row<S: Sync, D: Send>(
     });
 }
 
-/// `work` on `threads` threads of the pool at once (inline for one): for kernels whose threads
-/// take their units from a shared counter.
-pub(crate) fn run_threads(threads: usize, work: impl Fn() + Sync) {
-    for_each_parallel((0..threads.max(1)).collect(), |_| work());
+/// Runs `f(&mut state, unit)` for every unit in `0..units` on up to `threads` threads of the
+/// pool at once (the calling thread among them; inline for one): each thread takes the next
+/// unit from a shared counter, with its own `state` from `init` (its scratch buffers), so a
+/// thread slowed by other work takes fewer units. Which thread runs a unit changes nothing it
+/// computes.
+pub(crate) fn for_each_unit<S>(
+    threads: usize,
+    units: usize,
+    init: impl Fn() -> S + Sync,
+    f: impl Fn(&mut S, usize) + Sync,
+) {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    for_each_parallel((0..threads.min(units).max(1)).collect(), |_| {
+        let mut state = init();
+        loop {
+            let unit = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if unit >= units {
+                break;
+            }
+            f(&mut state, unit);
+        }
+    });
 }
 
 /// Runs `f(item)` for every item in parallel: the first on the calling thread, the others on

@@ -21,7 +21,6 @@
 //! inference (training keeps the direct kernel).
 
 use std::ops::{Add, Mul, Sub};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::conv2d::{ConvShape, Epilogue, OutPtr};
 
@@ -247,73 +246,66 @@ pub(crate) fn conv3x3(x: &[f32], weight: &[f32], s: ConvShape, epi: Epilogue<'_>
         let blocks = nc.div_ceil(block);
         let units = bands * blocks;
 
-        let next = AtomicUsize::new(0);
-        let work = || {
+        let scratch = || {
+            (vec![0f32; if shared { 0 } else { AA * s.cin * band }], vec![0f32; AA * block * band])
+        };
+        super::for_each_unit(threads, units, scratch, |(v, prod), unit| {
             #[allow(clippy::redundant_locals)]
             let out_ptr = out_ptr;
-            let mut v = vec![0f32; if shared { 0 } else { AA * s.cin * band }];
-            let mut prod = vec![0f32; AA * block * band];
-            loop {
-                let unit = next.fetch_add(1, Ordering::Relaxed);
-                if unit >= units {
-                    break;
+            let (bi, blk) = (unit / blocks, unit % blocks);
+            let first = bi * band;
+            let nt = band.min(total - first);
+            let ntp = nt.next_multiple_of(LANES);
+            let co0 = blk * block;
+            let nco = block.min(nc - co0);
+            // The band's `V[ξ][ci][j]`: columns `first ..` of the shared one (rows
+            // `total_p` apart), or made here (rows `ntp` apart).
+            let (vp, stride) = if shared {
+                (v_all[first..].as_ptr(), total_p)
+            } else {
+                let dst = VDst { ptr: OutPtr(v.as_mut_ptr()), stride: ntp, col0: 0 };
+                // SAFETY: `v` holds `AA·cin·band ≥ AA·cin·ntp`, written by this unit only.
+                unsafe { dispatch!(transform_input(dst, x, &tiles, first, nt)) };
+                (v.as_ptr(), ntp)
+            };
+            for xi in 0..AA {
+                // `prod[xi]ᵀ = V[xi]ᵀ · U[xi]ᵀ`: with the tiles as the product's rows,
+                // `gemm` reads the transformed weights in place and packs only the band's
+                // V block, once for all the block's channels (with the channels as rows it
+                // repacked U for every band).
+                // SAFETY: lhs is `V[xi][ci][j]` for j < ntp, ci < cin at `vp + (xi·cin +
+                // ci)·stride + j`, within the shared `AA·cin·total_p` (first + ntp ≤
+                // total_p) or the unit's `AA·cin·ntp`; rhs is `u[xi][co0 + i][ci]` for
+                // i < nco (the chunk's `AA·nc·cin`); dst is `prod[xi][i][j]`, within
+                // `AA·nco·ntp ≤ AA·block·band`.
+                unsafe {
+                    gemm::gemm(
+                        ntp,
+                        nco,
+                        s.cin,
+                        prod.as_mut_ptr().add(xi * nco * ntp),
+                        ntp as isize,
+                        1,
+                        false,
+                        vp.add(xi * s.cin * stride),
+                        stride as isize,
+                        1,
+                        u.as_ptr().add((xi * nc + co0) * s.cin),
+                        s.cin as isize,
+                        1,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
                 }
-                let (bi, blk) = (unit / blocks, unit % blocks);
-                let first = bi * band;
-                let nt = band.min(total - first);
-                let ntp = nt.next_multiple_of(LANES);
-                let co0 = blk * block;
-                let nco = block.min(nc - co0);
-                // The band's `V[ξ][ci][j]`: columns `first ..` of the shared one (rows
-                // `total_p` apart), or made here (rows `ntp` apart).
-                let (vp, stride) = if shared {
-                    (v_all[first..].as_ptr(), total_p)
-                } else {
-                    let dst = VDst { ptr: OutPtr(v.as_mut_ptr()), stride: ntp, col0: 0 };
-                    // SAFETY: `v` holds `AA·cin·band ≥ AA·cin·ntp`, written by this unit only.
-                    unsafe { dispatch!(transform_input(dst, x, &tiles, first, nt)) };
-                    (v.as_ptr(), ntp)
-                };
-                for xi in 0..AA {
-                    // `prod[xi]ᵀ = V[xi]ᵀ · U[xi]ᵀ`: with the tiles as the product's rows,
-                    // `gemm` reads the transformed weights in place and packs only the band's
-                    // V block, once for all the block's channels (with the channels as rows it
-                    // repacked U for every band).
-                    // SAFETY: lhs is `V[xi][ci][j]` for j < ntp, ci < cin at `vp + (xi·cin +
-                    // ci)·stride + j`, within the shared `AA·cin·total_p` (first + ntp ≤
-                    // total_p) or the unit's `AA·cin·ntp`; rhs is `u[xi][co0 + i][ci]` for
-                    // i < nco (the chunk's `AA·nc·cin`); dst is `prod[xi][i][j]`, within
-                    // `AA·nco·ntp ≤ AA·block·band`.
-                    unsafe {
-                        gemm::gemm(
-                            ntp,
-                            nco,
-                            s.cin,
-                            prod.as_mut_ptr().add(xi * nco * ntp),
-                            ntp as isize,
-                            1,
-                            false,
-                            vp.add(xi * s.cin * stride),
-                            stride as isize,
-                            1,
-                            u.as_ptr().add((xi * nc + co0) * s.cin),
-                            s.cin as isize,
-                            1,
-                            1.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    }
-                }
-                let prod = &prod[..AA * nco * ntp];
-                let dst = Dst { out: out_ptr, co0: c0 + co0, nco };
-                dispatch!(transform_output(prod, dst, &tiles, epi, first, nt));
             }
-        };
-        super::run_threads(threads.min(units), work);
+            let prod = &prod[..AA * nco * ntp];
+            let dst = Dst { out: out_ptr, co0: c0 + co0, nco };
+            dispatch!(transform_output(prod, dst, &tiles, epi, first, nt));
+        });
     }
     out
 }
@@ -513,17 +505,15 @@ fn transform_weights(
     let len = AA * s.cin * nc;
     u.clear();
     u.reserve(len);
-    let next = AtomicUsize::new(0);
     let u_ptr = OutPtr(u.as_mut_ptr());
     let coef = &coef;
-    let work = || {
-        #[allow(clippy::redundant_locals)]
-        let u_ptr = u_ptr;
-        loop {
-            let c = next.fetch_add(1, Ordering::Relaxed);
-            if c >= nc {
-                break;
-            }
+    super::for_each_unit(
+        threads,
+        nc,
+        || (),
+        |(), c| {
+            #[allow(clippy::redundant_locals)]
+            let u_ptr = u_ptr;
             // SAFETY: lhs is the `36 × 9` coefficients; rhs reads `weight[c0 + c][ci][tap]` at
             // `(c0 + c)·cin·9 + ci·9 + tap` for ci < cin; dst writes `u[xi][c][ci]`, which only
             // this `c`'s product writes.
@@ -550,9 +540,8 @@ fn transform_weights(
                     gemm::Parallelism::None,
                 );
             }
-        }
-    };
-    super::run_threads(threads.min(nc), work);
+        },
+    );
     // SAFETY: the capacity is `len` (reserved above) and the products wrote all of it.
     unsafe { u.set_len(len) };
 }
