@@ -15,6 +15,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
+use super::Mat;
 use super::{contiguous, Data};
 
 /// Bytes of one band's working set (padded input rows and output rows) that a unit aims for:
@@ -138,26 +139,12 @@ pub(crate) fn conv2d(x: &[f32], weight: &[f32], s: ConvShape, epi: Epilogue<'_>)
             // `(cin−1)·plane + (k−1)·wp + k−1 + nrows·wp − 1 < cin·plane` since
             // `plane ≥ (nrows + k)·wp`; dst is `acc[i·n + j]`, within `block·rows·wp`.
             unsafe {
-                gemm::gemm(
-                    nco,
-                    n,
-                    s.cin,
-                    acc.as_mut_ptr(),
-                    1,
-                    n as isize,
+                super::gemm(
+                    (nco, n, s.cin),
+                    Mat { ptr: acc.as_mut_ptr(), row: n, col: 1 },
                     tap > 0,
-                    taps.as_ptr().add(tap * s.cin * s.cout + co0),
-                    s.cout as isize,
-                    1,
-                    input.as_ptr().add(ky * wp + kx),
-                    1,
-                    plane as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                    Mat { ptr: taps.as_ptr().add(tap * s.cin * s.cout + co0), row: 1, col: s.cout },
+                    Mat { ptr: input.as_ptr().add(ky * wp + kx), row: plane, col: 1 },
                 );
             }
         }
@@ -291,26 +278,12 @@ pub(crate) fn conv2d_weight_grad(x: &[f32], g: &[f32], s: ConvShape) -> Vec<f32>
                 // `xp[b][ci·plane + shift + j]`, at most `(cin−1)·plane + (k−1)·wp + k − 1 +
                 // hout·wp − 1 < cin·plane` (the extra zero row); dst is `cout × cin`.
                 unsafe {
-                    gemm::gemm(
-                        s.cout,
-                        s.cin,
-                        n,
-                        dst.as_mut_ptr(),
-                        1,
-                        s.cin as isize,
+                    super::gemm(
+                        (s.cout, s.cin, n),
+                        Mat { ptr: dst.as_mut_ptr(), row: s.cin, col: 1 },
                         b > 0,
-                        gp.as_ptr().add(b * s.cout * n),
-                        1,
-                        n as isize,
-                        xp.as_ptr().add(b * s.cin * plane + shift),
-                        plane as isize,
-                        1,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
+                        Mat { ptr: gp.as_ptr().add(b * s.cout * n), row: n, col: 1 },
+                        Mat { ptr: xp.as_ptr().add(b * s.cin * plane + shift), row: 1, col: plane },
                     );
                 }
             }

@@ -10,6 +10,7 @@
 //! next to the layer's weights and activations.
 
 use super::conv2d::{ConvShape, OutPtr};
+use super::Mat;
 
 /// Output height and width of `s` at `stride`.
 pub(crate) fn out_hw(s: ConvShape, stride: usize) -> (usize, usize) {
@@ -78,26 +79,12 @@ pub(crate) fn conv_strided(
             // only; lhs is `weight[c0 .. c0 + n][..kdim]`; rhs is `col[b]`, `kdim × p`.
             unsafe {
                 let dst = out_ptr.0.add((b * s.cout + c0) * p);
-                gemm::gemm(
-                    n,
-                    p,
-                    kdim,
-                    dst,
-                    1,
-                    p as isize,
+                super::gemm(
+                    (n, p, kdim),
+                    Mat { ptr: dst, row: p, col: 1 },
                     false,
-                    weight.as_ptr().add(c0 * kdim),
-                    1,
-                    kdim as isize,
-                    col.as_ptr().add(b * kdim * p),
-                    1,
-                    p as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                    Mat { ptr: weight.as_ptr().add(c0 * kdim), row: kdim, col: 1 },
+                    Mat { ptr: col.as_ptr().add(b * kdim * p), row: p, col: 1 },
                 );
                 for (c, &bv) in bias[c0..c0 + n].iter().enumerate() {
                     for v in std::slice::from_raw_parts_mut(dst.add(c * p), p) {

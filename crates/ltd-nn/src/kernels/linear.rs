@@ -11,6 +11,7 @@
 //! product in `gemm`'s micro-kernel order plus the bias, as `matmul` then the bias gives it.
 
 use super::conv2d::OutPtr;
+use super::Mat;
 
 /// Fewest rows in a band: the micro-kernel's 16-row tiles, a few times over.
 const MIN_BAND_ROWS: usize = 64;
@@ -64,26 +65,12 @@ pub(crate) fn rows_times_weight(
             // `rhs[kk][j] = w[j·k + kk]`, within `w`'s `n·k`.
             unsafe {
                 let dst = out_ptr.0.add(r0 * n);
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    dst,
-                    1,
-                    n as isize,
+                super::gemm(
+                    (m, n, k),
+                    Mat { ptr: dst, row: n, col: 1 },
                     false,
-                    x.as_ptr().add(r0 * k),
-                    1,
-                    k as isize,
-                    w.as_ptr(),
-                    k as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                    Mat { ptr: x.as_ptr().add(r0 * k), row: k, col: 1 },
+                    Mat { ptr: w.as_ptr(), row: 1, col: k },
                 );
                 if let Some(b) = bias {
                     for row in std::slice::from_raw_parts_mut(dst, m * n).chunks_exact_mut(n) {

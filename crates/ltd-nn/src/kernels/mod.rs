@@ -205,6 +205,56 @@ pub(crate) fn for_each_parallel<T: Send>(items: Vec<T>, f: impl Fn(T) + Sync) {
     });
 }
 
+/// A matrix operand of [`gemm`]: its first element and the steps (in elements) from one row
+/// and from one column to the next.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<P> {
+    pub ptr: P,
+    pub row: usize,
+    pub col: usize,
+}
+
+/// `dst = lhs · rhs` (`m × k` times `k × n`), or `dst += lhs · rhs` with `accumulate`, in f32 on
+/// the calling thread by the `gemm` crate: the one call every kernel's matrix products go
+/// through (the kernels split the work over threads themselves).
+///
+/// # Safety
+/// Each operand's `ptr`, `row` and `col` address valid elements for its whole shape, and no
+/// other thread touches `dst`'s elements during the call.
+pub(crate) unsafe fn gemm(
+    (m, n, k): (usize, usize, usize),
+    dst: Mat<*mut f32>,
+    accumulate: bool,
+    lhs: Mat<*const f32>,
+    rhs: Mat<*const f32>,
+) {
+    let alpha = if accumulate { 1.0 } else { 0.0 };
+    // SAFETY: the caller's contract; gemm takes (column, row) strides in that order.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.ptr,
+            dst.col as isize,
+            dst.row as isize,
+            accumulate,
+            lhs.ptr,
+            lhs.col as isize,
+            lhs.row as isize,
+            rhs.ptr,
+            rhs.col as isize,
+            rhs.row as isize,
+            alpha,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
 /// The statistics of a row for normalising it: a centred value is `(x − pivot) − delta`.
 ///
 /// Sums run over `x − pivot` (the row's first element), which is exact for nearby values and

@@ -23,6 +23,7 @@
 use std::ops::{Add, Mul, Sub};
 
 use super::conv2d::{ConvShape, Epilogue, OutPtr};
+use super::Mat;
 
 /// Tiles transformed together, one per lane.
 const LANES: usize = 8;
@@ -279,26 +280,12 @@ pub(crate) fn conv3x3(x: &[f32], weight: &[f32], s: ConvShape, epi: Epilogue<'_>
                 // i < nco (the chunk's `AA·nc·cin`); dst is `prod[xi][i][j]`, within
                 // `AA·nco·ntp ≤ AA·block·band`.
                 unsafe {
-                    gemm::gemm(
-                        ntp,
-                        nco,
-                        s.cin,
-                        prod.as_mut_ptr().add(xi * nco * ntp),
-                        ntp as isize,
-                        1,
+                    super::gemm(
+                        (ntp, nco, s.cin),
+                        Mat { ptr: prod.as_mut_ptr().add(xi * nco * ntp), row: 1, col: ntp },
                         false,
-                        vp.add(xi * s.cin * stride),
-                        stride as isize,
-                        1,
-                        u.as_ptr().add((xi * nc + co0) * s.cin),
-                        s.cin as isize,
-                        1,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
+                        Mat { ptr: vp.add(xi * s.cin * stride), row: 1, col: stride },
+                        Mat { ptr: u.as_ptr().add((xi * nc + co0) * s.cin), row: 1, col: s.cin },
                     );
                 }
             }
@@ -518,26 +505,12 @@ fn transform_weights(
             // `(c0 + c)·cin·9 + ci·9 + tap` for ci < cin; dst writes `u[xi][c][ci]`, which only
             // this `c`'s product writes.
             unsafe {
-                gemm::gemm(
-                    AA,
-                    s.cin,
-                    9,
-                    u_ptr.0.add(c * s.cin),
-                    1,
-                    (nc * s.cin) as isize,
+                super::gemm(
+                    (AA, s.cin, 9),
+                    Mat { ptr: u_ptr.0.add(c * s.cin), row: nc * s.cin, col: 1 },
                     false,
-                    coef.as_ptr(),
-                    1,
-                    9,
-                    weight.as_ptr().add((c0 + c) * s.cin * 9),
-                    9,
-                    1,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                    Mat { ptr: coef.as_ptr(), row: 9, col: 1 },
+                    Mat { ptr: weight.as_ptr().add((c0 + c) * s.cin * 9), row: 1, col: 9 },
                 );
             }
         },
