@@ -74,8 +74,18 @@ unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 /// `conv(x, weight) + epilogue` for contiguous f32 `x` and `weight`; returns
-/// `[batch, cout, hout, wout]`.
+/// `[batch, cout, hout, wout]`. Shapes whose per-image products are too small for this kernel
+/// (few pixels or input channels, see `im2col::pays`) are unfolded over the batch instead.
 pub(crate) fn conv2d(x: &[f32], weight: &[f32], s: ConvShape, epi: Epilogue<'_>) -> Vec<f32> {
+    if super::im2col::pays(s, false) {
+        super::im2col::conv(x, weight, s, 1, epi)
+    } else {
+        direct(x, weight, s, epi)
+    }
+}
+
+/// [`conv2d`] by the direct kernel, whatever the shape.
+pub(super) fn direct(x: &[f32], weight: &[f32], s: ConvShape, epi: Epilogue<'_>) -> Vec<f32> {
     let (hout, wout) = s.out_hw();
     let wp = s.w + 2 * s.pad;
     let kk = s.k * s.k;
@@ -192,7 +202,7 @@ fn fill_band(band: &mut [f32], x: &[f32], s: ConvShape, y0: usize, count: usize,
 /// Writes one output row: `(residual + ((acc + bias) + temb)) / scale`, in diffusers' order of
 /// operations, with the terms that are absent left out.
 #[inline]
-fn store_row(
+pub(super) fn store_row(
     dst: &mut [f32],
     acc: &[f32],
     bias: f32,
@@ -243,13 +253,17 @@ pub(crate) fn conv2d_input_grad(g: &[f32], weight: &[f32], s: ConvShape) -> Vec<
 }
 
 /// The weight gradient of a stride-1 convolution, `[cout, cin, k, k]`, from its input `x` and
-/// output gradient `g`.
+/// output gradient `g` (by unfolding, `im2col::weight_grad`, unless the output channels are
+/// few: see `im2col::pays`).
 ///
 /// With the input padded and laid out as in [`conv2d`] (rows of `W'`, one extra zero row) and
 /// `g`'s rows widened to `W'` with zeros, tap `(ky, kx)` is one matrix product per image,
 /// `dW[:, :, ky, kx] += g · shift(x)ᵀ`, with no unfolded copy. Taps are split over threads;
 /// each sums its images in order, so the result does not depend on the thread count.
 pub(crate) fn conv2d_weight_grad(x: &[f32], g: &[f32], s: ConvShape) -> Vec<f32> {
+    if super::im2col::pays(s, true) {
+        return super::im2col::weight_grad(x, g, s);
+    }
     let (hout, wout) = s.out_hw();
     let wp = s.w + 2 * s.pad;
     let kk = s.k * s.k;

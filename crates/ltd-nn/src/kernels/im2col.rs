@@ -1,15 +1,25 @@
-//! Strided 2-D convolution on the CPU (the downsamplers' stride-2 3×3 convolutions): each
-//! image's input unfolded into a `[C_in·k², H'·W']` matrix (im2col) and multiplied by the
-//! weights, `[C_out, C_in·k²]` as they are stored, in the `gemm` crate.
+//! Convolution by unfolding (im2col) over the whole batch and one matrix product.
 //!
-//! candle's own strided convolution, which ran before, reorders the whole input to channels
-//! last and regathers the whole weight tensor on the calling thread at every call (for SD 1.5's
-//! 1280-channel downsampler that is 59 MB of weights, every step); here the unfolding and the
-//! products are split over the threads, and the weights are read in place. A stride-2 output
-//! is a quarter of the input's pixels, so the unfolded matrix is `k²/4` times the input: small
-//! next to the layer's weights and activations.
+//! The input is unfolded into `col[(ci·k + ky)·k + kx][b·P + oy·W' + ox] = x[b][ci][oy·stride +
+//! ky − pad][ox·stride + kx − pad]` (zero outside the input; `P = H'·W'` output pixels per
+//! image), and the output, channels first, is `W · col` with the weights `[C_out, C_in·k²]` as
+//! they are stored, computed by the `gemm` crate in bands of columns that the threads share;
+//! the weight gradient is `col · gᵀ` per group of images, accumulated in image order.
+//!
+//! Where it is used, against the direct kernel of `conv2d.rs` (which multiplies per image and
+//! per kernel tap, `C_out × C_in` by a band of pixels):
+//! - strided convolutions (the downsamplers), which the direct kernel does not compute.
+//!   candle's own strided convolution, which ran before, reorders the whole input to channels
+//!   last and regathers the whole weight tensor on the calling thread at every call; a
+//!   stride-2 output is a quarter of the input's pixels, so the unfolded matrix is `k²/4`
+//!   times the input.
+//! - stride-1 convolutions whose per-image, per-tap products are too small for the matrix
+//!   kernel: few output pixels per image (the training U-Net's 4×4 and 8×8 levels) or few
+//!   input channels (`conv_in`);
+//! - the weight gradient in training, unless the output channels are few. See [`pays`] for the
+//!   measurements.
 
-use super::conv2d::{ConvShape, OutPtr};
+use super::conv2d::{store_row, ConvShape, Epilogue, OutPtr};
 use super::Mat;
 
 /// Output height and width of `s` at `stride`.
@@ -17,85 +27,253 @@ pub(crate) fn out_hw(s: ConvShape, stride: usize) -> (usize, usize) {
     ((s.h + 2 * s.pad - s.k) / stride + 1, (s.w + 2 * s.pad - s.k) / stride + 1)
 }
 
-/// `conv(x, weight) + bias` at `stride` for contiguous f32 `x: [batch, cin, h, w]` and
-/// `weight: [cout, cin, k, k]` (`s.valid()`); returns `[batch, cout, hout, wout]`. Each output
-/// is its products' sum (in the `gemm` crate's order) plus the bias, as candle's convolution
-/// followed by the bias adds it.
-pub(crate) fn conv_strided(
+/// Largest unfolded batch the stride-1 forward accepts, in elements (64 MiB of f32): the
+/// shapes it is for unfold to a few MiB; a large image with few channels should not.
+const MAX_UNFOLDED: usize = 16 << 20;
+
+/// Whether unfolding beats the direct kernel for a stride-1 convolution of shape `s`: its
+/// forward (and input gradient, itself a convolution), or with `weight_grad` its weight
+/// gradient. Measured on one thread of a 2-core AMD EPYC (AVX2) at batch 16, direct /
+/// unfolded, ms:
+///
+/// | C_in→C_out, H×W | forward     | weight gradient |
+/// |-----------------|-------------|-----------------|
+/// | 128→128, 4×4    | 2.96 / 1.64 | 2.80 / 1.69     |
+/// | 256→128, 4×4    | 6.13 / 3.09 | 7.30 / 3.02     |
+/// | 64→128, 4×4     | 1.75 / 0.63 | 1.33 / 0.72     |
+/// | 128→128, 8×8    | 8.57 / 5.67 | 6.57 / 6.35     |
+/// | 192→64, 8×8     | 5.45 / 4.29 | 6.28 / 4.81     |
+/// | 64→64, 8×8      | 1.83 / 1.72 | 1.93 / 1.47     |
+/// | 4→64, 8×8       | 0.38 / 0.14 | 0.31 / 0.14     |
+/// | 3→16, 32×32     | 1.20 / 0.40 | 0.60 / 0.59     |
+/// | 32→32, 16×16    | 2.16 / 2.32 | 2.32 / 1.98     |
+/// | 64→64, 16×16    | 6.43 / 7.57 | 7.49 / 6.70     |
+/// | 16→16, 32×32    | 2.04 / 4.41 | 2.83 / 2.25     |
+/// | 32→16, 32×32    | 4.12 / 10.5 | 5.48 / 4.32     |
+/// | 64→4, 8×8       | 0.32 / 0.59 | 0.41 / 0.90     |
+/// | 16→3, 32×32     | 0.49 / 1.82 | 0.73 / 1.84     |
+///
+/// (and level at batch 2 and 1 on 320 and 128 channels of 32² and 64², 74 and 19 ms.) So the
+/// weight gradient whenever there are at least 16 output channels (the product's columns); the
+/// forward also only at most 8×8 output pixels or at most 4 input channels, and while the
+/// unfolded batch stays under [`MAX_UNFOLDED`].
+pub(crate) fn pays(s: ConvShape, weight_grad: bool) -> bool {
+    if weight_grad {
+        return s.cout >= 16;
+    }
+    let (hout, wout) = s.out_hw();
+    let small = hout * wout <= 64 || s.cin <= 4;
+    let unfolded = s.cin * s.k * s.k * s.batch * hout * wout;
+    small && s.cout >= 16 && unfolded <= MAX_UNFOLDED
+}
+
+/// The unfolded input: `rows` rows of `ld` elements, the first `cols` of each used.
+struct Unfolded {
+    col: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+}
+
+/// A row step for `cols` columns: a multiple of 64 bytes, plus 64. With a power-of-two step
+/// the matrix kernel's reads down a column fall into a few cache sets (measured: 128×256×1152
+/// and 32×4096×288 products at half speed).
+fn row_step(cols: usize) -> usize {
+    cols.div_ceil(16) * 16 + 16
+}
+
+/// Unfolds `x: [batch, cin, h, w]` for `s` at `stride` (see the module's comment); rows are
+/// split over the threads.
+fn unfold(x: &[f32], s: ConvShape, stride: usize) -> Unfolded {
+    let (hout, wout) = out_hw(s, stride);
+    let (rows, cols) = (s.cin * s.k * s.k, s.batch * hout * wout);
+    let ld = row_step(cols);
+    let mut col = vec![0f32; rows * ld];
+    let per = rows.div_ceil(super::threads()).max(1);
+    super::for_each_parallel(col.chunks_mut(per * ld).enumerate().collect(), |(t, chunk)| {
+        let first = t * per;
+        let images = 0..s.batch;
+        unfold_rows(chunk, ld, x, (s, stride), first..first + chunk.len() / ld, images);
+    });
+    Unfolded { col, rows, cols, ld }
+}
+
+/// Writes rows `rows` of the unfolded matrix, restricted to the columns of `images`, into
+/// `dst`: row `rows.start + i` at `i·ld`, image `images.start + j` from column `j·H'·W'`.
+/// Every one of those elements is written (zeros outside the input), so `dst` may be reused.
+fn unfold_rows(
+    dst: &mut [f32],
+    ld: usize,
     x: &[f32],
-    weight: &[f32],
-    bias: &[f32],
-    s: ConvShape,
-    stride: usize,
-) -> Vec<f32> {
+    (s, stride): (ConvShape, usize),
+    rows: std::ops::Range<usize>,
+    images: std::ops::Range<usize>,
+) {
     let (hout, wout) = out_hw(s, stride);
     let (kk, p) = (s.k * s.k, hout * wout);
-    let kdim = s.cin * kk;
-    debug_assert_eq!(x.len(), s.batch * s.cin * s.h * s.w);
-    debug_assert_eq!(weight.len(), s.cout * kdim);
-    debug_assert_eq!(bias.len(), s.cout);
-    let mut out = vec![0f32; s.batch * s.cout * p];
-    if out.is_empty() || kdim == 0 {
-        return out;
-    }
-    // `col[b][(ci·k + ky)·k + kx][oy·wout + ox] = x[b][ci][oy·stride + ky − pad][ox·stride +
-    // kx − pad]`, zero outside the input; the rows are split over the threads.
-    let mut col = vec![0f32; s.batch * kdim * p];
-    let rows = s.batch * kdim;
-    let threads = super::threads();
-    let per = rows.div_ceil(threads).max(1);
-    super::for_each_parallel(col.chunks_mut(per * p).enumerate().collect(), |(t, chunk)| {
-        for (i, dst) in chunk.chunks_exact_mut(p).enumerate() {
-            let r = t * per + i;
-            let (b, kr) = (r / kdim, r % kdim);
-            let (ci, ky, kx) = (kr / kk, (kr % kk) / s.k, kr % s.k);
+    for (r, row) in rows.zip(dst.chunks_mut(ld)) {
+        let (ci, ky, kx) = (r / kk, (r % kk) / s.k, r % s.k);
+        // The output columns whose input column `ox·stride + kx − pad` is in the image.
+        let ox0 = s.pad.saturating_sub(kx).div_ceil(stride).min(wout);
+        let ox1 = (s.w + s.pad).saturating_sub(kx).div_ceil(stride).clamp(ox0, wout);
+        for (j, b) in images.clone().enumerate() {
             let plane = &x[(b * s.cin + ci) * s.h * s.w..][..s.h * s.w];
-            for (oy, dst) in dst.chunks_exact_mut(wout).enumerate() {
+            for (oy, out) in row[j * p..(j + 1) * p].chunks_exact_mut(wout).enumerate() {
                 let Some(iy) = (oy * stride + ky).checked_sub(s.pad).filter(|&iy| iy < s.h) else {
+                    out.fill(0.0);
                     continue;
                 };
                 let src = &plane[iy * s.w..][..s.w];
-                for (ox, d) in dst.iter_mut().enumerate() {
-                    if let Some(ix) = (ox * stride + kx).checked_sub(s.pad).filter(|&ix| ix < s.w) {
-                        *d = src[ix];
+                out[..ox0].fill(0.0);
+                out[ox1..].fill(0.0);
+                let out = &mut out[ox0..ox1];
+                if out.is_empty() {
+                    continue;
+                }
+                let first = ox0 * stride + kx - s.pad;
+                if stride == 1 {
+                    out.copy_from_slice(&src[first..first + out.len()]);
+                } else {
+                    for (d, &v) in out.iter_mut().zip(src[first..].iter().step_by(stride)) {
+                        *d = v;
                     }
                 }
             }
         }
-    });
-    // Units: (image, block of output channels); two per thread where the channels allow.
-    let blocks = (2 * threads).div_ceil(s.batch).min(s.cout.div_ceil(16)).max(1);
-    let block = s.cout.div_ceil(blocks);
-    let units: Vec<(usize, usize)> =
-        (0..s.batch).flat_map(|b| (0..s.cout).step_by(block).map(move |c0| (b, c0))).collect();
-    let per = units.len().div_ceil(threads).max(1);
-    let (col, out_ptr) = (&col, OutPtr(out.as_mut_ptr()));
-    super::for_each_parallel(units.chunks(per).collect(), |units| {
-        #[allow(clippy::redundant_locals)]
-        let out_ptr = out_ptr;
-        for &(b, c0) in units {
-            let n = block.min(s.cout - c0);
-            // SAFETY: dst is `out[b][c0 .. c0 + n][..p]` (rows `p` apart), written by this unit
-            // only; lhs is `weight[c0 .. c0 + n][..kdim]`; rhs is `col[b]`, `kdim × p`.
+    }
+}
+
+/// Column bands of an `n`-column product for `threads`: one band on one thread (its result
+/// does not depend on the split: the `gemm` crate blocks the sums by their length only).
+fn bands(n: usize, threads: usize) -> usize {
+    if threads > 1 {
+        (2 * threads).min(n / 128).max(1)
+    } else {
+        1
+    }
+}
+
+/// `conv(x, weight) + epilogue` at `stride` for contiguous f32 `x: [batch, cin, h, w]` and
+/// `weight: [cout, cin, k, k]` (`s.valid()`); returns `[batch, cout, hout, wout]`. Each output
+/// is its products' sum (in the `gemm` crate's order) with the epilogue's terms added as the
+/// direct kernel adds them.
+pub(crate) fn conv(
+    x: &[f32],
+    weight: &[f32],
+    s: ConvShape,
+    stride: usize,
+    epi: Epilogue<'_>,
+) -> Vec<f32> {
+    let (hout, wout) = out_hw(s, stride);
+    let p = hout * wout;
+    debug_assert_eq!(x.len(), s.batch * s.cin * s.h * s.w);
+    debug_assert_eq!(weight.len(), s.cout * s.cin * s.k * s.k);
+    let mut out = vec![0f32; s.batch * s.cout * p];
+    if out.is_empty() || s.cin == 0 {
+        return out;
+    }
+    let u = unfold(x, s, stride);
+    let mut prod = vec![0f32; s.cout * u.ld];
+    let threads = super::threads();
+    let width = u.cols.div_ceil(bands(u.cols, threads));
+    let prod_ptr = OutPtr(prod.as_mut_ptr());
+    super::for_each_unit(
+        threads,
+        u.cols.div_ceil(width),
+        || (),
+        |_, band| {
+            #[allow(clippy::redundant_locals)]
+            let prod_ptr = prod_ptr;
+            let j0 = band * width;
+            // SAFETY: dst is `prod[..cout][j0 .. j0 + n]` (rows `ld` apart), this band's only;
+            // lhs is `weight`, `cout × rows`; rhs is `col[..rows][j0 .. j0 + n]`.
             unsafe {
-                let dst = out_ptr.0.add((b * s.cout + c0) * p);
                 super::gemm(
-                    (n, p, kdim),
-                    Mat { ptr: dst, row: p, col: 1 },
+                    (s.cout, width.min(u.cols - j0), u.rows),
+                    Mat { ptr: prod_ptr.0.add(j0), row: u.ld, col: 1 },
                     false,
-                    Mat { ptr: weight.as_ptr().add(c0 * kdim), row: kdim, col: 1 },
-                    Mat { ptr: col.as_ptr().add(b * kdim * p), row: p, col: 1 },
+                    Mat { ptr: weight.as_ptr(), row: u.rows, col: 1 },
+                    Mat { ptr: u.col.as_ptr().add(j0), row: u.ld, col: 1 },
                 );
-                for (c, &bv) in bias[c0..c0 + n].iter().enumerate() {
-                    for v in std::slice::from_raw_parts_mut(dst.add(c * p), p) {
-                        *v += bv;
-                    }
-                }
             }
-        }
-    });
+        },
+    );
+    for (plane, dst) in out.chunks_exact_mut(p).enumerate() {
+        let (b, co) = (plane / s.cout, plane % s.cout);
+        let temb = epi.channel_add.map(|t| t[plane]);
+        let residual = epi.residual.map(|r| &r[plane * p..(plane + 1) * p]);
+        store_row(dst, &prod[co * u.ld + b * p..][..p], epi.bias[co], temb, residual, epi.scale);
+    }
     out
 }
+
+/// The weight gradient of a stride-1 convolution, `[cout, cin, k, k]`, from its input `x` and
+/// output gradient `g: [batch, cout, hout, wout]`: per group of images (enough for sums of
+/// at least [`MIN_TERMS`] terms), their unfolded input times `g`'s transpose, accumulated in
+/// image order. Rows of the unfolded matrix are split over the threads, each unfolding its own
+/// into a buffer it reuses, so the result does not depend on the thread count.
+pub(crate) fn weight_grad(x: &[f32], g: &[f32], s: ConvShape) -> Vec<f32> {
+    let (hout, wout) = s.out_hw();
+    let p = hout * wout;
+    let rows = s.cin * s.k * s.k;
+    if rows == 0 || s.cout == 0 || p == 0 || s.batch == 0 {
+        return vec![0f32; s.cout * rows];
+    }
+    let per = MIN_TERMS.div_ceil(p).clamp(1, s.batch);
+    let ld = row_step(per * p);
+    // `g` regrouped per group of images: `[group][cout][image in group · p + pixel]`.
+    let groups = s.batch.div_ceil(per);
+    let mut gt = vec![0f32; groups * s.cout * ld];
+    for (plane, src) in g.chunks_exact(p).enumerate() {
+        let (b, co) = (plane / s.cout, plane % s.cout);
+        gt[((b / per) * s.cout + co) * ld + (b % per) * p..][..p].copy_from_slice(src);
+    }
+    // `dWᵀ`, `[cin·k²][cout]`: the product with the unfolded rows as its rows runs at about
+    // 80 GFLOP/s where `dW` itself ran at 30–60 (one thread, AVX2).
+    let mut dwt = vec![0f32; rows * s.cout];
+    let threads = super::threads();
+    let width = rows.div_ceil(bands(rows, threads));
+    let dwt_ptr = OutPtr(dwt.as_mut_ptr());
+    let gt = &gt;
+    super::for_each_unit(
+        threads,
+        rows.div_ceil(width),
+        || vec![0f32; width * ld],
+        |buf, band| {
+            #[allow(clippy::redundant_locals)]
+            let dwt_ptr = dwt_ptr;
+            let r0 = band * width;
+            let nr = width.min(rows - r0);
+            for group in 0..groups {
+                let images = group * per..((group + 1) * per).min(s.batch);
+                let terms = images.len() * p;
+                unfold_rows(&mut buf[..nr * ld], ld, x, (s, 1), r0..r0 + nr, images);
+                // SAFETY: dst is `dwt[r0 .. r0 + nr][..cout]`, this band's only; lhs is the
+                // `nr × terms` unfolded rows (`ld` apart); rhs is the transpose of the group's
+                // `cout × terms` gradients (`ld` apart).
+                unsafe {
+                    super::gemm(
+                        (nr, s.cout, terms),
+                        Mat { ptr: dwt_ptr.0.add(r0 * s.cout), row: s.cout, col: 1 },
+                        group > 0,
+                        Mat { ptr: buf.as_ptr(), row: ld, col: 1 },
+                        Mat { ptr: gt.as_ptr().add(group * s.cout * ld), row: 1, col: ld },
+                    );
+                }
+            }
+        },
+    );
+    let mut dw = vec![0f32; s.cout * rows];
+    for (r, src) in dwt.chunks_exact(s.cout).enumerate() {
+        for (co, &v) in src.iter().enumerate() {
+            dw[co * rows + r] = v;
+        }
+    }
+    dw
+}
+
+/// Fewest terms per product of [`weight_grad`]: groups of images at least this many pixels.
+const MIN_TERMS: usize = 1024;
 
 #[cfg(test)]
 mod tests {
@@ -134,11 +312,12 @@ mod tests {
         out
     }
 
-    /// Stride 2 and 3, padding 0 and 1, odd and even sizes (a last row and column that the
-    /// stride does not reach), one output pixel, channel blocks: within 1e-5 of the definition
-    /// relative to the largest output (f32 sums of up to 3·3·70 products).
+    // Stride 2 and 3, padding 0 and 1, odd and even sizes (a last row and column that the
+    // stride does not reach), one output pixel.
+    /// Unfolded convolutions, strided and not, within 1e-5 of the definition relative to the
+    /// largest output (f32 sums of up to 3·3·70 products).
     #[test]
-    fn strided_convolution_matches_the_definition() {
+    fn unfolded_convolution_matches_the_definition() {
         for &(b, cin, cout, h, w, k, pad, stride) in &[
             (2, 3, 5, 8, 8, 3, 1, 2),
             (1, 7, 40, 9, 6, 3, 1, 2),
@@ -146,11 +325,17 @@ mod tests {
             (1, 70, 33, 5, 5, 3, 1, 3),
             (2, 2, 2, 3, 3, 3, 0, 2),
             (1, 6, 4, 10, 10, 1, 0, 2),
+            // Stride 1, as the direct kernel's small shapes use it: 1×1 and 5×5 kernels too.
+            (3, 5, 16, 4, 4, 3, 1, 1),
+            (2, 3, 20, 9, 7, 3, 1, 1),
+            (2, 9, 17, 3, 5, 1, 0, 1),
+            (1, 4, 16, 6, 5, 5, 2, 1),
         ] {
             let s = ConvShape { batch: b, cin, h, w, cout, k, pad };
             let u = |n, seed| -> Vec<f32> { ltd_test_support::uniform(n, seed) };
             let (x, wt, bias) = (u(b * cin * h * w, 1), u(cout * cin * k * k, 2), u(cout, 3));
-            let ours = conv_strided(&x, &wt, &bias, s, stride);
+            let epi = Epilogue { bias: &bias, channel_add: None, residual: None, scale: 1.0 };
+            let ours = conv(&x, &wt, s, stride, epi);
             let expected = reference(&x, &wt, &bias, s, stride);
             assert_eq!(ours.len(), expected.len());
             let peak = expected.iter().fold(1f32, |a, v| a.max(v.abs()));
@@ -160,6 +345,76 @@ mod tests {
                 "{:?}: differs by {diff}",
                 (b, cin, cout, h, w, k, pad, stride)
             );
+        }
+    }
+
+    /// The epilogue's terms are added as the direct kernel adds them: both kernels give the
+    /// same outputs within 1e-5 of the largest (their sums run in different orders).
+    #[test]
+    fn unfolded_epilogue_equals_the_direct_kernel() {
+        let s = ConvShape { batch: 3, cin: 6, h: 4, w: 5, cout: 18, k: 3, pad: 1 };
+        let u = |n, seed| -> Vec<f32> { ltd_test_support::uniform(n, seed) };
+        let (x, wt, bias) = (u(3 * 6 * 20, 1), u(18 * 6 * 9, 2), u(18, 3));
+        let (temb, residual) = (u(3 * 18, 4), u(3 * 18 * 20, 5));
+        let epi = Epilogue {
+            bias: &bias,
+            channel_add: Some(&temb),
+            residual: Some(&residual),
+            scale: 2.0,
+        };
+        let ours = conv(&x, &wt, s, 1, epi);
+        let direct = super::super::conv2d::direct(&x, &wt, s, epi);
+        let peak = direct.iter().fold(1f32, |a, v| a.max(v.abs()));
+        let diff = ours.iter().zip(&direct).fold(0f32, |a, (p, q)| a.max((p - q).abs()));
+        assert!(diff <= 1e-5 * peak, "differs by {diff}");
+    }
+
+    /// The weight gradient `Σ_b,y,x g[b][co][y][x] · x[b][ci][y + ky − pad][x + kx − pad]`,
+    /// against the definition in f64 within 1e-5 relative to the largest (sums of up to
+    /// 3·1056 products).
+    #[test]
+    fn unfolded_weight_gradient_matches_the_definition() {
+        for &(b, cin, cout, h, w, k, pad) in &[
+            (3, 5, 16, 4, 4, 3, 1),
+            (2, 3, 20, 6, 5, 3, 1),
+            (1, 4, 16, 5, 3, 1, 0),
+            (2, 2, 16, 4, 4, 5, 2),
+            // Groups of images: three of one image each, and 4 + 2 images.
+            (3, 2, 16, 33, 32, 3, 1),
+            (6, 2, 17, 16, 16, 3, 1),
+        ] {
+            let s = ConvShape { batch: b, cin, h, w, cout, k, pad };
+            let (hout, wout) = s.out_hw();
+            let u = |n, seed| -> Vec<f32> { ltd_test_support::uniform(n, seed) };
+            let (x, g) = (u(b * cin * h * w, 1), u(b * cout * hout * wout, 2));
+            let ours = weight_grad(&x, &g, s);
+            let mut expected = vec![0f32; cout * cin * k * k];
+            for co in 0..cout {
+                for ci in 0..cin {
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let mut acc = 0f64;
+                            for bi in 0..b {
+                                for oy in 0..hout {
+                                    for ox in 0..wout {
+                                        let (iy, ix) = (oy + ky, ox + kx);
+                                        if iy < pad || ix < pad || iy - pad >= h || ix - pad >= w {
+                                            continue;
+                                        }
+                                        let xv = x[((bi * cin + ci) * h + iy - pad) * w + ix - pad];
+                                        let gv = g[((bi * cout + co) * hout + oy) * wout + ox];
+                                        acc += xv as f64 * gv as f64;
+                                    }
+                                }
+                            }
+                            expected[((co * cin + ci) * k + ky) * k + kx] = acc as f32;
+                        }
+                    }
+                }
+            }
+            let peak = expected.iter().fold(1f32, |a, v| a.max(v.abs()));
+            let diff = ours.iter().zip(&expected).fold(0f32, |a, (p, q)| a.max((p - q).abs()));
+            assert!(diff <= 1e-5 * peak, "{:?}: differs by {diff}", (b, cin, cout, h, w, k, pad));
         }
     }
 }

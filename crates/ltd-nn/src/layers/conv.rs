@@ -128,7 +128,8 @@ impl Conv2d {
             let f32c = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
             let (x32, w32, b32) = (f32c(x)?, f32c(&self.weight)?, f32c(&self.bias)?);
             let (xd, wd, bd) = (Data::new(&x32), Data::new(&w32), Data::new(&b32));
-            let out = im2col::conv_strided(xd.f32()?, wd.f32()?, bd.f32()?, shape, self.stride);
+            let epi = Epilogue { bias: bd.f32()?, channel_add: None, residual: None, scale: 1.0 };
+            let out = im2col::conv(xd.f32()?, wd.f32()?, shape, self.stride, epi);
             let y = Tensor::from_vec(out, (batch, cout, hout, wout), x.device())?;
             return Ok(Some(y.to_dtype(x.dtype())?));
         }
@@ -292,7 +293,7 @@ mod tests {
     #[test]
     fn training_convolution_and_its_gradients_equal_candles() {
         // Batches, 1×1 / 3×3 / 5×5 kernels, no padding and more, several bands of rows and
-        // split output channels (the 300-row and 130-channel cases).
+        // split output channels (the 300-row and 130-channel cases), and unfolded shapes.
         for &(b, cin, cout, h, w, k, pad) in &[
             (2, 3, 5, 7, 6, 3, 1),
             (1, 4, 130, 5, 9, 1, 0),
@@ -300,6 +301,11 @@ mod tests {
             (1, 3, 4, 4, 5, 5, 2),
             (3, 2, 3, 5, 5, 3, 2),
             (1, 8, 16, 300, 12, 3, 1),
+            // Unfolded over the batch (`im2col::pays`): 4×4 pixels forwards and for the weight
+            // gradient, an input gradient of 4×4 pixels, and 3 input channels.
+            (3, 5, 16, 4, 4, 3, 1),
+            (2, 24, 16, 3, 5, 3, 1),
+            (2, 3, 20, 9, 7, 3, 1),
         ] {
             let case = (b, cin, cout, h, w, k, pad);
             let x = Var::from_tensor(&rand(&[b, cin, h, w], 1)).unwrap();
