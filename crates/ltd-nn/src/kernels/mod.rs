@@ -280,20 +280,56 @@ impl RowStats {
 pub(crate) fn row_stats<T: Elem>(row: &[T]) -> RowStats {
     let n = row.len().max(1) as f64;
     let pivot = row.first().map_or(0.0, |v| v.to_f32());
-    let mut sum = 0f64;
-    for chunk in row.chunks(64) {
-        sum += chunk.iter().map(|v| v.to_f32() - pivot).sum::<f32>() as f64;
-    }
+    let sum = run_sums(row, |v| v - pivot);
     let delta = (sum / n) as f32;
-    let mut sq = 0f64;
-    for chunk in row.chunks(64) {
-        sq += chunk
-            .iter()
-            .map(|v| {
-                let d = (v.to_f32() - pivot) - delta;
-                d * d
-            })
-            .sum::<f32>() as f64;
-    }
+    let sq = run_sums(row, |v| {
+        let d = (v - pivot) - delta;
+        d * d
+    });
     RowStats { pivot, delta, var: (sq / n) as f32 }
+}
+
+/// `Σ a·b` over two rows, summed as [`run_sums`] sums.
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut total = 0f64;
+    for (a, b) in a.chunks(64).zip(b.chunks(64)) {
+        let mut lanes = [0f32; 8];
+        let (mut ga, mut gb) = (a.chunks_exact(8), b.chunks_exact(8));
+        for (x, y) in (&mut ga).zip(&mut gb) {
+            for ((lane, x), y) in lanes.iter_mut().zip(x).zip(y) {
+                *lane += x * y;
+            }
+        }
+        let mut sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
+            + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+        for (x, y) in ga.remainder().iter().zip(gb.remainder()) {
+            sum += x * y;
+        }
+        total += sum as f64;
+    }
+    total as f32
+}
+
+/// `Σ f(v)` over `row`: in f32 over runs of 64, each in 8 interleaved partial sums (which the
+/// compiler keeps in vector lanes; one running sum would add one element per add's latency),
+/// and in f64 across runs.
+#[inline(always)]
+pub(crate) fn run_sums<T: Elem>(row: &[T], f: impl Fn(f32) -> f32) -> f64 {
+    let mut total = 0f64;
+    for run in row.chunks(64) {
+        let mut lanes = [0f32; 8];
+        let mut groups = run.chunks_exact(8);
+        for group in &mut groups {
+            for (lane, v) in lanes.iter_mut().zip(group) {
+                *lane += f(v.to_f32());
+            }
+        }
+        let mut sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
+            + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+        for v in groups.remainder() {
+            sum += f(v.to_f32());
+        }
+        total += sum as f64;
+    }
+    total
 }

@@ -6,12 +6,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 
-use super::{contiguous, for_each_row, params_f32, row_stats, Data, Elem};
-
-#[inline(always)]
-fn silu(v: f32) -> f32 {
-    v / (1.0 + (-v).exp())
-}
+use super::{contiguous, for_each_row, params_f32, row_stats, simd, Data, Elem, RowStats};
 
 /// `torch.nn.GroupNorm` over `[B, C, …]` with per-channel weight and bias, optionally followed
 /// by SiLU.
@@ -45,14 +40,18 @@ impl GroupNormOp {
                 // when |mean| ≫ std.
                 let (scale, shift) = (w[c] * rstd, b[c]);
                 let range = k * spatial..(k + 1) * spatial;
-                let (s, d) = (&src[range.clone()], &mut dst[range]);
-                if self.silu {
-                    for (o, v) in d.iter_mut().zip(s) {
-                        *o = T::from_f32(silu(stats.centred(v.to_f32()) * scale + shift));
+                // In runs of 64 through an f32 buffer, so that SiLU runs 8 lanes at a time.
+                for (s, d) in src[range.clone()].chunks(64).zip(dst[range].chunks_mut(64)) {
+                    let mut run = [0f32; 64];
+                    let run = &mut run[..s.len()];
+                    for (o, v) in run.iter_mut().zip(s) {
+                        *o = stats.centred(v.to_f32()) * scale + shift;
                     }
-                } else {
-                    for (o, v) in d.iter_mut().zip(s) {
-                        *o = T::from_f32(stats.centred(v.to_f32()) * scale + shift);
+                    if self.silu {
+                        simd::silu_in_place(run);
+                    }
+                    for (o, &v) in d.iter_mut().zip(run.iter()) {
+                        *o = T::from_f32(v);
                     }
                 }
             }
@@ -116,31 +115,21 @@ impl CustomOp3 for GroupNormOp {
             let rstd = 1.0 / (stats.var + self.eps).sqrt();
             let first_channel = (row % self.groups) * per_group;
             let (dx, dparams) = dst.split_at_mut(row_len);
+            // `dx̂ = γ·dy` is constant in γ per channel, so its sums are γ times dy's.
             let (mut sum_dxh, mut sum_dxh_xh) = (0f64, 0f64);
             for k in 0..per_group {
                 let c = first_channel + k;
                 let range = k * spatial..(k + 1) * spatial;
-                let (mut dgamma, mut dbeta) = (0f64, 0f64);
-                for ((o, &v), &gv) in
-                    dx[range.clone()].iter_mut().zip(&src[range.clone()]).zip(&g[range])
-                {
-                    let xh = stats.centred(v) * rstd;
-                    let dy = if self.silu {
-                        let y = xh * w[c] + b[c];
-                        let sig = 1.0 / (1.0 + (-y).exp());
-                        gv * sig * (1.0 + y * (1.0 - sig))
-                    } else {
-                        gv
-                    };
-                    dbeta += dy as f64;
-                    dgamma += (dy * xh) as f64;
-                    let dxh = dy * w[c];
-                    sum_dxh += dxh as f64;
-                    sum_dxh_xh += (dxh * xh) as f64;
-                    *o = dxh;
-                }
+                let (dbeta, dgamma) = channel_grads(
+                    (&src[range.clone()], &g[range.clone()], &mut dx[range]),
+                    (stats, rstd),
+                    (w[c], b[c]),
+                    self.silu,
+                );
                 dparams[k] = dgamma as f32;
                 dparams[per_group + k] = dbeta as f32;
+                sum_dxh += w[c] as f64 * dbeta;
+                sum_dxh_xh += w[c] as f64 * dgamma;
             }
             let n = row_len.max(1) as f64;
             let (m1, m2) = ((sum_dxh / n) as f32, (sum_dxh_xh / n) as f32);
@@ -169,6 +158,82 @@ impl CustomOp3 for GroupNormOp {
             Some(params(dbeta)?),
         ))
     }
+}
+
+/// One channel of the group norm's backward: from its inputs `x`, the output gradient `g` and
+/// the group's statistics, stores `dx̂ = γ·dy` (with `dy` the gradient before the fused SiLU)
+/// and returns `(Σ dy, Σ dy·x̂)`, summed in f32 over runs of 64 (8 lanes where AVX2/FMA are
+/// present) and in f64 across runs.
+fn channel_grads(
+    (x, g, dxh): (&[f32], &[f32], &mut [f32]),
+    (stats, rstd): (RowStats, f32),
+    (gamma, beta): (f32, f32),
+    silu: bool,
+) -> (f64, f64) {
+    let (mut dbeta, mut dgamma) = (0f64, 0f64);
+    for ((x, g), dxh) in x.chunks(64).zip(g.chunks(64)).zip(dxh.chunks_mut(64)) {
+        let mut done = 0;
+        let (mut run_beta, mut run_gamma) = (0f32, 0f32);
+        #[cfg(target_arch = "x86_64")]
+        if simd::available() {
+            // SAFETY: AVX2/FMA checked above.
+            (done, run_beta, run_gamma) =
+                unsafe { run_grads_avx2((x, g, dxh), (stats, rstd), (gamma, beta), silu) };
+        }
+        for ((o, &v), &gv) in dxh[done..].iter_mut().zip(&x[done..]).zip(&g[done..]) {
+            let xh = stats.centred(v) * rstd;
+            let dy = if silu {
+                let y = xh * gamma + beta;
+                let sig = 1.0 / (1.0 + (-y).exp());
+                gv * sig * (1.0 + y * (1.0 - sig))
+            } else {
+                gv
+            };
+            run_beta += dy;
+            run_gamma += dy * xh;
+            *o = dy * gamma;
+        }
+        dbeta += run_beta as f64;
+        dgamma += run_gamma as f64;
+    }
+    (dbeta, dgamma)
+}
+
+/// The 8-lane part of one run of [`channel_grads`]: returns how many elements it did and
+/// their two sums.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn run_grads_avx2(
+    (x, g, dxh): (&[f32], &[f32], &mut [f32]),
+    (stats, rstd): (RowStats, f32),
+    (gamma, beta): (f32, f32),
+    silu: bool,
+) -> (usize, f32, f32) {
+    use std::arch::x86_64::*;
+    let n = x.len() / 8 * 8;
+    let (pivot, delta) = (_mm256_set1_ps(stats.pivot), _mm256_set1_ps(stats.delta));
+    let (rstd, gamma, beta) = (_mm256_set1_ps(rstd), _mm256_set1_ps(gamma), _mm256_set1_ps(beta));
+    let one = _mm256_set1_ps(1.0);
+    let (mut sum_beta, mut sum_gamma) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for i in (0..n).step_by(8) {
+        // SAFETY: `i + 8 ≤ n ≤` the length of `x`, `g` and `dxh` (the same).
+        unsafe {
+            let v = _mm256_loadu_ps(x.as_ptr().add(i));
+            let xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_sub_ps(v, pivot), delta), rstd);
+            let mut dy = _mm256_loadu_ps(g.as_ptr().add(i));
+            if silu {
+                let y = _mm256_fmadd_ps(xh, gamma, beta);
+                let e = simd::exp256(_mm256_sub_ps(_mm256_setzero_ps(), y));
+                let sig = _mm256_div_ps(one, _mm256_add_ps(one, e));
+                let d = _mm256_fmadd_ps(y, _mm256_sub_ps(one, sig), one);
+                dy = _mm256_mul_ps(_mm256_mul_ps(dy, sig), d);
+            }
+            sum_beta = _mm256_add_ps(sum_beta, dy);
+            sum_gamma = _mm256_fmadd_ps(dy, xh, sum_gamma);
+            _mm256_storeu_ps(dxh.as_mut_ptr().add(i), _mm256_mul_ps(dy, gamma));
+        }
+    }
+    (n, simd::hsum256(sum_beta), simd::hsum256(sum_gamma))
 }
 
 /// `torch.nn.LayerNorm` over the last dimension with weight and bias.
