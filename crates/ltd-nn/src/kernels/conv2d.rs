@@ -15,8 +15,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::Mat;
-use super::{contiguous, Data};
+use super::{contiguous, im2col, Data, Mat};
 
 /// Bytes of one band's working set (padded input rows and output rows) that a unit aims for:
 /// small enough to stay in the L2/L3 caches while its `k²` products run over it.
@@ -262,7 +261,7 @@ pub(crate) fn conv2d_input_grad(g: &[f32], weight: &[f32], s: ConvShape) -> Vec<
 /// each sums its images in order, so the result does not depend on the thread count.
 pub(crate) fn conv2d_weight_grad(x: &[f32], g: &[f32], s: ConvShape) -> Vec<f32> {
     if super::im2col::pays(s, true) {
-        return super::im2col::weight_grad(x, g, s);
+        return super::im2col::weight_grad(x, g, s, 1);
     }
     let (hout, wout) = s.out_hw();
     let wp = s.w + 2 * s.pad;
@@ -316,33 +315,43 @@ pub(crate) fn conv2d_weight_grad(x: &[f32], g: &[f32], s: ConvShape) -> Vec<f32>
     out
 }
 
-/// The bias gradient, `[cout]`: `g` summed over images and pixels (in f64).
-pub(crate) fn conv2d_bias_grad(g: &[f32], s: ConvShape) -> Vec<f32> {
-    let (hout, wout) = s.out_hw();
-    let mut sums = vec![0f64; s.cout];
-    for (i, plane) in g.chunks_exact(hout * wout).enumerate() {
-        sums[i % s.cout] += plane.iter().map(|&v| v as f64).sum::<f64>();
+/// The bias gradient, `[cout]`: `g: [batch, cout, …]` summed over images and pixels (in f64).
+pub(crate) fn conv2d_bias_grad(g: &[f32], cout: usize, batch: usize) -> Vec<f32> {
+    let mut sums = vec![0f64; cout];
+    let plane = g.len() / (batch * cout).max(1);
+    for (i, plane) in g.chunks_exact(plane.max(1)).enumerate() {
+        sums[i % cout] += plane.iter().map(|&v| v as f64).sum::<f64>();
     }
     sums.into_iter().map(|v| v as f32).collect()
 }
 
-/// A stride-1 convolution with bias under autograd, on f32 CPU tensors: the direct kernel of
-/// `conv2d` forwards, and its backward is one convolution (input gradient) and `k²`
-/// matrix products (weight gradient) over the whole batch. Composed from candle's ops, the
-/// same convolution spent most of a small training step on copying shifted views and their
-/// gradients.
+/// A convolution with bias under autograd, on f32 CPU tensors. At stride 1 the direct kernel
+/// of `conv2d` forwards, and its backward is one convolution (input gradient) and the weight
+/// gradient's products over the whole batch; strided (the downsamplers), `im2col`'s unfolded
+/// product forwards, and backwards its input gradient (`Wᵀ · g` folded back) and weight
+/// gradient. Composed from candle's ops, the same convolution spent most of a small training
+/// step on copying shifted views and their gradients, and candle's strided convolution and its
+/// backward ran on one thread with a dot product per output.
 pub(crate) struct Conv2dTrainOp {
     shape: ConvShape,
+    stride: usize,
 }
 
 impl Conv2dTrainOp {
-    /// The op for `x` and `weight`, if the kernel computes it (`pad < k`, so that the input
-    /// gradient is itself a padded convolution).
-    pub(crate) fn new(x: &Tensor, weight: &Tensor, padding: usize) -> Result<Option<Self>> {
+    /// The op for `x` and `weight` at `stride`, if the kernels compute it (at stride 1,
+    /// `pad < k`, so that the input gradient is itself a padded convolution).
+    pub(crate) fn new(
+        x: &Tensor,
+        weight: &Tensor,
+        padding: usize,
+        stride: usize,
+    ) -> Result<Option<Self>> {
         let (batch, cin, h, w) = x.dims4()?;
         let (cout, cin_w, k, k2) = weight.dims4()?;
         let shape = ConvShape { batch, cin, h, w, cout, k, pad: padding };
-        Ok((cin_w == cin && k == k2 && padding < k && shape.valid()).then_some(Self { shape }))
+        let fits = stride > 1 || padding < k;
+        let ok = cin_w == cin && k == k2 && stride > 0 && fits && shape.valid();
+        Ok(ok.then_some(Self { shape, stride }))
     }
 }
 
@@ -364,8 +373,11 @@ impl CustomOp3 for Conv2dTrainOp {
             (contiguous::<f32>(s1, l1)?, contiguous::<f32>(s2, l2)?, contiguous(s3, l3)?);
         let s = self.shape;
         let epi = Epilogue { bias: b, channel_add: None, residual: None, scale: 1.0 };
-        let (hout, wout) = s.out_hw();
-        let out = conv2d(x, w, s, epi);
+        let (hout, wout) = im2col::out_hw(s, self.stride);
+        let out = match self.stride {
+            1 => conv2d(x, w, s, epi),
+            stride => im2col::conv(x, w, s, stride, epi),
+        };
         Ok((CpuStorage::F32(out), Shape::from((s.batch, s.cout, hout, wout))))
     }
 
@@ -382,9 +394,13 @@ impl CustomOp3 for Conv2dTrainOp {
         let (xd, wd, gd) = (Data::new(&x), Data::new(&weight), Data::new(&grad));
         let (xs, ws, gs) = (xd.f32()?, wd.f32()?, gd.f32()?);
         let dev = x.device();
-        let dx = conv2d_input_grad(gs, ws, s);
-        let dw = conv2d_weight_grad(xs, gs, s);
-        let db = conv2d_bias_grad(gs, s);
+        let (dx, dw) = match self.stride {
+            1 => (conv2d_input_grad(gs, ws, s), conv2d_weight_grad(xs, gs, s)),
+            stride => {
+                (im2col::input_grad(gs, ws, s, stride), im2col::weight_grad(xs, gs, s, stride))
+            }
+        };
+        let db = conv2d_bias_grad(gs, s.cout, s.batch);
         Ok((
             Some(Tensor::from_vec(dx, (s.batch, s.cin, s.h, s.w), dev)?),
             Some(Tensor::from_vec(dw, (s.cout, s.cin, s.k, s.k), dev)?),
