@@ -360,47 +360,47 @@ const MIN_TERMS: usize = 1024;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ltd_test_support::uniform;
 
-    /// The definition, in f64.
-    fn reference(x: &[f32], w: &[f32], bias: &[f32], s: ConvShape, stride: usize) -> Vec<f32> {
+    /// Every product of a convolution of shape `s` at `stride`, as the indices of its input,
+    /// weight and output elements (`x[b][ci][iy][ix]`, `w[co][ci][ky][kx]`, `out[b][co][oy][ox]`):
+    /// the definition the forward and both gradients are checked against.
+    fn for_each_product(s: ConvShape, stride: usize, mut f: impl FnMut(usize, usize, usize)) {
         let (hout, wout) = out_hw(s, stride);
-        let mut out = vec![0f32; s.batch * s.cout * hout * wout];
         for b in 0..s.batch {
             for co in 0..s.cout {
-                for oy in 0..hout {
-                    for ox in 0..wout {
-                        let mut acc = bias[co] as f64;
-                        for ci in 0..s.cin {
-                            for ky in 0..s.k {
-                                for kx in 0..s.k {
-                                    let (iy, ix) = (oy * stride + ky, ox * stride + kx);
-                                    if iy < s.pad || ix < s.pad {
-                                        continue;
-                                    }
-                                    let (iy, ix) = (iy - s.pad, ix - s.pad);
-                                    if iy >= s.h || ix >= s.w {
-                                        continue;
-                                    }
-                                    acc += x[((b * s.cin + ci) * s.h + iy) * s.w + ix] as f64
-                                        * w[((co * s.cin + ci) * s.k + ky) * s.k + kx] as f64;
-                                }
+                for ci in 0..s.cin {
+                    for (ky, kx) in (0..s.k).flat_map(|ky| (0..s.k).map(move |kx| (ky, kx))) {
+                        let wi = ((co * s.cin + ci) * s.k + ky) * s.k + kx;
+                        for (oy, ox) in (0..hout).flat_map(|oy| (0..wout).map(move |ox| (oy, ox))) {
+                            let (iy, ix) = (oy * stride + ky, ox * stride + kx);
+                            if iy < s.pad || ix < s.pad || iy - s.pad >= s.h || ix - s.pad >= s.w {
+                                continue;
                             }
+                            let xi = ((b * s.cin + ci) * s.h + iy - s.pad) * s.w + ix - s.pad;
+                            f(xi, wi, ((b * s.cout + co) * hout + oy) * wout + ox);
                         }
-                        out[((b * s.cout + co) * hout + oy) * wout + ox] = acc as f32;
                     }
                 }
             }
         }
-        out
     }
 
-    // Stride 2 and 3, padding 0 and 1, odd and even sizes (a last row and column that the
-    // stride does not reach), one output pixel.
+    /// Asserts `ours` is within `1e-5` of `expected` (f64 sums) relative to its largest value.
+    fn assert_close(ours: &[f32], expected: &[f64], case: impl std::fmt::Debug) {
+        assert_eq!(ours.len(), expected.len(), "{case:?}");
+        let peak = expected.iter().fold(1f64, |a, v| a.max(v.abs()));
+        let diff = ours.iter().zip(expected).fold(0f64, |a, (p, q)| a.max((*p as f64 - q).abs()));
+        assert!(diff <= 1e-5 * peak, "{case:?}: differs by {diff}");
+    }
+
     /// Unfolded convolutions, strided and not, within 1e-5 of the definition relative to the
     /// largest output (f32 sums of up to 3·3·70 products).
     #[test]
     fn unfolded_convolution_matches_the_definition() {
         for &(b, cin, cout, h, w, k, pad, stride) in &[
+            // Stride 2 and 3, padding 0 and 1, odd and even sizes (a last row and column that
+            // the stride does not reach), one output pixel.
             (2, 3, 5, 8, 8, 3, 1, 2),
             (1, 7, 40, 9, 6, 3, 1, 2),
             (3, 4, 3, 7, 11, 3, 0, 2),
@@ -414,19 +414,16 @@ mod tests {
             (1, 4, 16, 6, 5, 5, 2, 1),
         ] {
             let s = ConvShape { batch: b, cin, h, w, cout, k, pad };
-            let u = |n, seed| -> Vec<f32> { ltd_test_support::uniform(n, seed) };
-            let (x, wt, bias) = (u(b * cin * h * w, 1), u(cout * cin * k * k, 2), u(cout, 3));
+            let (hout, wout) = out_hw(s, stride);
+            let (x, wt) = (uniform(b * cin * h * w, 1), uniform(cout * cin * k * k, 2));
+            let bias = uniform(cout, 3);
             let epi = Epilogue { bias: &bias, channel_add: None, residual: None, scale: 1.0 };
             let ours = conv(&x, &wt, s, stride, epi);
-            let expected = reference(&x, &wt, &bias, s, stride);
-            assert_eq!(ours.len(), expected.len());
-            let peak = expected.iter().fold(1f32, |a, v| a.max(v.abs()));
-            let diff = ours.iter().zip(&expected).fold(0f32, |a, (p, q)| a.max((p - q).abs()));
-            assert!(
-                diff <= 1e-5 * peak,
-                "{:?}: differs by {diff}",
-                (b, cin, cout, h, w, k, pad, stride)
-            );
+            let mut expected: Vec<f64> = (0..b * cout * hout * wout)
+                .map(|i| bias[(i / (hout * wout)) % cout] as f64)
+                .collect();
+            for_each_product(s, stride, |xi, wi, oi| expected[oi] += x[xi] as f64 * wt[wi] as f64);
+            assert_close(&ours, &expected, (b, cin, cout, h, w, k, pad, stride));
         }
     }
 
@@ -435,9 +432,8 @@ mod tests {
     #[test]
     fn unfolded_epilogue_equals_the_direct_kernel() {
         let s = ConvShape { batch: 3, cin: 6, h: 4, w: 5, cout: 18, k: 3, pad: 1 };
-        let u = |n, seed| -> Vec<f32> { ltd_test_support::uniform(n, seed) };
-        let (x, wt, bias) = (u(3 * 6 * 20, 1), u(18 * 6 * 9, 2), u(18, 3));
-        let (temb, residual) = (u(3 * 18, 4), u(3 * 18 * 20, 5));
+        let (x, wt, bias) = (uniform(3 * 6 * 20, 1), uniform(18 * 6 * 9, 2), uniform(18, 3));
+        let (temb, residual) = (uniform(3 * 18, 4), uniform(3 * 18 * 20, 5));
         let epi = Epilogue {
             bias: &bias,
             channel_add: Some(&temb),
@@ -446,9 +442,8 @@ mod tests {
         };
         let ours = conv(&x, &wt, s, 1, epi);
         let direct = super::super::conv2d::direct(&x, &wt, s, epi);
-        let peak = direct.iter().fold(1f32, |a, v| a.max(v.abs()));
-        let diff = ours.iter().zip(&direct).fold(0f32, |a, (p, q)| a.max((p - q).abs()));
-        assert!(diff <= 1e-5 * peak, "differs by {diff}");
+        let direct: Vec<f64> = direct.iter().map(|&v| v as f64).collect();
+        assert_close(&ours, &direct, s);
     }
 
     /// The weight gradient `Σ_b,y,x g[b][co][y][x] · x[b][ci][y + ky − pad][x + kx − pad]`,
@@ -470,40 +465,11 @@ mod tests {
         ] {
             let s = ConvShape { batch: b, cin, h, w, cout, k, pad };
             let (hout, wout) = out_hw(s, stride);
-            let u = |n, seed| -> Vec<f32> { ltd_test_support::uniform(n, seed) };
-            let (x, g) = (u(b * cin * h * w, 1), u(b * cout * hout * wout, 2));
+            let (x, g) = (uniform(b * cin * h * w, 1), uniform(b * cout * hout * wout, 2));
             let ours = weight_grad(&x, &g, s, stride);
-            let mut expected = vec![0f32; cout * cin * k * k];
-            for co in 0..cout {
-                for ci in 0..cin {
-                    for ky in 0..k {
-                        for kx in 0..k {
-                            let mut acc = 0f64;
-                            for bi in 0..b {
-                                for oy in 0..hout {
-                                    for ox in 0..wout {
-                                        let (iy, ix) = (oy * stride + ky, ox * stride + kx);
-                                        if iy < pad || ix < pad || iy - pad >= h || ix - pad >= w {
-                                            continue;
-                                        }
-                                        let xv = x[((bi * cin + ci) * h + iy - pad) * w + ix - pad];
-                                        let gv = g[((bi * cout + co) * hout + oy) * wout + ox];
-                                        acc += xv as f64 * gv as f64;
-                                    }
-                                }
-                            }
-                            expected[((co * cin + ci) * k + ky) * k + kx] = acc as f32;
-                        }
-                    }
-                }
-            }
-            let peak = expected.iter().fold(1f32, |a, v| a.max(v.abs()));
-            let diff = ours.iter().zip(&expected).fold(0f32, |a, (p, q)| a.max((p - q).abs()));
-            assert!(
-                diff <= 1e-5 * peak,
-                "{:?}: differs by {diff}",
-                (b, cin, cout, h, w, k, pad, stride)
-            );
+            let mut expected = vec![0f64; cout * cin * k * k];
+            for_each_product(s, stride, |xi, wi, oi| expected[wi] += x[xi] as f64 * g[oi] as f64);
+            assert_close(&ours, &expected, (b, cin, cout, h, w, k, pad, stride));
         }
     }
 
@@ -521,38 +487,11 @@ mod tests {
         ] {
             let s = ConvShape { batch: b, cin, h, w, cout, k, pad };
             let (hout, wout) = out_hw(s, stride);
-            let u = |n, seed| -> Vec<f32> { ltd_test_support::uniform(n, seed) };
-            let (g, wt) = (u(b * cout * hout * wout, 1), u(cout * cin * k * k, 2));
+            let (g, wt) = (uniform(b * cout * hout * wout, 1), uniform(cout * cin * k * k, 2));
             let ours = input_grad(&g, &wt, s, stride);
             let mut expected = vec![0f64; b * cin * h * w];
-            for bi in 0..b {
-                for co in 0..cout {
-                    for oy in 0..hout {
-                        for ox in 0..wout {
-                            let gv = g[((bi * cout + co) * hout + oy) * wout + ox] as f64;
-                            for ci in 0..cin {
-                                for ky in 0..k {
-                                    for kx in 0..k {
-                                        let (iy, ix) = (oy * stride + ky, ox * stride + kx);
-                                        if iy < pad || ix < pad || iy - pad >= h || ix - pad >= w {
-                                            continue;
-                                        }
-                                        let wv = wt[((co * cin + ci) * k + ky) * k + kx] as f64;
-                                        expected
-                                            [((bi * cin + ci) * h + iy - pad) * w + ix - pad] +=
-                                            gv * wv;
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-            let peak = expected.iter().fold(1f64, |a, v| a.max(v.abs()));
-            let diff =
-                ours.iter().zip(&expected).fold(0f64, |a, (p, q)| a.max((*p as f64 - q).abs()));
-            let case = (b, cin, cout, h, w, k, pad, stride);
-            assert!(diff <= 1e-5 * peak, "{case:?}: differs by {diff}");
+            for_each_product(s, stride, |xi, wi, oi| expected[xi] += g[oi] as f64 * wt[wi] as f64);
+            assert_close(&ours, &expected, (b, cin, cout, h, w, k, pad, stride));
         }
     }
 }
