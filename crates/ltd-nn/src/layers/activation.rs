@@ -60,8 +60,9 @@ pub fn geglu(h: &Tensor, inner: usize) -> Result<Tensor> {
             return out.to_dtype(dtype);
         }
         if h.dtype() == DType::F32 {
-            // Under autograd: the same pass, with its own backward (one pass instead of the
-            // composite's nine elementwise ops and their gradients).
+            // Under autograd: the same pass, with its own backward (one pass each way instead
+            // of the composite's elementwise ops: GELU, the product, and in backward GELU's
+            // derivative through erf, exp and several products).
             return h.contiguous()?.apply_op1(GegluOp { inner });
         }
     }

@@ -100,8 +100,8 @@ impl Conv2d {
     }
 
     /// ltd's CPU kernels, when they apply: a convolution of CPU tensors outside any autograd
-    /// graph, stride 1 (the direct kernel of `kernels/conv2d.rs`, or Winograd's) or strided
-    /// without extra terms (`kernels/im2col.rs`). Half-precision inputs are computed in f32
+    /// graph, stride 1 (`kernels/conv2d.rs`, which unfolds small shapes by `kernels/im2col.rs`,
+    /// or Winograd's) or strided without extra terms (`kernels/im2col.rs`). Half-precision inputs are computed in f32
     /// and rounded once, as PyTorch's CPU kernels do.
     fn forward_cpu(
         &self,
