@@ -107,7 +107,8 @@ fn main() -> Result<()> {
     {
         std::process::exit(rerun_in_release()?);
     }
-    match &cli.task {
+    // On rayon's pool: see `ltd_nn::on_cpu_pool`.
+    ltd_nn::on_cpu_pool(|| match &cli.task {
         Task::Fixtures(args) => fixtures::run(args, &root),
         Task::MakeShapes(args) => make_shapes::run(args),
         Task::TrainVae(args) => train_vae::run(args),
@@ -116,5 +117,5 @@ fn main() -> Result<()> {
         Task::Bench(args) => bench::run(args, &root),
         Task::BigTests(args) => big_tests::run(args),
         Task::BuildCuda(args) => build_cuda::run(args, &root),
-    }
+    })
 }

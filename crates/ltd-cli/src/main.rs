@@ -28,7 +28,8 @@ fn main() -> ExitCode {
     ltd_nn::pin_cpu_threads();
     let args = Args::parse();
     init_tracing();
-    match run(&args) {
+    // On rayon's pool: see `ltd_nn::on_cpu_pool`.
+    match ltd_nn::on_cpu_pool(|| run(&args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let msg = format!("{e:#}").replace('\n', " ");

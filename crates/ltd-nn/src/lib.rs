@@ -23,5 +23,5 @@ pub use kernels::Data as CpuData;
 pub use patch::{LowRankDelta, WeightPatches};
 pub use quantize::{Quantization, QuantizeReport};
 pub use rng::{NoiseSource, PhiloxRng, TorchRng};
-pub use runtime::{pin_cpu_threads, RuntimeOptions};
+pub use runtime::{on_cpu_pool, pin_cpu_threads, RuntimeOptions};
 pub use weights::{load_checked, record_shapes, Alias, SafetensorsFiles};

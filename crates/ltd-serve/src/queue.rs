@@ -336,7 +336,8 @@ pub fn start(
                 let result = if job.cancel.load(Ordering::Relaxed) {
                     Err(JobError::Interrupted { step: 0, total: 0 })
                 } else {
-                    worker.run(&job)
+                    // On rayon's pool: see `ltd_nn::on_cpu_pool`.
+                    ltd_nn::on_cpu_pool(|| worker.run(&job))
                 };
                 worker.queue.finish();
                 job.answer(result);

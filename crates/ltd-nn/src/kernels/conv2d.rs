@@ -315,12 +315,18 @@ pub(crate) fn conv2d_weight_grad(x: &[f32], g: &[f32], s: ConvShape) -> Vec<f32>
     out
 }
 
-/// The bias gradient, `[cout]`: `g: [batch, cout, …]` summed over images and pixels (in f64).
+/// The bias gradient, `[cout]`: `g: [batch, cout, …]` summed over images and pixels (each
+/// plane as `run_sums` sums it, the planes in f64).
 pub(crate) fn conv2d_bias_grad(g: &[f32], cout: usize, batch: usize) -> Vec<f32> {
     let mut sums = vec![0f64; cout];
-    let plane = g.len() / (batch * cout).max(1);
-    for (i, plane) in g.chunks_exact(plane.max(1)).enumerate() {
-        sums[i % cout] += plane.iter().map(|&v| v as f64).sum::<f64>();
+    let plane = (g.len() / (batch * cout).max(1)).max(1);
+    // Each plane summed as `run_sums` sums (in parallel), the planes in order.
+    let mut planes = vec![0f64; g.len() / plane];
+    super::for_each_row(g, &mut planes, (plane, 1), |_, src, dst| {
+        dst[0] = super::run_sums(src, |v| v)
+    });
+    for (i, v) in planes.into_iter().enumerate() {
+        sums[i % cout] += v;
     }
     sums.into_iter().map(|v| v as f32).collect()
 }

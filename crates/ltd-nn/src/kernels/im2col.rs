@@ -4,7 +4,8 @@
 //! ky − pad][ox·stride + kx − pad]` (zero outside the input; `P = H'·W'` output pixels per
 //! image), and the output, channels first, is `W · col` with the weights `[C_out, C_in·k²]` as
 //! they are stored, computed by the `gemm` crate in bands of columns that the threads share;
-//! the weight gradient is `col · gᵀ` per group of images, accumulated in image order.
+//! the weight gradient is `col · gᵀ` per group of images, accumulated in image order (in a few
+//! parts, added in order, where the products have few rows).
 //!
 //! Where it is used, against the direct kernel of `conv2d.rs` (which multiplies per image and
 //! per kernel tap, `C_out × C_in` by a band of pixels):
@@ -147,7 +148,7 @@ fn unfold_rows(
 /// does not depend on the split: the `gemm` crate blocks the sums by their length only).
 fn bands(n: usize, threads: usize) -> usize {
     if threads > 1 {
-        (2 * threads).min(n / 128).max(1)
+        (2 * threads).min(n / MIN_BAND).max(1)
     } else {
         1
     }
@@ -198,19 +199,23 @@ pub(crate) fn conv(
             }
         },
     );
-    for (plane, dst) in out.chunks_exact_mut(p).enumerate() {
-        let (b, co) = (plane / s.cout, plane % s.cout);
-        let temb = epi.channel_add.map(|t| t[plane]);
-        let residual = epi.residual.map(|r| &r[plane * p..(plane + 1) * p]);
-        store_row(dst, &prod[co * u.ld + b * p..][..p], epi.bias[co], temb, residual, epi.scale);
-    }
+    let prod = &prod;
+    super::for_each_row_mut(&mut out, s.cout * p, |b, image| {
+        for (co, dst) in image.chunks_exact_mut(p).enumerate() {
+            let plane = b * s.cout + co;
+            let temb = epi.channel_add.map(|t| t[plane]);
+            let residual = epi.residual.map(|r| &r[plane * p..(plane + 1) * p]);
+            let acc = &prod[co * u.ld + b * p..][..p];
+            store_row(dst, acc, epi.bias[co], temb, residual, epi.scale);
+        }
+    });
     out
 }
 
 /// The weight gradient of a convolution at `stride`, `[cout, cin, k, k]`, from its input `x` and
 /// output gradient `g: [batch, cout, hout, wout]`: per group of images (enough for sums of
 /// at least [`MIN_TERMS`] terms), their unfolded input times `g`'s transpose, accumulated in
-/// image order. Rows of the unfolded matrix are split over the threads, each unfolding its own
+/// image order (in up to [`MAX_PARTS`] parts, added in order, for few rows). Rows of the unfolded matrix are split over the threads, each unfolding its own
 /// into a buffer it reuses, so the result does not depend on the thread count.
 pub(crate) fn weight_grad(x: &[f32], g: &[f32], s: ConvShape, stride: usize) -> Vec<f32> {
     let (hout, wout) = out_hw(s, stride);
@@ -226,32 +231,47 @@ pub(crate) fn weight_grad(x: &[f32], g: &[f32], s: ConvShape, stride: usize) -> 
     let gt = images_side_by_side(g, s.cout, p, per, ld);
     // `dWᵀ`, `[cin·k²][cout]`: the product with the unfolded rows as its rows runs at about
     // 80 GFLOP/s where `dW` itself ran at 30–60 (one thread, AVX2).
-    let mut dwt = vec![0f32; rows * s.cout];
+    // Too few rows for bands on two threads: the groups are also split into up to
+    // `MAX_PARTS` consecutive parts, each summed on its own and the parts added in order (a
+    // split by the shape alone, so the sums do not depend on the thread count either).
+    let per_part = match rows < 2 * MIN_BAND {
+        true => groups.div_ceil(MAX_PARTS),
+        false => groups,
+    };
+    let parts = groups.div_ceil(per_part);
+    let mut dwt = vec![0f32; parts * rows * s.cout];
     let threads = super::threads();
     let width = rows.div_ceil(bands(rows, threads));
+    let nbands = rows.div_ceil(width);
     let dwt_ptr = OutPtr(dwt.as_mut_ptr());
     let gt = &gt;
     super::for_each_unit(
         threads,
-        rows.div_ceil(width),
+        parts * nbands,
         || vec![0f32; width * ld],
-        |buf, band| {
+        |buf, unit| {
             #[allow(clippy::redundant_locals)]
             let dwt_ptr = dwt_ptr;
+            let (part, band) = (unit / nbands, unit % nbands);
             let r0 = band * width;
             let nr = width.min(rows - r0);
-            for group in 0..groups {
+            let first = part * per_part;
+            for group in first..(first + per_part).min(groups) {
                 let images = group * per..((group + 1) * per).min(s.batch);
                 let terms = images.len() * p;
                 unfold_rows(&mut buf[..nr * ld], ld, x, (s, stride), r0..r0 + nr, images);
-                // SAFETY: dst is `dwt[r0 .. r0 + nr][..cout]`, this band's only; lhs is the
-                // `nr × terms` unfolded rows (`ld` apart); rhs is the transpose of the group's
-                // `cout × terms` gradients (`ld` apart).
+                // SAFETY: dst is part `part`'s `dwt[r0 .. r0 + nr][..cout]`, this unit's only;
+                // lhs is the `nr × terms` unfolded rows (`ld` apart); rhs is the transpose of
+                // the group's `cout × terms` gradients (`ld` apart).
                 unsafe {
                     super::gemm(
                         (nr, s.cout, terms),
-                        Mat { ptr: dwt_ptr.0.add(r0 * s.cout), row: s.cout, col: 1 },
-                        group > 0,
+                        Mat {
+                            ptr: dwt_ptr.0.add((part * rows + r0) * s.cout),
+                            row: s.cout,
+                            col: 1,
+                        },
+                        group > first,
                         Mat { ptr: buf.as_ptr(), row: ld, col: 1 },
                         Mat { ptr: gt.as_ptr().add(group * s.cout * ld), row: 1, col: ld },
                     );
@@ -259,6 +279,10 @@ pub(crate) fn weight_grad(x: &[f32], g: &[f32], s: ConvShape, stride: usize) -> 
             }
         },
     );
+    let (dwt, later) = dwt.split_at_mut(rows * s.cout);
+    for part in later.chunks_exact(rows * s.cout) {
+        dwt.iter_mut().zip(part).for_each(|(d, &v)| *d += v);
+    }
     let mut dw = vec![0f32; s.cout * rows];
     for (r, src) in dwt.chunks_exact(s.cout).enumerate() {
         for (co, &v) in src.iter().enumerate() {
@@ -273,10 +297,15 @@ pub(crate) fn weight_grad(x: &[f32], g: &[f32], s: ConvShape, stride: usize) -> 
 fn images_side_by_side(g: &[f32], cout: usize, p: usize, per: usize, ld: usize) -> Vec<f32> {
     let groups = (g.len() / (cout * p).max(1)).div_ceil(per.max(1));
     let mut out = vec![0f32; groups * cout * ld];
-    for (plane, src) in g.chunks_exact(p).enumerate() {
-        let (b, co) = (plane / cout, plane % cout);
-        out[((b / per) * cout + co) * ld + (b % per) * p..][..p].copy_from_slice(src);
-    }
+    // One row of `out` per (group, channel): its images' planes side by side.
+    super::for_each_row_mut(&mut out, ld, |row, dst| {
+        let (group, co) = (row / cout, row % cout);
+        for (j, b) in (group * per..(group + 1) * per).enumerate() {
+            if let Some(src) = g.get((b * cout + co) * p..(b * cout + co + 1) * p) {
+                dst[j * p..][..p].copy_from_slice(src);
+            }
+        }
+    });
     out
 }
 
@@ -356,6 +385,13 @@ pub(crate) fn input_grad(g: &[f32], weight: &[f32], s: ConvShape, stride: usize)
 
 /// Fewest terms per product of [`weight_grad`]: groups of images at least this many pixels.
 const MIN_TERMS: usize = 1024;
+
+/// Fewest columns (rows of `weight_grad`'s product) per band of [`bands`].
+const MIN_BAND: usize = 128;
+
+/// Most parts `weight_grad` splits its groups of images into when its rows are too few for
+/// two bands.
+const MAX_PARTS: usize = 4;
 
 #[cfg(test)]
 mod tests {
@@ -456,9 +492,11 @@ mod tests {
             (2, 3, 20, 6, 5, 3, 1, 1),
             (1, 4, 16, 5, 3, 1, 0, 1),
             (2, 2, 16, 4, 4, 5, 2, 1),
-            // Groups of images: three of one image each, and 4 + 2 images.
+            // Groups of images: three of one image each, and 4 + 2 images (each group its
+            // own part), and nine of one image in three parts of three.
             (3, 2, 16, 33, 32, 3, 1, 1),
             (6, 2, 17, 16, 16, 3, 1, 1),
+            (9, 1, 16, 32, 32, 3, 1, 1),
             // Strided, with a last row and column the stride does not reach.
             (2, 5, 16, 9, 8, 3, 1, 2),
             (1, 3, 16, 10, 11, 3, 1, 3),

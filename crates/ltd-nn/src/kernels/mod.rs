@@ -134,6 +134,24 @@ fn threads_for(work: usize) -> usize {
     threads().min(work / MIN_WORK_PER_THREAD).max(1)
 }
 
+/// Runs `f(row_index, row)` for every `len`-element row of `dst`, in parallel (a memory pass:
+/// split only where each thread gets [`threads_for`]'s share).
+pub(crate) fn for_each_row_mut<D: Send>(
+    dst: &mut [D],
+    len: usize,
+    f: impl Fn(usize, &mut [D]) + Sync,
+) {
+    let rows = dst.len().checked_div(len).unwrap_or(0);
+    let threads = threads_for(dst.len()).min(rows.max(1));
+    let per_thread = rows.div_ceil(threads).max(1);
+    let chunks = dst.chunks_mut(per_thread * len.max(1)).enumerate().collect();
+    for_each_parallel(chunks, |(t, d): (usize, &mut [D])| {
+        for (i, d) in d.chunks_mut(len.max(1)).enumerate() {
+            f(t * per_thread + i, d);
+        }
+    });
+}
+
 /// Runs `f(row_index, src_row, dst_row)` for every row (`src_len` elements in, `dst_len` out),
 /// in parallel.
 pub(crate) fn for_each_row<S: Sync, D: Send>(
@@ -332,4 +350,20 @@ pub(crate) fn run_sums<T: Elem>(row: &[T], f: impl Fn(f32) -> f32) -> f64 {
         total += sum as f64;
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every row is visited once, with its own index, also when the rows are split over
+    /// threads (enough elements for two).
+    #[test]
+    fn for_each_row_mut_visits_every_row_with_its_index() {
+        for (rows, len) in [(0, 4), (3, 5), (9, 1 << 15), (1, 1 << 18)] {
+            let mut dst = vec![0u32; rows * len];
+            super::for_each_row_mut(&mut dst, len, |i, row| {
+                row.iter_mut().enumerate().for_each(|(j, v)| *v += (i * len + j) as u32 + 1)
+            });
+            assert!(dst.iter().enumerate().all(|(k, &v)| v == k as u32 + 1), "{rows}×{len}");
+        }
+    }
 }
