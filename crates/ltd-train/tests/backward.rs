@@ -1,7 +1,8 @@
 //! The gradients of candle's backward pass as ltd patches it (`third_party/candle-core`: a
 //! node's first gradient is stored, later ones added, instead of every one being added to
 //! zeros): a tensor used several times, through additions and subtractions, must receive the
-//! sum of all its contributions, and a tensor reached once its gradient exactly.
+//! sum of all its contributions, and a tensor reached once its gradient exactly. And the
+//! patched sum over leading dimensions, which reduces broadcast operands' gradients.
 
 use candle_core::{Device, Tensor, Var};
 
@@ -46,4 +47,34 @@ fn a_first_gradient_is_stored_contiguous_and_unchanged() {
     // A tensor the loss does not depend on gets no gradient.
     let unused = Var::new(&[1.0f32], &dev).unwrap();
     assert!(grads.get(unused.as_tensor()).is_none());
+}
+
+/// ltd's second change to candle: a sum over one range of dimensions followed by kept ones
+/// (how backward reduces the gradient of a broadcast bias) adds whole rows. Each sum must be
+/// the same number the element-by-element loop gives: its terms added in index order.
+#[test]
+fn sums_over_leading_and_middle_dims_add_in_index_order() {
+    let dev = Device::Cpu;
+    let dims = [3usize, 4, 5, 6];
+    let n: usize = dims.iter().product();
+    let xs: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0).collect();
+    let x = Tensor::from_vec(xs.clone(), &dims, &dev).unwrap();
+    for reduce in [&[0usize][..], &[0, 1], &[0, 1, 2], &[1], &[1, 2], &[2], &[0, 2]] {
+        let ours = values(&x.sum_keepdim(reduce.to_vec()).unwrap());
+        let mut expected = vec![0f32; ours.len()];
+        for (i, &v) in xs.iter().enumerate() {
+            // The output index: the input's with the reduced coordinates set to 0.
+            let (mut rest, mut out, mut step) = (i, 0, 1);
+            for d in (0..4).rev() {
+                let coord = rest % dims[d];
+                rest /= dims[d];
+                if !reduce.contains(&d) {
+                    out += coord * step;
+                    step *= dims[d];
+                }
+            }
+            expected[out] += v;
+        }
+        assert_eq!(ours, expected, "sum over {reduce:?}");
+    }
 }

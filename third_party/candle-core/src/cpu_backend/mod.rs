@@ -344,6 +344,29 @@ impl ReduceSum<'_> {
                     }
                     return Ok(dst);
                 };
+                // ltd's patch: one range of reduced dims followed by kept ones (the bias and
+                // broadcast gradients in backward, `[B, T, C] -> [1, 1, C]`) adds whole rows,
+                // in the same order per element as the loop below, without its divisions.
+                let dims = src_l.shape().dims();
+                let consecutive = self.reduce_dims.windows(2).all(|w| w[1] == w[0] + 1);
+                if let (true, Some(&first), Some(&last)) =
+                    (consecutive, self.reduce_dims.first(), self.reduce_dims.last())
+                {
+                    let pre = dims[..first].iter().product::<usize>();
+                    let red = dims[first..=last].iter().product::<usize>();
+                    let post = dims[last + 1..].iter().product::<usize>();
+                    if post > 0 {
+                        for (o, dst) in dst.chunks_exact_mut(post).enumerate().take(pre) {
+                            for r in 0..red {
+                                let row = &src[(o * red + r) * post..][..post];
+                                for (d, &v) in dst.iter_mut().zip(row) {
+                                    *d += v;
+                                }
+                            }
+                        }
+                    }
+                    return Ok(dst);
+                }
                 for (unstr_index, &src) in src.iter().enumerate() {
                     let mut dst_index = unstr_index;
                     // Set the reduce_dims indexes to 0.
