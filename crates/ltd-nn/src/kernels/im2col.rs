@@ -215,8 +215,9 @@ pub(crate) fn conv(
 /// The weight gradient of a convolution at `stride`, `[cout, cin, k, k]`, from its input `x` and
 /// output gradient `g: [batch, cout, hout, wout]`: per group of images (enough for sums of
 /// at least [`MIN_TERMS`] terms), their unfolded input times `g`'s transpose, accumulated in
-/// image order (in up to [`MAX_PARTS`] parts, added in order, for few rows). Rows of the unfolded matrix are split over the threads, each unfolding its own
-/// into a buffer it reuses, so the result does not depend on the thread count.
+/// image order (in up to [`MAX_PARTS`] parts, added in order, for few rows). Rows of the
+/// unfolded matrix are split over the threads, each unfolding its own into a buffer it reuses,
+/// so the result does not depend on the thread count.
 pub(crate) fn weight_grad(x: &[f32], g: &[f32], s: ConvShape, stride: usize) -> Vec<f32> {
     let (hout, wout) = out_hw(s, stride);
     let p = hout * wout;
@@ -234,10 +235,7 @@ pub(crate) fn weight_grad(x: &[f32], g: &[f32], s: ConvShape, stride: usize) -> 
     // Too few rows for bands on two threads: the groups are also split into up to
     // `MAX_PARTS` consecutive parts, each summed on its own and the parts added in order (a
     // split by the shape alone, so the sums do not depend on the thread count either).
-    let per_part = match rows < 2 * MIN_BAND {
-        true => groups.div_ceil(MAX_PARTS),
-        false => groups,
-    };
+    let per_part = if rows < 2 * MIN_BAND { groups.div_ceil(MAX_PARTS) } else { groups };
     let parts = groups.div_ceil(per_part);
     let mut dwt = vec![0f32; parts * rows * s.cout];
     let threads = super::threads();
