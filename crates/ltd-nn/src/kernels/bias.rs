@@ -8,7 +8,7 @@
 
 use candle_core::{bail, CpuStorage, InplaceOp2, Layout, Result};
 
-use super::{contiguous, for_each_parallel, threads_for};
+use super::{contiguous, for_each_row_mut};
 
 /// `y[r][c] += b[c]` for a contiguous f32 `y: [rows, n]` and `b: [n]`.
 pub(crate) struct AddRowBias;
@@ -38,13 +38,9 @@ impl InplaceOp2 for AddRowBias {
         if n == 0 || y.len() % n != 0 {
             bail!("add bias: {} elements are not rows of the bias's {n}", y.len());
         }
-        let rows = y.len() / n;
-        let per = rows.div_ceil(threads_for(y.len())).max(1);
-        for_each_parallel(y.chunks_mut(per * n).collect(), |chunk| {
-            for row in chunk.chunks_exact_mut(n) {
-                for (v, &bias) in row.iter_mut().zip(b) {
-                    *v += bias;
-                }
+        for_each_row_mut(y, n, |_, row| {
+            for (v, &bias) in row.iter_mut().zip(b) {
+                *v += bias;
             }
         });
         Ok(())
@@ -60,7 +56,8 @@ mod tests {
     #[test]
     fn equals_broadcast_add_bit_for_bit() {
         let dev = Device::Cpu;
-        for (rows, n) in [(0, 5), (1, 1), (3, 7), (1000, 130)] {
+        // The last case is split over two threads (at least 65,536 elements each).
+        for (rows, n) in [(0, 5), (1, 1), (3, 7), (1000, 130), (2000, 130)] {
             let y =
                 Tensor::from_vec(ltd_test_support::uniform(rows * n, 1), (rows, n), &dev).unwrap();
             let b = Tensor::from_vec(ltd_test_support::uniform(n, 2), n, &dev).unwrap();
