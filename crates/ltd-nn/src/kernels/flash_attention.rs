@@ -18,7 +18,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
 use super::conv2d::OutPtr;
 pub(crate) use super::simd::available;
 #[cfg(target_arch = "x86_64")]
-use super::simd::exp256;
+use super::simd::{exp256, exp512};
 
 /// Queries per block (a multiple of the 6-row register tile).
 const BLOCK_Q: usize = 48;
@@ -81,9 +81,22 @@ pub(crate) fn attention(
     dims: Dims,
     scale: f32,
 ) -> Option<Vec<f32>> {
+    attention_on((q, k, v), rows, dims, scale, super::simd::avx512_available())
+}
+
+/// [`attention`] with the AVX-512 tiles (`wide`, which the CPU must have) or the AVX2 ones:
+/// the same sums in the same order, so the same bits.
+fn attention_on(
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    rows: [Rows; 3],
+    dims: Dims,
+    scale: f32,
+    wide: bool,
+) -> Option<Vec<f32>> {
     if !available() {
         return None;
     }
+    assert!(!wide || super::simd::avx512_available(), "fused attention: no AVX-512F");
     let Dims { b, h, lq, lk, d, dv } = dims;
     let [qr, kr, vr] = rows;
     assert!(q.len() >= qr.extent(b, h, lq, d), "fused attention: q is too short");
@@ -157,11 +170,17 @@ pub(crate) fn attention(
                 if vt.is_empty() { &vt[..] } else { &vt[i * dv * vt_stride..][..dv * vt_stride] };
             // `out[bi][q0 + r][hi][..]`: rows `h·dv` apart.
             let o = Out { ptr: out_ptr, start: ((bi * lq + q0) * h + hi) * dv, row: h * dv };
-            // SAFETY: `available()` checked AVX2 and FMA above; the asserts above bound every
-            // row read; this unit alone writes its `n` rows of `dv` elements of head `i`.
+            let args = ((q, qr.row), kt, (v, vr.row), vt, o, n, dims, scale, &mut scratch);
+            // SAFETY: `available()` checked AVX2 and FMA above (and AVX-512F where `wide`); the
+            // asserts above bound every row read; this unit alone writes its `n` rows of `dv`
+            // elements of head `i`.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                block((q, qr.row), kt, (v, vr.row), vt, o, n, dims, scale, &mut scratch)
+                if wide {
+                    block_avx512(args)
+                } else {
+                    block_avx2(args)
+                }
             };
         }
     };
@@ -198,21 +217,40 @@ impl Scratch {
     }
 }
 
-/// One block of `rows ≤ BLOCK_Q` queries of one head against all its keys (`vt`: V
-/// transposed when `dv < 8`, else empty).
+/// The arguments of [`block`].
+type BlockArgs<'a> = (
+    (&'a [f32], usize),
+    &'a [f32],
+    (&'a [f32], usize),
+    &'a [f32],
+    Out,
+    usize,
+    Dims,
+    f32,
+    &'a mut Scratch,
+);
+
+/// [`block`] with AVX2's 8-lane tiles.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn block(
-    (q, q_row): (&[f32], usize),
-    kt: &[f32],
-    (v, v_row): (&[f32], usize),
-    vt: &[f32],
-    out: Out,
-    rows: usize,
-    dims: Dims,
-    scale: f32,
-    sc: &mut Scratch,
+unsafe fn block_avx2(args: BlockArgs<'_>) {
+    unsafe { block::<false>(args) }
+}
+
+/// [`block`] with AVX-512's 16-lane tiles: score tiles of 6 rows × 32 keys, P·V 32 columns at
+/// a time, exponentials 16 at a time (the same sums in the same order as [`block_avx2`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn block_avx512(args: BlockArgs<'_>) {
+    unsafe { block::<true>(args) }
+}
+
+/// One block of `rows ≤ BLOCK_Q` queries of one head against all its keys (`vt`: V
+/// transposed when `dv < 8`, else empty); `WIDE`: AVX-512's tiles, which the CPU must have.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn block<const WIDE: bool>(
+    ((q, q_row), kt, (v, v_row), vt, out, rows, dims, scale, sc): BlockArgs<'_>,
 ) {
     unsafe {
         let Dims { lk, d, dv, .. } = dims;
@@ -235,6 +273,17 @@ unsafe fn block(
                 // hide their latency (four rows left the FMA units waiting).
                 let tile_rows = (rows - r).min(6);
                 let mut c = 0;
+                if WIDE {
+                    qk_tiles_avx512(
+                        tile_rows,
+                        (sc.q.as_ptr().add(r * d), d),
+                        kt,
+                        k0,
+                        padded,
+                        sc.s.as_mut_ptr().add(r * BLOCK_K),
+                    );
+                    c = padded;
+                }
                 while c < padded {
                     let qp = sc.q.as_ptr().add(r * d);
                     let kp = kt.as_ptr().add((k0 + c) * d);
@@ -256,7 +305,11 @@ unsafe fn block(
                 let row = &mut sc.s[r * BLOCK_K..r * BLOCK_K + width];
                 let m_new = sc.m[r].max(row_max(row));
                 let alpha = (sc.m[r] - m_new).exp();
-                let sum = exp_sub_in_place(row, m_new);
+                let sum = if WIDE {
+                    exp_sub_in_place_avx512(row, m_new)
+                } else {
+                    exp_sub_in_place(row, m_new)
+                };
                 sc.l[r] = sc.l[r] * alpha + sum;
                 sc.m[r] = m_new;
                 if alpha != 1.0 {
@@ -287,13 +340,19 @@ unsafe fn block(
                 let tile_rows = (rows - r).min(6);
                 let pp = sc.s.as_ptr().add(r * BLOCK_K);
                 let op = sc.o.as_mut_ptr().add(r * dv);
+                // Columns `..c0` by AVX-512's tiles, the rest by AVX2's.
+                let c0 = if WIDE {
+                    pv_rows_avx512(tile_rows, pp, width, (vb, v_row), dv, op)
+                } else {
+                    0
+                };
                 match tile_rows {
-                    6 => pv_rows::<6>(pp, width, vb, v_row, dv, op),
-                    5 => pv_rows::<5>(pp, width, vb, v_row, dv, op),
-                    4 => pv_rows::<4>(pp, width, vb, v_row, dv, op),
-                    3 => pv_rows::<3>(pp, width, vb, v_row, dv, op),
-                    2 => pv_rows::<2>(pp, width, vb, v_row, dv, op),
-                    _ => pv_rows::<1>(pp, width, vb, v_row, dv, op),
+                    6 => pv_rows::<6>(pp, width, vb, v_row, (c0, dv), op),
+                    5 => pv_rows::<5>(pp, width, vb, v_row, (c0, dv), op),
+                    4 => pv_rows::<4>(pp, width, vb, v_row, (c0, dv), op),
+                    3 => pv_rows::<3>(pp, width, vb, v_row, (c0, dv), op),
+                    2 => pv_rows::<2>(pp, width, vb, v_row, (c0, dv), op),
+                    _ => pv_rows::<1>(pp, width, vb, v_row, (c0, dv), op),
                 }
                 r += tile_rows;
             }
@@ -333,7 +392,7 @@ unsafe fn qk_tile<const R: usize>(q: *const f32, d: usize, panel: *const f32, s:
 }
 
 /// `o[r][..] += Σ_j p[r][j] · v[j][..]` for `R` rows over `width` keys (V's rows `vs`
-/// apart), all `dv` columns.
+/// apart), columns `c0..dv`.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx2,fma")]
@@ -342,11 +401,11 @@ unsafe fn pv_rows<const R: usize>(
     width: usize,
     v: *const f32,
     vs: usize,
-    dv: usize,
+    (c0, dv): (usize, usize),
     o: *mut f32,
 ) {
     unsafe {
-        let mut c = 0;
+        let mut c = c0;
         while c + 16 <= dv {
             let mut acc = [[_mm256_setzero_ps(); 2]; R];
             for j in 0..width {
@@ -475,6 +534,187 @@ unsafe fn pv_dot<const R: usize, const DV: usize>(
                 *o.add(r * DV + c) += sum;
             }
         }
+    }
+}
+
+/// Score tiles of `rows ≤ 6` queries (`q`, rows `d` apart, scaled) against keys
+/// `k0..k0 + padded` (`padded` a multiple of 16) of a head's key panels `kt`: 32 keys at a time
+/// (two panels), then 16. Each score is the same sum in the same order as [`qk_tile`]'s.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn qk_tiles_avx512(
+    rows: usize,
+    (q, d): (*const f32, usize),
+    kt: &[f32],
+    k0: usize,
+    padded: usize,
+    s: *mut f32,
+) {
+    unsafe {
+        macro_rules! go {
+            ($p:literal, $kp:expr, $sp:expr) => {
+                match rows {
+                    6 => qk_tile_avx512::<6, $p>(q, d, $kp, $sp),
+                    5 => qk_tile_avx512::<5, $p>(q, d, $kp, $sp),
+                    4 => qk_tile_avx512::<4, $p>(q, d, $kp, $sp),
+                    3 => qk_tile_avx512::<3, $p>(q, d, $kp, $sp),
+                    2 => qk_tile_avx512::<2, $p>(q, d, $kp, $sp),
+                    _ => qk_tile_avx512::<1, $p>(q, d, $kp, $sp),
+                }
+            };
+        }
+        let mut c = 0;
+        while c < padded {
+            // Panel `(k0 + c)/16` starts at `(k0 + c)·d`; the next one `16·d` after it.
+            let (kp, sp) = (kt.as_ptr().add((k0 + c) * d), s.add(c));
+            if c + 32 <= padded {
+                go!(2, kp, sp);
+                c += 32;
+            } else {
+                go!(1, kp, sp);
+                c += 16;
+            }
+        }
+    }
+}
+
+/// `s[r][0..16·P] = Σ_d q[r][d] · panel_p[d][0..16]` for `R` rows and `P` consecutive panels
+/// of 16 keys (`s` rows `BLOCK_K` apart).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn qk_tile_avx512<const R: usize, const P: usize>(
+    q: *const f32,
+    d: usize,
+    panel: *const f32,
+    s: *mut f32,
+) {
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); P]; R];
+        for dd in 0..d {
+            let k: [__m512; P] =
+                std::array::from_fn(|p| _mm512_loadu_ps(panel.add(p * 16 * d + dd * 16)));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let qv = _mm512_set1_ps(*q.add(r * d + dd));
+                for (a, k) in a.iter_mut().zip(k) {
+                    *a = _mm512_fmadd_ps(qv, k, *a);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            for (p, a) in a.iter().enumerate() {
+                _mm512_storeu_ps(s.add(r * BLOCK_K + 16 * p), *a);
+            }
+        }
+    }
+}
+
+/// [`pv_rows`]' columns in whole 16-lane registers, 32 then 16 at a time, for `rows ≤ 6`;
+/// returns how many columns it did (each the same sum in the same order as [`pv_rows`]').
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn pv_rows_avx512(
+    rows: usize,
+    p: *const f32,
+    width: usize,
+    (v, vs): (*const f32, usize),
+    dv: usize,
+    o: *mut f32,
+) -> usize {
+    unsafe {
+        macro_rules! go {
+            ($n:literal, $c:expr) => {
+                match rows {
+                    6 => pv_tile_avx512::<6, $n>(p, width, v.add($c), vs, dv, o.add($c)),
+                    5 => pv_tile_avx512::<5, $n>(p, width, v.add($c), vs, dv, o.add($c)),
+                    4 => pv_tile_avx512::<4, $n>(p, width, v.add($c), vs, dv, o.add($c)),
+                    3 => pv_tile_avx512::<3, $n>(p, width, v.add($c), vs, dv, o.add($c)),
+                    2 => pv_tile_avx512::<2, $n>(p, width, v.add($c), vs, dv, o.add($c)),
+                    _ => pv_tile_avx512::<1, $n>(p, width, v.add($c), vs, dv, o.add($c)),
+                }
+            };
+        }
+        let mut c = 0;
+        while c + 32 <= dv {
+            go!(2, c);
+            c += 32;
+        }
+        if c + 16 <= dv {
+            go!(1, c);
+            c += 16;
+        }
+        c
+    }
+}
+
+/// `o[r][0..16·N] += Σ_j p[r][j] · v[j][0..16·N]` for `R` rows (`o` rows `dv` apart).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn pv_tile_avx512<const R: usize, const N: usize>(
+    p: *const f32,
+    width: usize,
+    v: *const f32,
+    vs: usize,
+    dv: usize,
+    o: *mut f32,
+) {
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); N]; R];
+        for j in 0..width {
+            let vv: [__m512; N] = std::array::from_fn(|n| _mm512_loadu_ps(v.add(j * vs + 16 * n)));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let pr = _mm512_set1_ps(*p.add(r * BLOCK_K + j));
+                for (a, vv) in a.iter_mut().zip(vv) {
+                    *a = _mm512_fmadd_ps(pr, vv, *a);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            for (n, a) in a.iter().enumerate() {
+                let dst = o.add(r * dv + 16 * n);
+                _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), *a));
+            }
+        }
+    }
+}
+
+/// [`exp_sub_in_place`] 16 lanes at a time: the same exponentials, and the same sum (each
+/// register's halves added to the 8 running sums in order, as the 8-lane loop adds them).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn exp_sub_in_place_avx512(row: &mut [f32], m: f32) -> f32 {
+    unsafe {
+        let mv = _mm512_set1_ps(m);
+        let mut sum = _mm256_setzero_ps();
+        let wide = row.len() / 16 * 16;
+        for c in row[..wide].chunks_exact_mut(16) {
+            let e = exp512(_mm512_sub_ps(_mm512_loadu_ps(c.as_ptr()), mv));
+            _mm512_storeu_ps(c.as_mut_ptr(), e);
+            sum = _mm256_add_ps(sum, _mm512_castps512_ps256(e));
+            sum = _mm256_add_ps(
+                sum,
+                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e))),
+            );
+        }
+        let mv = _mm256_set1_ps(m);
+        let mut chunks = row[wide..].chunks_exact_mut(8);
+        for c in &mut chunks {
+            let e = exp256(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), mv));
+            _mm256_storeu_ps(c.as_mut_ptr(), e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+        let mut total: f32 = lanes.iter().sum();
+        for x in chunks.into_remainder() {
+            *x = (*x - m).exp();
+            total += *x;
+        }
+        total
     }
 }
 
@@ -622,6 +862,36 @@ mod tests {
             let expected = reference(&q, &k, &v, dims, scale);
             let err = ours.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(err < 2e-6, "{dims:?}: max abs error {err}");
+        }
+    }
+
+    /// The AVX-512 tiles give the AVX2 tiles' bits (the same sums in the same order), on the
+    /// ragged shapes above and on SD's head widths (40, 80, 160; 77 text tokens).
+    #[test]
+    fn avx512_tiles_equal_avx2_tiles_bit_for_bit() {
+        if !crate::kernels::simd::avx512_available() {
+            eprintln!("skipped: this CPU has no AVX-512F (or LTD_AVX512=off)");
+            return;
+        }
+        for &(bh, lq, lk, d, dv) in &[
+            (3, 70, 300, 40, 40),
+            (2, 5, 77, 13, 21),
+            (1, 33, 600, 64, 72),
+            (4, 100, 290, 4, 4),
+            (2, 37, 77, 12, 12),
+            (2, 60, 77, 80, 80),
+            (1, 50, 520, 160, 160),
+            (1, 7, 48, 16, 48),
+        ] {
+            let dims = Dims { b: bh, h: 1, lq, lk, d, dv };
+            let (q, k, v) =
+                (lcg(bh * lq * d, 4, 2.0), lcg(bh * lk * d, 5, 2.0), lcg(bh * lk * dv, 6, 1.0));
+            let rows = [Rows::packed(1, lq, d), Rows::packed(1, lk, d), Rows::packed(1, lk, dv)];
+            let scale = 1.0 / (d as f32).sqrt();
+            let narrow = attention_on((&q, &k, &v), rows, dims, scale, false).unwrap();
+            let wide = attention_on((&q, &k, &v), rows, dims, scale, true).unwrap();
+            let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&narrow), bits(&wide), "{dims:?}");
         }
     }
 

@@ -1,5 +1,5 @@
-//! AVX2/FMA building blocks for the fused CPU kernels (x86-64; other targets use the
-//! ordinary tensor-op paths).
+//! AVX2/FMA building blocks for the fused CPU kernels, and AVX-512F variants of some (x86-64;
+//! other targets use the ordinary tensor-op paths).
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -9,6 +9,26 @@ pub(crate) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether this CPU has AVX-512F besides AVX2 and FMA, and `LTD_AVX512` is not `off` (read
+/// once per process; `off` is for comparing against the AVX2 kernels). Kernels with a 16-lane
+/// variant take it where it computes the same sums in the same order as their 8-lane one, so
+/// the choice changes speed, not results.
+pub(crate) fn avx512_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| {
+            available()
+                && std::is_x86_feature_detected!("avx512f")
+                && std::env::var("LTD_AVX512").as_deref() != Ok("off")
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -41,6 +61,30 @@ pub(crate) fn exp256(x: __m256) -> __m256 {
     let pow2n =
         _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
     _mm256_mul_ps(y, pow2n)
+}
+
+/// [`exp256`] for 16 lanes: the same operations lane by lane, so the same results.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub(crate) fn exp512(x: __m512) -> __m512 {
+    let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3)), _mm512_set1_ps(88.3));
+    let fx = _mm512_fmadd_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E), _mm512_set1_ps(0.5));
+    let fx = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(fx);
+    let x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693_359_4), x);
+    let x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.121_944_4e-4), x);
+    let mut y = _mm512_set1_ps(1.987_569_1e-4);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.398_199_9e-3));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.333_452e-3));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.166_579_6e-2));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(0.166_666_65));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(0.5));
+    let x2 = _mm512_mul_ps(x, x);
+    y = _mm512_fmadd_ps(y, x2, _mm512_add_ps(x, _mm512_set1_ps(1.0)));
+    let n = _mm512_cvttps_epi32(fx);
+    let pow2n =
+        _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(n, _mm512_set1_epi32(127))));
+    _mm512_mul_ps(y, pow2n)
 }
 
 /// The exact GELU `x·Φ(x) = x/2·(1 + erf(x/√2))` for 8 lanes, with erf from Abramowitz &
@@ -163,6 +207,28 @@ mod tests {
                 let e = (*x as f64).exp();
                 assert!(((y as f64 - e) / e).abs() < 3e-7, "exp({x}) = {y}, expected {e}");
             }
+        }
+    }
+
+    #[test]
+    fn exp512_equals_exp256_lane_by_lane() {
+        if !avx512_available() {
+            eprintln!("skipped: this CPU has no AVX-512F (or LTD_AVX512=off)");
+            return;
+        }
+        let xs: Vec<f32> = (-9000..9000).map(|i| i as f32 * 0.0101).collect();
+        for c in xs.chunks_exact(16) {
+            let (mut narrow, mut wide) = ([0f32; 16], [0f32; 16]);
+            // SAFETY: AVX-512F, AVX2 and FMA checked above; the arrays hold 16 elements.
+            unsafe {
+                _mm256_storeu_ps(narrow.as_mut_ptr(), exp256(_mm256_loadu_ps(c.as_ptr())));
+                _mm256_storeu_ps(
+                    narrow.as_mut_ptr().add(8),
+                    exp256(_mm256_loadu_ps(c[8..].as_ptr())),
+                );
+                _mm512_storeu_ps(wide.as_mut_ptr(), exp512(_mm512_loadu_ps(c.as_ptr())));
+            }
+            assert_eq!(narrow.map(f32::to_bits), wide.map(f32::to_bits), "{c:?}");
         }
     }
 
