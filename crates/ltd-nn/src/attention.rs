@@ -162,7 +162,7 @@ impl CallShape {
             && !self.bias
             && !self.grad
             && self.head_dim == self.value_dim
-            && self.head_dim % 8 == 0
+            && self.head_dim.is_multiple_of(8)
             && self.head_dim <= 512
     }
 

@@ -267,7 +267,7 @@ impl StepCounter {
 
     /// Whether evaluation `i` (0-based) ends a step.
     fn ends_step(&self, i: usize) -> bool {
-        i + 1 == self.evaluations || (i + 1 > self.warmup && (i + 1) % self.order == 0)
+        i + 1 == self.evaluations || (i + 1 > self.warmup && (i + 1).is_multiple_of(self.order))
     }
 }
 

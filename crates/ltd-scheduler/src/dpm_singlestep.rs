@@ -95,7 +95,7 @@ impl DPMSolverSinglestepScheduler {
                     v
                 }
                 2 => {
-                    if steps % 2 == 0 {
+                    if steps.is_multiple_of(2) {
                         let mut v = [1, 2].repeat(steps / 2 - 1);
                         v.extend([1, 1]);
                         v
@@ -193,7 +193,7 @@ impl Scheduler for DPMSolverSinglestepScheduler {
         self.model_outputs.clear();
         self.group_sample = None;
         if !self.lower_order_final
-            && (n % self.solver_order != 0 || self.schedule.final_sigmas == FinalSigmasType::Zero)
+            && (!n.is_multiple_of(self.solver_order) || self.schedule.final_sigmas == FinalSigmasType::Zero)
         {
             tracing::debug!("DPMSolverSinglestepScheduler: turning lower_order_final on");
             self.lower_order_final = true;

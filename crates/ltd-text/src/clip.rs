@@ -138,7 +138,7 @@ impl TryFrom<CLIPTextConfig> for ClipTextParams {
                 return Err(ConfigError::new(field, "must be positive"));
             }
         }
-        if c.hidden_size % c.num_attention_heads != 0 {
+        if !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(ConfigError::new(
                 "num_attention_heads",
                 format!("{} does not divide hidden_size {}", c.num_attention_heads, c.hidden_size),

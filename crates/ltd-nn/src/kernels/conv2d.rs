@@ -234,7 +234,7 @@ fn taps_product(
     nco: usize,
 ) {
     let wp = s.w + 2 * s.pad;
-    assert!(n % TILE_COLUMNS == 0 && acc.len() >= nco * n);
+    assert!(n.is_multiple_of(TILE_COLUMNS) && acc.len() >= nco * n);
     assert!(input.len() + plane >= s.cin * plane + (s.k - 1) * (wp + 1) + n);
     assert!(taps.len() + s.cout >= s.k * s.k * s.cin * s.cout + nco);
     assert!(super::simd::available());

@@ -36,7 +36,7 @@ pub struct GroupNorm {
 impl GroupNorm {
     /// Fetches `weight` and `bias` (`[num_channels]`).
     pub fn new(vb: VarBuilder, num_groups: usize, num_channels: usize, eps: f64) -> Result<Self> {
-        if num_groups == 0 || num_channels % num_groups != 0 {
+        if num_groups == 0 || !num_channels.is_multiple_of(num_groups) {
             candle_core::bail!(
                 "{}: GroupNorm needs num_groups ({num_groups}) to divide num_channels \
                  ({num_channels})",

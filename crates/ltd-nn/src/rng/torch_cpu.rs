@@ -123,7 +123,7 @@ impl TorchRng {
         for block in data.chunks_exact_mut(16) {
             normal_fill_16(block, 0.0, 1.0);
         }
-        if n % 16 != 0 {
+        if !n.is_multiple_of(16) {
             let tail = &mut data[n - 16..];
             for v in tail.iter_mut() {
                 *v = self.uniform_f32();
@@ -142,7 +142,7 @@ impl TorchRng {
         for block in data.chunks_exact_mut(16) {
             normal_fill_16_f64(block, 0.0, 1.0);
         }
-        if n % 16 != 0 {
+        if !n.is_multiple_of(16) {
             let tail = &mut data[n - 16..];
             for v in tail.iter_mut() {
                 *v = self.uniform_f64();
@@ -175,7 +175,7 @@ impl TorchRng {
         for block in out.chunks_exact_mut(16) {
             fill(self, block);
         }
-        if n % 16 != 0 {
+        if !n.is_multiple_of(16) {
             fill(self, &mut out[n - 16..]);
         }
         out
