@@ -193,7 +193,8 @@ impl Scheduler for DPMSolverSinglestepScheduler {
         self.model_outputs.clear();
         self.group_sample = None;
         if !self.lower_order_final
-            && (!n.is_multiple_of(self.solver_order) || self.schedule.final_sigmas == FinalSigmasType::Zero)
+            && (!n.is_multiple_of(self.solver_order)
+                || self.schedule.final_sigmas == FinalSigmasType::Zero)
         {
             tracing::debug!("DPMSolverSinglestepScheduler: turning lower_order_final on");
             self.lower_order_final = true;
