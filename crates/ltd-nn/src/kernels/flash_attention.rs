@@ -8,7 +8,9 @@
 //! beyond inputs and output, and nothing round-trips through main memory, which is what makes
 //! the unfused form slow at 4096 tokens.
 //!
-//! Everything is computed in f32 (callers convert half-precision inputs).
+//! Everything is computed in f32 (callers convert half-precision inputs). Where the CPU has
+//! AVX-512F the tiles are 16 lanes wide (`block_avx512`), with every sum formed in the same
+//! order as by the 8-lane tiles, so both give the same bits.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
