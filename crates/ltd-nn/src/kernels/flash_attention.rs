@@ -220,6 +220,7 @@ impl Scratch {
 }
 
 /// The arguments of [`block`].
+#[cfg(target_arch = "x86_64")]
 type BlockArgs<'a> = (
     (&'a [f32], usize),
     &'a [f32],
@@ -702,21 +703,7 @@ unsafe fn exp_sub_in_place_avx512(row: &mut [f32], m: f32) -> f32 {
                 _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e))),
             );
         }
-        let mv = _mm256_set1_ps(m);
-        let mut chunks = row[wide..].chunks_exact_mut(8);
-        for c in &mut chunks {
-            let e = exp256(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), mv));
-            _mm256_storeu_ps(c.as_mut_ptr(), e);
-            sum = _mm256_add_ps(sum, e);
-        }
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
-        let mut total: f32 = lanes.iter().sum();
-        for x in chunks.into_remainder() {
-            *x = (*x - m).exp();
-            total += *x;
-        }
-        total
+        exp_sub_from(row, m, wide, sum)
     }
 }
 
@@ -743,10 +730,18 @@ unsafe fn row_max(row: &[f32]) -> f32 {
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn exp_sub_in_place(row: &mut [f32], m: f32) -> f32 {
+    unsafe { exp_sub_from(row, m, 0, _mm256_setzero_ps()) }
+}
+
+/// [`exp_sub_in_place`] from element `start` on, the 8 running sums starting at `sum`; returns
+/// the row's total.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_sub_from(row: &mut [f32], m: f32, start: usize, mut sum: __m256) -> f32 {
     unsafe {
         let mv = _mm256_set1_ps(m);
-        let mut sum = _mm256_setzero_ps();
-        let mut chunks = row.chunks_exact_mut(8);
+        let mut chunks = row[start..].chunks_exact_mut(8);
         for c in &mut chunks {
             let e = exp256(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), mv));
             _mm256_storeu_ps(c.as_mut_ptr(), e);
