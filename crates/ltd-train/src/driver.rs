@@ -11,16 +11,18 @@
 //!    groups) and the EMA, each restored from the checkpoint when resuming; the generator
 //!    and the loss history (a group at learning rate 0 is frozen: it is initialised,
 //!    checkpointed and exported, but gets no optimiser state, no EMA and no share of the
-//!    clipping norm); then per step the batch (a pure function of seed and step), the
-//!    task's loss, backward, clipping, the AdamW step and the EMA update; a checkpoint (model,
+//!    clipping norm); then per step the batch (a pure function of seed and step) made ready
+//!    by the task (its random draws), the task's loss and backward shard by shard, one shard
+//!    per thread ([`crate::shards`]), clipping, the AdamW step and the EMA update; a checkpoint (model,
 //!    optimiser moments, EMA weights, `state.json`), the loss curve and a preview every
 //!    `checkpoint_every` steps and at the last; the stop asked for by
 //!    [`RunControl::stop_after`]; and at the end the task's export of the trained weights (the
 //!    EMA's when there is one).
 //!
 //! Random draws happen only at fixed places (initialisation from its own seed, then the
-//! task's loss from the run's generator, whose state every checkpoint saves), which is what
-//! makes a resumed run bit-identical to an uninterrupted one.
+//! task's batch preparation from the run's generator, whose state every checkpoint saves),
+//! which is what makes a resumed run bit-identical to an uninterrupted one (at the same thread
+//! count: the shards' gradient sums round by the number of shards).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -39,6 +41,7 @@ use crate::init::{init_varmap, load_vars, named_vars, var_tensors};
 use crate::optim::{clip_factor, AdamW, Ema};
 use crate::progress::{Event, Sink};
 use crate::rng::derive_seed;
+use crate::shards::{loss_and_grads, Shard, Stepped};
 use crate::RunControl;
 
 /// Steps the smoothed loss of the progress events and the final loss average over.
@@ -65,9 +68,12 @@ pub struct ParamGroup {
 }
 
 /// What a trainer supplies to the [`Driver`].
-pub trait Task {
+pub trait Task: Sync {
     /// What [`Task::export`] returns.
     type Exported;
+
+    /// A batch made ready for [`Task::loss`]: its examples and random draws.
+    type Batch: Sync;
 
     /// The optimisation options.
     fn optim(&self) -> &OptimOptions;
@@ -85,9 +91,16 @@ pub trait Task {
     /// The examples batches are drawn from.
     fn train_indices(&self) -> &[usize];
 
-    /// The loss of the examples `batch`. Every random draw comes from `rng`, in an order fixed
-    /// for the task, so that a resumed run draws the same.
-    fn loss(&mut self, batch: &[usize], rng: &mut TorchRng) -> Result<Loss>;
+    /// Makes the examples `batch` ready for [`Task::loss`]. Every random draw comes from
+    /// `rng`, here and in an order fixed for the task, so that a resumed run draws the same
+    /// (and the draws do not depend on how the batch is split).
+    fn prepare(&mut self, batch: &[usize], rng: &mut TorchRng) -> Result<Self::Batch>;
+
+    /// The loss of the examples `shard` of a prepared batch, and its logged terms, each
+    /// weighted by the shard's share of the batch ([`Shard::weighted`]), so that the shards'
+    /// losses add up to the batch's (see [`crate::shards`]). Called for several shards at
+    /// once, on different threads.
+    fn loss(&self, batch: &Self::Batch, shard: &Shard) -> Result<Loss>;
 
     /// Whether checkpoints come with a preview image.
     fn previews(&self) -> bool {
@@ -209,8 +222,11 @@ impl<S: Clone + Serialize + DeserializeOwned> Driver<S> {
 
         for step in start..total {
             let batch = batch_indices(task.train_indices(), o.batch_size, step, o.seed);
-            let loss = task.loss(&batch, &mut rng)?;
-            optimize(loss, &mut opt, &o, step, &mut history, sink)?;
+            let prepared = task.prepare(&batch, &mut rng)?;
+            let task = &*task;
+            let trained = opt.vars().map(|(_, v)| v);
+            let stepped = loss_and_grads(batch.len(), trained, |s| task.loss(&prepared, s))?;
+            optimize(stepped, &mut opt, &o, step, &mut history, sink)?;
             if let Some(e) = &mut ema {
                 e.update(vars.iter().map(|(_, v)| v))?;
             }
@@ -266,26 +282,25 @@ impl<S: Clone + Serialize + DeserializeOwned> Driver<S> {
     }
 }
 
-/// Runs backward on the loss, clips, and takes one AdamW step at 0-based `step`; records the
-/// step in `history` and reports it.
+/// Clips the gradients of a batch's loss and takes one AdamW step at 0-based `step`; records
+/// the step in `history` and reports it.
 fn optimize(
-    loss: Loss,
+    stepped: Stepped,
     opt: &mut AdamW,
     o: &OptimOptions,
     step: usize,
     history: &mut History,
     sink: Sink,
 ) -> Result<()> {
-    let value = loss.total.to_scalar::<f32>()?;
+    let Stepped { value, terms, grads } = stepped;
     if !value.is_finite() {
         return Err(TrainError::Diverged { step: step + 1, loss: value });
     }
-    let grads = loss.total.backward()?;
     let vars: Vec<&Var> = opt.vars().map(|(_, v)| v).collect();
     let (grad_norm, factor) = clip_factor(&grads, vars.into_iter(), o.max_grad_norm)?;
     let lr = o.lr_at(step);
     opt.step(&grads, lr, factor)?;
-    history.push(Record { step: step + 1, loss: value, lr, grad_norm, terms: loss.terms })?;
+    history.push(Record { step: step + 1, loss: value, lr, grad_norm, terms })?;
     let smoothed = history.recent_mean(RECENT_STEPS).unwrap_or(value);
     sink(Event::Step { step: step + 1, loss: value, smoothed, lr });
     Ok(())

@@ -22,6 +22,7 @@ pub mod progress;
 pub mod rng;
 pub mod shape_check;
 pub mod shapes;
+pub mod shards;
 pub mod text_encoder;
 pub mod timestep_bias;
 pub mod train_unet;

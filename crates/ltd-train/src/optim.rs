@@ -103,15 +103,19 @@ impl AdamW {
     }
 
     /// [`Self::step`], with the fused CPU loop allowed or not (tests compare the two).
+    ///
+    /// The variables update in parallel on rayon's pool, each on one thread (each variable's
+    /// update is independent of the others', so which thread runs it changes nothing).
     fn step_with(&mut self, grads: &GradStore, lr: f64, grad_scale: f64, fuse: bool) -> Result<()> {
+        use rayon::prelude::*;
         self.t += 1;
         let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
         let bc1 = 1.0 - beta1.powi(self.t as i32);
         let bc2_sqrt = (1.0 - beta2.powi(self.t as i32)).sqrt();
         let base_lr = lr;
-        for i in 0..self.vars.len() {
+        let update = |i: usize| -> Result<Option<(Tensor, Tensor)>> {
             let var = &self.vars[i];
-            let Some(g) = grads.get(var.as_tensor()) else { continue };
+            let Some(g) = grads.get(var.as_tensor()) else { return Ok(None) };
             let lr = base_lr * self.lr_scale[i];
             let k = FusedCoeffs {
                 scale: grad_scale as f32,
@@ -137,9 +141,8 @@ impl AdamW {
             if let Some((theta, m, v)) = fused {
                 let (shape, dev) = (var.dims().to_vec(), var.device().clone());
                 var.set(&Tensor::from_vec(theta, shape.as_slice(), &dev)?)?;
-                self.m[i] = Tensor::from_vec(m, shape.as_slice(), &dev)?;
-                self.v[i] = Tensor::from_vec(v, shape.as_slice(), &dev)?;
-                continue;
+                let m = Tensor::from_vec(m, shape.as_slice(), &dev)?;
+                return Ok(Some((m, Tensor::from_vec(v, shape.as_slice(), &dev)?)));
             }
             let g = if grad_scale == 1.0 { g } else { (g * grad_scale)? };
             let theta = (var.as_tensor() * (1.0 - lr * weight_decay))?;
@@ -148,8 +151,18 @@ impl AdamW {
             let denom = ((v.sqrt()? / bc2_sqrt)? + eps)?;
             let theta = (theta - ((&m / &denom)? * (lr / bc1))?)?;
             var.set(&theta.detach())?;
-            self.m[i] = m.detach();
-            self.v[i] = v.detach();
+            Ok(Some((m.detach(), v.detach())))
+        };
+        let updates: Vec<_> = (0..self.vars.len())
+            .into_par_iter()
+            .with_max_len(1)
+            .map(|i| candle_core::utils::on_this_thread(|| update(i)))
+            .collect();
+        for (i, u) in updates.into_iter().enumerate() {
+            if let Some((m, v)) = u? {
+                self.m[i] = m;
+                self.v[i] = v;
+            }
         }
         Ok(())
     }
@@ -198,17 +211,28 @@ pub fn clip_factor<'a>(
     vars: impl Iterator<Item = &'a Var>,
     max_norm: f64,
 ) -> Result<(f64, f64)> {
-    let mut sum = 0f64;
-    for var in vars {
-        if let Some(g) = grads.get(var.as_tensor()) {
+    use rayon::prelude::*;
+    // Each variable's sum of squares on one thread of rayon's pool, then added in the
+    // variables' order: the same number as one thread adding them in turn.
+    let vars: Vec<&Var> = vars.collect();
+    let sums: Vec<Result<f64>> = vars
+        .par_iter()
+        .with_max_len(1)
+        .map(|var| {
+            let Some(g) = grads.get(var.as_tensor()) else { return Ok(0.0) };
             let view = CpuData::new(g);
-            sum += match view.f32() {
+            Ok(match view.f32() {
                 Ok(g) => g.iter().map(|&x| (x as f64) * (x as f64)).sum(),
-                Err(_) => {
-                    g.detach().to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64
-                }
-            };
-        }
+                Err(_) => candle_core::utils::on_this_thread(|| -> Result<f64> {
+                    let sq = g.detach().to_dtype(DType::F32)?.sqr()?.sum_all()?;
+                    Ok(sq.to_scalar::<f32>()? as f64)
+                })?,
+            })
+        })
+        .collect();
+    let mut sum = 0f64;
+    for s in sums {
+        sum += s?;
     }
     let norm = sum.sqrt();
     let factor = if max_norm > 0.0 { (max_norm / (norm + 1e-6)).min(1.0) } else { 1.0 };

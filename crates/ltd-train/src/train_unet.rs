@@ -46,6 +46,7 @@ use crate::images::{grid, save, to_images};
 use crate::latents::LatentCache;
 use crate::preview::{generate, PreviewModels, PreviewSettings};
 use crate::progress::{Event, Sink};
+use crate::shards::Shard;
 use crate::text_encoder::{write_text_encoder, TextEncoder, TextEncoderKind, TextTokenizer};
 use crate::timestep_bias::{self, TimestepBias};
 use crate::RunControl;
@@ -357,8 +358,25 @@ struct UnetTask<'a> {
     scheduler_json: Value,
 }
 
+/// A `train-unet` batch made ready: everything drawn, the text states of a frozen text
+/// encoder looked up.
+struct UnetBatch {
+    /// The noised latents and the prediction's target, `[B, C, h, w]`.
+    noisy: Tensor,
+    target: Tensor,
+    /// Each example's timestep.
+    ts: Vec<usize>,
+    /// Each example's caption (the empty one where dropped).
+    captions: Vec<Encoded>,
+    /// A frozen text encoder's states `[B, tokens, hidden]`; `None` when it trains.
+    context: Option<Tensor>,
+    /// Each example's min-SNR-γ weight, with `--snr-gamma`.
+    snr_weights: Option<Vec<f32>>,
+}
+
 impl Task for UnetTask<'_> {
     type Exported = ();
+    type Batch = UnetBatch;
 
     fn optim(&self) -> &OptimOptions {
         &self.saved.options.optim
@@ -383,7 +401,7 @@ impl Task for UnetTask<'_> {
         &self.train
     }
 
-    fn loss(&mut self, idx: &[usize], rng: &mut TorchRng) -> Result<Loss> {
+    fn prepare(&mut self, idx: &[usize], rng: &mut TorchRng) -> Result<UnetBatch> {
         let (o, dev, schedule) = (&self.saved.options, self.device, &self.schedule);
         let b = idx.len();
         // Draw order (fixed, so a resumed run draws the same): flips, posterior noise,
@@ -402,7 +420,7 @@ impl Task for UnetTask<'_> {
             Some(cdf) => (0..b).map(|_| timestep_bias::sample(cdf, rng.uniform_f64())).collect(),
         };
         let dropped: Vec<bool> = (0..b).map(|_| rng.uniform_f64() < o.caption_dropout).collect();
-        let batch_ids: Vec<Encoded> = idx
+        let captions: Vec<Encoded> = idx
             .iter()
             .zip(&dropped)
             .map(|(&i, &d)| if d { self.empty.clone() } else { self.encoded[i].clone() })
@@ -410,22 +428,38 @@ impl Task for UnetTask<'_> {
 
         let noisy = schedule.add_noise(&x0, &noise, &ts)?;
         let target = schedule.target(&x0, &noise, &ts)?;
+        // A frozen text encoder's states come from the cache, for the whole batch; a trained
+        // one runs in each shard's graph.
         let context = match &mut self.text_cache {
-            Some(cache) => cached_text_states(cache, &self.text_encoder, &batch_ids, dev)?,
-            None => self.text_encoder.forward(&batch_ids, dev)?,
+            Some(cache) => Some(cached_text_states(cache, &self.text_encoder, &captions, dev)?),
+            None => None,
         };
-        let t_in = Tensor::from_vec(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), b, dev)?;
+        let snr_weights = o.snr_gamma.map(|gamma| snr_weights(schedule, &ts, gamma)).transpose()?;
+        Ok(UnetBatch { noisy, target, ts, captions, context, snr_weights })
+    }
+
+    fn loss(&self, batch: &UnetBatch, shard: &Shard) -> Result<Loss> {
+        let dev = self.device;
+        let context = match &batch.context {
+            Some(states) => shard.rows(states)?,
+            None => self.text_encoder.forward(shard.of(&batch.captions), dev)?,
+        };
+        let ts = shard.of(&batch.ts);
+        let t_in =
+            Tensor::from_vec(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), ts.len(), dev)?;
+        let (noisy, target) = (shard.rows(&batch.noisy)?, shard.rows(&batch.target)?);
         let pred = self.unet.forward(&noisy, &t_in, &context, &UNetConditioning::default())?;
         let per_sample = (pred - target)?.sqr()?.mean((1, 2, 3))?;
-        let total = match o.snr_gamma {
+        let mean = match &batch.snr_weights {
             None => per_sample.mean_all()?,
-            Some(gamma) => {
-                let w = snr_weights(schedule, &ts, gamma)?;
-                (per_sample * Tensor::from_vec(w, b, dev)?)?.mean_all()?
+            Some(w) => {
+                let w = shard.of(w).to_vec();
+                (per_sample * Tensor::from_vec(w, ts.len(), dev)?)?.mean_all()?
             }
         };
+        let total = shard.weighted(mean)?;
         // The batch's mean timestep shows in the log what `timestep_bias` drew.
-        let mean_t = ts.iter().sum::<usize>() as f32 / b as f32;
+        let mean_t = ts.iter().sum::<usize>() as f32 / shard.batch as f32;
         Ok(Loss { total, terms: vec![("timestep_mean".to_string(), mean_t)] })
     }
 

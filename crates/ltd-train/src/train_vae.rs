@@ -38,6 +38,7 @@ use crate::export::write_diffusers_model;
 use crate::images::{border_median, grid, psnr, save, to_images};
 use crate::progress::{Event, Sink};
 use crate::rng::derive_seed;
+use crate::shards::Shard;
 use crate::RunControl;
 
 /// Images used to measure the latent standard deviation.
@@ -238,8 +239,19 @@ struct VaeEval {
     psnr_held_out: bool,
 }
 
+/// A `train-vae` batch made ready: its pixels, loss weights and posterior noise.
+struct VaeBatch {
+    /// The images, `[B, 3, size, size]` in [-1, 1].
+    x: Tensor,
+    /// The object weights `[B, 1, size, size]`, with an `object_weight` other than 1.
+    weights: Option<Tensor>,
+    /// The posterior's noise, `[B, latent_channels, h, w]`.
+    noise: Tensor,
+}
+
 impl Task for VaeTask<'_> {
     type Exported = VaeEval;
+    type Batch = VaeBatch;
 
     fn optim(&self) -> &OptimOptions {
         &self.saved.options.optim
@@ -249,8 +261,11 @@ impl Task for VaeTask<'_> {
         &self.train
     }
 
-    fn loss(&mut self, idx: &[usize], rng: &mut TorchRng) -> Result<Loss> {
+    fn prepare(&mut self, idx: &[usize], rng: &mut TorchRng) -> Result<VaeBatch> {
         let (o, dev, size) = (&self.saved.options, self.device, self.size);
+        // Draw order (fixed, so a resumed run draws the same): crops and flips, then the
+        // posterior's noise, of the latents' shape (each downsampling halves a side, rounding
+        // down, as the encoder's strided convolutions do).
         let augments = draw_augments(rng, idx.len(), self.res, size, o.random_flip);
         let pixels = self.data.batch_pixels(idx, &augments, size)?;
         let shape = (idx.len(), 3, size, size);
@@ -260,19 +275,39 @@ impl Task for VaeTask<'_> {
             .map(|m| Tensor::from_vec(m, (idx.len(), 1, size, size), dev))
             .transpose()?;
         let x = Tensor::from_vec(pixels, shape, dev)?;
+        let cfg = self.vae.config();
+        let side = (1..cfg.block_out_channels.len()).fold(size, |s, _| s / 2);
+        let noise = rng.randn(&[idx.len(), cfg.latent_channels, side, side], DType::F32, dev)?;
+        Ok(VaeBatch { x, weights, noise })
+    }
+
+    fn loss(&self, batch: &VaeBatch, shard: &Shard) -> Result<Loss> {
+        let (o, size) = (&self.saved.options, self.size);
+        let x = shard.rows(&batch.x)?;
         let post = self.vae.encode(&x)?;
-        let noise = rng.randn(post.mean.dims(), DType::F32, dev)?;
+        let noise = shard.rows(&batch.noise)?;
+        if noise.dims() != post.mean.dims() {
+            return Err(TrainError::Msg(format!(
+                "the posterior's noise has shape {:?}, the latents {:?}",
+                noise.dims(),
+                post.mean.dims()
+            )));
+        }
         let z = post.sample_with(&noise)?;
         let diff = (self.vae.decode(&z)? - &x)?;
         let elems = (3 * size * size) as f64;
-        let (l1, mse) = match &weights {
+        let (l1, mse) = match &batch.weights {
             None => (diff.abs()?.mean_all()?, diff.sqr()?.mean_all()?),
-            Some(m) => (
-                diff.abs()?.broadcast_mul(m)?.mean_all()?,
-                diff.sqr()?.broadcast_mul(m)?.mean_all()?,
-            ),
+            Some(m) => {
+                let m = shard.rows(m)?;
+                (
+                    diff.abs()?.broadcast_mul(&m)?.mean_all()?,
+                    diff.sqr()?.broadcast_mul(&m)?.mean_all()?,
+                )
+            }
         };
         let kl = post.kl()?.mean_all()?;
+        let (l1, mse, kl) = (shard.weighted(l1)?, shard.weighted(mse)?, shard.weighted(kl)?);
         let total = ((l1.affine(o.l1_weight, 0.0)? + mse.affine(o.mse_weight, 0.0)?)?
             + kl.affine(o.kl_weight / elems, 0.0)?)?;
         let terms = vec![

@@ -10,6 +10,7 @@ use candle_nn::{VarBuilder, VarMap};
 use ltd_nn::rng::TorchRng;
 use ltd_train::common::OptimOptions;
 use ltd_train::driver::{Driver, Loss, ParamGroup, Task};
+use ltd_train::shards::Shard;
 use ltd_train::RunControl;
 use serde_json::{json, Value};
 
@@ -26,6 +27,7 @@ struct Toy {
 
 impl Task for Toy {
     type Exported = HashMap<String, Tensor>;
+    type Batch = ();
 
     fn optim(&self) -> &OptimOptions {
         &self.optim
@@ -44,11 +46,16 @@ impl Task for Toy {
         &self.train
     }
 
-    fn loss(&mut self, _batch: &[usize], _rng: &mut TorchRng) -> ltd_train::Result<Loss> {
+    fn prepare(&mut self, _batch: &[usize], _rng: &mut TorchRng) -> ltd_train::Result<()> {
         if self.z_initial.is_none() {
             self.z_initial = Some(self.z.flatten_all()?.to_vec1()?);
         }
-        let total = ((&self.a * &self.z)? - 1.0)?.sqr()?.sum_all()?;
+        Ok(())
+    }
+
+    fn loss(&self, _batch: &(), shard: &Shard) -> ltd_train::Result<Loss> {
+        // The same loss for every example: each shard weights it by its share.
+        let total = shard.weighted(((&self.a * &self.z)? - 1.0)?.sqr()?.sum_all()?)?;
         Ok(Loss { total, terms: Vec::new() })
     }
 

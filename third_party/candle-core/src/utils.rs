@@ -56,6 +56,28 @@ unsafe impl Send for BarrierPool {}
 
 thread_local! {
     static IN_BARRIER_POOL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    // ltd's patch: set by `on_this_thread`.
+    static THIS_THREAD_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// ltd's patch: runs `f` with every CPU operation it starts on the calling thread alone:
+/// [`get_num_threads`] answers 1 (matrix products run unthreaded) and the barrier pool runs its
+/// work inline. For callers that parallelise at a coarser grain themselves (several independent
+/// computations at once, one per thread). What an operation computes does not depend on it.
+pub fn on_this_thread<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            THIS_THREAD_ONLY.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(THIS_THREAD_ONLY.with(|c| c.replace(true)));
+    f()
+}
+
+/// ltd's patch: whether the calling thread is inside [`on_this_thread`].
+pub fn is_on_this_thread() -> bool {
+    THIS_THREAD_ONLY.with(|c| c.get())
 }
 
 unsafe fn call_trampoline<F: Fn(usize)>(data: *const (), tid: usize) {
@@ -301,7 +323,8 @@ impl BarrierPool {
         if n_items == 0 {
             return;
         }
-        if IN_BARRIER_POOL.with(|f| f.get()) {
+        // ltd's patch: also inline inside `on_this_thread`.
+        if IN_BARRIER_POOL.with(|f| f.get()) || is_on_this_thread() {
             f(0..n_items);
             return;
         }
@@ -321,7 +344,8 @@ impl BarrierPool {
             return;
         }
         // nested use from a worker would deadlock on the call lock; run inline instead
-        if IN_BARRIER_POOL.with(|f| f.get()) {
+        // ltd's patch: also inline inside `on_this_thread`.
+        if IN_BARRIER_POOL.with(|f| f.get()) || is_on_this_thread() {
             f(0..n_items);
             return;
         }
@@ -417,6 +441,10 @@ fn candle_num_threads() -> usize {
 }
 
 pub fn get_num_threads() -> usize {
+    // ltd's patch: one inside `on_this_thread`.
+    if is_on_this_thread() {
+        return 1;
+    }
     // Respond to the same environment variable as rayon.
     rayon_num_threads()
 }

@@ -2,9 +2,10 @@
 //! recipes (`configs/train/shapes/`), ltd against PyTorch (`xtask/bench/reference.py`
 //! builds the same model from the same config with diffusers' classes).
 //!
-//! A step is what the trainers do per batch, minus the data pipeline: forward, the loss,
-//! backward, clipping by the global gradient norm (1.0) and an AdamW step (lr 1e-3, weight
-//! decay 1e-2), on random data of the recipe's shapes:
+//! A step is what the trainers do per batch, minus the data pipeline: forward, the loss and
+//! backward (the batch split into one shard per thread, as the trainers' driver splits it),
+//! clipping by the global gradient norm (1.0) and an AdamW step (lr 1e-3, weight decay 1e-2),
+//! on random data of the recipe's shapes:
 //!
 //! - `train-unet`: the 4.2 M-parameter U-Net, batch 16, 8×8 latents with 4 channels, the
 //!   text states given (`[16, 77, 64]`: the recipe's text encoder is frozen, so its states
@@ -20,8 +21,10 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use ltd_nn::RuntimeOptions;
+use ltd_train::driver::Loss;
 use ltd_train::init::{init_varmap, named_vars};
 use ltd_train::optim::{clip_factor, AdamW, AdamWConfig};
+use ltd_train::shards::{loss_and_grads, Shard};
 use ltd_unet::{UNet2DConditionModel, UNet2DConditionModelConfig, UNetConditioning, UNetConfig};
 use ltd_vae::{AutoencoderKL, AutoencoderKLConfig, VaeConfig};
 
@@ -51,12 +54,16 @@ fn read_json(root: &Path, rel: &str) -> Result<serde_json::Value> {
     Ok(serde_json::from_str(&text)?)
 }
 
-/// Backward, clipping and the AdamW step, as the trainers' driver does them.
-fn optimize(loss: &Tensor, opt: &mut AdamW) -> Result<()> {
-    let _value = loss.to_scalar::<f32>()?;
-    let grads = loss.backward()?;
-    let (_, factor) = clip_factor(&grads, opt.vars().map(|(_, v)| v), MAX_GRAD_NORM)?;
-    opt.step(&grads, LR, factor)?;
+/// The loss and backward of a batch of [`BATCH`], shard by shard as the trainers' driver
+/// runs them (one shard per thread, `ltd_train::shards`), then clipping and the AdamW step.
+fn step(opt: &mut AdamW, loss: impl Fn(&Shard) -> Result<Tensor> + Sync) -> Result<()> {
+    let vars = opt.vars().map(|(_, v)| v);
+    let stepped = loss_and_grads(BATCH, vars, |s| {
+        let total = loss(s).map_err(|e| ltd_train::TrainError::msg(format!("{e:#}")))?;
+        Ok(Loss { total, terms: Vec::new() })
+    })?;
+    let (_, factor) = clip_factor(&stepped.grads, opt.vars().map(|(_, v)| v), MAX_GRAD_NORM)?;
+    opt.step(&stepped.grads, LR, factor)?;
     Ok(())
 }
 
@@ -79,9 +86,11 @@ pub fn unet(args: &Args, root: &Path) -> Result<Measurement> {
     let base = rss_mib("VmRSS:");
     reset_peak();
     let (wall, cpu) = timed(args, || {
-        let pred = unet.forward(&noisy, &t, &context, &cond)?;
-        let loss = (pred - &target)?.sqr()?.mean((1, 2, 3))?.mean_all()?;
-        optimize(&loss, &mut opt)
+        step(&mut opt, |s| {
+            let (noisy, t, context) = (s.rows(&noisy)?, s.rows(&t)?, s.rows(&context)?);
+            let pred = unet.forward(&noisy, &t, &context, &cond)?;
+            Ok(s.weighted((pred - s.rows(&target)?)?.sqr()?.mean((1, 2, 3))?.mean_all()?)?)
+        })
     })?;
     Ok(measurement("train-unet", wall, cpu, base))
 }
@@ -104,14 +113,16 @@ pub fn vae(args: &Args, root: &Path) -> Result<Measurement> {
     let base = rss_mib("VmRSS:");
     reset_peak();
     let (wall, cpu) = timed(args, || {
-        let post = vae.encode(&x)?;
-        let z = post.sample_with(&noise)?;
-        let diff = (vae.decode(&z)? - &x)?;
-        let l1 = diff.abs()?.broadcast_mul(&weights)?.mean_all()?;
-        let mse = diff.sqr()?.broadcast_mul(&weights)?.mean_all()?;
-        let kl = post.kl()?.mean_all()?;
-        let loss = ((l1 + mse)? + kl.affine(1e-6 / elems, 0.0)?)?;
-        optimize(&loss, &mut opt)
+        step(&mut opt, |s| {
+            let (x, weights) = (s.rows(&x)?, s.rows(&weights)?);
+            let post = vae.encode(&x)?;
+            let z = post.sample_with(&s.rows(&noise)?)?;
+            let diff = (vae.decode(&z)? - &x)?;
+            let l1 = s.weighted(diff.abs()?.broadcast_mul(&weights)?.mean_all()?)?;
+            let mse = s.weighted(diff.sqr()?.broadcast_mul(&weights)?.mean_all()?)?;
+            let kl = s.weighted(post.kl()?.mean_all()?)?;
+            Ok(((l1 + mse)? + kl.affine(1e-6 / elems, 0.0)?)?)
+        })
     })?;
     Ok(measurement("train-vae", wall, cpu, base))
 }

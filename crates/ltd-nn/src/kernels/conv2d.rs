@@ -212,6 +212,9 @@ const TILE_COLUMNS: usize = 16;
 /// Most output channels of one tile: 6 × 2 vectors of sums, 2 of input and a broadcast
 /// weight fill 15 of AVX2's 16 registers (a 4 × 3 tile, 16 of them, spilled).
 const TILE_CHANNELS: usize = 6;
+/// Most output channels of one AVX-512 tile: 12 vectors of sums, one of input and the
+/// broadcast weights (folded into the multiply-adds) in 32 registers.
+const TILE_CHANNELS_512: usize = 12;
 
 /// `acc[i·n + j] = Σ_tap Σ_ci taps[(tap·cin + ci)·cout + i] · input[ci·plane + shift(tap) + j]`
 /// for `i < nco`, `j < n` (a multiple of [`TILE_COLUMNS`]), `shift(ky, kx) = ky·W' + kx`: every
@@ -239,9 +242,98 @@ fn taps_product(
     assert!(taps.len() + s.cout >= s.k * s.k * s.cin * s.cout + nco);
     assert!(super::simd::available());
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: the CPU has AVX2 and FMA, and the bounds are checked just above.
+    // SAFETY: the CPU has AVX2 and FMA (and AVX-512F where chosen), and the bounds are checked
+    // just above.
     unsafe {
-        taps_product_avx2(acc, n, input, plane, taps, s, nco)
+        if super::simd::avx512_available() {
+            taps_product_avx512(acc, n, input, plane, taps, s, nco)
+        } else {
+            taps_product_avx2(acc, n, input, plane, taps, s, nco)
+        }
+    }
+}
+
+/// [`taps_product`] with AVX-512: one 16-lane vector per row of a tile instead of two 8-lane
+/// ones, and up to [`TILE_CHANNELS_512`] rows. Every output is the same fused multiply-adds
+/// in the same order (taps, then input channels), so the results are the AVX2 kernel's bit
+/// for bit (`avx512_taps_equal_avx2_taps_bit_for_bit`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn taps_product_avx512(
+    acc: &mut [f32],
+    n: usize,
+    input: &[f32],
+    plane: usize,
+    taps: &[f32],
+    s: ConvShape,
+    nco: usize,
+) {
+    let wp = s.w + 2 * s.pad;
+    let shifts: Vec<usize> = (0..s.k * s.k).map(|t| (t / s.k) * wp + t % s.k).collect();
+    let mut co = 0;
+    while co < nco {
+        let left = nco - co;
+        let m = left.div_ceil(left.div_ceil(TILE_CHANNELS_512));
+        let (dst, w) = (acc[co * n..].as_mut_ptr(), taps[co..].as_ptr());
+        let args = (dst, n, input.as_ptr(), plane, w, s.cout, s.cin, &shifts[..]);
+        // SAFETY: the caller's bounds; each tile reads and writes within them.
+        unsafe {
+            match m {
+                12 => tile512::<12>(args),
+                11 => tile512::<11>(args),
+                10 => tile512::<10>(args),
+                9 => tile512::<9>(args),
+                8 => tile512::<8>(args),
+                7 => tile512::<7>(args),
+                6 => tile512::<6>(args),
+                5 => tile512::<5>(args),
+                4 => tile512::<4>(args),
+                3 => tile512::<3>(args),
+                2 => tile512::<2>(args),
+                _ => tile512::<1>(args),
+            }
+        }
+        co += m;
+    }
+}
+
+/// Rows `..M` of [`taps_product_avx512`]'s result, all `n` columns, 16 at a time.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::type_complexity)]
+unsafe fn tile512<const M: usize>(
+    (dst, n, input, plane, w, cout, cin, shifts): (
+        *mut f32,
+        usize,
+        *const f32,
+        usize,
+        *const f32,
+        usize,
+        usize,
+        &[usize],
+    ),
+) {
+    use std::arch::x86_64::*;
+    for j in (0..n).step_by(TILE_COLUMNS) {
+        // SAFETY (this block): the caller's bounds.
+        unsafe {
+            let mut c = [_mm512_setzero_ps(); M];
+            for (tap, &shift) in shifts.iter().enumerate() {
+                let mut x = input.add(shift + j);
+                let mut wt = w.add(tap * cin * cout);
+                for _ in 0..cin {
+                    let a = _mm512_loadu_ps(x);
+                    for (r, c) in c.iter_mut().enumerate() {
+                        *c = _mm512_fmadd_ps(_mm512_set1_ps(*wt.add(r)), a, *c);
+                    }
+                    x = x.add(plane);
+                    wt = wt.add(cout);
+                }
+            }
+            for (r, c) in c.iter().enumerate() {
+                _mm512_storeu_ps(dst.add(r * n + j), *c);
+            }
+        }
     }
 }
 
@@ -579,6 +671,50 @@ mod tests {
         // conv_in (4 latent channels), conv_out, narrow layers and other kernel sizes.
         for (cin, cout, k) in [(4, 320, 3), (320, 4, 3), (16, 16, 3), (320, 320, 1), (64, 64, 5)] {
             assert!(!winograd_suits(shape(cin, cout, k)), "{cin}→{cout}, {k}×{k}");
+        }
+    }
+
+    /// The AVX-512 register tiles give the AVX2 tiles' bits (the same multiply-adds in the same
+    /// order), for tiles of every height from 1 to 12 rows and a 5×5 kernel.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_taps_equal_avx2_taps_bit_for_bit() {
+        if !super::super::simd::avx512_available() {
+            return;
+        }
+        let lcg = |n: usize, seed: u64| -> Vec<f32> {
+            let mut state =
+                seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (0..n)
+                .map(|_| {
+                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+                })
+                .collect()
+        };
+        for &(cin, cout, h, w, k) in &[
+            (40, 13, 5, 11, 3),
+            (7, 1, 4, 6, 3),
+            (16, 12, 3, 16, 3),
+            (24, 30, 4, 9, 3),
+            (5, 23, 6, 7, 5),
+            (3, 2, 2, 3, 3),
+        ] {
+            let s = ConvShape { batch: 1, cin, h, w, cout, k, pad: k / 2 };
+            let wp = w + 2 * s.pad;
+            let plane = (h + 2 * s.pad + 1) * wp;
+            let n = (h * wp).next_multiple_of(TILE_COLUMNS);
+            let input = lcg(cin * plane + TILE_COLUMNS + k * wp, 1);
+            let taps = lcg(k * k * cin * cout, 2);
+            let (mut narrow, mut wide) = (vec![0f32; cout * n], vec![0f32; cout * n]);
+            // SAFETY: AVX-512F (and so AVX2 and FMA here) is present; the buffers are sized as
+            // `taps_product` requires.
+            unsafe {
+                taps_product_avx2(&mut narrow, n, &input, plane, &taps, s, cout);
+                taps_product_avx512(&mut wide, n, &input, plane, &taps, s, cout);
+            }
+            let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&narrow), bits(&wide), "{:?}", (cin, cout, h, w, k));
         }
     }
 }

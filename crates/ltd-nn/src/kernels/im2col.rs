@@ -119,6 +119,10 @@ fn unfold_rows(
         let ox1 = (s.w + s.pad).saturating_sub(kx).div_ceil(stride).clamp(ox0, wout);
         for (j, b) in images.clone().enumerate() {
             let plane = &x[(b * s.cin + ci) * s.h * s.w..][..s.h * s.w];
+            if stride == 1 && (hout, wout) == (s.h, s.w) {
+                same_size_row(&mut row[j * p..(j + 1) * p], plane, s, (ky, kx), ox0..ox1);
+                continue;
+            }
             for (oy, out) in row[j * p..(j + 1) * p].chunks_exact_mut(wout).enumerate() {
                 let Some(iy) = (oy * stride + ky).checked_sub(s.pad).filter(|&iy| iy < s.h) else {
                     out.fill(0.0);
@@ -140,6 +144,43 @@ fn unfold_rows(
                     }
                 }
             }
+        }
+    }
+}
+
+/// One image's part of an unfolded row of a stride-1 convolution whose output has its input's
+/// size (`k = 2·pad + 1`): `out[oy·w + ox] = plane[(oy + ky − pad)·w + ox + kx − pad]`, zero
+/// outside the input. That is the plane shifted by one offset, `(ky − pad)·w + kx − pad`: one
+/// copy of the whole plane, zeros where the shift leaves it, and then zeros in the columns
+/// `ox ∉ cols` whose input column is outside the image (the copy put the neighbouring row's
+/// pixels there). Measured: the row-by-row copies, three calls per output row of 8–32
+/// elements, were 12% of a `train-vae` step on one thread (Intel Xeon).
+fn same_size_row(
+    out: &mut [f32],
+    plane: &[f32],
+    s: ConvShape,
+    (ky, kx): (usize, usize),
+    cols: std::ops::Range<usize>,
+) {
+    let (n, w) = (plane.len(), s.w);
+    if w == 0 {
+        return;
+    }
+    let shift = (ky * w + kx) as isize - (s.pad * w + s.pad) as isize;
+    // Outputs `q0..q1` read `plane[q + shift]` inside the plane.
+    let q0 = (-shift).clamp(0, n as isize) as usize;
+    let q1 = (n as isize - shift).clamp(q0 as isize, n as isize) as usize;
+    out[..q0].fill(0.0);
+    out[q1..].fill(0.0);
+    if q1 > q0 {
+        let from = (q0 as isize + shift) as usize;
+        out[q0..q1].copy_from_slice(&plane[from..from + (q1 - q0)]);
+    }
+    // Column by column down the rows: a few elements per row, where a `fill` per row called
+    // `memset` for each (measured at 2.7% of a `train-vae` step).
+    for c in (0..cols.start).chain(cols.end..w) {
+        for r in out.chunks_exact_mut(w) {
+            r[c] = 0.0;
         }
     }
 }
@@ -446,6 +487,9 @@ mod tests {
             (2, 3, 20, 9, 7, 3, 1, 1),
             (2, 9, 17, 3, 5, 1, 0, 1),
             (1, 4, 16, 6, 5, 5, 2, 1),
+            // One column, one row (every tap but the centre one partly outside the image).
+            (1, 2, 16, 5, 1, 3, 1, 1),
+            (2, 3, 16, 1, 6, 3, 1, 1),
         ] {
             let s = ConvShape { batch: b, cin, h, w, cout, k, pad };
             let (hout, wout) = out_hw(s, stride);

@@ -119,11 +119,15 @@ pub(crate) fn params_f32(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
 }
 
 /// The CPU threads the fused kernels use: candle's own count (its physical-core count, or
-/// `RAYON_NUM_THREADS`), so that one setting governs every kernel. Asked once per process:
-/// without the variable candle counts cores by reading `/proc/cpuinfo`, far too slow to
-/// repeat for every kernel call.
+/// `RAYON_NUM_THREADS`), so that one setting governs every kernel; one inside candle's
+/// `on_this_thread` (a caller that runs several computations at once, one per thread).
+/// Asked once per process: without the variable candle counts cores by reading
+/// `/proc/cpuinfo`, far too slow to repeat for every kernel call.
 pub(crate) fn threads() -> usize {
     static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    if candle_core::utils::is_on_this_thread() {
+        return 1;
+    }
     *THREADS.get_or_init(|| candle_core::utils::get_num_threads().max(1))
 }
 
