@@ -109,7 +109,15 @@ pub fn loss_and_grads<'a>(
     vars: impl Iterator<Item = &'a Var>,
     loss: impl Fn(&Shard) -> Result<Loss> + Sync,
 ) -> Result<Stepped> {
-    let shards = split(batch);
+    loss_and_grads_over(&split(batch), vars, loss)
+}
+
+/// [`loss_and_grads`] over the given shards of one batch (in order, covering it).
+fn loss_and_grads_over<'a>(
+    shards: &[Shard],
+    vars: impl Iterator<Item = &'a Var>,
+    loss: impl Fn(&Shard) -> Result<Loss> + Sync,
+) -> Result<Stepped> {
     let run = |shard: &Shard| -> Result<Stepped> {
         let l = loss(shard)?;
         let value = l.total.to_scalar::<f32>()?;
@@ -170,6 +178,47 @@ pub fn loss_and_grads<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::{DType, Device};
+
+    /// A batch's loss and gradients in three shards (sizes 3, 2, 2) are those of the whole
+    /// batch, within float rounding (relative 1e-5: the shards' sums add in another order),
+    /// and so are the logged terms; a loss that forgets the shard's weight fails this.
+    #[test]
+    fn shards_add_up_to_the_whole_batch() {
+        let dev = Device::Cpu;
+        let (batch, n_in, n_out) = (7, 5, 3);
+        let x = Tensor::randn(0f32, 1.0, (batch, n_in), &dev).unwrap();
+        let y = Tensor::randn(0f32, 1.0, (batch, n_out), &dev).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n_in, n_out), &dev).unwrap()).unwrap();
+        let b = Var::zeros(n_out, DType::F32, &dev).unwrap();
+        let loss = |s: &Shard| -> Result<Loss> {
+            let pred = s.rows(&x)?.matmul(w.as_tensor())?.broadcast_add(b.as_tensor())?;
+            let mse = s.weighted((pred - s.rows(&y)?)?.sqr()?.mean_all()?)?;
+            let first = s.of(&[1f32, 2., 3., 4., 5., 6., 7.]).iter().sum::<f32>() / s.batch as f32;
+            Ok(Loss {
+                total: mse.clone(),
+                terms: vec![("mse".into(), mse.to_scalar()?), ("x".into(), first)],
+            })
+        };
+        let whole =
+            loss_and_grads_over(&[Shard::whole(batch)], [&w, &b].into_iter(), loss).unwrap();
+        let shards: Vec<Shard> =
+            [0..3, 3..5, 5..7].into_iter().map(|range| Shard { range, batch }).collect();
+        let split = loss_and_grads_over(&shards, [&w, &b].into_iter(), loss).unwrap();
+        let close = |a: f32, b: f32| (a - b).abs() <= 1e-5 * (1.0 + a.abs());
+        assert!(close(whole.value, split.value), "{} vs {}", whole.value, split.value);
+        for ((n, a), (_, b)) in whole.terms.iter().zip(&split.terms) {
+            assert!(close(*a, *b), "{n}: {a} vs {b}");
+        }
+        for v in [&w, &b] {
+            let g = |s: &Stepped| -> Vec<f32> {
+                s.grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+            };
+            for (a, b) in g(&whole).iter().zip(g(&split)) {
+                assert!(close(*a, b), "{a} vs {b}");
+            }
+        }
+    }
 
     #[test]
     fn shards_cover_the_batch_in_order() {
