@@ -268,29 +268,75 @@ unsafe fn taps_product_avx512(
     s: ConvShape,
     nco: usize,
 ) {
+    // SAFETY: the caller's bounds, and AVX-512F is enabled here.
+    unsafe { taps_tiles::<true>(acc, n, input, plane, taps, s, nco) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn taps_product_avx2(
+    acc: &mut [f32],
+    n: usize,
+    input: &[f32],
+    plane: usize,
+    taps: &[f32],
+    s: ConvShape,
+    nco: usize,
+) {
+    // SAFETY: the caller's bounds.
+    unsafe { taps_tiles::<false>(acc, n, input, plane, taps, s, nco) }
+}
+
+/// The tiles of [`taps_product`]: 16-lane ones with `WIDE` (call it only where AVX-512F is
+/// enabled), else 8-lane ones.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn taps_tiles<const WIDE: bool>(
+    acc: &mut [f32],
+    n: usize,
+    input: &[f32],
+    plane: usize,
+    taps: &[f32],
+    s: ConvShape,
+    nco: usize,
+) {
     let wp = s.w + 2 * s.pad;
     let shifts: Vec<usize> = (0..s.k * s.k).map(|t| (t / s.k) * wp + t % s.k).collect();
+    let most = if WIDE { TILE_CHANNELS_512 } else { TILE_CHANNELS };
     let mut co = 0;
     while co < nco {
+        // The remaining channels in tiles as even as they go (16 as 6 + 5 + 5, not 6 + 6 + 4):
+        // a tile of 4 or more rows keeps enough sums in flight to hide the FMA's latency.
         let left = nco - co;
-        let m = left.div_ceil(left.div_ceil(TILE_CHANNELS_512));
+        let m = left.div_ceil(left.div_ceil(most));
         let (dst, w) = (acc[co * n..].as_mut_ptr(), taps[co..].as_ptr());
         let args = (dst, n, input.as_ptr(), plane, w, s.cout, s.cin, &shifts[..]);
         // SAFETY: the caller's bounds; each tile reads and writes within them.
         unsafe {
-            match m {
-                12 => tile512::<12>(args),
-                11 => tile512::<11>(args),
-                10 => tile512::<10>(args),
-                9 => tile512::<9>(args),
-                8 => tile512::<8>(args),
-                7 => tile512::<7>(args),
-                6 => tile512::<6>(args),
-                5 => tile512::<5>(args),
-                4 => tile512::<4>(args),
-                3 => tile512::<3>(args),
-                2 => tile512::<2>(args),
-                _ => tile512::<1>(args),
+            if WIDE {
+                match m {
+                    12 => tile512::<12>(args),
+                    11 => tile512::<11>(args),
+                    10 => tile512::<10>(args),
+                    9 => tile512::<9>(args),
+                    8 => tile512::<8>(args),
+                    7 => tile512::<7>(args),
+                    6 => tile512::<6>(args),
+                    5 => tile512::<5>(args),
+                    4 => tile512::<4>(args),
+                    3 => tile512::<3>(args),
+                    2 => tile512::<2>(args),
+                    _ => tile512::<1>(args),
+                }
+            } else {
+                match m {
+                    6 => tile::<6>(args),
+                    5 => tile::<5>(args),
+                    4 => tile::<4>(args),
+                    3 => tile::<3>(args),
+                    2 => tile::<2>(args),
+                    _ => tile::<1>(args),
+                }
             }
         }
         co += m;
@@ -334,42 +380,6 @@ unsafe fn tile512<const M: usize>(
                 _mm512_storeu_ps(dst.add(r * n + j), *c);
             }
         }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn taps_product_avx2(
-    acc: &mut [f32],
-    n: usize,
-    input: &[f32],
-    plane: usize,
-    taps: &[f32],
-    s: ConvShape,
-    nco: usize,
-) {
-    let wp = s.w + 2 * s.pad;
-    let shifts: Vec<usize> = (0..s.k * s.k).map(|t| (t / s.k) * wp + t % s.k).collect();
-    let mut co = 0;
-    while co < nco {
-        // The remaining channels in tiles as even as they go (16 as 6 + 5 + 5, not 6 + 6 + 4):
-        // a tile of 4 or more rows keeps enough sums in flight to hide the FMA's latency.
-        let left = nco - co;
-        let m = left.div_ceil(left.div_ceil(TILE_CHANNELS));
-        let (dst, w) = (acc[co * n..].as_mut_ptr(), taps[co..].as_ptr());
-        let args = (dst, n, input.as_ptr(), plane, w, s.cout, s.cin, &shifts[..]);
-        // SAFETY: the caller's bounds; each tile reads and writes within them.
-        unsafe {
-            match m {
-                6 => tile::<6>(args),
-                5 => tile::<5>(args),
-                4 => tile::<4>(args),
-                3 => tile::<3>(args),
-                2 => tile::<2>(args),
-                _ => tile::<1>(args),
-            }
-        }
-        co += m;
     }
 }
 
@@ -675,23 +685,14 @@ mod tests {
     }
 
     /// The AVX-512 register tiles give the AVX2 tiles' bits (the same multiply-adds in the same
-    /// order), for tiles of every height from 1 to 12 rows and a 5×5 kernel.
+    /// order), for AVX-512 tiles of every height from 1 to 12 rows (13 output channels run as
+    /// 7 + 6, 30 as 10 + 10 + 10, 23 as 12 + 11) and a 5×5 kernel.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx512_taps_equal_avx2_taps_bit_for_bit() {
         if !super::super::simd::avx512_available() {
             return;
         }
-        let lcg = |n: usize, seed: u64| -> Vec<f32> {
-            let mut state =
-                seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (0..n)
-                .map(|_| {
-                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
-                    ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-                })
-                .collect()
-        };
         for &(cin, cout, h, w, k) in &[
             (40, 13, 5, 11, 3),
             (7, 1, 4, 6, 3),
@@ -699,13 +700,18 @@ mod tests {
             (24, 30, 4, 9, 3),
             (5, 23, 6, 7, 5),
             (3, 2, 2, 3, 3),
+            (6, 3, 3, 5, 3),
+            (6, 4, 3, 5, 3),
+            (6, 5, 3, 5, 3),
+            (6, 8, 3, 5, 3),
+            (6, 9, 3, 5, 3),
         ] {
             let s = ConvShape { batch: 1, cin, h, w, cout, k, pad: k / 2 };
             let wp = w + 2 * s.pad;
             let plane = (h + 2 * s.pad + 1) * wp;
             let n = (h * wp).next_multiple_of(TILE_COLUMNS);
-            let input = lcg(cin * plane + TILE_COLUMNS + k * wp, 1);
-            let taps = lcg(k * k * cin * cout, 2);
+            let input = ltd_test_support::uniform(cin * plane + TILE_COLUMNS + k * wp, 1);
+            let taps = ltd_test_support::uniform(k * k * cin * cout, 2);
             let (mut narrow, mut wide) = (vec![0f32; cout * n], vec![0f32; cout * n]);
             // SAFETY: AVX-512F (and so AVX2 and FMA here) is present; the buffers are sized as
             // `taps_product` requires.
