@@ -21,7 +21,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
 use crate::driver::Loss;
-use crate::error::Result;
+use crate::error::{Result, TrainError};
 
 /// One shard of a batch: the examples `range` of a batch of `batch`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,7 +136,9 @@ fn loss_and_grads_over<'a>(
             .collect()
     };
     let mut results = results.into_iter().collect::<Result<Vec<_>>>()?.into_iter();
-    let mut first = results.next().expect("two shards at least");
+    let Some(mut first) = results.next() else {
+        return Err(TrainError::msg("a training batch split into no shards"));
+    };
     let rest: Vec<Stepped> = results.collect();
     // Each variable's sum on one thread of the pool (in shard order: which thread adds
     // changes nothing).
