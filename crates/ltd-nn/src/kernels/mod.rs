@@ -358,6 +358,21 @@ pub(crate) fn run_sums<T: Elem>(row: &[T], f: impl Fn(f32) -> f32) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    /// Inside candle's `on_this_thread` the kernels and candle's products use one thread, and
+    /// the count is back when it returns (also after a nested call).
+    #[test]
+    fn on_this_thread_means_one_thread_until_it_returns() {
+        use candle_core::utils::{get_num_threads, on_this_thread};
+        let outside = super::threads();
+        on_this_thread(|| {
+            assert_eq!((super::threads(), get_num_threads()), (1, 1));
+            on_this_thread(|| assert_eq!(super::threads(), 1));
+            assert_eq!(super::threads(), 1);
+        });
+        assert_eq!(super::threads(), outside);
+        assert_eq!(get_num_threads().max(1), outside);
+    }
+
     /// Every row is visited once, with its own index, also when the rows are split over
     /// threads (enough elements for two).
     #[test]
