@@ -313,29 +313,30 @@ unsafe fn taps_tiles<const WIDE: bool>(
         let args = (dst, n, input.as_ptr(), plane, w, s.cout, s.cin, &shifts[..]);
         // SAFETY: the caller's bounds; each tile reads and writes within them.
         unsafe {
+            use std::arch::x86_64::{__m256, __m512};
             if WIDE {
                 match m {
-                    12 => tile512::<12>(args),
-                    11 => tile512::<11>(args),
-                    10 => tile512::<10>(args),
-                    9 => tile512::<9>(args),
-                    8 => tile512::<8>(args),
-                    7 => tile512::<7>(args),
-                    6 => tile512::<6>(args),
-                    5 => tile512::<5>(args),
-                    4 => tile512::<4>(args),
-                    3 => tile512::<3>(args),
-                    2 => tile512::<2>(args),
-                    _ => tile512::<1>(args),
+                    12 => tile::<12, __m512>(args),
+                    11 => tile::<11, __m512>(args),
+                    10 => tile::<10, __m512>(args),
+                    9 => tile::<9, __m512>(args),
+                    8 => tile::<8, __m512>(args),
+                    7 => tile::<7, __m512>(args),
+                    6 => tile::<6, __m512>(args),
+                    5 => tile::<5, __m512>(args),
+                    4 => tile::<4, __m512>(args),
+                    3 => tile::<3, __m512>(args),
+                    2 => tile::<2, __m512>(args),
+                    _ => tile::<1, __m512>(args),
                 }
             } else {
                 match m {
-                    6 => tile::<6>(args),
-                    5 => tile::<5>(args),
-                    4 => tile::<4>(args),
-                    3 => tile::<3>(args),
-                    2 => tile::<2>(args),
-                    _ => tile::<1>(args),
+                    6 => tile::<6, [__m256; 2]>(args),
+                    5 => tile::<5, [__m256; 2]>(args),
+                    4 => tile::<4, [__m256; 2]>(args),
+                    3 => tile::<3, [__m256; 2]>(args),
+                    2 => tile::<2, [__m256; 2]>(args),
+                    _ => tile::<1, [__m256; 2]>(args),
                 }
             }
         }
@@ -343,51 +344,86 @@ unsafe fn taps_tiles<const WIDE: bool>(
     }
 }
 
-/// Rows `..M` of [`taps_product_avx512`]'s result, all `n` columns, 16 at a time.
+/// Sixteen f32 lanes of the direct kernel's tiles: two AVX2 vectors, or one AVX-512 vector.
+/// Each lane gets the same operations either way (a broadcast weight times the input, fused
+/// into the sum), which is why the two widths give the same bits.
 #[cfg(target_arch = "x86_64")]
-#[inline(always)]
-#[allow(clippy::type_complexity)]
-unsafe fn tile512<const M: usize>(
-    (dst, n, input, plane, w, cout, cin, shifts): (
-        *mut f32,
-        usize,
-        *const f32,
-        usize,
-        *const f32,
-        usize,
-        usize,
-        &[usize],
-    ),
-) {
-    use std::arch::x86_64::*;
-    for j in (0..n).step_by(TILE_COLUMNS) {
-        // SAFETY (this block): the caller's bounds.
+trait Lanes16: Copy {
+    /// All zeros.
+    unsafe fn zero() -> Self;
+    /// Sixteen values from `p`.
+    unsafe fn load(p: *const f32) -> Self;
+    /// `self + w · a`, fused, lane by lane.
+    unsafe fn fma(self, w: f32, a: Self) -> Self;
+    /// The sixteen values to `p`.
+    unsafe fn store(self, p: *mut f32);
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes16 for [std::arch::x86_64::__m256; 2] {
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        use std::arch::x86_64::*;
+        // SAFETY: AVX is enabled where the tiles run (the callers' target features).
+        unsafe { [_mm256_setzero_ps(); 2] }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's bounds and target features.
+        unsafe { [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))] }
+    }
+    #[inline(always)]
+    unsafe fn fma(self, w: f32, a: Self) -> Self {
+        use std::arch::x86_64::*;
+        // SAFETY: the callers' target features (AVX2 and FMA).
         unsafe {
-            let mut c = [_mm512_setzero_ps(); M];
-            for (tap, &shift) in shifts.iter().enumerate() {
-                let mut x = input.add(shift + j);
-                let mut wt = w.add(tap * cin * cout);
-                for _ in 0..cin {
-                    let a = _mm512_loadu_ps(x);
-                    for (r, c) in c.iter_mut().enumerate() {
-                        *c = _mm512_fmadd_ps(_mm512_set1_ps(*wt.add(r)), a, *c);
-                    }
-                    x = x.add(plane);
-                    wt = wt.add(cout);
-                }
-            }
-            for (r, c) in c.iter().enumerate() {
-                _mm512_storeu_ps(dst.add(r * n + j), *c);
-            }
+            let b = _mm256_set1_ps(w);
+            [_mm256_fmadd_ps(b, a[0], self[0]), _mm256_fmadd_ps(b, a[1], self[1])]
+        }
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's bounds and target features.
+        unsafe {
+            _mm256_storeu_ps(p, self[0]);
+            _mm256_storeu_ps(p.add(8), self[1]);
         }
     }
 }
 
-/// Rows `..M` of [`taps_product`]'s result, all `n` columns, [`TILE_COLUMNS`] at a time.
+#[cfg(target_arch = "x86_64")]
+impl Lanes16 for std::arch::x86_64::__m512 {
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        // SAFETY: AVX-512F is enabled where these tiles run.
+        unsafe { std::arch::x86_64::_mm512_setzero_ps() }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        // SAFETY: the caller's bounds and target features.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn fma(self, w: f32, a: Self) -> Self {
+        use std::arch::x86_64::*;
+        // SAFETY: the callers' target features.
+        unsafe { _mm512_fmadd_ps(_mm512_set1_ps(w), a, self) }
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        // SAFETY: the caller's bounds and target features.
+        unsafe { std::arch::x86_64::_mm512_storeu_ps(p, self) }
+    }
+}
+
+/// Rows `..M` of [`taps_product`]'s result, all `n` columns, [`TILE_COLUMNS`] at a time, in
+/// 16-lane values `V` (one per row of the tile).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 #[allow(clippy::type_complexity)]
-unsafe fn tile<const M: usize>(
+unsafe fn tile<const M: usize, V: Lanes16>(
     (dst, n, input, plane, w, cout, cin, shifts): (
         *mut f32,
         usize,
@@ -399,29 +435,24 @@ unsafe fn tile<const M: usize>(
         &[usize],
     ),
 ) {
-    use std::arch::x86_64::*;
     for j in (0..n).step_by(TILE_COLUMNS) {
-        // SAFETY (this block): the caller's bounds.
+        // SAFETY (this block): the caller's bounds and target features.
         unsafe {
-            let mut c = [[_mm256_setzero_ps(); 2]; M];
+            let mut c = [V::zero(); M];
             for (tap, &shift) in shifts.iter().enumerate() {
                 let mut x = input.add(shift + j);
                 let mut wt = w.add(tap * cin * cout);
                 for _ in 0..cin {
-                    let a = [_mm256_loadu_ps(x), _mm256_loadu_ps(x.add(8))];
+                    let a = V::load(x);
                     for (r, c) in c.iter_mut().enumerate() {
-                        let b = _mm256_broadcast_ss(&*wt.add(r));
-                        c[0] = _mm256_fmadd_ps(b, a[0], c[0]);
-                        c[1] = _mm256_fmadd_ps(b, a[1], c[1]);
+                        *c = c.fma(*wt.add(r), a);
                     }
                     x = x.add(plane);
                     wt = wt.add(cout);
                 }
             }
             for (r, c) in c.iter().enumerate() {
-                for (v, &c) in c.iter().enumerate() {
-                    _mm256_storeu_ps(dst.add(r * n + j + 8 * v), c);
-                }
+                c.store(dst.add(r * n + j));
             }
         }
     }
