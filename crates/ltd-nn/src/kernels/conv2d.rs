@@ -165,7 +165,8 @@ pub(super) fn direct(x: &[f32], weight: &[f32], s: ConvShape, epi: Epilogue<'_>)
         let n = nrows * wp;
         if taps_kernel {
             let taps = &taps[co0..];
-            taps_product(acc, n.next_multiple_of(TILE_COLUMNS), input, plane, taps, s, nco);
+            let n = n.next_multiple_of(TILE_COLUMNS);
+            taps_product(Taps { acc, n, input, plane, taps, s, nco });
         } else {
             for tap in 0..kk {
                 let (ky, kx) = (tap / s.k, tap % s.k);
@@ -227,15 +228,8 @@ const TILE_CHANNELS_512: usize = 12;
 ///
 /// `input` must hold `(cin − 1)·plane + (k − 1)·(W' + 1) + n` elements, `taps` (offset to the
 /// first channel) `(k²·cin − 1)·cout + nco`, and `acc` `nco·n`. Needs AVX2 and FMA.
-fn taps_product(
-    acc: &mut [f32],
-    n: usize,
-    input: &[f32],
-    plane: usize,
-    taps: &[f32],
-    s: ConvShape,
-    nco: usize,
-) {
+fn taps_product(t: Taps<'_>) {
+    let Taps { acc, n, input, plane, taps, s, nco } = &t;
     let wp = s.w + 2 * s.pad;
     assert!(n.is_multiple_of(TILE_COLUMNS) && acc.len() >= nco * n);
     assert!(input.len() + plane >= s.cin * plane + (s.k - 1) * (wp + 1) + n);
@@ -246,11 +240,22 @@ fn taps_product(
     // just above.
     unsafe {
         if super::simd::avx512_available() {
-            taps_product_avx512(acc, n, input, plane, taps, s, nco)
+            taps_product_avx512(t)
         } else {
-            taps_product_avx2(acc, n, input, plane, taps, s, nco)
+            taps_product_avx2(t)
         }
     }
+}
+
+/// The operands of [`taps_product`].
+struct Taps<'a> {
+    acc: &'a mut [f32],
+    n: usize,
+    input: &'a [f32],
+    plane: usize,
+    taps: &'a [f32],
+    s: ConvShape,
+    nco: usize,
 }
 
 /// [`taps_product`] with AVX-512: one 16-lane vector per row of a tile instead of two 8-lane
@@ -259,50 +264,26 @@ fn taps_product(
 /// for bit (`avx512_taps_equal_avx2_taps_bit_for_bit`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn taps_product_avx512(
-    acc: &mut [f32],
-    n: usize,
-    input: &[f32],
-    plane: usize,
-    taps: &[f32],
-    s: ConvShape,
-    nco: usize,
-) {
+unsafe fn taps_product_avx512(t: Taps<'_>) {
     // SAFETY: the caller's bounds, and AVX-512F is enabled here.
-    unsafe { taps_tiles::<true>(acc, n, input, plane, taps, s, nco) }
+    unsafe { taps_tiles::<std::arch::x86_64::__m512>(t, TILE_CHANNELS_512) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn taps_product_avx2(
-    acc: &mut [f32],
-    n: usize,
-    input: &[f32],
-    plane: usize,
-    taps: &[f32],
-    s: ConvShape,
-    nco: usize,
-) {
+unsafe fn taps_product_avx2(t: Taps<'_>) {
     // SAFETY: the caller's bounds.
-    unsafe { taps_tiles::<false>(acc, n, input, plane, taps, s, nco) }
+    unsafe { taps_tiles::<[std::arch::x86_64::__m256; 2]>(t, TILE_CHANNELS) }
 }
 
-/// The tiles of [`taps_product`]: 16-lane ones with `WIDE` (call it only where AVX-512F is
-/// enabled), else 8-lane ones.
+/// The tiles of [`taps_product`], in 16-lane values `V`, at most `most` rows each (call it
+/// only where `V`'s instructions are enabled).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn taps_tiles<const WIDE: bool>(
-    acc: &mut [f32],
-    n: usize,
-    input: &[f32],
-    plane: usize,
-    taps: &[f32],
-    s: ConvShape,
-    nco: usize,
-) {
+unsafe fn taps_tiles<V: Lanes16>(t: Taps<'_>, most: usize) {
+    let Taps { acc, n, input, plane, taps, s, nco } = t;
     let wp = s.w + 2 * s.pad;
     let shifts: Vec<usize> = (0..s.k * s.k).map(|t| (t / s.k) * wp + t % s.k).collect();
-    let most = if WIDE { TILE_CHANNELS_512 } else { TILE_CHANNELS };
     let mut co = 0;
     while co < nco {
         // The remaining channels in tiles as even as they go (16 as 6 + 5 + 5, not 6 + 6 + 4):
@@ -313,31 +294,19 @@ unsafe fn taps_tiles<const WIDE: bool>(
         let args = (dst, n, input.as_ptr(), plane, w, s.cout, s.cin, &shifts[..]);
         // SAFETY: the caller's bounds; each tile reads and writes within them.
         unsafe {
-            use std::arch::x86_64::{__m256, __m512};
-            if WIDE {
-                match m {
-                    12 => tile::<12, __m512>(args),
-                    11 => tile::<11, __m512>(args),
-                    10 => tile::<10, __m512>(args),
-                    9 => tile::<9, __m512>(args),
-                    8 => tile::<8, __m512>(args),
-                    7 => tile::<7, __m512>(args),
-                    6 => tile::<6, __m512>(args),
-                    5 => tile::<5, __m512>(args),
-                    4 => tile::<4, __m512>(args),
-                    3 => tile::<3, __m512>(args),
-                    2 => tile::<2, __m512>(args),
-                    _ => tile::<1, __m512>(args),
-                }
-            } else {
-                match m {
-                    6 => tile::<6, [__m256; 2]>(args),
-                    5 => tile::<5, [__m256; 2]>(args),
-                    4 => tile::<4, [__m256; 2]>(args),
-                    3 => tile::<3, [__m256; 2]>(args),
-                    2 => tile::<2, [__m256; 2]>(args),
-                    _ => tile::<1, [__m256; 2]>(args),
-                }
+            match m {
+                12 => tile::<12, V>(args),
+                11 => tile::<11, V>(args),
+                10 => tile::<10, V>(args),
+                9 => tile::<9, V>(args),
+                8 => tile::<8, V>(args),
+                7 => tile::<7, V>(args),
+                6 => tile::<6, V>(args),
+                5 => tile::<5, V>(args),
+                4 => tile::<4, V>(args),
+                3 => tile::<3, V>(args),
+                2 => tile::<2, V>(args),
+                _ => tile::<1, V>(args),
             }
         }
         co += m;
@@ -747,8 +716,9 @@ mod tests {
             // SAFETY: AVX-512F (and so AVX2 and FMA here) is present; the buffers are sized as
             // `taps_product` requires.
             unsafe {
-                taps_product_avx2(&mut narrow, n, &input, plane, &taps, s, cout);
-                taps_product_avx512(&mut wide, n, &input, plane, &taps, s, cout);
+                let (input, taps, nco) = (&input[..], &taps[..], cout);
+                taps_product_avx2(Taps { acc: &mut narrow, n, input, plane, taps, s, nco });
+                taps_product_avx512(Taps { acc: &mut wide, n, input, plane, taps, s, nco });
             }
             let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&narrow), bits(&wide), "{:?}", (cin, cout, h, w, k));
