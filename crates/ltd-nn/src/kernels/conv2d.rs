@@ -74,8 +74,9 @@ unsafe impl Sync for OutPtr {}
 
 /// `conv(x, weight) + epilogue` for contiguous f32 `x` and `weight`; returns
 /// `[batch, cout, hout, wout]`. Wide 3×3 convolutions run Winograd's kernel
-/// ([`use_winograd`]); shapes whose per-image products are too small for this kernel (few
-/// pixels or input channels, see `im2col::pays`) are unfolded over the batch instead.
+/// ([`use_winograd`]) unless they are wide with few output tiles an image; shapes whose
+/// per-image products are too small for this kernel (few pixels or input channels, or those
+/// wide 3×3 ones, see `im2col::pays`) are unfolded over the batch instead.
 pub(crate) fn conv2d(x: &[f32], weight: &[f32], s: ConvShape, epi: Epilogue<'_>) -> Vec<f32> {
     if use_winograd(s) {
         super::winograd::conv3x3(x, weight, s, epi)
@@ -93,9 +94,33 @@ fn use_winograd(s: ConvShape) -> bool {
     *ON.get_or_init(|| std::env::var("LTD_WINOGRAD").as_deref() != Ok("off")) && winograd_suits(s)
 }
 
+/// Fewest 4×4 output tiles per image for which Winograd's kernel runs on wide layers (whose
+/// transformed weights reach [`WIDE_WEIGHTS`]). Each call transforms the weights afresh (36/9
+/// times their size, written and read again: 236 MB for 1280→1280), which only pays over
+/// enough tiles; below, the unfolded product (`im2col`) is faster. Measured on one thread of
+/// the Intel Xeon (AVX-512), ms, Winograd / unfolded: 1280→1280 at 8×8 (4 tiles an image),
+/// batch 1, 70 / 16, batch 2, 53 / 26, batch 4, 61 / 52; 2560→1280 at 8×8, batch 2, 117 / 52;
+/// 1280→1280 at 12×12 (9 tiles), batch 2, 65 / 66; at 16×16 (16 tiles), batch 1, 51 / 57,
+/// batch 2, 56 / 129. SD 1.5's 8×8 level at 512² is the case that matters. The rule counts
+/// tiles per image, not per batch, so that an image comes out the same bits whatever batch it
+/// is computed in (A1111's seeds recreate batch images alone); narrower layers (the training
+/// recipes', the tiny models') keep Winograd's kernel at every size.
+const MIN_WINOGRAD_TILES: usize = 8;
+/// Bytes of transformed weights (`36·C_in·C_out` floats) from which [`MIN_WINOGRAD_TILES`]
+/// applies: more than one core's L2 and L3 share holds.
+const WIDE_WEIGHTS: usize = 32 << 20;
+
 /// The shapes Winograd's kernel is for: 3×3 kernels with enough channels each way for the
-/// products to outweigh the transforms.
+/// products to outweigh the transforms, and on wide layers enough output tiles per image
+/// ([`MIN_WINOGRAD_TILES`]).
 pub(crate) fn winograd_suits(s: ConvShape) -> bool {
+    let (hout, wout) = s.out_hw();
+    let tiles = hout.div_ceil(4) * wout.div_ceil(4);
+    wide_3x3(s) && (tiles >= MIN_WINOGRAD_TILES || 36 * s.cin * s.cout * 4 < WIDE_WEIGHTS)
+}
+
+/// A 3×3 kernel with at least 32 channels each way (what Winograd's transforms pay on).
+pub(crate) fn wide_3x3(s: ConvShape) -> bool {
     s.k == 3 && s.cin >= 32 && s.cout >= 32
 }
 
@@ -673,7 +698,7 @@ mod tests {
 
     #[test]
     fn winograd_takes_the_wide_3x3_convolutions() {
-        let shape = |cin, cout, k| ConvShape { batch: 2, cin, h: 8, w: 8, cout, k, pad: k / 2 };
+        let shape = |cin, cout, k| ConvShape { batch: 2, cin, h: 16, w: 16, cout, k, pad: k / 2 };
         // SD 1.5's U-Net and VAE, and the tiny models' 32/64 channels.
         for (cin, cout) in [(320, 320), (2560, 1280), (128, 128), (512, 512), (32, 64)] {
             assert!(winograd_suits(shape(cin, cout, 3)), "{cin}→{cout}");
@@ -682,6 +707,18 @@ mod tests {
         for (cin, cout, k) in [(4, 320, 3), (320, 4, 3), (16, 16, 3), (320, 320, 1), (64, 64, 5)] {
             assert!(!winograd_suits(shape(cin, cout, k)), "{cin}→{cout}, {k}×{k}");
         }
+        // Too few tiles an image on a wide layer: SD 1.5's 8×8 level at any batch, and a
+        // 12×9 image (9 tiles) on the edge; 16×16 has 16 tiles; narrow layers run it anyway.
+        let at = |batch, cin, h, w| ConvShape { batch, cin, h, w, cout: 1280, k: 3, pad: 1 };
+        for (batch, cin, h, w) in [(2, 1280, 8, 8), (1, 2560, 8, 8), (16, 1280, 4, 4)] {
+            assert!(!winograd_suits(at(batch, cin, h, w)), "{batch}×{cin}×{h}×{w}");
+            assert!(super::super::im2col::pays(at(batch, cin, h, w), false));
+        }
+        for (batch, cin, h, w) in [(1, 1280, 16, 16), (2, 1280, 12, 9), (1, 64, 4, 4)] {
+            assert!(winograd_suits(at(batch, cin, h, w)), "{batch}×{cin}×{h}×{w}");
+        }
+        let narrow = ConvShape { batch: 16, cin: 128, h: 4, w: 4, cout: 128, k: 3, pad: 1 };
+        assert!(winograd_suits(narrow));
     }
 
     /// The AVX-512 register tiles give the AVX2 tiles' bits (the same multiply-adds in the same

@@ -9,8 +9,10 @@
 //! the unfused form slow at 4096 tokens.
 //!
 //! Everything is computed in f32 (callers convert half-precision inputs). Where the CPU has
-//! AVX-512F the tiles are 16 lanes wide (`block_avx512`), with every sum formed in the same
-//! order as by the 8-lane tiles, so both give the same bits.
+//! AVX-512F the tiles are 16 lanes wide, with every sum formed in the same order as by the
+//! 8-lane tiles, so both give the same bits: for heads at least 8 wide with the queries in the
+//! lanes (`block_lanes`: scores, softmax and P·V run down the lanes, no lane idle on a head of
+//! 40), for narrower ones with the keys in the lanes as the 8-lane tiles do (`block_avx512`).
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -115,48 +117,55 @@ fn attention_on(
         return Some(out);
     }
     let threads = super::threads();
-    // Keys transposed per head into panels of 16 keys, `[bh, lk/16, d, 16]` (zero-padded):
-    // a score tile then reads one contiguous 64-byte row per step instead of striding across
-    // pages of a plain transpose. Heads are transposed in parallel.
-    let panels = lk.div_ceil(16);
-    let head_len = panels * d * 16;
-    let mut kt = vec![0f32; bh * head_len];
-    let per = bh.div_ceil(threads).max(1);
-    super::for_each_parallel(kt.chunks_mut(per * head_len).enumerate().collect(), |(t, dst)| {
-        for (i, dst) in dst.chunks_mut(head_len).enumerate() {
-            let start = kr.start(t * per + i, h);
-            for j in 0..lk {
-                let row = &k[start + j * kr.row..][..d];
-                let panel = &mut dst[(j / 16) * d * 16..(j / 16 + 1) * d * 16];
-                for (dd, &x) in row.iter().enumerate() {
-                    panel[dd * 16 + j % 16] = x;
-                }
+    // With AVX-512 and heads at least 8 wide, the queries go in the lanes (`block_lanes`).
+    // (Narrower heads keep `block`'s tiles: their P·V sums eight keys per lane, `pv_dot`, in
+    // an order the lanes tiles would have to copy for the same bits.)
+    let lanes = wide && dv >= 8;
+    // Keys transposed per head into panels of `kp` keys, `[bh, lk/kp, d, kp]` (zero-padded):
+    // a score tile then reads one contiguous row of a panel per step instead of striding
+    // across pages of a plain transpose. 16 keys for `block`'s tiles (keys in the lanes), 8
+    // for `block_lanes`' (eight keys broadcast per step).
+    let kp = if lanes { 8 } else { 16 };
+    let head_len = lk.div_ceil(kp) * d * kp;
+    let kt = per_head(bh, head_len, threads, |i, dst| {
+        let start = kr.start(i, h);
+        for j in 0..lk {
+            let panel = &mut dst[(j / kp) * d * kp..][..d * kp];
+            for (dd, &x) in k[start + j * kr.row..][..d].iter().enumerate() {
+                panel[dd * kp + j % kp] = x;
             }
         }
     });
-
-    // Heads narrower than a register (SD's 8 heads of 4 on 32 channels): V transposed per
-    // head, `[bh, dv, panels·16]` (zero-padded), so that P·V multiplies eight keys at a time
-    // (`pv_dot`) rather than one. Wider heads read V as it is.
-    let vt_stride = panels * 16;
-    let mut vt = Vec::new();
-    if dv < 8 {
-        vt = vec![0f32; bh * dv * vt_stride];
-        for (i, dst) in vt.chunks_mut(dv * vt_stride).enumerate() {
-            let start = vr.start(i, h);
-            for j in 0..lk {
-                for (c, &x) in v[start + j * vr.row..][..dv].iter().enumerate() {
-                    dst[c * vt_stride + j] = x;
-                }
+    // With the queries in the lanes, V in panels of 8 columns, `[bh, dv/8, lk, 8]`
+    // (zero-padded): a P·V tile reads its columns of consecutive keys as one stream.
+    let vp_len = if lanes { dv.div_ceil(8) * lk * 8 } else { 0 };
+    let vp = per_head(bh, vp_len, threads, |i, dst| {
+        let start = vr.start(i, h);
+        for j in 0..lk {
+            for (c, &x) in v[start + j * vr.row..][..dv].iter().enumerate() {
+                dst[(c / 8) * lk * 8 + j * 8 + c % 8] = x;
             }
         }
-    }
+    });
+    // Heads narrower than a register (SD's 8 heads of 4 on 32 channels): V transposed per
+    // head, `[bh, dv, lk/16·16]` (zero-padded), so that P·V multiplies eight keys at a time
+    // (`pv_dot`) rather than one. Wider heads read V as it is, or in panels.
+    let vt_stride = lk.div_ceil(16) * 16;
+    let vt_len = if dv < 8 { dv * vt_stride } else { 0 };
+    let vt = per_head(bh, vt_len, threads, |i, dst| {
+        let start = vr.start(i, h);
+        for j in 0..lk {
+            for (c, &x) in v[start + j * vr.row..][..dv].iter().enumerate() {
+                dst[c * vt_stride + j] = x;
+            }
+        }
+    });
 
     // Work units: (head, first query of a block); each writes its own rows of the output.
     let units: Vec<(usize, usize)> =
         (0..bh).flat_map(|i| (0..lq).step_by(BLOCK_Q).map(move |q0| (i, q0))).collect();
     let per_thread = units.len().div_ceil(threads.min(units.len()).max(1)).max(1);
-    let (kt, vt) = (&kt, &vt);
+    let (kt, vt, vp) = (&kt, &vt, &vp);
     let out_ptr = OutPtr(out.as_mut_ptr());
     let run = |units: &[(usize, usize)]| {
         #[allow(clippy::redundant_locals)]
@@ -172,6 +181,16 @@ fn attention_on(
                 if vt.is_empty() { &vt[..] } else { &vt[i * dv * vt_stride..][..dv * vt_stride] };
             // `out[bi][q0 + r][hi][..]`: rows `h·dv` apart.
             let o = Out { ptr: out_ptr, start: ((bi * lq + q0) * h + hi) * dv, row: h * dv };
+            if lanes {
+                let vp = &vp[i * vp_len..][..vp_len];
+                let args = ((q, qr.row), kt, vp, o, n, dims, scale, &mut scratch);
+                // SAFETY: as below; `lanes` implies `wide`, so the CPU has AVX-512F.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    block_lanes(args)
+                };
+                continue;
+            }
             let args = ((q, qr.row), kt, (v, vr.row), vt, o, n, dims, scale, &mut scratch);
             // SAFETY: `available()` checked AVX2 and FMA above (and AVX-512F where `wide`); the
             // asserts above bound every row read; this unit alone writes its `n` rows of `dv`
@@ -188,6 +207,26 @@ fn attention_on(
     };
     super::for_each_parallel(units.chunks(per_thread).collect(), run);
     Some(out)
+}
+
+/// `bh` buffers of `len` elements, zeroed, then each filled by `fill(head, buffer)`; heads in
+/// parallel. Empty when `len` is 0.
+fn per_head(
+    bh: usize,
+    len: usize,
+    threads: usize,
+    fill: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let mut all = vec![0f32; bh * len];
+    if len > 0 {
+        let per = bh.div_ceil(threads).max(1);
+        super::for_each_parallel(all.chunks_mut(per * len).enumerate().collect(), |(t, dst)| {
+            for (i, dst) in dst.chunks_mut(len).enumerate() {
+                fill(t * per + i, dst);
+            }
+        });
+    }
+    all
 }
 
 /// Where a unit writes its rows: row `r` at `ptr + start + r·row`.
@@ -540,6 +579,231 @@ unsafe fn pv_dot<const R: usize, const DV: usize>(
     }
 }
 
+/// The arguments of [`block_lanes`]: the queries with their row step, the head's key panels of
+/// 8 keys and value panels of 8 columns, where to write, how many queries, the shapes, the
+/// scale.
+#[cfg(target_arch = "x86_64")]
+type LanesArgs<'a> =
+    ((&'a [f32], usize), &'a [f32], &'a [f32], Out, usize, Dims, f32, &'a mut Scratch);
+
+/// Lanes of a query block in the transposed buffers: scores `[key][QL]`, scaled queries
+/// `[d][QL]` and outputs `[dv][QL]`.
+const QL: usize = BLOCK_Q;
+
+/// [`block`]'s results for heads at least 8 wide with AVX-512, bit for bit, with the queries in
+/// the lanes instead of the keys: up to 48 queries (three registers) against 8 keys per score
+/// tile and 8 value columns per P·V tile. The score and P·V tiles then have no lanes to waste
+/// on a head of 40 (SD 1.5's 64² level: 2.5 registers of 16 as rows, where [`block`] ran its
+/// last 8 columns in half-empty 8-lane tiles), every key and value element is a broadcast
+/// read once per block of queries (not once per six), and the softmax's maxima, exponentials
+/// and sums run down the lanes instead of along rows. Every number is the same sum in the same
+/// order as [`block`]'s: scores as multiply-adds over the head in order, exponentials by the
+/// same routine (`exp512` where [`block`] takes 8 or 16 at a time, `f32::exp` for a key
+/// block's last `width % 8` keys and the rescaling factors), the row sums in [`block`]'s
+/// eight interleaved partial sums, P·V as multiply-adds over the keys in order (plain
+/// multiply, then add, in the last `dv % 4` columns, as [`pv_rows`]' scalar tail).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn block_lanes(((q, q_row), kt, vp, out, rows, dims, scale, sc): LanesArgs<'_>) {
+    unsafe {
+        let d = dims.d;
+        let qt = &mut sc.q[..d * QL];
+        qt.fill(0.0);
+        for r in 0..rows {
+            for (dd, &x) in q[r * q_row..][..d].iter().enumerate() {
+                qt[dd * QL + r] = x * scale;
+            }
+        }
+        match rows.div_ceil(16) {
+            1 => lanes_run::<1>(kt, vp, out, rows, dims, sc),
+            2 => lanes_run::<2>(kt, vp, out, rows, dims, sc),
+            _ => lanes_run::<3>(kt, vp, out, rows, dims, sc),
+        }
+    }
+}
+
+/// [`block_lanes`] for `NV` registers of queries (`rows ≤ 16·NV`), queries already in `sc.q`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn lanes_run<const NV: usize>(
+    kt: &[f32],
+    vp: &[f32],
+    out: Out,
+    rows: usize,
+    dims: Dims,
+    sc: &mut Scratch,
+) {
+    unsafe {
+        let Dims { lk, d, dv, .. } = dims;
+        sc.o[..dv * QL].fill(0.0);
+        let (qt, st, ot) = (sc.q.as_ptr(), sc.s.as_mut_ptr(), sc.o.as_mut_ptr());
+        let mut m = [_mm512_set1_ps(f32::NEG_INFINITY); NV];
+        let mut l = [_mm512_setzero_ps(); NV];
+        let mut k0 = 0;
+        while k0 < lk {
+            let width = BLOCK_K.min(lk - k0);
+            // Scores `st[j][r]` for keys `k0 + j`, a panel of 8 at a time (`k0` is a multiple
+            // of 8; rows past `width` are of zero-padded keys, and unused).
+            for j in (0..width).step_by(8) {
+                lane_scores::<NV>(qt, d, kt.as_ptr().add((k0 + j) * d), st.add(j * QL));
+            }
+            // Online softmax, 16 queries at a time, as [`block`] does it per row.
+            let wide = width / 8 * 8;
+            for i in 0..NV {
+                let col = |j: usize| st.add(j * QL + 16 * i);
+                // Eight running maxima (one would wait on each max's latency); a maximum is
+                // the same whatever the order.
+                let mut mx = [_mm512_set1_ps(f32::NEG_INFINITY); 8];
+                for j0 in (0..wide).step_by(8) {
+                    for (t, mx) in mx.iter_mut().enumerate() {
+                        *mx = _mm512_max_ps(*mx, _mm512_loadu_ps(col(j0 + t)));
+                    }
+                }
+                for j in wide..width {
+                    mx[0] = _mm512_max_ps(mx[0], _mm512_loadu_ps(col(j)));
+                }
+                let mx = mx.iter().fold(mx[0], |a, &b| _mm512_max_ps(a, b));
+                let m_new = _mm512_max_ps(m[i], mx);
+                let (old, new) = (lanes16(m[i]), lanes16(m_new));
+                let alpha = _mm512_loadu_ps(
+                    std::array::from_fn::<f32, 16, _>(|t| (old[t] - new[t]).exp()).as_ptr(),
+                );
+                // The eight interleaved partial sums of `exp_sub_in_place`, then its total.
+                let mut part = [_mm512_setzero_ps(); 8];
+                for j0 in (0..wide).step_by(8) {
+                    for (t, part) in part.iter_mut().enumerate() {
+                        let e = exp512(_mm512_sub_ps(_mm512_loadu_ps(col(j0 + t)), m_new));
+                        _mm512_storeu_ps(col(j0 + t), e);
+                        *part = _mm512_add_ps(*part, e);
+                    }
+                }
+                let mut sum = part[0];
+                for p in &part[1..] {
+                    sum = _mm512_add_ps(sum, *p);
+                }
+                for j in wide..width {
+                    let x = lanes16(_mm512_loadu_ps(col(j)));
+                    let e = std::array::from_fn::<f32, 16, _>(|t| (x[t] - new[t]).exp());
+                    let e = _mm512_loadu_ps(e.as_ptr());
+                    _mm512_storeu_ps(col(j), e);
+                    sum = _mm512_add_ps(sum, e);
+                }
+                l[i] = _mm512_add_ps(_mm512_mul_ps(l[i], alpha), sum);
+                m[i] = m_new;
+                for c in 0..dv {
+                    let o = ot.add(c * QL + 16 * i);
+                    _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_loadu_ps(o), alpha));
+                }
+            }
+            // O += P·V, 8 columns at a time; the last `dv % 4` as plain products and sums.
+            let fused = dv / 4 * 4;
+            let mut c = 0;
+            while c < dv {
+                let n = if c < fused { (fused - c).min(8) } else { dv - c };
+                // Columns `c .. c + n` lie in one panel (8-column tiles start at multiples of
+                // 8, and so does a 4-column one; a tail of 1-3 at a multiple of 4).
+                let vp = vp.as_ptr().add((c / 8) * lk * 8 + k0 * 8 + c % 8);
+                let op = ot.add(c * QL);
+                match (n, c < fused) {
+                    (8, true) => lane_pv::<NV, 8, true>(st, width, vp, op),
+                    (4, true) => lane_pv::<NV, 4, true>(st, width, vp, op),
+                    (3, false) => lane_pv::<NV, 3, false>(st, width, vp, op),
+                    (2, false) => lane_pv::<NV, 2, false>(st, width, vp, op),
+                    (1, false) => lane_pv::<NV, 1, false>(st, width, vp, op),
+                    _ => unreachable!("P·V tiles are 8 or 4 fused columns or a 1-3 column tail"),
+                }
+                c += n;
+            }
+            k0 += width;
+        }
+        for (i, l) in l.iter().enumerate() {
+            let inv = lanes16(_mm512_div_ps(_mm512_set1_ps(1.0), *l));
+            for (t, &inv) in inv.iter().enumerate().take(rows.saturating_sub(16 * i)) {
+                let r = 16 * i + t;
+                let dst =
+                    std::slice::from_raw_parts_mut(out.ptr.0.add(out.start + r * out.row), dv);
+                for (c, o) in dst.iter_mut().enumerate() {
+                    *o = *ot.add(c * QL + r) * inv;
+                }
+            }
+        }
+    }
+}
+
+/// The 16 lanes of a register.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn lanes16(x: __m512) -> [f32; 16] {
+    let mut a = [0f32; 16];
+    // SAFETY: `a` holds 16 floats.
+    unsafe { _mm512_storeu_ps(a.as_mut_ptr(), x) };
+    a
+}
+
+/// Scores `st[kk][r] = Σ_d panel[d][kk] · qt[d][r]` for a panel of 8 keys and `16·NV` queries
+/// (`qt` and `st` rows [`QL`] apart).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn lane_scores<const NV: usize>(qt: *const f32, d: usize, panel: *const f32, st: *mut f32) {
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); NV]; 8];
+        for dd in 0..d {
+            let qv: [__m512; NV] =
+                std::array::from_fn(|i| _mm512_loadu_ps(qt.add(dd * QL + 16 * i)));
+            for (kk, a) in acc.iter_mut().enumerate() {
+                let kb = _mm512_set1_ps(*panel.add(dd * 8 + kk));
+                for (a, q) in a.iter_mut().zip(qv) {
+                    *a = _mm512_fmadd_ps(kb, q, *a);
+                }
+            }
+        }
+        for (kk, a) in acc.iter().enumerate() {
+            for (i, a) in a.iter().enumerate() {
+                _mm512_storeu_ps(st.add(kk * QL + 16 * i), *a);
+            }
+        }
+    }
+}
+
+/// `ot[cc][r] += Σ_j st[j][r] · v[j][cc]` over `width` keys for `CT` columns (`v` rows 8
+/// apart: a value panel) and `16·NV` queries: multiply-adds where `FUSED`, else a product then
+/// a sum.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn lane_pv<const NV: usize, const CT: usize, const FUSED: bool>(
+    st: *const f32,
+    width: usize,
+    v: *const f32,
+    ot: *mut f32,
+) {
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); NV]; CT];
+        for j in 0..width {
+            let p: [__m512; NV] = std::array::from_fn(|i| _mm512_loadu_ps(st.add(j * QL + 16 * i)));
+            for (cc, a) in acc.iter_mut().enumerate() {
+                let vb = _mm512_set1_ps(*v.add(j * 8 + cc));
+                for (a, p) in a.iter_mut().zip(p) {
+                    *a = if FUSED {
+                        _mm512_fmadd_ps(p, vb, *a)
+                    } else {
+                        _mm512_add_ps(*a, _mm512_mul_ps(p, vb))
+                    };
+                }
+            }
+        }
+        for (cc, a) in acc.iter().enumerate() {
+            for (i, a) in a.iter().enumerate() {
+                let o = ot.add(cc * QL + 16 * i);
+                _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), *a));
+            }
+        }
+    }
+}
+
 /// Score tiles of `rows ≤ 6` queries (`q`, rows `d` apart, scaled) against keys
 /// `k0..k0 + padded` (`padded` a multiple of 16) of a head's key panels `kt`: 32 keys at a time
 /// (two panels), then 16. Each score is the same sum in the same order as [`qk_tile`]'s.
@@ -879,6 +1143,11 @@ mod tests {
             (2, 60, 77, 80, 80),
             (1, 50, 520, 160, 160),
             (1, 7, 48, 16, 48),
+            // The queries-in-lanes tiles' edges: 1, 2 and 3 plain-product columns after 8 and 4
+            // fused ones, fewer keys than a score tile, 16 and 32 queries exactly.
+            (2, 19, 13, 9, 11),
+            (1, 32, 5, 8, 14),
+            (3, 16, 263, 24, 9),
         ] {
             let dims = Dims { b: bh, h: 1, lq, lk, d, dv };
             let (q, k, v) =

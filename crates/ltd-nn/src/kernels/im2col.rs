@@ -57,13 +57,17 @@ const MAX_UNFOLDED: usize = 16 << 20;
 /// (and level at batch 2 and 1 on 320 and 128 channels of 32² and 64², 74 and 19 ms.) So the
 /// weight gradient whenever there are at least 16 output channels (the product's columns); the
 /// forward also only at most 8×8 output pixels or at most 4 input channels, and while the
-/// unfolded batch stays under [`MAX_UNFOLDED`].
+/// unfolded batch stays under [`MAX_UNFOLDED`]. A wide 3×3 convolution with too few output
+/// tiles an image for Winograd's kernel (`conv2d::winograd_suits`) is unfolded at any size:
+/// the direct kernel is for narrow layers (1280→1280 at 16×16, batch 1: 531 ms direct, 57 ms
+/// unfolded on the Xeon).
 pub(crate) fn pays(s: ConvShape, weight_grad: bool) -> bool {
     if weight_grad {
         return s.cout >= 16;
     }
     let (hout, wout) = s.out_hw();
-    let small = hout * wout <= 64 || s.cin <= 4;
+    let few_tiles = super::conv2d::wide_3x3(s) && !super::conv2d::winograd_suits(s);
+    let small = hout * wout <= 64 || s.cin <= 4 || few_tiles;
     let unfolded = s.cin * s.k * s.k * s.batch * hout * wout;
     small && s.cout >= 16 && unfolded <= MAX_UNFOLDED
 }
@@ -217,24 +221,33 @@ pub(crate) fn conv(
     let u = unfold(x, s, stride);
     let mut prod = vec![0f32; s.cout * u.ld];
     let threads = super::threads();
-    let width = u.cols.div_ceil(bands(u.cols, threads));
+    let nbands = bands(u.cols, threads);
+    let width = u.cols.div_ceil(nbands);
+    let nbands = u.cols.div_ceil(width);
+    // Too few columns for a band per thread (SD 1.5's 8×8 level: 128): the output channels
+    // are split too, so that the threads share the product. Neither split changes a sum.
+    let blocks =
+        if threads > 1 { (2 * threads).div_ceil(nbands).min(s.cout / MIN_BLOCK).max(1) } else { 1 };
+    let block = s.cout.div_ceil(blocks);
+    let blocks = s.cout.div_ceil(block);
     let prod_ptr = OutPtr(prod.as_mut_ptr());
     super::for_each_unit(
         threads,
-        u.cols.div_ceil(width),
+        nbands * blocks,
         || (),
-        |_, band| {
+        |_, unit| {
             #[allow(clippy::redundant_locals)]
             let prod_ptr = prod_ptr;
-            let j0 = band * width;
-            // SAFETY: dst is `prod[..cout][j0 .. j0 + n]` (rows `ld` apart), this band's only;
-            // lhs is `weight`, `cout × rows`; rhs is `col[..rows][j0 .. j0 + n]`.
+            let (j0, co0) = ((unit / blocks) * width, (unit % blocks) * block);
+            // SAFETY: dst is `prod[co0 .. co0 + m][j0 .. j0 + n]` (rows `ld` apart), this
+            // unit's only; lhs is rows `co0 .. co0 + m` of `weight`, `cout × rows`; rhs is
+            // `col[..rows][j0 .. j0 + n]`.
             unsafe {
                 super::gemm(
-                    (s.cout, width.min(u.cols - j0), u.rows),
-                    Mat { ptr: prod_ptr.0.add(j0), row: u.ld, col: 1 },
+                    (block.min(s.cout - co0), width.min(u.cols - j0), u.rows),
+                    Mat { ptr: prod_ptr.0.add(co0 * u.ld + j0), row: u.ld, col: 1 },
                     false,
-                    Mat { ptr: weight.as_ptr(), row: u.rows, col: 1 },
+                    Mat { ptr: weight.as_ptr().add(co0 * u.rows), row: u.rows, col: 1 },
                     Mat { ptr: u.col.as_ptr().add(j0), row: u.ld, col: 1 },
                 );
             }
@@ -427,6 +440,8 @@ const MIN_TERMS: usize = 1024;
 
 /// Fewest columns (rows of `weight_grad`'s product) per band of [`bands`].
 const MIN_BAND: usize = 128;
+/// Fewest output channels per block where [`conv`] splits them between threads.
+const MIN_BLOCK: usize = 64;
 
 /// Most parts `weight_grad` splits its groups of images into when its rows are too few for
 /// two bands.
@@ -522,6 +537,20 @@ mod tests {
         let direct = super::super::conv2d::direct(&x, &wt, s, epi);
         let direct: Vec<f64> = direct.iter().map(|&v| v as f64).collect();
         assert_close(&ours, &direct, s);
+    }
+
+    /// Split between threads by output channels (SD 1.5's 8×8 level has too few columns for
+    /// bands of them), the product is the one-thread product bit for bit, and the definition's.
+    #[test]
+    fn unfolded_channel_blocks_equal_one_thread() {
+        let s = ConvShape { batch: 2, cin: 40, h: 8, w: 8, cout: 200, k: 3, pad: 1 };
+        let (x, wt, bias) = (uniform(2 * 40 * 64, 1), uniform(200 * 40 * 9, 2), uniform(200, 3));
+        let epi = Epilogue { bias: &bias, channel_add: None, residual: None, scale: 1.0 };
+        let shared = conv(&x, &wt, s, 1, epi);
+        let alone = candle_core::utils::on_this_thread(|| conv(&x, &wt, s, 1, epi));
+        assert_eq!(shared, alone);
+        let direct = super::super::conv2d::direct(&x, &wt, s, epi);
+        assert_close(&shared, &direct.iter().map(|&v| v as f64).collect::<Vec<_>>(), s);
     }
 
     /// The weight gradient `Σ_b,y,x g[b][co][y][x] · x[b][ci][y + ky − pad][x + kx − pad]`,

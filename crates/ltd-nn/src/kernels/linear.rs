@@ -15,6 +15,8 @@ use super::Mat;
 
 /// Fewest rows in a band: the micro-kernel's 16-row tiles, a few times over.
 const MIN_BAND_ROWS: usize = 64;
+/// Fewest columns in a band of columns.
+const MIN_BAND_COLUMNS: usize = 64;
 /// Products smaller than this (multiply-adds) run in one call on the calling thread.
 const MIN_PARALLEL_WORK: usize = 1 << 22;
 
@@ -38,13 +40,17 @@ pub(crate) fn rows_times_weight(
         return out;
     }
     let threads = super::threads();
-    let units = if threads == 1 || rows * k * n < MIN_PARALLEL_WORK {
-        1
-    } else {
-        (4 * threads).min(rows.div_ceil(MIN_BAND_ROWS)).max(1)
-    };
-    let band = rows.div_ceil(units);
-    let units = rows.div_ceil(band);
+    let parallel = threads > 1 && rows * k * n >= MIN_PARALLEL_WORK;
+    // Bands of rows (of `x` and the output) or of columns (rows of `w`): each band's `gemm`
+    // call reads the whole of the other operand, so the split goes along the larger side.
+    // With bands of rows on SD 1.5's 16×16 level (512 rows against a 10240×1280 weight), each
+    // thread streamed the whole weight from memory per band and two threads took as long as
+    // one.
+    let by_columns = rows < n;
+    let (side, min_band) = if by_columns { (n, MIN_BAND_COLUMNS) } else { (rows, MIN_BAND_ROWS) };
+    let units = if parallel { (4 * threads).min(side.div_ceil(min_band)).max(1) } else { 1 };
+    let band = side.div_ceil(units);
+    let units = side.div_ceil(band);
     // Not zero-filled: every element is written by exactly one band's product below (the
     // pages are then touched for the first time by the thread that computes them).
     let mut out = Vec::<f32>::with_capacity(len);
@@ -57,24 +63,30 @@ pub(crate) fn rows_times_weight(
             // Rebinding takes the whole `Sync` wrapper, not its raw-pointer field.
             #[allow(clippy::redundant_locals)]
             let out_ptr = out_ptr;
-            let r0 = unit * band;
-            let m = band.min(rows - r0);
-            // SAFETY: dst is rows `r0 .. r0 + m` of the `[rows, n]` output, which only this
-            // unit writes (`gemm` with `read_dst` false writes every element without reading
-            // it); lhs is the same rows of `x` (`[rows, k]`, rows `k` apart); rhs is `Wᵀ`,
-            // `rhs[kk][j] = w[j·k + kk]`, within `w`'s `n·k`.
+            let first = unit * band;
+            let (r0, m, c0, nb) = if by_columns {
+                (0, rows, first, band.min(n - first))
+            } else {
+                (first, band.min(rows - first), 0, n)
+            };
+            // SAFETY: dst is rows `r0 .. r0 + m`, columns `c0 .. c0 + nb` of the `[rows, n]`
+            // output, which only this unit writes (`gemm` with `read_dst` false writes every
+            // element without reading it); lhs is the same rows of `x` (`[rows, k]`, rows `k`
+            // apart); rhs is columns `c0 .. c0 + nb` of `Wᵀ`, `rhs[kk][j] = w[j·k + kk]`,
+            // within `w`'s `n·k`.
             unsafe {
-                let dst = out_ptr.0.add(r0 * n);
+                let dst = out_ptr.0.add(r0 * n + c0);
                 super::gemm(
-                    (m, n, k),
+                    (m, nb, k),
                     Mat { ptr: dst, row: n, col: 1 },
                     false,
                     Mat { ptr: x.as_ptr().add(r0 * k), row: k, col: 1 },
-                    Mat { ptr: w.as_ptr(), row: 1, col: k },
+                    Mat { ptr: w.as_ptr().add(c0 * k), row: 1, col: k },
                 );
                 if let Some(b) = bias {
-                    for row in std::slice::from_raw_parts_mut(dst, m * n).chunks_exact_mut(n) {
-                        for (y, &bv) in row.iter_mut().zip(b) {
+                    for r in 0..m {
+                        let row = std::slice::from_raw_parts_mut(dst.add(r * n), nb);
+                        for (y, &bv) in row.iter_mut().zip(&b[c0..c0 + nb]) {
                             *y += bv;
                         }
                     }
@@ -102,6 +114,8 @@ mod tests {
             (17, 33, 6),
             (300, 100, 250),
             (1000, 64, 130),
+            // Bands of columns: fewer rows than columns, enough work for several threads.
+            (70, 300, 1000),
             (5, 0, 4),
             (0, 3, 2),
         ] {
@@ -111,6 +125,12 @@ mod tests {
             for bias in [None, Some(&b[..])] {
                 let ours = rows_times_weight(&x, &w, bias, (rows, k, n));
                 assert_eq!(ours.len(), rows * n);
+                // Bands of rows or columns shared by the threads give the one-thread product
+                // bit for bit (`gemm` blocks each sum by its length only).
+                let alone = candle_core::utils::on_this_thread(|| {
+                    rows_times_weight(&x, &w, bias, (rows, k, n))
+                });
+                assert_eq!(ours, alone, "{:?}", (rows, k, n));
                 for r in 0..rows {
                     for j in 0..n {
                         let dot: f64 =
