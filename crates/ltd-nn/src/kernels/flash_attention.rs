@@ -279,8 +279,9 @@ unsafe fn block_avx2(args: BlockArgs<'_>) {
     unsafe { block::<false>(args) }
 }
 
-/// [`block`] with AVX-512's 16-lane tiles: score tiles of 6 rows × 32 keys, P·V 32 columns at
-/// a time, exponentials 16 at a time (the same sums in the same order as [`block_avx2`]).
+/// [`block`] with AVX-512's 16-lane tiles, for heads narrower than 8 (wider ones run
+/// [`block_lanes`]): score tiles of 6 rows × 32 keys, exponentials 16 at a time (the same sums
+/// in the same order as [`block_avx2`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn block_avx512(args: BlockArgs<'_>) {
@@ -382,19 +383,14 @@ unsafe fn block<const WIDE: bool>(
                 let tile_rows = (rows - r).min(6);
                 let pp = sc.s.as_ptr().add(r * BLOCK_K);
                 let op = sc.o.as_mut_ptr().add(r * dv);
-                // Columns `..c0` by AVX-512's tiles, the rest by AVX2's.
-                let c0 = if WIDE {
-                    pv_rows_avx512(tile_rows, pp, width, (vb, v_row), dv, op)
-                } else {
-                    0
-                };
+                // AVX2's tiles only: with AVX-512, heads this wide run `block_lanes`.
                 match tile_rows {
-                    6 => pv_rows::<6>(pp, width, vb, v_row, (c0, dv), op),
-                    5 => pv_rows::<5>(pp, width, vb, v_row, (c0, dv), op),
-                    4 => pv_rows::<4>(pp, width, vb, v_row, (c0, dv), op),
-                    3 => pv_rows::<3>(pp, width, vb, v_row, (c0, dv), op),
-                    2 => pv_rows::<2>(pp, width, vb, v_row, (c0, dv), op),
-                    _ => pv_rows::<1>(pp, width, vb, v_row, (c0, dv), op),
+                    6 => pv_rows::<6>(pp, width, vb, v_row, (0, dv), op),
+                    5 => pv_rows::<5>(pp, width, vb, v_row, (0, dv), op),
+                    4 => pv_rows::<4>(pp, width, vb, v_row, (0, dv), op),
+                    3 => pv_rows::<3>(pp, width, vb, v_row, (0, dv), op),
+                    2 => pv_rows::<2>(pp, width, vb, v_row, (0, dv), op),
+                    _ => pv_rows::<1>(pp, width, vb, v_row, (0, dv), op),
                 }
                 r += tile_rows;
             }
@@ -743,26 +739,41 @@ fn lanes16(x: __m512) -> [f32; 16] {
 }
 
 /// Scores `st[kk][r] = Σ_d panel[d][kk] · qt[d][r]` for a panel of 8 keys and `16·NV` queries
-/// (`qt` and `st` rows [`QL`] apart).
+/// (`qt` and `st` rows [`QL`] apart): the keys broadcast against the query lanes.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn lane_scores<const NV: usize>(qt: *const f32, d: usize, panel: *const f32, st: *mut f32) {
+    unsafe { outer_tile::<8, NV>(d, (panel, 1, 8), (qt, 16, QL), (st, QL)) }
+}
+
+/// The score tile of both AVX-512 layouts: `out[r][16p .. 16p + 16] = Σ_t a[r·ar + t·at] ·
+/// b[p·bp + t·bt ..][..16]` for `R` broadcast elements against `P` registers, one multiply-add
+/// per `t < n` in order from zero (rows of `out` `or` apart). [`block_avx512`] broadcasts
+/// queries against key panels of 16, [`block_lanes`] keys against query lanes.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn outer_tile<const R: usize, const P: usize>(
+    n: usize,
+    (a, ar, at): (*const f32, usize, usize),
+    (b, bp, bt): (*const f32, usize, usize),
+    (out, or): (*mut f32, usize),
+) {
     unsafe {
-        let mut acc = [[_mm512_setzero_ps(); NV]; 8];
-        for dd in 0..d {
-            let qv: [__m512; NV] =
-                std::array::from_fn(|i| _mm512_loadu_ps(qt.add(dd * QL + 16 * i)));
-            for (kk, a) in acc.iter_mut().enumerate() {
-                let kb = _mm512_set1_ps(*panel.add(dd * 8 + kk));
-                for (a, q) in a.iter_mut().zip(qv) {
-                    *a = _mm512_fmadd_ps(kb, q, *a);
+        let mut acc = [[_mm512_setzero_ps(); P]; R];
+        for t in 0..n {
+            let bv: [__m512; P] = std::array::from_fn(|p| _mm512_loadu_ps(b.add(p * bp + t * bt)));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*a.add(r * ar + t * at));
+                for (acc, bv) in acc.iter_mut().zip(bv) {
+                    *acc = _mm512_fmadd_ps(av, bv, *acc);
                 }
             }
         }
-        for (kk, a) in acc.iter().enumerate() {
-            for (i, a) in a.iter().enumerate() {
-                _mm512_storeu_ps(st.add(kk * QL + 16 * i), *a);
+        for (r, acc) in acc.iter().enumerate() {
+            for (p, acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(out.add(r * or + 16 * p), *acc);
             }
         }
     }
@@ -822,12 +833,12 @@ unsafe fn qk_tiles_avx512(
         macro_rules! go {
             ($p:literal, $kp:expr, $sp:expr) => {
                 match rows {
-                    6 => qk_tile_avx512::<6, $p>(q, d, $kp, $sp),
-                    5 => qk_tile_avx512::<5, $p>(q, d, $kp, $sp),
-                    4 => qk_tile_avx512::<4, $p>(q, d, $kp, $sp),
-                    3 => qk_tile_avx512::<3, $p>(q, d, $kp, $sp),
-                    2 => qk_tile_avx512::<2, $p>(q, d, $kp, $sp),
-                    _ => qk_tile_avx512::<1, $p>(q, d, $kp, $sp),
+                    6 => outer_tile::<6, $p>(d, (q, d, 1), ($kp, 16 * d, 16), ($sp, BLOCK_K)),
+                    5 => outer_tile::<5, $p>(d, (q, d, 1), ($kp, 16 * d, 16), ($sp, BLOCK_K)),
+                    4 => outer_tile::<4, $p>(d, (q, d, 1), ($kp, 16 * d, 16), ($sp, BLOCK_K)),
+                    3 => outer_tile::<3, $p>(d, (q, d, 1), ($kp, 16 * d, 16), ($sp, BLOCK_K)),
+                    2 => outer_tile::<2, $p>(d, (q, d, 1), ($kp, 16 * d, 16), ($sp, BLOCK_K)),
+                    _ => outer_tile::<1, $p>(d, (q, d, 1), ($kp, 16 * d, 16), ($sp, BLOCK_K)),
                 }
             };
         }
@@ -841,108 +852,6 @@ unsafe fn qk_tiles_avx512(
             } else {
                 go!(1, kp, sp);
                 c += 16;
-            }
-        }
-    }
-}
-
-/// `s[r][0..16·P] = Σ_d q[r][d] · panel_p[d][0..16]` for `R` rows and `P` consecutive panels
-/// of 16 keys (`s` rows `BLOCK_K` apart).
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn qk_tile_avx512<const R: usize, const P: usize>(
-    q: *const f32,
-    d: usize,
-    panel: *const f32,
-    s: *mut f32,
-) {
-    unsafe {
-        let mut acc = [[_mm512_setzero_ps(); P]; R];
-        for dd in 0..d {
-            let k: [__m512; P] =
-                std::array::from_fn(|p| _mm512_loadu_ps(panel.add(p * 16 * d + dd * 16)));
-            for (r, a) in acc.iter_mut().enumerate() {
-                let qv = _mm512_set1_ps(*q.add(r * d + dd));
-                for (a, k) in a.iter_mut().zip(k) {
-                    *a = _mm512_fmadd_ps(qv, k, *a);
-                }
-            }
-        }
-        for (r, a) in acc.iter().enumerate() {
-            for (p, a) in a.iter().enumerate() {
-                _mm512_storeu_ps(s.add(r * BLOCK_K + 16 * p), *a);
-            }
-        }
-    }
-}
-
-/// [`pv_rows`]' columns in whole 16-lane registers, 32 then 16 at a time, for `rows ≤ 6`;
-/// returns how many columns it did (each the same sum in the same order as [`pv_rows`]').
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn pv_rows_avx512(
-    rows: usize,
-    p: *const f32,
-    width: usize,
-    (v, vs): (*const f32, usize),
-    dv: usize,
-    o: *mut f32,
-) -> usize {
-    unsafe {
-        macro_rules! go {
-            ($n:literal, $c:expr) => {
-                match rows {
-                    6 => pv_tile_avx512::<6, $n>(p, width, v.add($c), vs, dv, o.add($c)),
-                    5 => pv_tile_avx512::<5, $n>(p, width, v.add($c), vs, dv, o.add($c)),
-                    4 => pv_tile_avx512::<4, $n>(p, width, v.add($c), vs, dv, o.add($c)),
-                    3 => pv_tile_avx512::<3, $n>(p, width, v.add($c), vs, dv, o.add($c)),
-                    2 => pv_tile_avx512::<2, $n>(p, width, v.add($c), vs, dv, o.add($c)),
-                    _ => pv_tile_avx512::<1, $n>(p, width, v.add($c), vs, dv, o.add($c)),
-                }
-            };
-        }
-        let mut c = 0;
-        while c + 32 <= dv {
-            go!(2, c);
-            c += 32;
-        }
-        if c + 16 <= dv {
-            go!(1, c);
-            c += 16;
-        }
-        c
-    }
-}
-
-/// `o[r][0..16·N] += Σ_j p[r][j] · v[j][0..16·N]` for `R` rows (`o` rows `dv` apart).
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn pv_tile_avx512<const R: usize, const N: usize>(
-    p: *const f32,
-    width: usize,
-    v: *const f32,
-    vs: usize,
-    dv: usize,
-    o: *mut f32,
-) {
-    unsafe {
-        let mut acc = [[_mm512_setzero_ps(); N]; R];
-        for j in 0..width {
-            let vv: [__m512; N] = std::array::from_fn(|n| _mm512_loadu_ps(v.add(j * vs + 16 * n)));
-            for (r, a) in acc.iter_mut().enumerate() {
-                let pr = _mm512_set1_ps(*p.add(r * BLOCK_K + j));
-                for (a, vv) in a.iter_mut().zip(vv) {
-                    *a = _mm512_fmadd_ps(pr, vv, *a);
-                }
-            }
-        }
-        for (r, a) in acc.iter().enumerate() {
-            for (n, a) in a.iter().enumerate() {
-                let dst = o.add(r * dv + 16 * n);
-                _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), *a));
             }
         }
     }

@@ -3,7 +3,8 @@
 //! The input is unfolded into `col[(ci·k + ky)·k + kx][b·P + oy·W' + ox] = x[b][ci][oy·stride +
 //! ky − pad][ox·stride + kx − pad]` (zero outside the input; `P = H'·W'` output pixels per
 //! image), and the output, channels first, is `W · col` with the weights `[C_out, C_in·k²]` as
-//! they are stored, computed by the `gemm` crate in bands of columns that the threads share;
+//! they are stored, computed by the `gemm` crate in bands of columns (and blocks of output
+//! channels, where the columns are few) that the threads share;
 //! the weight gradient is `col · gᵀ` per group of images, accumulated in image order (in a few
 //! parts, added in order, where the products have few rows).
 //!

@@ -1,7 +1,7 @@
-//! A linear layer's product `x·Wᵀ + b` on the CPU outside autograd: bands of rows taken from a
-//! shared counter by the calling thread and rayon's, each band one `gemm` call on the stored
-//! weight (`[out, in]`, read transposed in place) with the bias added while the band is still
-//! in cache.
+//! A linear layer's product `x·Wᵀ + b` on the CPU outside autograd: bands of rows (or of
+//! columns, where the rows are fewer) taken from a shared counter by the calling thread and
+//! rayon's, each band one `gemm` call on the stored weight (`[out, in]`, read transposed in
+//! place) with the bias added while the band is still in cache.
 //!
 //! Why not candle's `matmul`: it hands the whole product to `gemm`'s own threading, which
 //! splits it once, evenly, over the pool while the calling thread waits; in a profile of a
