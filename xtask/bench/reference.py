@@ -105,6 +105,13 @@ def random_latents(shape, seed):
     return torch.randn(shape, generator=g)
 
 
+def torch_dtype(args):
+    """The precision `--dtype` names: the weights drawn in f32, then rounded once."""
+    import torch
+
+    return {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+
+
 def run_matmul(args):
     import torch
 
@@ -122,9 +129,10 @@ def run_unet(args, item="unet", latent=64):
 
     config = UNet2DConditionModel.load_config(os.path.dirname(args.config))
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(config).eval()
-    x = random_latents((2, config["in_channels"], latent, latent), 1)
-    ctx = random_latents((2, 77, config["cross_attention_dim"]), 2)
+    dtype = torch_dtype(args)
+    unet = UNet2DConditionModel.from_config(config).eval().to(dtype)
+    x = random_latents((2, config["in_channels"], latent, latent), 1).to(dtype)
+    ctx = random_latents((2, 77, config["cross_attention_dim"]), 2).to(dtype)
     t = torch.tensor([981.0])
     base = status_kib("VmRSS:")
     reset_peak()
@@ -144,8 +152,9 @@ def run_vae(args):
 
     config = AutoencoderKL.load_config(os.path.dirname(args.config))
     torch.manual_seed(0)
-    vae = AutoencoderKL.from_config(config).eval()
-    z = random_latents((1, config["latent_channels"], 64, 64), 1)
+    dtype = torch_dtype(args)
+    vae = AutoencoderKL.from_config(config).eval().to(dtype)
+    z = random_latents((1, config["latent_channels"], 64, 64), 1).to(dtype)
     base = status_kib("VmRSS:")
     reset_peak()
     with torch.no_grad():
@@ -256,6 +265,12 @@ def main():
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument(
+        "--dtype",
+        choices=["f32", "bf16"],
+        default="f32",
+        help="precision of the unet, vae and small items: the model and its inputs in it",
+    )
     p.add_argument("--config", help="config.json of the U-Net or VAE (unet, vae, train-unet, train-vae)")
     p.add_argument("--model-dir", help="the folder to load (load)")
     args = p.parse_args()

@@ -149,6 +149,16 @@ pub struct Args {
     /// Untimed runs before them.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
+    /// Precision of the `unet`, `vae` and `small` items, the same on both sides: weights and
+    /// inputs in it (`bf16`: diffusers' model `.to(torch.bfloat16)`; ltd's `--dtype bf16`,
+    /// whose CPU kernels compute in f32 and round to bf16 after each layer, as PyTorch's do).
+    #[arg(long, value_enum, default_value_t = BenchDtype::F32)]
+    pub dtype: BenchDtype,
+    /// The `unet` and `small` items on ltd's side with the U-Net's transformer linear layers
+    /// quantized (`ltd-gen --quantize`: `q8_0`); diffusers' side stays in `--dtype`, as
+    /// diffusers has no such format.
+    #[arg(long, value_name = "FORMAT")]
+    pub quantize: Option<ltd_nn::Quantization>,
     /// Measure ltd only.
     #[arg(long)]
     pub no_reference: bool,
@@ -161,6 +171,31 @@ pub struct Args {
     /// The folder of the `single-file` item's files (passed to its children).
     #[arg(long, hide = true)]
     pub bench_dir: Option<PathBuf>,
+}
+
+/// The precision `--dtype` picks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchDtype {
+    F32,
+    Bf16,
+}
+
+impl BenchDtype {
+    fn name(self) -> &'static str {
+        match self {
+            BenchDtype::F32 => "f32",
+            BenchDtype::Bf16 => "bf16",
+        }
+    }
+
+    /// candle's dtype.
+    pub fn candle(self) -> candle_core::DType {
+        match self {
+            BenchDtype::F32 => candle_core::DType::F32,
+            BenchDtype::Bf16 => candle_core::DType::BF16,
+        }
+    }
 }
 
 /// One side's measurement of one item (the reference script prints the same fields).
@@ -268,6 +303,8 @@ struct Report {
     machine: Machine,
     steps: usize,
     warmup: usize,
+    dtype: BenchDtype,
+    quantize: Option<&'static str>,
     reference_python: Option<PathBuf>,
     rows: Vec<Row>,
 }
@@ -298,6 +335,27 @@ pub fn run(args: &Args, root: &Path) -> Result<()> {
     }
     let items: Vec<Item> =
         Item::ALL.into_iter().filter(|i| args.only.is_empty() || args.only.contains(i)).collect();
+    if let Some(q) = args.quantize {
+        if let Some(item) = items.iter().find(|i| !matches!(i, Item::Unet | Item::Small)) {
+            bail!(
+                "--quantize {q} applies to the unet and small items only, not {} \
+                 (pick them with --only)",
+                item.name()
+            );
+        }
+    }
+    if args.dtype != BenchDtype::F32 {
+        if let Some(item) =
+            items.iter().find(|i| !matches!(i, Item::Unet | Item::Vae | Item::Small))
+        {
+            bail!(
+                "--dtype {} applies to the unet, vae and small items only, not {} \
+                 (pick them with --only)",
+                args.dtype.name(),
+                item.name()
+            );
+        }
+    }
     let mut machine = Machine::detect();
     let python = if args.no_reference { None } else { reference_python(root) };
     match &python {
@@ -347,15 +405,20 @@ pub fn run(args: &Args, root: &Path) -> Result<()> {
     }
     println!("machine: {}", machine.describe());
     println!(
-        "median of {} timed run(s) after {} warm-up run(s); ratio = ltd / diffusers \
+        "median of {} timed run(s) after {} warm-up run(s); {}{}; ratio = ltd / diffusers \
          (times, memory: below 1 is better for ltd; GFLOP/s: above 1)",
-        args.steps, args.warmup
+        args.steps,
+        args.warmup,
+        args.dtype.name(),
+        args.quantize.map_or(String::new(), |q| format!(", ltd's transformer layers in {q}"))
     );
     if let Some(path) = &args.json {
         let report = Report {
             machine,
             steps: args.steps,
             warmup: args.warmup,
+            dtype: args.dtype,
+            quantize: args.quantize.map(|q| q.name()),
             reference_python: python,
             rows,
         };
@@ -367,7 +430,12 @@ pub fn run(args: &Args, root: &Path) -> Result<()> {
 }
 
 fn child_args(args: &Args) -> Vec<String> {
-    vec!["--steps".into(), args.steps.to_string(), "--warmup".into(), args.warmup.to_string()]
+    let mut out: Vec<String> =
+        vec!["--steps".into(), args.steps.to_string(), "--warmup".into(), args.warmup.to_string()];
+    if args.dtype != BenchDtype::F32 {
+        out.extend(["--dtype".into(), args.dtype.name().into()]);
+    }
+    out
 }
 
 /// Runs `cmd`, passing its stderr through, and parses the last line of its stdout as JSON.
@@ -389,6 +457,9 @@ fn run_ours(item: Item, args: &Args) -> Result<Measurement> {
     let exe = std::env::current_exe().context("finding the xtask binary")?;
     let mut cmd = Command::new(exe);
     cmd.args(["bench", "--child", item.name()]).args(child_args(args));
+    if let Some(q) = args.quantize {
+        cmd.args(["--quantize", q.name()]);
+    }
     run_json(cmd)
 }
 

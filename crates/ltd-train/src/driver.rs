@@ -242,7 +242,7 @@ impl<S: Clone + Serialize + DeserializeOwned> Driver<S> {
                 };
                 let model = var_tensors(&all_vars)?;
                 let ema_tensors = ema.as_ref().map(Ema::tensors);
-                let opt_state = opt.state_tensors();
+                let opt_state = opt.state_tensors()?;
                 let mut files = vec![("model", &model), ("optimizer", &opt_state)];
                 if let Some(t) = &ema_tensors {
                     files.push(("ema", t));

@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 use ltd_nn::CpuData;
 use serde::{Deserialize, Serialize};
 
@@ -62,11 +62,12 @@ impl AdamW {
     /// An optimiser for `vars` (sorted by name, so the state layout is stable), moments zero.
     pub fn new(mut vars: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
         vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut m = Vec::with_capacity(vars.len());
+        let (mut m, mut v) = (Vec::with_capacity(vars.len()), Vec::with_capacity(vars.len()));
+        // Each moment in storage of its own: the fused CPU step updates them in place.
         for (_, var) in &vars {
             m.push(var.as_tensor().zeros_like()?);
+            v.push(var.as_tensor().zeros_like()?);
         }
-        let v = m.clone();
         let lr_scale = vec![1.0; vars.len()];
         let (names, vars) = vars.into_iter().unzip();
         Ok(Self { names, vars, m, v, lr_scale, t: 0, cfg })
@@ -131,18 +132,11 @@ impl AdamW {
             // Gradients carry the step's graph: detach, or the moments would keep every
             // step's activations alive.
             let g = g.detach();
-            // On the CPU one pass over the four arrays replaces a dozen tensor operations,
-            // each allocating a parameter-sized temporary.
-            let fused = if fuse {
-                adamw_cpu(var.as_tensor(), &g, &self.m[i], &self.v[i], &k)
-            } else {
-                None
-            };
-            if let Some((theta, m, v)) = fused {
-                let (shape, dev) = (var.dims().to_vec(), var.device().clone());
-                var.set(&Tensor::from_vec(theta, shape.as_slice(), &dev)?)?;
-                let m = Tensor::from_vec(m, shape.as_slice(), &dev)?;
-                return Ok(Some((m, Tensor::from_vec(v, shape.as_slice(), &dev)?)));
+            // On the CPU three in-place passes replace a dozen tensor operations, each
+            // allocating a parameter-sized temporary.
+            if fuse && fusable(var.as_tensor(), &g, &self.m[i], &self.v[i]) {
+                adamw_cpu(var.as_tensor(), &g, (&self.m[i], &self.v[i]), &k)?;
+                return Ok(None);
             }
             let g = if grad_scale == 1.0 { g } else { (g * grad_scale)? };
             let theta = (var.as_tensor() * (1.0 - lr * weight_decay))?;
@@ -168,13 +162,14 @@ impl AdamW {
     }
 
     /// The moments as named tensors (`exp_avg.NAME`, `exp_avg_sq.NAME`) for a checkpoint.
-    pub fn state_tensors(&self) -> HashMap<String, Tensor> {
+    pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for (i, name) in self.names.iter().enumerate() {
-            out.insert(format!("exp_avg.{name}"), self.m[i].clone());
-            out.insert(format!("exp_avg_sq.{name}"), self.v[i].clone());
+            // Copies: the next step updates the moments in place.
+            out.insert(format!("exp_avg.{name}"), self.m[i].copy()?);
+            out.insert(format!("exp_avg_sq.{name}"), self.v[i].copy()?);
         }
-        out
+        Ok(out)
     }
 
     /// Restores the moments saved by [`Self::state_tensors`] and the step count.
@@ -196,7 +191,9 @@ impl AdamW {
                         slot.dims()
                     )));
                 }
-                *slot = t.to_dtype(slot.dtype())?.to_device(slot.device())?;
+                // A copy: the steps update the moments in place, and `tensors` is the
+                // caller's.
+                *slot = t.to_dtype(slot.dtype())?.to_device(slot.device())?.copy()?;
             }
         }
         self.t = steps_taken;
@@ -251,43 +248,115 @@ struct FusedCoeffs {
     eps: f32,
 }
 
-/// One AdamW update of a variable in a single pass, returning the new weights and moments;
-/// `None` unless all four tensors are contiguous f32 CPU tensors.
+/// Whether [`adamw_cpu`] applies: the weights, gradient and moments are contiguous f32 CPU
+/// tensors of one length.
+fn fusable(theta: &Tensor, grad: &Tensor, m: &Tensor, v: &Tensor) -> bool {
+    let views = [theta, grad, m, v].map(CpuData::new);
+    let lens = views.each_ref().map(|d| d.f32().map(<[f32]>::len).ok());
+    matches!(lens, [Some(n), Some(g), Some(a), Some(b)] if [g, a, b] == [n; 3])
+}
+
+/// One AdamW update of a variable in place, in three passes (`m`, then `v`, then the weights:
+/// no temporaries, where a step of the tensor path allocates a dozen); for [`fusable`]
+/// tensors. Each element's arithmetic, and so its rounding, is that of torch's CPU kernels
+/// (lerp_, mul_ + addcmul_, addcdiv_).
 fn adamw_cpu(
     theta: &Tensor,
     grad: &Tensor,
-    m: &Tensor,
-    v: &Tensor,
+    (m, v): (&Tensor, &Tensor),
     k: &FusedCoeffs,
-) -> Option<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-    let views = [theta, grad, m, v].map(CpuData::new);
-    let [Ok(theta), Ok(grad), Ok(m), Ok(v)] = views.each_ref().map(CpuData::f32) else {
-        return None;
-    };
-    let n = theta.len();
-    if [grad.len(), m.len(), v.len()] != [n; 3] {
-        return None;
+) -> Result<()> {
+    m.inplace_op2(grad, &MomentOp { k, second: false })?;
+    v.inplace_op2(grad, &MomentOp { k, second: true })?;
+    theta.inplace_op3(m, v, &WeightOp { k })?;
+    Ok(())
+}
+
+/// The `[dst, srcs…]` of an in-place pass as slices (contiguous f32, checked by [`fusable`]).
+fn f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("AdamW: expected a contiguous f32 CPU tensor"),
     }
-    let (mut t2, mut m2, mut v2) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-    let (c1, c2, inv_bc2_sqrt) = (k.one_minus_beta1, k.one_minus_beta2, 1.0 / k.bc2_sqrt);
-    // Indexed writes into slices of one length (not `push`) let the compiler vectorise the
-    // loop; each element's arithmetic, and so its rounding, is the same either way (Rust does
-    // not fuse multiply-adds on its own).
-    let (theta, grad, m, v) = (&theta[..n], &grad[..n], &m[..n], &v[..n]);
-    let (t2s, m2s, v2s) = (&mut t2[..n], &mut m2[..n], &mut v2[..n]);
-    for i in 0..n {
-        // The order of torch's CPU kernels (lerp_, mul_ + addcmul_, addcdiv_), so that the
-        // rounding matches torch too.
-        let g = grad[i] * k.scale;
-        let m_new = m[i] + c1 * (g - m[i]);
-        let v_new = v[i] * k.beta2 + c2 * g * g;
-        // torch divides by a scalar as a multiplication by its f32 reciprocal.
-        t2s[i] =
-            theta[i] * k.decay + (-k.step_size * m_new) / (v_new.sqrt() * inv_bc2_sqrt + k.eps);
-        m2s[i] = m_new;
-        v2s[i] = v_new;
+}
+
+fn f32_ref<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("AdamW: expected a contiguous f32 CPU tensor"),
     }
-    Some((t2, m2, v2))
+}
+
+/// `m ← m + (1 − β₁)·(g·s − m)` (torch's `lerp_`), or with `second`
+/// `v ← v·β₂ + (1 − β₂)·(g·s)²` (`mul_` + `addcmul_`), `s` the clipping factor.
+struct MomentOp<'a> {
+    k: &'a FusedCoeffs,
+    second: bool,
+}
+
+impl InplaceOp2 for MomentOp<'_> {
+    fn name(&self) -> &'static str {
+        "ltd-adamw-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<()> {
+        let (dst, g) = (f32_mut(dst, dst_l)?, f32_ref(g, gl)?);
+        let n = dst.len().min(g.len());
+        let (dst, g, k) = (&mut dst[..n], &g[..n], self.k);
+        // Indexed loops over slices of one length let the compiler vectorise them; each
+        // element's arithmetic is the same either way (Rust does not fuse multiply-adds).
+        if self.second {
+            for i in 0..n {
+                let g = g[i] * k.scale;
+                dst[i] = dst[i] * k.beta2 + k.one_minus_beta2 * g * g;
+            }
+        } else {
+            for i in 0..n {
+                let g = g[i] * k.scale;
+                dst[i] += k.one_minus_beta1 * (g - dst[i]);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `θ ← θ·(1 − lr·λ) − (lr / bc1)·m / (√v / √bc2 + ε)` on the updated moments (torch's
+/// `mul_` then `addcdiv_`; it divides by the scalar `√bc2` as a multiplication by its f32
+/// reciprocal).
+struct WeightOp<'a> {
+    k: &'a FusedCoeffs,
+}
+
+impl InplaceOp3 for WeightOp<'_> {
+    fn name(&self) -> &'static str {
+        "ltd-adamw-weights"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        m: &CpuStorage,
+        ml: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<()> {
+        let (theta, m, v) = (f32_mut(dst, dst_l)?, f32_ref(m, ml)?, f32_ref(v, vl)?);
+        let n = theta.len().min(m.len()).min(v.len());
+        let (theta, m, v, k) = (&mut theta[..n], &m[..n], &v[..n], self.k);
+        let inv_bc2_sqrt = 1.0 / k.bc2_sqrt;
+        for i in 0..n {
+            theta[i] =
+                theta[i] * k.decay + (-k.step_size * m[i]) / (v[i].sqrt() * inv_bc2_sqrt + k.eps);
+        }
+        Ok(())
+    }
 }
 
 /// The learning-rate schedule after warm-up.
@@ -472,18 +541,13 @@ mod tests {
         let ((a, mut fused), (b, mut plain)) = (make(), make());
         // The fused path really runs here (a silent fallback would compare the tensor path
         // with itself).
-        let k = FusedCoeffs {
-            scale: 1.0,
-            decay: 1.0,
-            beta2: 0.999,
-            one_minus_beta1: 0.1,
-            one_minus_beta2: 0.001,
-            step_size: 1e-3,
-            bc2_sqrt: 1.0,
-            eps: 1e-8,
-        };
         let t = a.as_tensor();
-        assert!(adamw_cpu(t, t, &fused.m[0], &fused.v[0], &k).is_some());
+        assert!(fusable(t, t, &fused.m[0], &fused.v[0]));
+        // The moments are updated in place, so they must not share storage (they did: `v`
+        // was made as a clone of `m`).
+        let (m, v) = (CpuData::new(&fused.m[0]), CpuData::new(&fused.v[0]));
+        assert_ne!(m.f32().unwrap().as_ptr(), v.f32().unwrap().as_ptr());
+        drop((m, v));
         for step in 0..5 {
             let target = Tensor::from_vec(
                 (0..257).map(|i| ((i * 13 + step * 7) % 29) as f32 / 10.0).collect::<Vec<_>>(),
@@ -503,11 +567,18 @@ mod tests {
         for (p, q) in x.iter().zip(&y) {
             assert!((p - q).abs() <= 1e-6, "{p} vs {q}");
         }
+        let saved = fused.state_tensors().unwrap();
         for key in ["exp_avg.w", "exp_avg_sq.w"] {
-            let (p, q) = (&fused.state_tensors()[key], &plain.state_tensors()[key]);
+            let (p, q) = (&saved[key], &plain.state_tensors().unwrap()[key]);
             let diff =
                 (p - q).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(diff <= 1e-6, "{key}: {diff}");
         }
+        // A saved state is a copy: the next (in-place) step leaves it as it was.
+        let before = saved["exp_avg.w"].to_vec1::<f32>().unwrap();
+        let loss = a.as_tensor().sqr().unwrap().sum_all().unwrap();
+        fused.step(&loss.backward().unwrap(), 1e-2, 1.0).unwrap();
+        assert_eq!(saved["exp_avg.w"].to_vec1::<f32>().unwrap(), before);
+        assert_ne!(fused.state_tensors().unwrap()["exp_avg.w"].to_vec1::<f32>().unwrap(), before);
     }
 }

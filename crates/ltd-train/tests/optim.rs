@@ -57,7 +57,7 @@ fn adamw_matches_torch() {
         // f32 arithmetic in a different order than torch's fused kernels: 1e-6 absolute.
         assert_close(&var.as_tensor().to_vec1::<f32>().unwrap(), &floats(want), 1e-6, "params");
     }
-    let state = opt.state_tensors();
+    let state = opt.state_tensors().unwrap();
     assert_close(
         &state["exp_avg.p"].to_vec1::<f32>().unwrap(),
         &floats(&g["exp_avg"]),
@@ -107,7 +107,7 @@ fn restored_state_continues_identically() {
         for (i, g) in grads.iter().enumerate() {
             if split == Some(i) {
                 // Save everything, rebuild from scratch, restore.
-                let state: HashMap<String, Tensor> = opt.state_tensors();
+                let state: HashMap<String, Tensor> = opt.state_tensors().unwrap();
                 let weights = var.as_tensor().to_vec1::<f32>().unwrap();
                 let steps = opt.steps_taken();
                 let var2 =

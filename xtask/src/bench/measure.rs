@@ -176,12 +176,25 @@ pub(super) fn unet_step(
     name: &str,
 ) -> Result<Measurement> {
     let opts = RuntimeOptions::default();
+    let dtype = args.dtype.candle();
     let weights = random_weights(|vb| UNet2DConditionModel::new(vb, cfg, &opts))?;
-    let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
-    let unet = UNet2DConditionModel::new(vb, cfg, &opts)?;
+    // The weights drawn in f32 and rounded once, as diffusers' `.to(torch.bfloat16)` does.
+    let vb = VarBuilder::from_tensors(weights, dtype, &Device::Cpu);
+    let mut unet = UNet2DConditionModel::new(vb, cfg, &opts)?;
+    if let Some(q) = args.quantize {
+        let report = unet.quantize(q)?;
+        eprintln!(
+            "  {q}: {} weights, {:.0} → {:.0} MiB",
+            report.tensors,
+            report.bytes_before as f64 / (1 << 20) as f64,
+            report.bytes_after as f64 / (1 << 20) as f64
+        );
+    }
     let dev = Device::Cpu;
-    let x = Tensor::randn(0f32, 1.0, (2, cfg.in_channels, latent, latent), &dev)?;
-    let context = Tensor::randn(0f32, 1.0, (2, 77, cfg.encoder_hidden_dim()), &dev)?;
+    let x =
+        Tensor::randn(0f32, 1.0, (2, cfg.in_channels, latent, latent), &dev)?.to_dtype(dtype)?;
+    let context =
+        Tensor::randn(0f32, 1.0, (2, 77, cfg.encoder_hidden_dim()), &dev)?.to_dtype(dtype)?;
     let t = Tensor::new(&[981f32], &dev)?;
     let cond = UNetConditioning::default();
     let base = rss_mib("VmRSS:");
@@ -196,12 +209,11 @@ fn vae(args: &Args, root: &Path) -> Result<Measurement> {
     let cfg = AutoencoderKL::load_config(dir.parent().context("VAE config has no folder")?)?;
     let opts = RuntimeOptions::default();
     let weights = random_weights(|vb| AutoencoderKL::new(vb, &cfg, &opts))?;
-    let vae = AutoencoderKL::new(
-        VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
-        &cfg,
-        &opts,
-    )?;
-    let z = Tensor::randn(0f32, 1.0, (1, cfg.latent_channels, LATENT, LATENT), &Device::Cpu)?;
+    let dtype = args.dtype.candle();
+    let vae =
+        AutoencoderKL::new(VarBuilder::from_tensors(weights, dtype, &Device::Cpu), &cfg, &opts)?;
+    let z = Tensor::randn(0f32, 1.0, (1, cfg.latent_channels, LATENT, LATENT), &Device::Cpu)?
+        .to_dtype(dtype)?;
     let base = rss_mib("VmRSS:");
     reset_peak();
     let (wall, cpu) = timed(args, || vae.decode(&z).map(drop).map_err(Into::into))?;

@@ -292,7 +292,8 @@ pub(crate) fn weight_grad(x: &[f32], g: &[f32], s: ConvShape, stride: usize) -> 
     // split by the shape alone, so the sums do not depend on the thread count either).
     let per_part = if rows < 2 * MIN_BAND { groups.div_ceil(MAX_PARTS) } else { groups };
     let parts = groups.div_ceil(per_part);
-    let mut dwt = vec![0f32; parts * rows * s.cout];
+    // Not zero-filled: each part's first group writes its rows (`read_dst` false).
+    let mut dwt = Vec::<f32>::with_capacity(parts * rows * s.cout);
     let threads = super::threads();
     let width = rows.div_ceil(bands(rows, threads));
     let nbands = rows.div_ceil(width);
@@ -301,37 +302,43 @@ pub(crate) fn weight_grad(x: &[f32], g: &[f32], s: ConvShape, stride: usize) -> 
     super::for_each_unit(
         threads,
         parts * nbands,
-        || vec![0f32; width * ld],
-        |buf, unit| {
+        || (),
+        |(), unit| {
             #[allow(clippy::redundant_locals)]
             let dwt_ptr = dwt_ptr;
             let (part, band) = (unit / nbands, unit % nbands);
             let r0 = band * width;
             let nr = width.min(rows - r0);
             let first = part * per_part;
-            for group in first..(first + per_part).min(groups) {
-                let images = group * per..((group + 1) * per).min(s.batch);
-                let terms = images.len() * p;
-                unfold_rows(&mut buf[..nr * ld], ld, x, (s, stride), r0..r0 + nr, images);
-                // SAFETY: dst is part `part`'s `dwt[r0 .. r0 + nr][..cout]`, this unit's only;
-                // lhs is the `nr × terms` unfolded rows (`ld` apart); rhs is the transpose of
-                // the group's `cout × terms` gradients (`ld` apart).
-                unsafe {
-                    super::gemm(
-                        (nr, s.cout, terms),
-                        Mat {
-                            ptr: dwt_ptr.0.add((part * rows + r0) * s.cout),
-                            row: s.cout,
-                            col: 1,
-                        },
-                        group > first,
-                        Mat { ptr: buf.as_ptr(), row: ld, col: 1 },
-                        Mat { ptr: gt.as_ptr().add(group * s.cout * ld), row: 1, col: ld },
-                    );
+            // `unfold_rows` writes every element `gemm` reads, so a reused buffer will do.
+            super::with_scratch(nr * ld, |buf| {
+                for group in first..(first + per_part).min(groups) {
+                    let images = group * per..((group + 1) * per).min(s.batch);
+                    let terms = images.len() * p;
+                    unfold_rows(&mut buf[..nr * ld], ld, x, (s, stride), r0..r0 + nr, images);
+                    // SAFETY: dst is part `part`'s `dwt[r0 .. r0 + nr][..cout]`, this unit's only;
+                    // lhs is the `nr × terms` unfolded rows (`ld` apart); rhs is the transpose of
+                    // the group's `cout × terms` gradients (`ld` apart).
+                    unsafe {
+                        super::gemm(
+                            (nr, s.cout, terms),
+                            Mat {
+                                ptr: dwt_ptr.0.add((part * rows + r0) * s.cout),
+                                row: s.cout,
+                                col: 1,
+                            },
+                            group > first,
+                            Mat { ptr: buf.as_ptr(), row: ld, col: 1 },
+                            Mat { ptr: gt.as_ptr().add(group * s.cout * ld), row: 1, col: ld },
+                        );
+                    }
                 }
-            }
+            });
         },
     );
+    // SAFETY: every unit (part, band of rows) wrote its `nr × cout` block of the capacity, and
+    // the units cover all parts and rows.
+    unsafe { dwt.set_len(parts * rows * s.cout) };
     let (dwt, later) = dwt.split_at_mut(rows * s.cout);
     for part in later.chunks_exact(rows * s.cout) {
         dwt.iter_mut().zip(part).for_each(|(d, &v)| *d += v);

@@ -995,7 +995,62 @@ fn copy2d_<T: Copy>(
     }
 }
 
+/// ltd's patch: a layout that is, once adjacent dimensions that step through memory as one
+/// are merged, `[batches, a, b]` with strides `[a·b, 1, a]`: the transpose of a contiguous
+/// `[batches, b, a]` (a linear layer's weight gradient as backward hands it over, `[out, in]`
+/// with strides `[1, out]`; an NCHW ↔ NHWC permutation; attention's keys per head).
+fn transposed_pair(src_l: &Layout) -> Option<(usize, usize, usize)> {
+    // (size, stride) of each dimension, merged from the last: a dimension joins the one after
+    // it when its stride is that one's stride times its size.
+    let mut merged: Vec<(usize, usize)> = Vec::with_capacity(4);
+    for (&d, &st) in src_l.dims().iter().zip(src_l.stride()).rev() {
+        if d == 1 {
+            continue;
+        }
+        match merged.last_mut() {
+            Some((size, stride)) if st == *stride * *size => *size *= d,
+            _ => merged.push((d, st)),
+        }
+    }
+    match merged[..] {
+        // Innermost first: b (the last dimension, stride a), a (stride 1), batches.
+        [(b, sb), (a, 1)] if sb == a && a > 1 && b > 1 => Some((1, a, b)),
+        [(b, sb), (a, 1), (n, sn)] if sb == a && sn == a * b && a > 1 && b > 1 => Some((n, a, b)),
+        _ => None,
+    }
+}
+
+/// ltd's patch: copies a [`transposed_pair`] layout in 16 × 16 tiles, instead of element by
+/// element down the source's columns through the strided index: every element is copied
+/// exactly as before (a 2-D transpose of a gradient was 4% of a `train-unet` step, see
+/// PATCHED.md).
+fn copy_transposed<T: Copy>(
+    src: &[T],
+    dst: &mut [T],
+    (batches, a, b): (usize, usize, usize),
+    (src_offset, dst_offset): (usize, usize),
+) {
+    const TILE: usize = 16;
+    for n in 0..batches {
+        // dst[i][j] (row-major over [a, b]) = src[j][i] (row-major over [b, a]).
+        let src = &src[src_offset + n * a * b..src_offset + (n + 1) * a * b];
+        let dst = &mut dst[dst_offset + n * a * b..dst_offset + (n + 1) * a * b];
+        for i0 in (0..a).step_by(TILE) {
+            for j0 in (0..b).step_by(TILE) {
+                for i in i0..(i0 + TILE).min(a) {
+                    for j in j0..(j0 + TILE).min(b) {
+                        dst[i * b + j] = src[j * a + i];
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn copy_strided_src_<T: Copy>(src: &[T], dst: &mut [T], dst_offset: usize, src_l: &Layout) {
+    if let Some(shape) = transposed_pair(src_l) {
+        return copy_transposed(src, dst, shape, (src_l.start_offset(), dst_offset));
+    }
     match src_l.strided_blocks() {
         crate::StridedBlocks::SingleBlock { start_offset, len } => dst
             [dst_offset..dst_offset + len]
@@ -1501,7 +1556,10 @@ impl Map2 for MatMul {
         let dst_rs = dst_strides[0];
         let dst_cs = dst_strides[1];
 
-        let mut dst = vec![T::zero(); b * m * n];
+        // ltd's patch: not zero-filled where `gemm` writes every element (`read_dst` false,
+        // k > 0), see PATCHED.md.
+        let len = b * m * n;
+        let mut dst = if k == 0 { vec![T::zero(); len] } else { Vec::with_capacity(len) };
         let num_threads = crate::utils::get_num_threads();
         let parallelism = if num_threads > 1 {
             Parallelism::Rayon(num_threads)
@@ -1525,13 +1583,14 @@ impl Map2 for MatMul {
         for step in 0..b {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];
-            let dst_p = &mut dst[step * c_skip..];
+            // ltd's patch: a pointer into the capacity (step * c_skip + m * n <= len).
+            let dst_p = unsafe { dst.as_mut_ptr().add(step * c_skip) };
             unsafe {
                 gemm(
                     /* m: usize = */ m,
                     /* n: usize = */ n,
                     /* k: usize = */ k,
-                    /* dst: *mut T = */ dst_p.as_mut_ptr(),
+                    /* dst: *mut T = */ dst_p,
                     /* dst_cs: isize = */ dst_cs as isize,
                     /* dst_rs: isize = */ dst_rs as isize,
                     /* read_dst: bool = */ false,
@@ -1550,6 +1609,8 @@ impl Map2 for MatMul {
                 )
             }
         }
+        // ltd's patch: the b products above wrote all of the capacity.
+        unsafe { dst.set_len(len) };
         Ok(dst)
     }
 
