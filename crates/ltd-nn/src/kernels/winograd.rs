@@ -34,11 +34,19 @@ const AA: usize = 36;
 /// L2 on the AMD EPYC (512 KiB). At 4 MiB, measured on one thread at batch 16 against the
 /// direct kernel, the 32→32 and 64→64 layers of 32×32 and 16×16 pixels took 1.58× and 1.15×
 /// its time; at 512 KiB 0.79× and 0.53× (every other shape of the training VAE and U-Net, 32–256
-/// channels of 4×4 to 32×32 pixels, 0.40–0.77×). A band's size does not change any sum.
+/// channels of 4×4 to 32×32 pixels, 0.40–0.77×). A band's size does not change any sum as
+/// long as it is at most [`MAX_BAND_TILES`].
 const BAND_BYTES: usize = 512 << 10;
 /// Fewest tiles in a band: narrower products waste the micro-kernel and repack the weights
 /// too often.
 const MIN_BAND_TILES: usize = 32;
+/// Most tiles in a band. `gemm` gives every row the same sums for any row count up to 64, at
+/// any position in the product, but above 64 rows with a long inner dimension (from about 640
+/// input channels) it blocks the sums differently (measured: 1920 channels, 72 rows against
+/// 16). A band's size can depend on the batch's tile count and the thread count, so without
+/// this cap SD 1.5's 1920→640 layer gave an image different bits in a batch than alone
+/// (last-place differences up to 5e-4 in the layer's output; the test below).
+const MAX_BAND_TILES: usize = 64;
 /// Smallest block of output channels a unit computes. Small: on the U-Net's 16² and 8² levels
 /// all tiles make one band and a chunk of the 1280-channel weights has 43–86 output channels,
 /// so the channels are all there is to share between threads (with 64 here a chunk was one
@@ -242,7 +250,7 @@ pub(crate) fn conv3x3(x: &[f32], weight: &[f32], s: ConvShape, epi: Epilogue<'_>
         if total.div_ceil(band) < want {
             band = total.div_ceil(want).max(MIN_BAND_TILES.min(total)).min(band);
         }
-        let band = band.next_multiple_of(LANES);
+        let band = band.min(MAX_BAND_TILES).next_multiple_of(LANES);
         let bands = total.div_ceil(band);
         // Blocks of channels only to share a chunk between threads: on one thread each block
         // packs the band's transformed input again, for nothing.
@@ -546,6 +554,43 @@ mod tests {
                 (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
             })
             .collect()
+    }
+
+    /// An image's output is the same bits whatever batch it is in and however many threads
+    /// run: SD 1.5's widest layer (1920 → 640 channels, whose transformed weights come in 11
+    /// chunks, the last of 50 channels, so its bands would hold 72 tiles), on 16×16 images
+    /// (16 tiles each) in batches of 1, 5 and 12 (the last beyond the shared transformed
+    /// input's size), on one and two threads. Without [`MAX_BAND_TILES`] the batch of 5 gave
+    /// image 0 different bits.
+    #[test]
+    fn an_image_has_the_same_bits_in_any_batch() {
+        let (cin, cout, hw) = (1920, 640, 16);
+        let plane = cin * hw * hw;
+        let x = noise(12 * plane, 1);
+        let weight = noise(cout * cin * 9, 2);
+        let bias = noise(cout, 3);
+        let epi = Epilogue { bias: &bias, channel_add: None, residual: None, scale: 1.0 };
+        let run = |batch: usize, image: usize| {
+            let s = ConvShape { batch, cin, h: hw, w: hw, cout, k: 3, pad: 1 };
+            let out = conv3x3(&x[..batch * plane], &weight, s, epi);
+            out[image * cout * hw * hw..(image + 1) * cout * hw * hw].to_vec()
+        };
+        let alone = candle_core::utils::on_this_thread(|| run(1, 0));
+        let alone_4 = candle_core::utils::on_this_thread(|| {
+            let s = ConvShape { batch: 1, cin, h: hw, w: hw, cout, k: 3, pad: 1 };
+            conv3x3(&x[4 * plane..5 * plane], &weight, s, epi)
+        });
+        for batch in [1, 5, 12] {
+            for one_thread in [true, false] {
+                let go = || (run(batch, 0), (batch > 4).then(|| run(batch, 4)));
+                let (first, fifth) =
+                    if one_thread { candle_core::utils::on_this_thread(go) } else { go() };
+                assert!(first == alone, "image 0 in a batch of {batch} (one thread: {one_thread})");
+                if let Some(fifth) = fifth {
+                    assert!(fifth == alone_4, "image 4 in a batch of {batch} ({one_thread})");
+                }
+            }
+        }
     }
 
     /// `F(4×4, 3×3)` against the direct kernel, on shapes whose outputs are not a multiple of
