@@ -19,7 +19,7 @@ pub mod weights;
 pub use config::{load_config, read_json, OneOrMany};
 pub use device::{default_dtype, parse_dtype, DeviceChoice};
 pub use error::{ConfigError, Error, LoadReport, Mismatch, Result};
-pub use kernels::Data as CpuData;
+pub use kernels::{contiguous as cpu_contiguous, Data as CpuData};
 pub use patch::{LowRankDelta, WeightPatches};
 pub use quantize::{Quantization, QuantizeReport};
 pub use rng::{NoiseSource, PhiloxRng, TorchRng};

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
-use ltd_nn::CpuData;
+use ltd_nn::{cpu_contiguous, CpuData};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
@@ -308,17 +308,11 @@ fn adamw_cpu(
     Ok(())
 }
 
-/// The `[dst, srcs…]` of an in-place pass as slices (contiguous f32, checked by [`fusable`]).
+/// The destination of an in-place pass as a slice (contiguous f32, checked by [`fusable`]);
+/// its sources are read with `ltd_nn::cpu_contiguous`.
 fn f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
-        _ => candle_core::bail!("AdamW: expected a contiguous f32 CPU tensor"),
-    }
-}
-
-fn f32_ref<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
         _ => candle_core::bail!("AdamW: expected a contiguous f32 CPU tensor"),
     }
 }
@@ -342,7 +336,7 @@ impl InplaceOp2 for MomentOp<'_> {
         g: &CpuStorage,
         gl: &Layout,
     ) -> candle_core::Result<()> {
-        let (dst, g) = (f32_mut(dst, dst_l)?, f32_ref(g, gl)?);
+        let (dst, g) = (f32_mut(dst, dst_l)?, cpu_contiguous::<f32>(g, gl)?);
         let n = dst.len().min(g.len());
         let (dst, g, k) = (&mut dst[..n], &g[..n], self.k);
         // Indexed loops over slices of one length let the compiler vectorise them; each
@@ -389,7 +383,8 @@ impl InplaceOp3 for WeightOp<'_> {
         v: &CpuStorage,
         vl: &Layout,
     ) -> candle_core::Result<()> {
-        let (theta, m, v) = (f32_mut(dst, dst_l)?, f32_ref(m, ml)?, f32_ref(v, vl)?);
+        let (theta, m, v) =
+            (f32_mut(dst, dst_l)?, cpu_contiguous::<f32>(m, ml)?, cpu_contiguous::<f32>(v, vl)?);
         let n = theta.len().min(m.len()).min(v.len());
         let (theta, m, v, k) = (&mut theta[..n], &m[..n], &v[..n], self.k);
         let inv_bc2_sqrt = 1.0 / k.bc2_sqrt;

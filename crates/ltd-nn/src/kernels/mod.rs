@@ -71,8 +71,9 @@ impl Elem for bf16 {
     }
 }
 
-/// The contiguous data of a tensor argument.
-pub(crate) fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+/// The contiguous data of a tensor argument (a custom op's storage and layout), for the
+/// kernels and the trainer's in-place optimiser passes.
+pub fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
         None => bail!("fused kernel: input has to be contiguous"),
