@@ -533,6 +533,50 @@ impl Ema {
 mod tests {
     use super::*;
 
+    /// The in-place passes (AVX2 where the CPU has it) give the weights and both moments the
+    /// element formula's bits exactly, computed here one element at a time in the same order;
+    /// 1003 elements, so the vector loops' tails run too.
+    #[test]
+    fn in_place_passes_give_the_formula_bit_for_bit() {
+        let dev = candle_core::Device::Cpu;
+        let n = 1003;
+        let series = |a: usize, b: usize, scale: f32| -> Vec<f32> {
+            (0..n).map(|i| (((i * a + b) % 97) as f32 - 48.0) * scale).collect()
+        };
+        let (theta0, g, m0) = (series(13, 5, 0.03), series(7, 11, 0.01), series(3, 1, 0.002));
+        let v0: Vec<f32> = series(5, 2, 0.001).iter().map(|x| x * x).collect();
+        let k = FusedCoeffs {
+            scale: 0.7,
+            decay: 0.9999,
+            beta2: 0.999,
+            one_minus_beta1: 0.1,
+            one_minus_beta2: 0.001,
+            step_size: 3e-3,
+            bc2_sqrt: 0.3,
+            eps: 1e-8,
+        };
+        let t = |v: &[f32]| Tensor::from_vec(v.to_vec(), n, &dev).unwrap();
+        let (theta, grad, m, v) = (t(&theta0), t(&g), t(&m0), t(&v0));
+        assert!(fusable(&theta, &grad, &m, &v));
+        adamw_cpu(&theta, &grad, (&m, &v), &k).unwrap();
+        let inv_bc2_sqrt = 1.0 / k.bc2_sqrt;
+        let (mut want_t, mut want_m, mut want_v) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        for i in 0..n {
+            let gs = g[i] * k.scale;
+            want_m[i] = m0[i] + k.one_minus_beta1 * (gs - m0[i]);
+            want_v[i] = v0[i] * k.beta2 + k.one_minus_beta2 * gs * gs;
+            want_t[i] = theta0[i] * k.decay
+                + (-k.step_size * want_m[i]) / (want_v[i].sqrt() * inv_bc2_sqrt + k.eps);
+        }
+        let bits = |x: &Tensor| -> Vec<u32> {
+            x.to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+        };
+        let want_bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+        assert_eq!(bits(&m), want_bits(&want_m), "m");
+        assert_eq!(bits(&v), want_bits(&want_v), "v");
+        assert_eq!(bits(&theta), want_bits(&want_t), "weights");
+    }
+
     #[test]
     fn schedule_warms_up_then_decays() {
         let lr = |s| learning_rate(1.0, s, 4, 12, LrSchedule::Cosine);

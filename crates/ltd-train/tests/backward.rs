@@ -79,6 +79,28 @@ fn sums_over_leading_and_middle_dims_add_in_index_order() {
     }
 }
 
+/// The elements of a contiguous tensor `xs` of shape `dims`, permuted by `perm` (the view's
+/// dimension `k` is the tensor's `perm[k]`), in the view's row-major order: the definition a
+/// copy of the view must match.
+fn permuted_by_definition(xs: &[f32], dims: &[usize], perm: &[usize]) -> Vec<f32> {
+    let mut strides = vec![1usize; dims.len()];
+    for d in (0..dims.len().saturating_sub(1)).rev() {
+        strides[d] = strides[d + 1] * dims[d + 1];
+    }
+    let view: Vec<usize> = perm.iter().map(|&p| dims[p]).collect();
+    (0..xs.len())
+        .map(|flat| {
+            // The view's multi-index of `flat`, mapped back to the tensor's element.
+            let (mut rest, mut src) = (flat, 0);
+            for k in (0..view.len()).rev() {
+                src += (rest % view[k]) * strides[perm[k]];
+                rest /= view[k];
+            }
+            xs[src]
+        })
+        .collect()
+}
+
 /// ltd's fourth change to candle: a view that is the transpose of a contiguous pair of last
 /// dimensions (how a linear layer's weight gradient reaches `accumulate`) is made contiguous
 /// in tiles. Every element must land where the element-by-element copy put it: against the
@@ -88,7 +110,12 @@ fn sums_over_leading_and_middle_dims_add_in_index_order() {
 #[test]
 fn transposed_views_copy_element_for_element() {
     let dev = Device::Cpu;
-    for dims in [
+    let last_two = |r: usize| -> Vec<usize> {
+        let mut p: Vec<usize> = (0..r).collect();
+        p.swap(r - 2, r - 1);
+        p
+    };
+    let mut cases: Vec<(Vec<usize>, Vec<usize>)> = [
         vec![2usize, 2],
         vec![3, 17],
         vec![16, 16],
@@ -97,54 +124,31 @@ fn transposed_views_copy_element_for_element() {
         vec![3, 19, 21],
         vec![2, 1, 18, 9],
         vec![1, 4, 31],
-    ] {
+    ]
+    .into_iter()
+    .map(|d| {
+        let p = last_two(d.len());
+        (d, p)
+    })
+    .collect();
+    // NCHW → NHWC and NHWC → NCHW (the spatial dimensions merge into one, then it is a
+    // transpose), and a permutation that is not such a transpose.
+    cases.push((vec![2, 3, 4, 5], vec![0, 2, 3, 1]));
+    cases.push((vec![2, 4, 5, 3], vec![0, 3, 1, 2]));
+    cases.push((vec![2, 3, 4, 5], vec![1, 0, 3, 2]));
+    for (dims, perm) in cases {
         let n: usize = dims.iter().product();
         let xs: Vec<f32> = (0..n).map(|i| i as f32).collect();
         let x = Tensor::from_vec(xs.clone(), dims.as_slice(), &dev).unwrap();
-        let r = dims.len();
-        let t = x.transpose(r - 2, r - 1).unwrap();
-        assert!(!t.is_contiguous());
-        let got = values(&t.contiguous().unwrap());
-        let (a, b) = (dims[r - 1], dims[r - 2]);
-        let mut want = Vec::with_capacity(n);
-        for batch in 0..n / (a * b) {
-            for i in 0..a {
-                for j in 0..b {
-                    want.push(xs[batch * a * b + j * a + i]);
-                }
-            }
-        }
-        assert_eq!(got, want, "{dims:?}");
+        let view = x.permute(perm.clone()).unwrap();
+        assert!(!view.is_contiguous(), "{dims:?} {perm:?}");
+        let want = permuted_by_definition(&xs, &dims, &perm);
+        assert_eq!(values(&view.contiguous().unwrap()), want, "{dims:?} {perm:?}");
     }
-    // An offset view (a narrowed batch) and a permutation of the leading dimensions too.
-    let x =
-        Tensor::arange(0f32, 2.0 * 3.0 * 4.0 * 5.0, &dev).unwrap().reshape((2, 3, 4, 5)).unwrap();
+    // An offset view: the second of two batches, its last two dimensions transposed.
+    let xs: Vec<f32> = (0..120).map(|i| i as f32).collect();
+    let x = Tensor::from_vec(xs.clone(), (2, 3, 4, 5), &dev).unwrap();
     let narrowed = x.narrow(0, 1, 1).unwrap().transpose(2, 3).unwrap();
-    let want: Vec<f32> = (0..3)
-        .flat_map(|c| {
-            (0..5).flat_map(move |i| (0..4).map(move |j| (60 + c * 20 + j * 5 + i) as f32))
-        })
-        .collect();
+    let want = permuted_by_definition(&xs[60..], &[1, 3, 4, 5], &[0, 1, 3, 2]);
     assert_eq!(values(&narrowed.contiguous().unwrap()), want);
-    // NCHW → NHWC and back: the spatial dimensions merge into one, then it is a transpose.
-    let nhwc = x.permute((0, 2, 3, 1)).unwrap();
-    let want: Vec<f32> = (0..2)
-        .flat_map(|bb| {
-            (0..4).flat_map(move |h| {
-                (0..5).flat_map(move |w| (0..3).map(move |c| (bb * 60 + c * 20 + h * 5 + w) as f32))
-            })
-        })
-        .collect();
-    let nhwc = nhwc.contiguous().unwrap();
-    assert_eq!(values(&nhwc), want);
-    assert_eq!(values(&nhwc.permute((0, 3, 1, 2)).unwrap().contiguous().unwrap()), values(&x));
-    let permuted = x.permute((1, 0, 3, 2)).unwrap();
-    let want: Vec<f32> = (0..3)
-        .flat_map(|c| {
-            (0..2).flat_map(move |bb| {
-                (0..5).flat_map(move |i| (0..4).map(move |j| (bb * 60 + c * 20 + j * 5 + i) as f32))
-            })
-        })
-        .collect();
-    assert_eq!(values(&permuted.contiguous().unwrap()), want);
 }
