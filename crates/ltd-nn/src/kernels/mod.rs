@@ -11,6 +11,7 @@
 //! - `geglu.rs`: the fused GEGLU activation;
 //! - `linear.rs`: a linear layer's product and bias in bands of rows (inference);
 //! - `bias.rs`: a linear layer's bias added to its product in place;
+//! - `upsample.rs`: nearest-neighbour upsampling by whole factors, forwards and backwards;
 //! - `simd.rs`: the AVX2/FMA building blocks (`exp`, the erf GELU).
 //!
 //! This file holds what they share: float element access for f32/f16/bf16, a read view of a
@@ -25,6 +26,7 @@ pub(crate) mod linear;
 pub(crate) mod norm;
 pub(crate) mod simd;
 pub(crate) mod softmax;
+pub(crate) mod upsample;
 pub(crate) mod winograd;
 
 use candle_core::{

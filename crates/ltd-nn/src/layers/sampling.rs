@@ -1,10 +1,11 @@
 //! diffusers' `Downsample2D` (a stride-2 convolution) and `Upsample2D` (nearest-neighbour
 //! ×2, or to an explicit size, then a convolution).
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::conv::Conv2d;
+use crate::kernels::upsample::NearestUpOp;
 
 /// `Downsample2D(use_conv=True)`: a 3×3 stride-2 convolution named `conv`.
 #[derive(Debug, Clone)]
@@ -57,6 +58,21 @@ impl Upsample2D {
     pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
-        self.conv.forward(&x.upsample_nearest2d(th, tw)?)
+        self.conv.forward(&upsample_nearest(x, th, tw)?)
     }
+}
+
+/// PyTorch's `F.interpolate(mode="nearest")` of `[B, C, H, W]` to `th × tw`: ltd's kernel for
+/// f32 CPU tensors and whole factors (what `Upsample2D` asks for; its backward is one pass,
+/// where candle's is a grouped convolution), candle's `upsample_nearest2d` otherwise. Both
+/// give the same values.
+fn upsample_nearest(x: &Tensor, th: usize, tw: usize) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let whole = h > 0 && w > 0 && th % h == 0 && tw % w == 0;
+    if x.device().is_cpu() && x.dtype() == DType::F32 && whole {
+        let op = NearestUpOp { sh: th / h, sw: tw / w };
+        let x = x.contiguous()?;
+        return if x.track_op() { x.apply_op1(op) } else { x.apply_op1_no_bwd(&op) };
+    }
+    x.upsample_nearest2d(th, tw)
 }
