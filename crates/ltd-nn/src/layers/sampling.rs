@@ -68,7 +68,7 @@ impl Upsample2D {
 /// give the same values.
 fn upsample_nearest(x: &Tensor, th: usize, tw: usize) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
-    let whole = h > 0 && w > 0 && th % h == 0 && tw % w == 0;
+    let whole = h > 0 && w > 0 && th.is_multiple_of(h) && tw.is_multiple_of(w);
     if x.device().is_cpu() && x.dtype() == DType::F32 && whole {
         let op = NearestUpOp { sh: th / h, sw: tw / w };
         let x = x.contiguous()?;
