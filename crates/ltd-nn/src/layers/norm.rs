@@ -67,11 +67,13 @@ impl GroupNorm {
                 x.shape()
             )
         }
-        let op = GroupNormOp { groups: self.num_groups, eps: self.eps as f32, silu: with_silu };
+        let (groups, eps) = (self.num_groups, self.eps as f32);
         if fused_ok(x, &self.weight, &self.bias) {
+            let op = GroupNormOp::new(groups, eps, with_silu);
             return x.contiguous()?.apply_op3_no_bwd(&self.weight, &self.bias, &op);
         }
         if trainable_ok(x, &self.weight, &self.bias) {
+            let op = GroupNormOp::trainable(groups, eps, with_silu);
             return x.contiguous()?.apply_op3(&self.weight, &self.bias, op);
         }
         let y = self.composite(x)?;
