@@ -314,7 +314,7 @@ pub(crate) unsafe fn gemm(
 /// Sums run over `x − pivot` (the row's first element), which is exact for nearby values and
 /// small, so short f32 runs (vectorisable) lose nothing even when |mean| ≫ std; the runs are
 /// accumulated in f64.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct RowStats {
     pub pivot: f32,
     pub delta: f32,

@@ -3,7 +3,7 @@
 //! then `(x − mean)·scale + shift` per channel, optionally followed by SiLU, which is how every
 //! ResNet block uses its norms. Forwards in f32, f16 and bf16; backwards (training) in f32.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
@@ -46,14 +46,15 @@ impl GroupNormOp {
         let per_group = channels / self.groups;
         let row_len = per_group * spatial;
         let mut out = vec![T::zero(); x.len()];
-        let rows = x.len().checked_div(row_len).unwrap_or(0);
-        // Rows run in parallel; each stores its statistics once (a lock per group is nothing
-        // next to the group's pass).
-        let saved = self.saved.as_ref().map(|_| Mutex::new(vec![RowStats::default(); rows]));
+        if let Some(saved) = &self.saved {
+            *lock(saved) = vec![RowStats::default(); x.len().checked_div(row_len).unwrap_or(0)];
+        }
         for_each_row(x, &mut out, (row_len, row_len), |row, src, dst| {
             let stats = row_stats(src);
-            if let Some(saved) = &saved {
-                saved.lock().unwrap_or_else(|e| e.into_inner())[row] = stats;
+            // Rows run in parallel; each stores its statistics once (a lock per group is
+            // nothing next to the group's pass).
+            if let Some(saved) = &self.saved {
+                lock(saved)[row] = stats;
             }
             let rstd = 1.0 / (stats.var + self.eps).sqrt();
             let first_channel = (row % self.groups) * per_group;
@@ -79,10 +80,6 @@ impl GroupNormOp {
                 }
             }
         });
-        if let (Some(keep), Some(saved)) = (&self.saved, saved) {
-            *keep.lock().unwrap_or_else(|e| e.into_inner()) =
-                saved.into_inner().unwrap_or_else(|e| e.into_inner());
-        }
         Ok((T::to_cpu_storage_owned(out), shape.clone()))
     }
 }
@@ -135,10 +132,7 @@ impl CustomOp3 for GroupNormOp {
         let rows = xs.len() / row_len.max(1);
         // The forward pass's statistics of this input (taken: a second backward through the
         // same op recomputes them, as does an op built without them); the same numbers.
-        let saved = self
-            .saved
-            .as_ref()
-            .map(|m| std::mem::take(&mut *m.lock().unwrap_or_else(|e| e.into_inner())));
+        let saved = self.saved.as_ref().map(|m| std::mem::take(&mut *lock(m)));
         let saved = saved.filter(|s| s.len() == rows);
         // Each row's channels' dγ, then dβ, stored once per row under the lock; `dx` goes
         // straight to its own buffer (a buffer of both, copied apart, was one more pass).
@@ -172,10 +166,10 @@ impl CustomOp3 for GroupNormOp {
                 let xh = stats.centred(v) * rstd;
                 *o = rstd * (*o - m1 - xh * m2);
             }
-            let mut all = dparams.lock().unwrap_or_else(|e| e.into_inner());
+            let mut all = lock(&dparams);
             all[row * 2 * per_group..(row + 1) * 2 * per_group].copy_from_slice(&params);
         });
-        let dparams = dparams.into_inner().unwrap_or_else(|e| e.into_inner());
+        let dparams = dparams.into_inner().unwrap_or_else(PoisonError::into_inner);
         let (mut dgamma, mut dbeta) = (vec![0f64; channels], vec![0f64; channels]);
         for (row, chunk) in dparams.chunks_exact(2 * per_group).enumerate() {
             let first_channel = (row % self.groups) * per_group;
@@ -233,6 +227,12 @@ fn channel_grads(
         dgamma += run_gamma as f64;
     }
     (dbeta, dgamma)
+}
+
+/// `m`'s lock; a panic elsewhere while it was held leaves only whole values behind, so a
+/// poisoned lock is taken as it is.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The 8-lane part of one run of [`channel_grads`]: returns how many elements it did and

@@ -51,7 +51,9 @@ impl CustomOp1 for NearestUpOp {
                 for (row, block) in src.chunks_exact(w).zip(dst.chunks_exact_mut(sh * ow)) {
                     let (first, rest) = block.split_at_mut(ow);
                     if sw == 2 {
-                        // The factor diffusers uses: two plain stores per element, not a `fill` call per pair.
+                        // The factor diffusers uses: two plain stores per element (a `fill`
+                        // per pair took 100 ms against 80 for 256 channels to 512², one
+                        // thread, AMD EPYC).
                         for (pair, &v) in first.chunks_exact_mut(2).zip(row) {
                             pair[0] = v;
                             pair[1] = v;
