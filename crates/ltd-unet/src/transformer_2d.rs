@@ -7,7 +7,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use ltd_nn::attention::AttentionOptions;
-use ltd_nn::layers::{geglu, Attention, AttentionConfig, Conv2d, GroupNorm, LayerNorm, Linear};
+use ltd_nn::layers::{Attention, AttentionConfig, Conv2d, GroupNorm, LayerNorm, Linear};
 use ltd_nn::{Quantization, QuantizeReport};
 
 /// diffusers' `FeedForward(dim, activation_fn="geglu")`: `net.0.proj` to twice the inner width
@@ -42,7 +42,7 @@ impl FeedForward {
 
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.out.forward(&geglu(&self.proj.forward(x)?, self.inner)?)
+        self.out.forward(&self.proj.forward_geglu(x, self.inner)?)
     }
 }
 

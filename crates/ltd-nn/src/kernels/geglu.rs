@@ -60,7 +60,7 @@ impl CustomOp1 for GegluOp {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn geglu_row(value: &[f32], gate: &[f32], out: &mut [f32]) {
+pub(super) unsafe fn geglu_row(value: &[f32], gate: &[f32], out: &mut [f32]) {
     use std::arch::x86_64::*;
     let n8 = out.len() / 8 * 8;
     for i in (0..n8).step_by(8) {

@@ -51,8 +51,54 @@ pub(crate) fn rows_times_weight(
     let units = if parallel { (4 * threads).min(side.div_ceil(min_band)).max(1) } else { 1 };
     let band = side.div_ceil(units);
     let units = side.div_ceil(band);
-    // Not zero-filled: every element is written by exactly one band's product below (the
-    // pages are then touched for the first time by the thread that computes them).
+    let band_product = |unit: usize, out: *mut f32| {
+        let first = unit * band;
+        let (r0, m, c0, nb) = if by_columns {
+            (0, rows, first, band.min(n - first))
+        } else {
+            (first, band.min(rows - first), 0, n)
+        };
+        // SAFETY: dst is rows `r0 .. r0 + m`, columns `c0 .. c0 + nb` of the `[rows, n]`
+        // output, which only this unit writes (`gemm` with `read_dst` false writes every
+        // element without reading it); lhs is the same rows of `x` (`[rows, k]`, rows `k`
+        // apart); rhs is columns `c0 .. c0 + nb` of `Wᵀ`, `rhs[kk][j] = w[j·k + kk]`,
+        // within `w`'s `n·k`.
+        unsafe {
+            let dst = out.add(r0 * n + c0);
+            super::gemm(
+                (m, nb, k),
+                Mat { ptr: dst, row: n, col: 1 },
+                false,
+                Mat { ptr: x.as_ptr().add(r0 * k), row: k, col: 1 },
+                Mat { ptr: w.as_ptr().add(c0 * k), row: 1, col: k },
+            );
+            if let Some(b) = bias {
+                for r in 0..m {
+                    let row = std::slice::from_raw_parts_mut(dst.add(r * n), nb);
+                    for (y, &bv) in row.iter_mut().zip(&b[c0..c0 + nb]) {
+                        *y += bv;
+                    }
+                }
+            }
+        }
+    };
+    // SAFETY: every element is written by exactly one band's product.
+    unsafe { units_into(len, threads, units, band_product) }
+}
+
+/// A fresh vector of `len` f32 written by `f(unit, out)` for every unit in `0..units` on up to
+/// `threads` threads ([`super::for_each_unit`]), `out` pointing at its first element. Not
+/// zero-filled first: the pages are touched for the first time by the thread that computes
+/// them.
+///
+/// # Safety
+/// The units together write every element, no two the same one, and none outside `len`.
+unsafe fn units_into(
+    len: usize,
+    threads: usize,
+    units: usize,
+    f: impl Fn(usize, *mut f32) + Sync,
+) -> Vec<f32> {
     let mut out = Vec::<f32>::with_capacity(len);
     let out_ptr = OutPtr(out.as_mut_ptr());
     super::for_each_unit(
@@ -63,40 +109,97 @@ pub(crate) fn rows_times_weight(
             // Rebinding takes the whole `Sync` wrapper, not its raw-pointer field.
             #[allow(clippy::redundant_locals)]
             let out_ptr = out_ptr;
-            let first = unit * band;
-            let (r0, m, c0, nb) = if by_columns {
-                (0, rows, first, band.min(n - first))
-            } else {
-                (first, band.min(rows - first), 0, n)
-            };
-            // SAFETY: dst is rows `r0 .. r0 + m`, columns `c0 .. c0 + nb` of the `[rows, n]`
-            // output, which only this unit writes (`gemm` with `read_dst` false writes every
-            // element without reading it); lhs is the same rows of `x` (`[rows, k]`, rows `k`
-            // apart); rhs is columns `c0 .. c0 + nb` of `Wᵀ`, `rhs[kk][j] = w[j·k + kk]`,
-            // within `w`'s `n·k`.
-            unsafe {
-                let dst = out_ptr.0.add(r0 * n + c0);
-                super::gemm(
-                    (m, nb, k),
-                    Mat { ptr: dst, row: n, col: 1 },
-                    false,
-                    Mat { ptr: x.as_ptr().add(r0 * k), row: k, col: 1 },
-                    Mat { ptr: w.as_ptr().add(c0 * k), row: 1, col: k },
-                );
-                if let Some(b) = bias {
-                    for r in 0..m {
-                        let row = std::slice::from_raw_parts_mut(dst.add(r * n), nb);
-                        for (y, &bv) in row.iter_mut().zip(&b[c0..c0 + nb]) {
-                            *y += bv;
-                        }
-                    }
-                }
-            }
+            f(unit, out_ptr.0)
         },
     );
-    // SAFETY: the capacity is `len` and the bands above wrote all of it.
+    // SAFETY: the capacity is `len` and the units wrote all of it (the caller's contract).
     unsafe { out.set_len(len) };
     out
+}
+
+/// Most elements of a band's `[value, gate]` product in [`rows_times_weight_geglu`] (rounded
+/// up to whole [`MIN_BAND_ROWS`]): 1 MiB, so that the band is still in the core's cache when
+/// GEGLU reads it back.
+const GEGLU_BAND_ELEMENTS: usize = 1 << 18;
+
+/// `GEGLU(x·Wᵀ + b)` for contiguous f32 `x: [rows, k]`, `w: [2·inner, k]` (the value's rows,
+/// then the gate's), `b: [2·inner]`: `[rows, inner]`, `value · GELU(gate)`, the same bits as
+/// [`rows_times_weight`] followed by the GEGLU kernel. `None` where the product is not split
+/// into bands of rows (fewer rows than columns: [`rows_times_weight`] splits the columns
+/// there, so that each thread reads part of the weight), or is too narrow for the bits to
+/// stay the same (below).
+///
+/// Why: diffusers' feed-forward writes the whole `[value, gate]` product before GEGLU halves
+/// it: `[8192, 2560]`, 84 MB, on SD 1.5's 64×64 level at batch 2, in freshly mapped pages the
+/// kernel zeroes on first touch (4% of a one-thread U-Net step on an AVX-512 Xeon) and reads
+/// back from memory. Here each band of rows is multiplied into a buffer its thread keeps
+/// ([`super::with_scratch`]) and halved while it is in cache.
+///
+/// The same bits: each band is one `gemm` call over the whole width. `gemm` blocks a sum by
+/// its length `k` alone once a product has more than 64 columns and rows (or more than 256
+/// elements when wider, see `gemm-common`'s `gemm_basic_generic`), so with `n > 64` and bands
+/// of at least 32 rows each element is the sum the unsplit product computes, plus the bias.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA (`simd::available`), which the GEGLU rows use.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn rows_times_weight_geglu(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    (rows, k, n): (usize, usize, usize),
+) -> Option<Vec<f32>> {
+    assert_eq!(x.len(), rows * k, "linear: input is not [rows, k]");
+    assert_eq!(w.len(), n * k, "linear: weight is not [n, k]");
+    assert!(n % 2 == 0, "GEGLU: the product's width is not even");
+    assert!(bias.is_none_or(|b| b.len() == n), "linear: bias is not [n]");
+    if n <= 64 || rows < n || k == 0 {
+        return None;
+    }
+    let inner = n / 2;
+    let threads = super::threads();
+    let parallel = threads > 1 && rows * k * n >= MIN_PARALLEL_WORK;
+    // As many bands as `rows_times_weight` makes, or more where its bands would not fit
+    // `GEGLU_BAND_ELEMENTS`; of nearly equal size, so none is below half of `MIN_BAND_ROWS`.
+    let cap = (GEGLU_BAND_ELEMENTS / n).max(1).next_multiple_of(MIN_BAND_ROWS);
+    let units = if parallel { (4 * threads).min(rows.div_ceil(MIN_BAND_ROWS)) } else { 1 };
+    let units = units.max(rows.div_ceil(cap));
+    let band = rows.div_ceil(units);
+    let units = rows.div_ceil(band);
+    let band_geglu = |unit: usize, out: *mut f32| {
+        let r0 = unit * band;
+        let m = band.min(rows - r0);
+        super::with_scratch(m * n, |h| {
+            // SAFETY: dst is the `m × n` buffer (rows `n` apart); lhs is rows `r0 .. r0 +
+            // m` of `x` (`[rows, k]`); rhs is `Wᵀ`, `rhs[kk][j] = w[j·k + kk]`.
+            unsafe {
+                super::gemm(
+                    (m, n, k),
+                    Mat { ptr: h.as_mut_ptr(), row: n, col: 1 },
+                    false,
+                    Mat { ptr: x.as_ptr().add(r0 * k), row: k, col: 1 },
+                    Mat { ptr: w.as_ptr(), row: 1, col: k },
+                );
+            }
+            for (r, row) in h.chunks_exact_mut(n).enumerate() {
+                if let Some(b) = bias {
+                    for (y, &bv) in row.iter_mut().zip(b) {
+                        *y += bv;
+                    }
+                }
+                let (value, gate) = row.split_at(inner);
+                // SAFETY: row `r0 + r` of the `[rows, inner]` output, which only this unit
+                // writes; AVX2 and FMA per the caller.
+                unsafe {
+                    let dst = std::slice::from_raw_parts_mut(out.add((r0 + r) * inner), inner);
+                    super::geglu::geglu_row(value, gate, dst);
+                }
+            }
+        });
+    };
+    // SAFETY: each unit writes rows `r0 .. r0 + m` of the `[rows, inner]` output in full, and
+    // the units' rows tile `0 .. rows`.
+    Some(unsafe { units_into(rows * inner, threads, units, band_geglu) })
 }
 
 #[cfg(test)]
@@ -105,6 +208,55 @@ mod tests {
 
     /// Against the definition in f64, on sizes around the band and tile edges, one thread's
     /// worth and several bands' worth, with and without a bias, and empty inner dimensions:
+    /// The fused GEGLU gives the bits of the product followed by the GEGLU kernel, on one
+    /// thread and shared, with bands of rows (several of them per call) and of columns
+    /// (including widths that are not multiples of 8, whose tails take the scalar path).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn geglu_fused_matches_product_then_geglu() {
+        use candle_core::{Device, Tensor};
+        if !crate::kernels::simd::available() {
+            return;
+        }
+        // (rows, k, inner, fused): fused where the rows are at least the product's width and
+        // that width is above 64; several bands per call from 2·inner = 66 up (at most 2^18
+        // elements a band), bands of columns never.
+        for &(rows, k, inner, fused) in &[
+            (1, 1, 1, false),
+            (17, 33, 12, false),
+            (66, 5, 33, true),
+            (300, 40, 100, true),
+            (1100, 16, 260, true),
+            (4100, 3, 40, true),
+            (2000, 600, 700, true),
+            (70, 300, 1003, false),
+            (5, 0, 4, false),
+        ] {
+            let n = 2 * inner;
+            let x = ltd_test_support::uniform(rows * k, 1);
+            let w = ltd_test_support::uniform(n * k, 2);
+            let b = ltd_test_support::uniform(n, 3);
+            for bias in [None, Some(&b[..])] {
+                let h = rows_times_weight(&x, &w, bias, (rows, k, n));
+                let h = Tensor::from_vec(h, (rows, n), &Device::Cpu).unwrap();
+                let want = crate::layers::geglu(&h, inner).unwrap();
+                let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                // SAFETY: AVX2 and FMA checked above.
+                let shared = unsafe { rows_times_weight_geglu(&x, &w, bias, (rows, k, n)) };
+                let alone = candle_core::utils::on_this_thread(|| unsafe {
+                    rows_times_weight_geglu(&x, &w, bias, (rows, k, n))
+                });
+                let case = (rows, k, inner);
+                assert_eq!(shared.is_some(), fused, "{case:?}");
+                assert_eq!(alone.is_some(), fused, "{case:?} on one thread");
+                if let (Some(shared), Some(alone)) = (shared, alone) {
+                    assert_eq!(shared, want, "{case:?}");
+                    assert_eq!(alone, want, "{case:?} on one thread");
+                }
+            }
+        }
+    }
+
     /// within 1e-5 relative to the largest output (f32 sums of up to 700 terms below 0.25).
     #[test]
     fn matches_the_definition() {

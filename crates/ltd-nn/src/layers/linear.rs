@@ -75,6 +75,59 @@ impl Linear {
         &self.weight
     }
 
+    /// `GEGLU(x·Wᵀ + b)` for a weight of `2·inner` rows: diffusers' `GEGLU` module (its
+    /// `proj`, then [`super::geglu`]). For f32 CPU tensors outside autograd on a CPU with AVX2
+    /// and FMA, with at least as many rows as the product has columns (more than 64), one
+    /// fused pass that halves each band of the product while it is in cache
+    /// (`kernels::linear::rows_times_weight_geglu`: the same bits as the two steps, without
+    /// writing the whole product); otherwise the two steps.
+    pub fn forward_geglu(&self, x: &Tensor, inner: usize) -> Result<Tensor> {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(y) = self.geglu_cpu(x, inner)? {
+            return Ok(y);
+        }
+        super::geglu(&self.forward(x)?, inner)
+    }
+
+    /// [`Self::forward_geglu`]'s fused pass, when it applies.
+    #[cfg(target_arch = "x86_64")]
+    fn geglu_cpu(&self, x: &Tensor, inner: usize) -> Result<Option<Tensor>> {
+        use crate::kernels::{linear, plain_f32, simd, Data};
+        let b = self.bias.as_ref();
+        if self.quantized.is_some()
+            || !simd::available()
+            || !plain_f32(x)
+            || !plain_f32(&self.weight)
+            || !b.is_none_or(plain_f32)
+        {
+            return Ok(None);
+        }
+        let (n, k) = self.weight.dims2()?;
+        if n != 2 * inner || x.dims().last() != Some(&k) {
+            // Mismatched shapes: the two steps report them.
+            return Ok(None);
+        }
+        let rows = x.elem_count() / k.max(1);
+        let (xc, w, b) = (x.contiguous()?, self.weight.contiguous()?, b.map(|b| b.contiguous()));
+        let b = b.transpose()?;
+        let (xd, wd, bd) = (Data::new(&xc), Data::new(&w), b.as_ref().map(Data::new));
+        // SAFETY: AVX2 and FMA checked above.
+        let y = unsafe {
+            linear::rows_times_weight_geglu(
+                xd.f32()?,
+                wd.f32()?,
+                bd.as_ref().map(|d| d.f32()).transpose()?,
+                (rows, k, n),
+            )
+        };
+        let Some(y) = y else { return Ok(None) };
+        let mut dims = x.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = inner;
+        }
+        Ok(Some(Tensor::from_vec(y, dims, x.device())?))
+    }
+
     /// The output width.
     pub fn out_dim(&self) -> Result<usize> {
         self.weight.dim(0)
