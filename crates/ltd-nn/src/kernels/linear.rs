@@ -135,10 +135,12 @@ const GEGLU_BAND_ELEMENTS: usize = 1 << 18;
 /// back from memory. Here each band of rows is multiplied into a buffer its thread keeps
 /// ([`super::with_scratch`]) and halved while it is in cache.
 ///
-/// The same bits: each band is one `gemm` call over the whole width. `gemm` blocks a sum by
-/// its length `k` alone once a product has more than 64 columns and rows (or more than 256
-/// elements when wider, see `gemm-common`'s `gemm_basic_generic`), so with `n > 64` and bands
-/// of at least 32 rows each element is the sum the unsplit product computes, plus the bias.
+/// The same bits: each band is one `gemm` call over the whole width. Which sums `gemm` forms
+/// depends on the call's shape (`gemm-common`'s `gemm_basic_generic`): products of at most
+/// 256 elements take dot-product kernels, those of at most 64 × 64 block `k` by 512, larger
+/// ones by a length from `k` and the cache sizes alone. With `n > 64` and bands of at least 32
+/// rows, a band and the unsplit product are both of the last kind, so each element is the
+/// same sum, plus the bias.
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA (`simd::available`), which the GEGLU rows use.
@@ -206,11 +208,10 @@ pub(crate) unsafe fn rows_times_weight_geglu(
 mod tests {
     use super::*;
 
-    /// Against the definition in f64, on sizes around the band and tile edges, one thread's
-    /// worth and several bands' worth, with and without a bias, and empty inner dimensions:
     /// The fused GEGLU gives the bits of the product followed by the GEGLU kernel, on one
-    /// thread and shared, with bands of rows (several of them per call) and of columns
-    /// (including widths that are not multiples of 8, whose tails take the scalar path).
+    /// thread and shared, with one band or several per call, sums over `k` up to 600 (`gemm`
+    /// blocks those above 512), widths not multiples of 8 (whose last elements take GEGLU's
+    /// scalar tail); and declines the shapes it leaves to the two steps.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn geglu_fused_matches_product_then_geglu() {
@@ -257,6 +258,8 @@ mod tests {
         }
     }
 
+    /// Against the definition in f64, on sizes around the band and tile edges, one thread's
+    /// worth and several bands' worth, with and without a bias, and empty inner dimensions:
     /// within 1e-5 relative to the largest output (f32 sums of up to 700 terms below 0.25).
     #[test]
     fn matches_the_definition() {

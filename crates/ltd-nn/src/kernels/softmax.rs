@@ -51,7 +51,7 @@ impl CustomOp1 for SoftmaxOp {
 
 /// The largest element of `v`, NaNs skipped, as `fold(−∞, f32::max)` gives it (the maximum of
 /// a set does not depend on the order it is taken in; of the two zeros either may come back,
-/// and `v − max` is the same for both): eight lanes at a time where AVX2 is present. The
+/// and `e^(v − max)` is the same for both): eight lanes at a time where AVX2 is present. The
 /// fold's chain of dependent `max`es was most of the forward pass's own time.
 fn row_max(v: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]

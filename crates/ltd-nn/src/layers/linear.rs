@@ -103,7 +103,7 @@ impl Linear {
             return Ok(None);
         }
         let (n, k) = self.weight.dims2()?;
-        if n != 2 * inner || x.dims().last() != Some(&k) {
+        if n != 2 * inner || x.dims().last() != Some(&k) || b.is_some_and(|b| b.dims() != [n]) {
             // Mismatched shapes: the two steps report them.
             return Ok(None);
         }
