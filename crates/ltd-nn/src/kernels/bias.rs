@@ -38,12 +38,15 @@ impl InplaceOp2 for AddRowBias {
         if n == 0 || y.len() % n != 0 {
             bail!("add bias: {} elements are not rows of the bias's {n}", y.len());
         }
-        for_each_row_mut(y, n, |_, row| {
-            for (v, &bias) in row.iter_mut().zip(b) {
-                *v += bias;
-            }
-        });
+        for_each_row_mut(y, n, |_, row| add_to_row(row, b));
         Ok(())
+    }
+}
+
+/// `row[c] += b[c]`: a bias added to one row of a product, rounded once per element.
+pub(crate) fn add_to_row(row: &mut [f32], b: &[f32]) {
+    for (v, &bias) in row.iter_mut().zip(b) {
+        *v += bias;
     }
 }
 

@@ -20,6 +20,14 @@ const MIN_BAND_COLUMNS: usize = 64;
 /// Products smaller than this (multiply-adds) run in one call on the calling thread.
 const MIN_PARALLEL_WORK: usize = 1 << 22;
 
+/// The operands' lengths against the product's shape (a caller's bug, not bad input: the
+/// layers check shapes before calling).
+fn check_operands(x: &[f32], w: &[f32], bias: Option<&[f32]>, (rows, k, n): (usize, usize, usize)) {
+    assert_eq!(x.len(), rows * k, "linear: input is not [rows, k]");
+    assert_eq!(w.len(), n * k, "linear: weight is not [n, k]");
+    assert!(bias.is_none_or(|b| b.len() == n), "linear: bias is not [n]");
+}
+
 /// `x·Wᵀ (+ b)` for contiguous f32 `x: [rows, k]`, `w: [n, k]`, `b: [n]`; returns `[rows, n]`.
 pub(crate) fn rows_times_weight(
     x: &[f32],
@@ -27,9 +35,7 @@ pub(crate) fn rows_times_weight(
     bias: Option<&[f32]>,
     (rows, k, n): (usize, usize, usize),
 ) -> Vec<f32> {
-    assert_eq!(x.len(), rows * k, "linear: input is not [rows, k]");
-    assert_eq!(w.len(), n * k, "linear: weight is not [n, k]");
-    assert!(bias.is_none_or(|b| b.len() == n), "linear: bias is not [n]");
+    check_operands(x, w, bias, (rows, k, n));
     let len = rows * n;
     if len == 0 || k == 0 {
         // An empty sum is zero: only the bias remains.
@@ -48,7 +54,7 @@ pub(crate) fn rows_times_weight(
     // one.
     let by_columns = rows < n;
     let (side, min_band) = if by_columns { (n, MIN_BAND_COLUMNS) } else { (rows, MIN_BAND_ROWS) };
-    let units = if parallel { (4 * threads).min(side.div_ceil(min_band)).max(1) } else { 1 };
+    let units = bands(side, min_band, parallel, threads);
     let band = side.div_ceil(units);
     let units = side.div_ceil(band);
     let band_product = |unit: usize, out: *mut f32| {
@@ -75,15 +81,23 @@ pub(crate) fn rows_times_weight(
             if let Some(b) = bias {
                 for r in 0..m {
                     let row = std::slice::from_raw_parts_mut(dst.add(r * n), nb);
-                    for (y, &bv) in row.iter_mut().zip(&b[c0..c0 + nb]) {
-                        *y += bv;
-                    }
+                    super::bias::add_to_row(row, &b[c0..c0 + nb]);
                 }
             }
         }
     };
     // SAFETY: every element is written by exactly one band's product.
     unsafe { units_into(len, threads, units, band_product) }
+}
+
+/// How many bands a product's `side` (rows or columns) is split into: one unless the product
+/// is worth sharing, else four per thread of at least `min_band` each.
+fn bands(side: usize, min_band: usize, parallel: bool, threads: usize) -> usize {
+    if parallel {
+        (4 * threads).min(side.div_ceil(min_band)).max(1)
+    } else {
+        1
+    }
 }
 
 /// A fresh vector of `len` f32 written by `f(unit, out)` for every unit in `0..units` on up to
@@ -122,12 +136,17 @@ unsafe fn units_into(
 /// GEGLU reads it back.
 const GEGLU_BAND_ELEMENTS: usize = 1 << 18;
 
+/// Whether [`rows_times_weight_geglu`] takes a product of `rows × n` over `k`: one that
+/// [`rows_times_weight`] splits into bands of rows (at least as many rows as columns; with
+/// fewer it splits the columns, so that each thread reads part of the weight) and wide enough
+/// (more than 64 columns) for the bits to stay the same (see there).
+pub(crate) fn geglu_fuses(rows: usize, k: usize, n: usize) -> bool {
+    n > 64 && n.is_multiple_of(2) && rows >= n && k > 0
+}
+
 /// `GEGLU(x·Wᵀ + b)` for contiguous f32 `x: [rows, k]`, `w: [2·inner, k]` (the value's rows,
 /// then the gate's), `b: [2·inner]`: `[rows, inner]`, `value · GELU(gate)`, the same bits as
-/// [`rows_times_weight`] followed by the GEGLU kernel. `None` where the product is not split
-/// into bands of rows (fewer rows than columns: [`rows_times_weight`] splits the columns
-/// there, so that each thread reads part of the weight), or is too narrow for the bits to
-/// stay the same (below).
+/// [`rows_times_weight`] followed by the GEGLU kernel, for the shapes [`geglu_fuses`] takes.
 ///
 /// Why: diffusers' feed-forward writes the whole `[value, gate]` product before GEGLU halves
 /// it: `[8192, 2560]`, 84 MB, on SD 1.5's 64×64 level at batch 2, in freshly mapped pages the
@@ -150,22 +169,16 @@ pub(crate) unsafe fn rows_times_weight_geglu(
     w: &[f32],
     bias: Option<&[f32]>,
     (rows, k, n): (usize, usize, usize),
-) -> Option<Vec<f32>> {
-    assert_eq!(x.len(), rows * k, "linear: input is not [rows, k]");
-    assert_eq!(w.len(), n * k, "linear: weight is not [n, k]");
-    assert!(n % 2 == 0, "GEGLU: the product's width is not even");
-    assert!(bias.is_none_or(|b| b.len() == n), "linear: bias is not [n]");
-    if n <= 64 || rows < n || k == 0 {
-        return None;
-    }
+) -> Vec<f32> {
+    check_operands(x, w, bias, (rows, k, n));
+    assert!(geglu_fuses(rows, k, n), "GEGLU: a product of {rows} × {n} is not fused");
     let inner = n / 2;
     let threads = super::threads();
     let parallel = threads > 1 && rows * k * n >= MIN_PARALLEL_WORK;
     // As many bands as `rows_times_weight` makes, or more where its bands would not fit
     // `GEGLU_BAND_ELEMENTS`; of nearly equal size, so none is below half of `MIN_BAND_ROWS`.
     let cap = (GEGLU_BAND_ELEMENTS / n).max(1).next_multiple_of(MIN_BAND_ROWS);
-    let units = if parallel { (4 * threads).min(rows.div_ceil(MIN_BAND_ROWS)) } else { 1 };
-    let units = units.max(rows.div_ceil(cap));
+    let units = bands(rows, MIN_BAND_ROWS, parallel, threads).max(rows.div_ceil(cap));
     let band = rows.div_ceil(units);
     let units = rows.div_ceil(band);
     let band_geglu = |unit: usize, out: *mut f32| {
@@ -185,9 +198,7 @@ pub(crate) unsafe fn rows_times_weight_geglu(
             }
             for (r, row) in h.chunks_exact_mut(n).enumerate() {
                 if let Some(b) = bias {
-                    for (y, &bv) in row.iter_mut().zip(b) {
-                        *y += bv;
-                    }
+                    super::bias::add_to_row(row, b);
                 }
                 let (value, gate) = row.split_at(inner);
                 // SAFETY: row `r0 + r` of the `[rows, inner]` output, which only this unit
@@ -201,7 +212,7 @@ pub(crate) unsafe fn rows_times_weight_geglu(
     };
     // SAFETY: each unit writes rows `r0 .. r0 + m` of the `[rows, inner]` output in full, and
     // the units' rows tile `0 .. rows`.
-    Some(unsafe { units_into(rows * inner, threads, units, band_geglu) })
+    unsafe { units_into(rows * inner, threads, units, band_geglu) }
 }
 
 #[cfg(test)]
@@ -242,18 +253,18 @@ mod tests {
                 let h = Tensor::from_vec(h, (rows, n), &Device::Cpu).unwrap();
                 let want = crate::layers::geglu(&h, inner).unwrap();
                 let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let case = (rows, k, inner);
+                assert_eq!(geglu_fuses(rows, k, n), fused, "{case:?}");
+                if !fused {
+                    continue;
+                }
                 // SAFETY: AVX2 and FMA checked above.
                 let shared = unsafe { rows_times_weight_geglu(&x, &w, bias, (rows, k, n)) };
                 let alone = candle_core::utils::on_this_thread(|| unsafe {
                     rows_times_weight_geglu(&x, &w, bias, (rows, k, n))
                 });
-                let case = (rows, k, inner);
-                assert_eq!(shared.is_some(), fused, "{case:?}");
-                assert_eq!(alone.is_some(), fused, "{case:?} on one thread");
-                if let (Some(shared), Some(alone)) = (shared, alone) {
-                    assert_eq!(shared, want, "{case:?}");
-                    assert_eq!(alone, want, "{case:?} on one thread");
-                }
+                assert_eq!(shared, want, "{case:?}");
+                assert_eq!(alone, want, "{case:?} on one thread");
             }
         }
     }

@@ -108,6 +108,9 @@ impl Linear {
             return Ok(None);
         }
         let rows = x.elem_count() / k.max(1);
+        if !linear::geglu_fuses(rows, k, n) {
+            return Ok(None);
+        }
         let (xc, w, b) = (x.contiguous()?, self.weight.contiguous()?, b.map(|b| b.contiguous()));
         let b = b.transpose()?;
         let (xd, wd, bd) = (Data::new(&xc), Data::new(&w), b.as_ref().map(Data::new));
@@ -120,7 +123,6 @@ impl Linear {
                 (rows, k, n),
             )
         };
-        let Some(y) = y else { return Ok(None) };
         let mut dims = x.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = inner;
@@ -231,4 +233,48 @@ fn quantized_rows_times_weight(x: &Tensor, qm: &QMatMul, bias: Option<&Tensor>) 
         *last = y.dim(1)?;
     }
     y.reshape(out_dims)?.to_dtype(x.dtype())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::Device;
+
+    use super::*;
+
+    fn layer(k: usize, n: usize, bias: bool) -> Linear {
+        let dev = Device::Cpu;
+        let mut ts = HashMap::new();
+        let w = ltd_test_support::uniform(n * k, 4);
+        ts.insert("weight".to_string(), Tensor::from_vec(w, (n, k), &dev).unwrap());
+        if bias {
+            let b = ltd_test_support::uniform(n, 5);
+            ts.insert("bias".to_string(), Tensor::from_vec(b, n, &dev).unwrap());
+        }
+        Linear::new(VarBuilder::from_tensors(ts, DType::F32, &dev), k, n, bias).unwrap()
+    }
+
+    /// `forward_geglu` on a `[batch, tokens, k]` input is `geglu(forward(x))` bit for bit,
+    /// fused (tokens ≥ the product's width) and not (fewer), with and without a bias; the
+    /// output keeps the leading dimensions.
+    #[test]
+    fn forward_geglu_is_the_two_steps() {
+        let (k, inner) = (24, 40);
+        for bias in [false, true] {
+            let l = layer(k, 2 * inner, bias);
+            for tokens in [30, 300] {
+                let x = ltd_test_support::uniform(2 * tokens * k, 6);
+                let x = Tensor::from_vec(x, (2, tokens, k), &Device::Cpu).unwrap();
+                let fused = l.forward_geglu(&x, inner).unwrap();
+                let want = super::super::geglu(&l.forward(&x).unwrap(), inner).unwrap();
+                assert_eq!(fused.dims(), [2, tokens, inner]);
+                let bits = |t: &Tensor| {
+                    let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    v.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+                };
+                assert_eq!(bits(&fused), bits(&want), "tokens {tokens}, bias {bias}");
+            }
+        }
+    }
 }
